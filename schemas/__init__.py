@@ -1,0 +1,27 @@
+"""Records of every table: pydantic models, Arrow schemas derived from them, validation on write."""
+
+from .tables import (
+    KEYS,
+    SCHEMA_VERSION,
+    TABLES,
+    Box,
+    CotTrace,
+    Drop,
+    Edit,
+    Expression,
+    Image,
+    Object,
+    Record,
+    Relation,
+    Review,
+    Score,
+    Split,
+    check_box,
+)
+from .validate import records_to_arrow, row_key, schema_for, validate_arrow, validate_records
+
+__all__ = [
+    "KEYS", "SCHEMA_VERSION", "TABLES", "Box", "CotTrace", "Drop", "Edit", "Expression", "Image", "Object",
+    "Record", "Relation", "Review", "Score", "Split", "check_box", "records_to_arrow", "row_key",
+    "schema_for", "validate_arrow", "validate_records",
+]

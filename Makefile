@@ -1,0 +1,50 @@
+# refforge: `make demo` builds the demo dataset, `make test` runs lint and the whole suite.
+# Both create .venv themselves; nothing needs to be installed by hand beyond Python 3.11 and make.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := builds/demo
+
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test lint bench wheel clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# core install: what the demo needs (no torch)
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import refforge.flows.build"
+	touch $@
+
+# test install: the dev tools and the model backends' extra
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,models]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import refforge.flows.build, pytest, hypothesis, torch"
+	touch $@ $(VENV)/.core
+
+demo: $(VENV)/.core
+	$(BIN)/refforge build --config configs/demo.toml --out $(DEMO)
+	$(BIN)/refforge stats $(DEMO)
+	@echo "demo build: $(CURDIR)/$(DEMO)"
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+
+test: $(VENV)/.test lint
+	$(BIN)/pytest -q
+
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/bench_storage.py
+
+wheel: $(VENV)/.test
+	$(BIN)/python -m build --wheel --outdir dist .
+
+clean:
+	rm -rf $(VENV) .prefect builds dist *.egg-info

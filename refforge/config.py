@@ -1,0 +1,183 @@
+"""Build configuration: TOML -> pydantic, strict about every key, stage and backend.
+
+A config names the source, the stages to run and each stage's backend and parameters. Any unknown
+key, stage, source kind or backend fails before any work, with the allowed values in the message.
+The config hash (sha256 of the canonical JSON of everything that changes the data, i.e. all but the
+``[runner]`` section) identifies a build: an existing build directory with another hash is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES: tuple[str, ...] = ("ingest", "paths")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the allowed values."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BuildSection(_Strict):
+    name: str = "refforge-build"
+    seed: int = 0
+    shard_size: int = Field(default=40, ge=1, le=100_000,
+                            description="images per unit of work (one Prefect task per shard and stage)")
+    stages: list[Literal["ingest", "paths"]] = Field(default_factory=lambda: list(STAGES))
+
+    @model_validator(mode="after")
+    def _order(self):
+        if "ingest" not in self.stages:
+            raise ValueError("stages must include 'ingest' (every build starts from a source)")
+        self.stages = [s for s in STAGES if s in self.stages]
+        return self
+
+
+class SyntheticSource(_Strict):
+    """Rendered scenes with exact scene graphs, deterministic by seed (offline)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    images: int = Field(default=240, ge=1)
+    width: int = Field(default=512, ge=64)
+    height: int = Field(default=384, ge=64)
+    min_objects: int = Field(default=3, ge=1)
+    max_objects: int = Field(default=12, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_objects > self.max_objects:
+            raise ValueError("min_objects must be <= max_objects")
+        return self
+
+
+class GraphsSource(_Strict):
+    """refforge's own scene-graph format: a JSON list (or JSON Lines) of
+    ``{"image": path, "objects": [{"id", "name", "attributes", "box"}], "relations": [{"subject",
+    "predicate", "object"}]}`` with image paths relative to ``images_dir``."""
+
+    kind: Literal["graphs"] = "graphs"
+    path: Path
+    images_dir: Path
+    relations_from_geometry: bool = False
+
+
+Source = Annotated[SyntheticSource | GraphsSource, Field(discriminator="kind")]
+
+
+class PathsStage(_Strict):
+    backend: Literal["offline"] = "offline"
+    max_hops: int = Field(default=1, ge=0, le=1)
+    max_constraints: int = Field(default=3, ge=1, le=4)
+    max_per_target: int = Field(default=3, ge=1)
+
+
+class RunnerSection(_Strict):
+    kind: Literal["thread", "dask"] = "thread"
+    workers: int = Field(default=2, ge=1)
+
+
+class Config(_Strict):
+    build: BuildSection = Field(default_factory=BuildSection)
+    source: Source = Field(default_factory=SyntheticSource)
+    paths: PathsStage = Field(default_factory=PathsStage)
+    runner: RunnerSection = Field(default_factory=RunnerSection)
+
+    def data_dict(self) -> dict[str, Any]:
+        """Everything that changes the data (the runner does not)."""
+        return self.model_dump(mode="json", exclude={"runner"})
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.data_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of what one stage's output depends on: the source, the seed and the stage's own section."""
+        d = self.data_dict()
+        part = {"source": d["source"], "seed": d["build"]["seed"], "shard_size": d["build"]["shard_size"],
+                "stage": d.get(stage, {})}
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Walk the model along ``loc`` (minus the last element) and list the fields allowed there."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            ann = current.model_fields[part].annotation
+            args = getattr(ann, "__args__", ())
+            current = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        elif part in ("synthetic", "graphs"):
+            current = {"synthetic": SyntheticSource, "graphs": GraphsSource}[part]
+        else:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _format(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc if p not in ("synthetic", "graphs")) or "(top level)"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_fields(Config, loc)
+            lines.append(f"  unknown key '{where}'; allowed keys here: {', '.join(allowed)}")
+        elif kind == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            what = "stage" if "stages" in loc else "backend" if loc[-1] == "backend" else "value"
+            lines.append(f"  {where}: unknown {what} {e['input']!r}; allowed: {expected}")
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            lines.append(f"  {where}.kind: unknown source kind {e.get('ctx', {}).get('tag', '')!r}; "
+                         f"allowed: {e.get('ctx', {}).get('expected_tags', 'synthetic, graphs')}")
+        else:
+            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], origin: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, origin)) from None
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load a TOML config; ``None`` loads the embedded default (configs/demo.toml)."""
+    if path is None:
+        text = resources.files("refforge.configs").joinpath("demo.toml").read_text()
+        origin = "demo.toml (embedded default)"
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        text, origin = p.read_text(), str(p)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {origin} is not valid TOML: {e}") from None
+    cfg = parse_config(data, origin)
+    if isinstance(cfg.source, GraphsSource) and path is not None:
+        base = Path(path).parent
+        src = cfg.source
+        cfg.source = src.model_copy(update={"path": (base / src.path) if not src.path.is_absolute() else src.path,
+                                            "images_dir": (base / src.images_dir)
+                                            if not src.images_dir.is_absolute() else src.images_dir})
+    return cfg

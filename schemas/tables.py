@@ -1,0 +1,214 @@
+"""Every table of a build, defined once as a pydantic model.
+
+The Arrow schema of each table, the column checks on write and the DuckDB views are all derived
+from these classes (see :mod:`refforge.schemas._arrow` and :data:`TABLES`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from ._arrow import BOX_MARKER, field_is_box
+
+SCHEMA_VERSION = "1"
+
+Box = Annotated[tuple[float, float, float, float], BOX_MARKER]
+"""(x1, y1, x2, y2) in pixels of the stored image; x1 < x2, y1 < y2, inside the image."""
+
+
+def check_box(box: tuple[float, float, float, float], size: tuple[int, int] | None = None,
+              tol: float = 1e-6) -> tuple[float, float, float, float]:
+    """Validate the box invariants; ``size`` = (width, height) adds the inside-the-image check.
+
+    >>> check_box((1, 2, 3, 4), (10, 10))
+    (1.0, 2.0, 3.0, 4.0)
+    >>> check_box((3, 2, 1, 4))
+    Traceback (most recent call last):
+    ...
+    ValueError: box (3.0, 2.0, 1.0, 4.0) has x1 >= x2 (zero or negative width)
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    b = (x1, y1, x2, y2)
+    if any(v != v for v in b):
+        raise ValueError(f"box {b} has NaN coordinates")
+    if not x1 < x2:
+        raise ValueError(f"box {b} has x1 >= x2 (zero or negative width)")
+    if not y1 < y2:
+        raise ValueError(f"box {b} has y1 >= y2 (zero or negative height)")
+    if x1 < -tol or y1 < -tol:
+        raise ValueError(f"box {b} starts outside the image (negative coordinate)")
+    if size is not None:
+        w, h = size
+        if x2 > w + tol or y2 > h + tol:
+            raise ValueError(f"box {b} ends outside the {w}x{h} image")
+    return b
+
+
+class Record(BaseModel):
+    """Base of every table row: strict about unknown fields, boxes checked on construction.
+
+    Pass ``context={"image_size": (width, height)}`` to ``model_validate`` to also check that
+    every box lies inside the image.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _boxes(cls, value, info: ValidationInfo):
+        field = cls.model_fields[info.field_name]
+        if value is not None and field_is_box(field):
+            size = (info.context or {}).get("image_size")
+            return check_box(value, size)
+        return value
+
+
+class Edit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+    object_id: str | None = None
+    box: Box | None = None
+    prompt: str | None = None
+
+
+class Image(Record):
+    image_id: str = Field(description="sha256 of the stored bytes")
+    source: str
+    path: str = Field(description="relative to the build root")
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    parent_image_id: str | None = None
+    edit: Edit | None = None
+    source_ref: str | None = Field(default=None, description="the source's own id or file name")
+    spec: str | None = Field(default=None, description="JSON the source needs to re-render the image")
+
+
+class Object(Record):
+    image_id: str
+    object_id: str
+    name: str = Field(min_length=1)
+    attributes: list[str] = Field(default_factory=list)
+    box: Box
+    origin: Literal["scene_graph", "detector", "tagger"] = "scene_graph"
+    score: float | None = None
+
+
+class Relation(Record):
+    image_id: str
+    subject_id: str
+    predicate: str = Field(min_length=1)
+    object_id: str
+
+
+class Expression(Record):
+    sample_id: str
+    image_id: str
+    text: str = Field(min_length=1)
+    template_text: str | None = None
+    template_name: str | None = None
+    polarity: Literal["positive", "negative"]
+    target_object_id: str | None = None
+    gt_box: Box | None = None
+    task: str | None = None
+    difficulty: Literal[1, 2, 3]
+    hops: int | None = None
+    path: str | None = Field(default=None, description="JSON of the referring path")
+    negative_type: str | None = None
+    negative_level: str | None = None
+    negative_source: Literal["text", "image"] | None = None
+    positive_id: str | None = None
+    needs_review: bool = False
+
+    @model_validator(mode="after")
+    def _polarity(self):
+        if self.polarity == "positive" and (self.gt_box is None or self.target_object_id is None):
+            raise ValueError("a positive expression needs target_object_id and gt_box")
+        if self.polarity == "negative":
+            if self.gt_box is not None:
+                raise ValueError("a negative expression refers to nothing: gt_box must be null")
+            if self.negative_type is None:
+                raise ValueError("a negative expression needs negative_type")
+        return self
+
+    @staticmethod
+    def arrow_rules(t):
+        """The polarity rule of ``_polarity``, vectorised for Arrow batches on write."""
+        import pyarrow.compute as pc
+
+        pos = pc.equal(t["polarity"], "positive")
+        return [
+            (pc.and_(pos, pc.or_(pc.is_null(t["gt_box"]), pc.is_null(t["target_object_id"]))),
+             "a positive expression needs target_object_id and gt_box"),
+            (pc.and_(pc.invert(pos), pc.is_valid(t["gt_box"])),
+             "a negative expression refers to nothing: gt_box must be null"),
+            (pc.and_(pc.invert(pos), pc.is_null(t["negative_type"])), "a negative expression needs negative_type"),
+        ]
+
+
+class CotTrace(Record):
+    sample_id: str
+    trace: str
+    answer_box: Box | None = None
+    iou: float | None = None
+    verdict: str
+    selected: bool = False
+    model: str
+
+
+class Score(Record):
+    subject_id: str
+    filter: str
+    value: float
+    passed: bool
+
+
+class Review(Record):
+    sample_id: str
+    annotator: str
+    decision: Literal["accept", "reject", "fix"]
+    fixed_box: Box | None = None
+    fixed_text: str | None = None
+    task_id: str | None = None
+    time: dt.datetime
+
+
+class Drop(Record):
+    stage: str
+    key: str
+    reason: str
+    detail: str | None = None
+
+
+class Split(Record):
+    sample_id: str
+    split: str
+    export_id: str
+
+
+TABLES: dict[str, type[Record]] = {
+    "images": Image,
+    "objects": Object,
+    "relations": Relation,
+    "expressions": Expression,
+    "cot_traces": CotTrace,
+    "scores": Score,
+    "reviews": Review,
+    "drops": Drop,
+    "splits": Split,
+}
+
+# The fields that identify a row: a re-run that produces the same key produces the same row.
+KEYS: dict[str, tuple[str, ...]] = {
+    "images": ("image_id",),
+    "objects": ("image_id", "object_id"),
+    "relations": ("image_id", "subject_id", "predicate", "object_id"),
+    "expressions": ("sample_id",),
+    "cot_traces": ("sample_id", "model", "trace"),
+    "scores": ("subject_id", "filter"),
+    "reviews": ("sample_id", "annotator", "time"),
+    "drops": ("stage", "key", "reason"),
+    "splits": ("export_id", "sample_id"),
+}

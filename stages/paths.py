@@ -1,0 +1,488 @@
+"""Unique 0- and 1-hop referring paths over a scene graph (pure functions).
+
+Semantics
+---------
+A *path* for a target object ``t`` is a triple ``(c, A, R)``:
+
+* ``c``: a category; for a path of ``t`` always ``c == t.name``;
+* ``A``: a set of attributes, ``A ⊆ set(t.attributes)``;
+* ``R``: a set of relation constraints ``(p, c2)``. A constraint is satisfied by an object ``x`` iff
+  the graph holds a relation ``GRelation(x.id, p, y.id)`` for some object ``y`` with
+  ``y.id != x.id`` and ``y.name == c2``. The anchor ``y`` is described by its category only (no
+  anchor attributes, no chains: at most one hop). Relations whose subject or object id is not an
+  object of the graph are ignored, as are self-relations.
+
+``matches(graph, path)`` is the list of ids of the objects ``x`` (in graph order) with
+``x.name == c``, ``A ⊆ set(x.attributes)`` and every constraint of ``R`` satisfied by ``x``.
+Matching is exact string equality on names, attributes and predicates (no case folding, no
+synonyms).
+
+The *constraint count* of a path is ``k = |A| + |R|``; its *hops* is 1 if ``R`` is non-empty, else 0.
+A path is a *referring path* for ``t`` iff ``matches(graph, path) == [t.id]``.
+
+For each object ``t``, :func:`referring_paths` searches the candidate constraints of ``t`` (its
+distinct attributes, plus, when ``max_hops >= 1``, the distinct ``(p, c2)`` pairs of its outgoing
+relations) in increasing size ``k = 0, 1, ..., max_constraints`` and stops at the first size
+``k_min`` that has a referring path. It returns only paths of size exactly ``k_min`` (all of them
+are then minimal: none is a superset of a smaller referring path, because none exists), at most
+``max_per_target`` of them. The *level* (difficulty) of ``t`` is ``1`` if ``k_min == 0`` (the
+category alone is unique), ``2`` if ``k_min == 1`` and ``3`` if ``k_min >= 2``; every path returned
+for ``t`` carries that level and ``constraint_count == k_min``. With ``max_hops == 0`` only
+attribute paths are searched (and level is relative to them). A target with no referring path
+of size ``<= max_constraints`` is returned as a drop ``(t.id, "no unique path within N
+constraints")`` with ``N = max_constraints``.
+
+Choice among the minimal paths (when more than ``max_per_target``) and of the surface template
+variant is deterministic in ``seed`` and independent of Python's randomised ``hash()``: it uses
+blake2b over ``(seed, target id, path key)``. Attribute-only and relation paths are interleaved
+(attribute-only first) so that both kinds appear when both exist; within a kind the order is the
+seeded hash order.
+
+Rendering
+---------
+Each path is rendered by one of the templates ``prompts/paths/*.j2``:
+
+* ``paths/hop0_category.j2`` when ``A`` and ``R`` are empty ("the ball");
+* ``paths/hop0_attributes.j2`` when ``A`` is non-empty and ``R`` empty ("the small red ball");
+* ``paths/hop1_relations.j2`` when ``R`` is non-empty ("the red ball to the left of the box").
+
+``text`` is the rendered expression, lowercased, with whitespace collapsed. ``template_text`` is the
+same expression with placeholders for the content words:
+
+* ``{O}``: the target category; ``{O_PL}`` its plural;
+* ``{A1}``, ``{A2}`` ...: the target attributes in spoken order (as in ``ReferringPath.attributes``);
+* ``{O2}``, ``{O3}`` ...: the anchor categories, ``{O(i+2)}`` for ``relations[i]``; ``{O2_PL}`` plural.
+
+Relation phrases, articles and other function words stay literal, so
+``fill_template(p.template_text, path_slots(p)) == p.text`` (``fill_template`` recomputes "a"/"an"
+in front of a substituted placeholder). Anchors: "the box" when the anchor category is unique among
+the other objects, otherwise indefinite ("a box", "one of the boxes"); "the other ball" /
+"another ball" when the anchor has the target's category.
+
+Performance: object sets are int bitmasks over the graph's objects; indexes (category, attribute,
+(predicate, anchor category) -> mask) are built once per graph (:class:`GraphIndex`); rendered
+texts are memoised per (template, variant, words, anchor flags).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple, Protocol
+
+from refforge.stages.graph import SceneGraph
+from refforge.stages.lexicon import RELATIONS, order_attributes
+from refforge.stages.templates import Slot, load_template, template_variants
+
+__all__ = [
+    "TEMPLATE_ATTRIBUTES",
+    "TEMPLATE_CATEGORY",
+    "TEMPLATE_RELATIONS",
+    "GraphIndex",
+    "PathSpec",
+    "ReferringPath",
+    "drop_reason",
+    "level_for",
+    "matches",
+    "path_slots",
+    "referring_paths",
+    "relation_phrase",
+    "render_path",
+]
+
+TEMPLATE_CATEGORY = "paths/hop0_category.j2"
+TEMPLATE_ATTRIBUTES = "paths/hop0_attributes.j2"
+TEMPLATE_RELATIONS = "paths/hop1_relations.j2"
+
+Relation = tuple[str, str]  # (predicate, anchor category)
+
+
+class PathLike(Protocol):
+    @property
+    def category(self) -> str: ...
+    @property
+    def attributes(self) -> Sequence[str]: ...
+    @property
+    def relations(self) -> Sequence[Relation]: ...
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """An unrendered path (query for :func:`matches`)."""
+
+    category: str
+    attributes: tuple[str, ...] = ()
+    relations: tuple[Relation, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReferringPath:
+    target_id: str
+    category: str
+    attributes: tuple[str, ...]  # spoken order
+    relations: tuple[Relation, ...]  # (predicate, anchor category), in the target's relation order
+    hops: int  # 0 or 1
+    level: int  # 1, 2 or 3
+    constraint_count: int  # len(attributes) + len(relations)
+    text: str
+    template_text: str
+    template_name: str
+    template_variant: int
+
+
+def level_for(k: int) -> int:
+    """Difficulty level for a minimal constraint count ``k``."""
+    return 1 if k == 0 else 2 if k == 1 else 3
+
+
+def drop_reason(max_constraints: int) -> str:
+    return f"no unique path within {max_constraints} constraints"
+
+
+def relation_phrase(predicate: str) -> str:
+    """The predicate as spoken in an expression ("left of" -> "to the left of")."""
+    return RELATIONS.get(predicate, predicate)
+
+
+# ------------------------------------------------------------------------------------------- index
+
+
+class GraphIndex:
+    """Bitmask indexes over one graph: bit ``i`` is the ``i``-th object (first occurrence of an id).
+
+    Build once per graph and pass to :func:`matches` for repeated queries. The index is a snapshot:
+    rebuild it if the graph changes.
+    """
+
+    __slots__ = ("ids", "pos", "names", "attributes", "by_cat", "by_attr", "by_rel", "out")
+
+    def __init__(self, graph: SceneGraph) -> None:
+        ids: list[str] = []
+        pos: dict[str, int] = {}
+        names: list[str] = []
+        attributes: list[tuple[str, ...]] = []
+        by_cat: dict[str, int] = {}
+        by_attr: dict[str, int] = {}
+        for o in graph.objects:
+            if o.id in pos:
+                continue
+            i = len(ids)
+            bit = 1 << i
+            pos[o.id] = i
+            ids.append(o.id)
+            names.append(o.name)
+            attrs = tuple(dict.fromkeys(o.attributes))
+            attributes.append(attrs)
+            by_cat[o.name] = by_cat.get(o.name, 0) | bit
+            for a in attrs:
+                by_attr[a] = by_attr.get(a, 0) | bit
+        by_rel: dict[Relation, int] = {}
+        out: list[dict[Relation, None]] = [{} for _ in ids]  # ordered set of constraints per subject
+        for r in graph.relations:
+            s = pos.get(r.subject)
+            t = pos.get(r.object)
+            if s is None or t is None or s == t:
+                continue
+            key = (r.predicate, names[t])
+            by_rel[key] = by_rel.get(key, 0) | (1 << s)
+            out[s][key] = None
+        self.ids = ids
+        self.pos = pos
+        self.names = names
+        self.attributes = attributes
+        self.by_cat = by_cat
+        self.by_attr = by_attr
+        self.by_rel = by_rel
+        self.out: list[tuple[Relation, ...]] = [tuple(d) for d in out]
+
+    def mask(self, category: str, attributes: Sequence[str] = (), relations: Sequence[Relation] = ()) -> int:
+        m = self.by_cat.get(category, 0)
+        for a in attributes:
+            if not m:
+                return 0
+            m &= self.by_attr.get(a, 0)
+        for r in relations:
+            if not m:
+                return 0
+            m &= self.by_rel.get(tuple(r), 0)  # type: ignore[arg-type]
+        return m
+
+    def ids_of(self, mask: int) -> list[str]:
+        out = []
+        ids = self.ids
+        while mask:
+            low = mask & -mask
+            out.append(ids[low.bit_length() - 1])
+            mask ^= low
+        return out
+
+
+def matches(graph: SceneGraph | GraphIndex, path: PathLike) -> list[str]:
+    """Ids (graph order) of the objects the path describes; see the module docstring."""
+    index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
+    return index.ids_of(index.mask(path.category, path.attributes, path.relations))
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+def _combos(masks: list[int], k: int, base: int, goal: int) -> Iterator[tuple[int, ...]]:
+    """Index tuples (lexicographic) of size ``k`` whose masks intersected with ``base`` equal ``goal``."""
+    n = len(masks)
+    if k == 1:
+        for i in range(n):
+            if base & masks[i] == goal:
+                yield (i,)
+        return
+    if k == 2:
+        for i in range(n - 1):
+            mi = base & masks[i]
+            for j in range(i + 1, n):
+                if mi & masks[j] == goal:
+                    yield (i, j)
+        return
+
+    def rec(start: int, depth: int, acc: int, prefix: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+        if depth == k:
+            if acc == goal:
+                yield prefix
+            return
+        for i in range(start, n - (k - depth) + 1):
+            yield from rec(i + 1, depth + 1, acc & masks[i], prefix + (i,))
+
+    yield from rec(0, 0, base, ())
+
+
+def _key(seed: int, *parts: object) -> int:
+    data = "\x1f".join([str(seed), *map(str, parts)]).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def _minimal_paths(
+    index: GraphIndex, i: int, max_hops: int, max_constraints: int
+) -> tuple[int, list[tuple[tuple[str, ...], tuple[Relation, ...]]]] | None:
+    """(k_min, [(attributes, relations)]) for object ``i``, or None when nothing unique within bound."""
+    goal = 1 << i
+    base = index.by_cat[index.names[i]]
+    if base == goal:
+        return 0, [((), ())]
+    cands: list[tuple[bool, str | Relation]] = []
+    masks: list[int] = []
+    full = base
+    for a in order_attributes(index.attributes[i]):
+        m = index.by_attr[a]
+        if base & m != base:  # a constraint that excludes nobody is never in a minimal path
+            cands.append((False, a))
+            masks.append(m)
+            full &= m
+    if max_hops >= 1:
+        for r in index.out[i]:
+            m = index.by_rel[r]
+            if base & m != base:
+                cands.append((True, r))
+                masks.append(m)
+                full &= m
+    if full != goal:  # even all constraints together leave a twin
+        return None
+    for k in range(1, min(max_constraints, len(cands)) + 1):
+        found = []
+        for combo in _combos(masks, k, base, goal):
+            attrs = tuple(cands[j][1] for j in combo if not cands[j][0])
+            rels = tuple(cands[j][1] for j in combo if cands[j][0])
+            found.append((attrs, rels))  # type: ignore[arg-type]
+        if found:
+            return k, found
+    return None
+
+
+def _select(
+    target_id: str,
+    paths: list[tuple[tuple[str, ...], tuple[Relation, ...]]],
+    max_per_target: int,
+    seed: int,
+) -> list[tuple[tuple[str, ...], tuple[Relation, ...]]]:
+    if len(paths) <= 1:
+        return paths[:max_per_target]
+    attr_only = []
+    with_rel = []
+    for p in paths:
+        k = (_key(seed, "path", target_id, p), p)
+        (with_rel if p[1] else attr_only).append(k)
+    attr_only.sort()
+    with_rel.sort()
+    chosen = []
+    a = b = 0
+    while len(chosen) < max_per_target and (a < len(attr_only) or b < len(with_rel)):
+        if a < len(attr_only):
+            chosen.append(attr_only[a][1])
+            a += 1
+            if len(chosen) == max_per_target:
+                break
+        if b < len(with_rel):
+            chosen.append(with_rel[b][1])
+            b += 1
+    return chosen
+
+
+# --------------------------------------------------------------------------------------- rendering
+
+
+class _Anchor(NamedTuple):
+    phrase: str
+    O: Slot | str  # noqa: N815 - template variable name
+    unique: bool
+    same: bool
+
+
+def _norm(word: str) -> str:
+    return " ".join(word.lower().split())
+
+
+def _context(
+    variant: int,
+    category: str,
+    attrs: tuple[str, ...],
+    anchors: tuple[tuple[str, str, bool, bool], ...],
+    slots: bool,
+) -> dict[str, object]:
+    if slots:
+        o: str = Slot("{O}", category)
+        attr_vals: list[str] = [Slot(f"{{A{j + 1}}}", a) for j, a in enumerate(attrs)]
+        adj: str = Slot(" ".join(attr_vals), " ".join(attrs))
+        np: str = Slot(" ".join([*attr_vals, o]), " ".join([*attrs, category]))
+        rels = [
+            _Anchor(phrase, Slot(f"{{O{j + 2}}}", cat), unique, same)
+            for j, (phrase, cat, unique, same) in enumerate(anchors)
+        ]
+    else:
+        o = category
+        attr_vals = list(attrs)
+        adj = " ".join(attrs)
+        np = " ".join([*attrs, category])
+        rels = [_Anchor(*a) for a in anchors]
+    return {"variant": variant, "O": o, "attrs": attr_vals, "adj": adj, "np": np, "rels": rels}
+
+
+def _lower_outside_placeholders(text: str) -> str:
+    parts = text.split("{")
+    out = [parts[0].lower()]
+    for part in parts[1:]:
+        name, sep, rest = part.partition("}")
+        out.append("{" + name + sep + rest.lower() if sep else "{" + part.lower())
+    return "".join(out)
+
+
+@lru_cache(maxsize=1 << 16)
+def _render_cached(
+    name: str,
+    variant: int,
+    category: str,
+    attrs: tuple[str, ...],
+    anchors: tuple[tuple[str, str, bool, bool], ...],
+) -> tuple[str, str]:
+    template = load_template(name)
+    text = template.render(_context(variant, category, attrs, anchors, slots=False))
+    ttext = template.render(_context(variant, category, attrs, anchors, slots=True))
+    return " ".join(text.lower().split()), _lower_outside_placeholders(" ".join(ttext.split()))
+
+
+def _template_for(attrs: Sequence[str], relations: Sequence[Relation]) -> str:
+    if relations:
+        return TEMPLATE_RELATIONS
+    return TEMPLATE_ATTRIBUTES if attrs else TEMPLATE_CATEGORY
+
+
+def _anchor_flags(index: GraphIndex, i: int, relations: Sequence[Relation]) -> tuple[tuple[str, str, bool, bool], ...]:
+    out = []
+    me = index.names[i]
+    for pred, cat in relations:
+        others = index.by_cat.get(cat, 0) & ~(1 << i)
+        out.append((relation_phrase(pred), _norm(cat), others.bit_count() == 1, cat == me))
+    return tuple(out)
+
+
+def render_path(
+    index: GraphIndex,
+    target_id: str,
+    attributes: Sequence[str],
+    relations: Sequence[Relation],
+    variant: int | None = None,
+    seed: int = 0,
+) -> tuple[str, str, str, int]:
+    """(text, template_text, template_name, variant) for a path of ``target_id``.
+
+    ``variant=None`` picks the variant from ``seed`` as :func:`referring_paths` does.
+    """
+    i = index.pos[target_id]
+    attrs = tuple(order_attributes(list(attributes)))
+    rels = tuple(tuple(r) for r in relations)
+    name = _template_for(attrs, rels)
+    if variant is None:
+        variant = _key(seed, "variant", target_id, (attrs, rels)) % template_variants(name)
+    anchors = _anchor_flags(index, i, rels)  # type: ignore[arg-type]
+    text, ttext = _render_cached(name, variant, _norm(index.names[i]), tuple(_norm(a) for a in attrs), anchors)
+    return text, ttext, name, variant
+
+
+def path_slots(path: ReferringPath) -> dict[str, str]:
+    """Placeholder values of a path's ``template_text`` (``{"O": "ball", "A1": "red", "O2": "box"}``)."""
+    slots = {"O": _norm(path.category)}
+    for j, a in enumerate(path.attributes):
+        slots[f"A{j + 1}"] = _norm(a)
+    for j, (_, cat) in enumerate(path.relations):
+        slots[f"O{j + 2}"] = _norm(cat)
+    return slots
+
+
+# -------------------------------------------------------------------------------------------- entry
+
+
+def referring_paths(
+    graph: SceneGraph | GraphIndex,
+    *,
+    max_hops: int = 1,
+    max_constraints: int = 3,
+    max_per_target: int = 3,
+    seed: int = 0,
+) -> tuple[list[ReferringPath], list[tuple[str, str]]]:
+    """Minimal unique referring paths for every object, and drops ``(object_id, reason)``.
+
+    Paths come grouped by object in graph order; see the module docstring for the semantics.
+    """
+    if max_hops not in (0, 1):
+        raise ValueError(f"max_hops must be 0 or 1 (got {max_hops}); longer paths are not implemented")
+    if max_constraints < 0:
+        raise ValueError("max_constraints must be >= 0")
+    if max_per_target < 1:
+        raise ValueError("max_per_target must be >= 1")
+    index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
+    paths: list[ReferringPath] = []
+    drops: list[tuple[str, str]] = []
+    for i, tid in enumerate(index.ids):
+        found = _minimal_paths(index, i, max_hops, max_constraints)
+        if found is None:
+            drops.append((tid, drop_reason(max_constraints)))
+            continue
+        k, candidates = found
+        level = level_for(k)
+        category = index.names[i]
+        for attrs, rels in _select(tid, candidates, max_per_target, seed):
+            text, ttext, name, variant = render_path(index, tid, attrs, rels, seed=seed)
+            paths.append(
+                ReferringPath(
+                    target_id=tid,
+                    category=category,
+                    attributes=attrs,
+                    relations=rels,
+                    hops=1 if rels else 0,
+                    level=level,
+                    constraint_count=k,
+                    text=text,
+                    template_text=ttext,
+                    template_name=name,
+                    template_variant=variant,
+                )
+            )
+    return paths, drops

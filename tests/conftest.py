@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Keep Prefect's state inside a temporary folder and off the network, before it is imported.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="refforge-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """One Prefect server for the whole session; returns its API URL for subprocess builds."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture()
+def subprocess_env(prefect_api) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PREFECT_API_URL"] = prefect_api
+    env.pop("REFFORGE_CRASH_AT", None)
+    return env
+
+
+def refforge_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "refforge.cli", *args]
+
+
+def small_config(images: int = 24, shard_size: int = 6, seed: int = 0, **paths) -> dict:
+    return {
+        "build": {"name": "small", "seed": seed, "shard_size": shard_size},
+        "source": {"kind": "synthetic", "images": images, "width": 512, "height": 384},
+        "paths": {"max_hops": 1, **paths},
+        "runner": {"kind": "thread", "workers": 2},
+    }
