@@ -53,7 +53,9 @@ MIN_OVERLAP = 0.3  # required overlap on the other axis, as a fraction of the sm
 NEXT_TO_GAP = 0.5  # "next to": horizontal gap below this fraction of the smaller width
 
 
-def _relation_matrices(boxes: np.ndarray, names: Sequence[str], width: int, height: int) -> dict[str, np.ndarray]:
+def _relation_matrices(
+    boxes: np.ndarray, names: Sequence[str], width: int, height: int
+) -> dict[str, np.ndarray]:
     """N x N boolean matrices, ``m[p][i, j]`` = "object i <p> object j"."""
     n = len(names)
     x1, y1, x2, y2 = (boxes[:, k] for k in range(4))

@@ -34,9 +34,11 @@ constraints")`` with ``N = max_constraints``.
 
 Choice among the minimal paths (when more than ``max_per_target``) and of the surface template
 variant is deterministic in ``seed`` and independent of Python's randomised ``hash()``: it uses
-blake2b over ``(seed, target id, path key)``. Attribute-only and relation paths are interleaved
-(attribute-only first) so that both kinds appear when both exist; within a kind the order is the
-seeded hash order.
+stable hashes (blake2b for the choice, crc32 for the variant) of ``(seed, target id, path)``. When
+there are more minimal paths than ``max_per_target``, attribute-only and relation paths are
+interleaved (attribute-only first) so that both kinds appear when both exist; within a kind the
+order is the seeded hash order. Otherwise all minimal paths are returned in search order
+(attribute constraints before relation constraints, lexicographic over the candidates).
 
 Rendering
 ---------
@@ -61,12 +63,15 @@ the other objects, otherwise indefinite ("a box", "one of the boxes"); "the othe
 
 Performance: object sets are int bitmasks over the graph's objects; indexes (category, attribute,
 (predicate, anchor category) -> mask) are built once per graph (:class:`GraphIndex`); rendered
-texts are memoised per (template, variant, words, anchor flags).
+templates are rendered by Jinja once per *shape* (template, variant, number of attributes,
+relation phrases and anchor flags) into a :class:`~refforge.stages.templates.CompiledExpression`
+and then filled with words by string joins, so Jinja costs nothing per expression.
 """
 
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -74,7 +79,7 @@ from typing import NamedTuple, Protocol
 
 from refforge.stages.graph import SceneGraph
 from refforge.stages.lexicon import RELATIONS, order_attributes
-from refforge.stages.templates import Slot, load_template, template_variants
+from refforge.stages.templates import CompiledExpression, Slot, compile_expression, template_variants
 
 __all__ = [
     "TEMPLATE_ATTRIBUTES",
@@ -90,6 +95,7 @@ __all__ = [
     "referring_paths",
     "relation_phrase",
     "render_path",
+    "template_context",
 ]
 
 TEMPLATE_CATEGORY = "paths/hop0_category.j2"
@@ -149,8 +155,24 @@ def relation_phrase(predicate: str) -> str:
 # ------------------------------------------------------------------------------------------- index
 
 
+_SPOKEN_CACHE: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _spoken(attributes: Sequence[str]) -> tuple[str, ...]:
+    """Distinct attributes in spoken order (memoised per attribute tuple)."""
+    key = tuple(attributes)
+    out = _SPOKEN_CACHE.get(key)
+    if out is None:
+        out = tuple(order_attributes(list(dict.fromkeys(key))))
+        if len(_SPOKEN_CACHE) < 1 << 20:
+            _SPOKEN_CACHE[key] = out
+    return out
+
+
 class GraphIndex:
     """Bitmask indexes over one graph: bit ``i`` is the ``i``-th object (first occurrence of an id).
+
+    ``attributes[i]`` holds object ``i``'s distinct attributes in spoken order.
 
     Build once per graph and pass to :func:`matches` for repeated queries. The index is a snapshot:
     rebuild it if the graph changes.
@@ -173,7 +195,7 @@ class GraphIndex:
             pos[o.id] = i
             ids.append(o.id)
             names.append(o.name)
-            attrs = tuple(dict.fromkeys(o.attributes))
+            attrs = _spoken(o.attributes)
             attributes.append(attrs)
             by_cat[o.name] = by_cat.get(o.name, 0) | bit
             for a in attrs:
@@ -255,9 +277,21 @@ def _combos(masks: list[int], k: int, base: int, goal: int) -> Iterator[tuple[in
     yield from rec(0, 0, base, ())
 
 
-def _key(seed: int, *parts: object) -> int:
-    data = "\x1f".join([str(seed), *map(str, parts)]).encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+def _path_key(seed: int, purpose: str, target_id: str, attrs: Sequence[str], relations: Sequence[Relation]) -> str:
+    parts = [str(seed), purpose, target_id, *attrs, "|"]
+    for p, c in relations:
+        parts.append(p)
+        parts.append(c)
+    return "\x1f".join(parts)
+
+
+def _choice_hash(seed: int, target_id: str, attrs: Sequence[str], relations: Sequence[Relation]) -> bytes:
+    data = _path_key(seed, "path", target_id, attrs, relations).encode()
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def _variant_hash(seed: int, target_id: str, attrs: Sequence[str], relations: Sequence[Relation]) -> int:
+    return zlib.crc32(_path_key(seed, "variant", target_id, attrs, relations).encode())
 
 
 def _minimal_paths(
@@ -271,7 +305,7 @@ def _minimal_paths(
     cands: list[tuple[bool, str | Relation]] = []
     masks: list[int] = []
     full = base
-    for a in order_attributes(index.attributes[i]):
+    for a in index.attributes[i]:
         m = index.by_attr[a]
         if base & m != base:  # a constraint that excludes nobody is never in a minimal path
             cands.append((False, a))
@@ -303,12 +337,12 @@ def _select(
     max_per_target: int,
     seed: int,
 ) -> list[tuple[tuple[str, ...], tuple[Relation, ...]]]:
-    if len(paths) <= 1:
-        return paths[:max_per_target]
+    if len(paths) <= max_per_target:
+        return paths
     attr_only = []
     with_rel = []
     for p in paths:
-        k = (_key(seed, "path", target_id, p), p)
+        k = (_choice_hash(seed, target_id, p[0], p[1]), p)
         (with_rel if p[1] else attr_only).append(k)
     attr_only.sort()
     with_rel.sort()
@@ -331,61 +365,64 @@ def _select(
 
 class _Anchor(NamedTuple):
     phrase: str
-    O: Slot | str  # noqa: N815 - template variable name
+    O: str  # noqa: N815 - template variable name
     unique: bool
     same: bool
 
 
+# (relation phrase, anchor category is unique besides the target, anchor category == target's)
+AnchorShape = tuple[str, bool, bool]
+
+
+_NORM_CACHE: dict[str, str] = {}
+
+
 def _norm(word: str) -> str:
-    return " ".join(word.lower().split())
+    """Lowercase, whitespace-collapsed form of a word as it appears in ``text`` (memoised)."""
+    out = _NORM_CACHE.get(word)
+    if out is None:
+        out = " ".join(word.lower().split())
+        if len(_NORM_CACHE) < 1 << 20:
+            _NORM_CACHE[word] = out
+    return out
 
 
-def _context(
+def template_context(
     variant: int,
     category: str,
-    attrs: tuple[str, ...],
-    anchors: tuple[tuple[str, str, bool, bool], ...],
-    slots: bool,
+    attributes: Sequence[str],
+    anchors: Sequence[tuple[str, str, bool, bool]],
 ) -> dict[str, object]:
-    if slots:
-        o: str = Slot("{O}", category)
-        attr_vals: list[str] = [Slot(f"{{A{j + 1}}}", a) for j, a in enumerate(attrs)]
-        adj: str = Slot(" ".join(attr_vals), " ".join(attrs))
-        np: str = Slot(" ".join([*attr_vals, o]), " ".join([*attrs, category]))
-        rels = [
-            _Anchor(phrase, Slot(f"{{O{j + 2}}}", cat), unique, same)
-            for j, (phrase, cat, unique, same) in enumerate(anchors)
-        ]
+    """The context the ``paths/*.j2`` templates take, with plain words.
+
+    ``anchors`` holds ``(relation phrase, anchor category, unique, same)`` per relation. Slot
+    contexts (for :func:`refforge.stages.templates.compile_expression`) pass :class:`Slot` words.
+    """
+    attrs = list(attributes)
+    if attrs and all(isinstance(a, Slot) for a in attrs):
+        adj: str = Slot(" ".join(attrs))
     else:
-        o = category
-        attr_vals = list(attrs)
         adj = " ".join(attrs)
-        np = " ".join([*attrs, category])
-        rels = [_Anchor(*a) for a in anchors]
-    return {"variant": variant, "O": o, "attrs": attr_vals, "adj": adj, "np": np, "rels": rels}
+    np = Slot(" ".join([*attrs, category])) if isinstance(category, Slot) else " ".join([*attrs, category])
+    return {
+        "variant": variant,
+        "O": category,
+        "attrs": attrs,
+        "adj": adj,
+        "np": np,
+        "rels": [_Anchor(*a) for a in anchors],
+    }
 
 
-def _lower_outside_placeholders(text: str) -> str:
-    parts = text.split("{")
-    out = [parts[0].lower()]
-    for part in parts[1:]:
-        name, sep, rest = part.partition("}")
-        out.append("{" + name + sep + rest.lower() if sep else "{" + part.lower())
-    return "".join(out)
-
-
-@lru_cache(maxsize=1 << 16)
-def _render_cached(
-    name: str,
-    variant: int,
-    category: str,
-    attrs: tuple[str, ...],
-    anchors: tuple[tuple[str, str, bool, bool], ...],
-) -> tuple[str, str]:
-    template = load_template(name)
-    text = template.render(_context(variant, category, attrs, anchors, slots=False))
-    ttext = template.render(_context(variant, category, attrs, anchors, slots=True))
-    return " ".join(text.lower().split()), _lower_outside_placeholders(" ".join(ttext.split()))
+@lru_cache(maxsize=None)
+def _compiled(name: str, variant: int, n_attrs: int, shapes: tuple[AnchorShape, ...]) -> CompiledExpression:
+    context = template_context(
+        variant,
+        Slot("{O}"),
+        [Slot(f"{{A{j + 1}}}") for j in range(n_attrs)],
+        [(phrase, Slot(f"{{O{j + 2}}}"), unique, same) for j, (phrase, unique, same) in enumerate(shapes)],
+    )
+    return compile_expression(name, context)
 
 
 def _template_for(attrs: Sequence[str], relations: Sequence[Relation]) -> str:
@@ -394,12 +431,13 @@ def _template_for(attrs: Sequence[str], relations: Sequence[Relation]) -> str:
     return TEMPLATE_ATTRIBUTES if attrs else TEMPLATE_CATEGORY
 
 
-def _anchor_flags(index: GraphIndex, i: int, relations: Sequence[Relation]) -> tuple[tuple[str, str, bool, bool], ...]:
+def _anchor_shapes(index: GraphIndex, i: int, relations: Sequence[Relation]) -> tuple[AnchorShape, ...]:
     out = []
     me = index.names[i]
+    not_me = ~(1 << i)
     for pred, cat in relations:
-        others = index.by_cat.get(cat, 0) & ~(1 << i)
-        out.append((relation_phrase(pred), _norm(cat), others.bit_count() == 1, cat == me))
+        others = index.by_cat.get(cat, 0) & not_me
+        out.append((relation_phrase(pred), others.bit_count() == 1, cat == me))
     return tuple(out)
 
 
@@ -413,27 +451,34 @@ def render_path(
 ) -> tuple[str, str, str, int]:
     """(text, template_text, template_name, variant) for a path of ``target_id``.
 
-    ``variant=None`` picks the variant from ``seed`` as :func:`referring_paths` does.
+    ``attributes`` must be in spoken order (see ``lexicon.order_attributes``). ``variant=None``
+    picks the variant from ``seed`` exactly as :func:`referring_paths` does.
     """
     i = index.pos[target_id]
-    attrs = tuple(order_attributes(list(attributes)))
-    rels = tuple(tuple(r) for r in relations)
-    name = _template_for(attrs, rels)
+    name = _template_for(attributes, relations)
     if variant is None:
-        variant = _key(seed, "variant", target_id, (attrs, rels)) % template_variants(name)
-    anchors = _anchor_flags(index, i, rels)  # type: ignore[arg-type]
-    text, ttext = _render_cached(name, variant, _norm(index.names[i]), tuple(_norm(a) for a in attrs), anchors)
+        variant = _variant_hash(seed, target_id, attributes, relations) % template_variants(name)
+    expr = _compiled(name, variant, len(attributes), _anchor_shapes(index, i, relations))
+    text, ttext = expr.fill(_slot_values(index.names[i], attributes, relations))
     return text, ttext, name, variant
+
+
+_A_NAMES = tuple(f"A{j + 1}" for j in range(64))
+_O_NAMES = tuple(f"O{j + 2}" for j in range(64))
+
+
+def _slot_values(category: str, attributes: Sequence[str], relations: Sequence[Relation]) -> dict[str, str]:
+    values = {"O": _norm(category)}
+    for j, a in enumerate(attributes):
+        values[_A_NAMES[j]] = _norm(a)
+    for j, r in enumerate(relations):
+        values[_O_NAMES[j]] = _norm(r[1])
+    return values
 
 
 def path_slots(path: ReferringPath) -> dict[str, str]:
     """Placeholder values of a path's ``template_text`` (``{"O": "ball", "A1": "red", "O2": "box"}``)."""
-    slots = {"O": _norm(path.category)}
-    for j, a in enumerate(path.attributes):
-        slots[f"A{j + 1}"] = _norm(a)
-    for j, (_, cat) in enumerate(path.relations):
-        slots[f"O{j + 2}"] = _norm(cat)
-    return slots
+    return _slot_values(path.category, path.attributes, path.relations)
 
 
 # -------------------------------------------------------------------------------------------- entry

@@ -95,7 +95,14 @@ SECONDARY: dict[str, tuple[int, int, int]] = {
 }
 _MAX_PER_CATEGORY: dict[str, int] = {"table": 2, "shelf": 2, "basket": 2, "box": 3, "bowl": 3, "lamp": 3}
 
-_WALLS = [(222, 210, 186), (196, 214, 226), (206, 222, 198), (214, 214, 218), (236, 226, 206), (230, 200, 188)]
+_WALLS = [
+    (222, 210, 186),
+    (196, 214, 226),
+    (206, 222, 198),
+    (214, 214, 218),
+    (236, 226, 206),
+    (230, 200, 188),
+]
 _FLOORS = [(150, 112, 78), (120, 120, 124), (168, 140, 104), (92, 112, 116), (176, 164, 150), (110, 86, 70)]
 
 
@@ -174,7 +181,10 @@ def _kite(p: _Pen) -> None:
     tail = [(0.5, 0.66), (0.62, 0.76), (0.44, 0.86), (0.6, 1.0)]
     p.line(tail, SECOND, width=max(1, p.lw // 2 + 1))
     for u, v in tail[1:3]:
-        p.poly([(u - 0.08, v - 0.035), (u + 0.08, v + 0.035), (u + 0.08, v - 0.035), (u - 0.08, v + 0.035)], SECOND)
+        p.poly(
+            [(u - 0.08, v - 0.035), (u + 0.08, v + 0.035), (u + 0.08, v - 0.035), (u - 0.08, v + 0.035)],
+            SECOND,
+        )
     p.poly(diamond)
     p.dline([(0.5, 0.0), (0.5, 0.68)])
     p.dline([(0.0, 0.27), (1.0, 0.27)])
@@ -207,7 +217,7 @@ def _bottle(p: _Pen) -> None:
 
 def _vase(p: _Pen) -> None:
     vs = np.linspace(0.0, 1.0, 24)
-    half = np.interp(vs, [0.0, 0.07, 0.22, 0.45, 0.62, 0.85, 1.0], [0.36, 0.3, 0.17, 0.44, 0.5, 0.36, 0.26])
+    half = np.interp(vs, [0.0, 0.05, 0.22, 0.42, 0.6, 0.85, 1.0], [0.3, 0.25, 0.19, 0.42, 0.5, 0.4, 0.28])
     left = [(0.5 - r, v) for r, v in zip(half.tolist(), vs.tolist(), strict=True)]
     right = [(0.5 + r, v) for r, v in zip(half.tolist(), vs.tolist(), strict=True)]
     p.poly(left + right[::-1])
@@ -286,7 +296,9 @@ def _plant(p: _Pen) -> None:
 
 def _hat(p: _Pen) -> None:
     p.ellipse(0.0, 0.7, 1.0, 1.0)
-    p.poly([(0.24, 0.86), (0.26, 0.1)] + _arc(0.5, 0.1, 0.24, 0.1, 180, 360, 12) + [(0.74, 0.1), (0.76, 0.86)])
+    p.poly(
+        [(0.24, 0.86), (0.26, 0.1)] + _arc(0.5, 0.1, 0.24, 0.1, 180, 360, 12) + [(0.74, 0.1), (0.76, 0.86)]
+    )
     p.dd.rectangle(p.box(0.25, 0.58, 0.75, 0.74), fill=255)
 
 
@@ -387,99 +399,134 @@ def _attr(obj: GObject, family: str, default: str) -> str:
     return default
 
 
+@lru_cache(maxsize=1024)
 def _pattern_mask(pattern: str, w: int, h: int) -> np.ndarray | None:
+    """Where the pattern ink goes in a w x h box (box-local, unmirrored); None for "plain"."""
     if pattern not in ("striped", "dotted", "checkered"):
         return None
     period = max(5, round(min(w, h) / 4.5))
-    yy, xx = np.mgrid[0:h, 0:w]
+    yy = np.arange(h)[:, None]
+    xx = np.arange(w)[None, :]
     if pattern == "striped":
-        return ((xx + yy) % period) < (period + 1) // 2
-    if pattern == "checkered":
-        return ((xx // period) + (yy // period)) % 2 == 0
-    half = period / 2.0
-    r = max(1.2, period * 0.28)
-    return ((xx % period - half + 0.5) ** 2 + (yy % period - half + 0.5) ** 2) <= r * r
+        out = ((xx + yy) % period) < (period + 1) // 2
+    elif pattern == "checkered":
+        out = ((xx // period) + (yy // period)) % 2 == 0
+    else:
+        half = period / 2.0
+        r = max(1.2, period * 0.28)
+        out = ((xx % period - half + 0.5) ** 2 + (yy % period - half + 0.5) ** 2) <= r * r
+    out.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _patch_cached(
+    name: str, w: int, h: int, colour: str, pattern: str, mirrored: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    labels, detail = _shape(name, w, h)
+    mask = labels > 0
+    body = np.array(COLOURS.get(colour, COLOURS["gray"]), dtype=np.float32)
+    second = np.array(SECONDARY.get(name, (90, 90, 90)), dtype=np.float32)
+    lum = 0.299 * body[0] + 0.587 * body[1] + 0.114 * body[2]
+    ink = body * 0.42 if lum > 150 else body * 0.45 + 255.0 * 0.55
+    # colour classes: 0 body, 1 pattern ink, 2 secondary part; +3 for the darkened (detail/outline) variant
+    table = np.stack([body, ink, second, body * 0.55, ink * 0.55, second * 0.55])
+    cls = np.where(labels == SECOND, 2, 0).astype(np.uint8)
+    pat = _pattern_mask(pattern, w, h)
+    if pat is not None:
+        cls[pat & (labels == BODY)] = 1
+    inner = np.zeros_like(mask)
+    inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    cls[detail | (mask & ~inner)] += 3
+    shade = np.linspace(1.06, 0.9, h, dtype=np.float32)[:, None, None]  # soft top-lit shading
+    rgb = table[cls] * shade
+    np.clip(rgb, 0, 255, out=rgb)
+    rgb8 = rgb.astype(np.uint8)
+    if mirrored:
+        rgb8, mask = np.ascontiguousarray(rgb8[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
+    rgb8.flags.writeable = False
+    mask.flags.writeable = False
+    return rgb8, mask
 
 
 def _object_patch(obj: GObject, spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(rgb uint8 (h, w, 3), mask (h, w)) for ``obj`` in box-local coordinates, mirrored if the spec is."""
+    """(rgb uint8 (h, w, 3), mask (h, w)) for ``obj`` in box-local coordinates, mirrored if the spec is.
+
+    A pure function of (name, box size, colour, pattern, spec["mirrored"]); read-only (cached).
+    """
     x1, y1, x2, y2 = _int_box(obj.box)
-    w, h = x2 - x1, y2 - y1
-    labels, detail = _shape(obj.name, w, h)
-    mask = labels > 0
-    body = np.array(COLOURS.get(_attr(obj, "colour", "gray"), COLOURS["gray"]), dtype=np.float32)
-    second = np.array(SECONDARY.get(obj.name, (90, 90, 90)), dtype=np.float32)
-    rgb = np.where((labels == SECOND)[..., None], second, body)
-    pat = _pattern_mask(_attr(obj, "pattern", "plain"), w, h)
-    if pat is not None:
-        lum = 0.299 * body[0] + 0.587 * body[1] + 0.114 * body[2]
-        ink = body * 0.42 if lum > 150 else body * 0.45 + 255.0 * 0.55
-        rgb = np.where((pat & (labels == BODY))[..., None], ink, rgb)
-    # soft vertical shading, darker lines and a dark outline
-    shade = np.linspace(1.06, 0.9, h, dtype=np.float32)[:, None, None]
-    rgb = rgb * shade
-    inner = np.zeros_like(mask)
-    inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
-    dark = detail | (mask & ~inner)
-    rgb = np.where(dark[..., None], rgb * 0.55, rgb)
-    rgb = np.clip(rgb, 0, 255).astype(np.uint8)
-    if spec.get("mirrored"):
-        return rgb[:, ::-1], mask[:, ::-1]
-    return rgb, mask
+    return _patch_cached(
+        obj.name,
+        x2 - x1,
+        y2 - y1,
+        _attr(obj, "colour", "gray"),
+        _attr(obj, "pattern", "plain"),
+        bool(spec.get("mirrored", False)),
+    )
 
 
-def _smooth_noise(rng: np.random.Generator, gh: int, gw: int, height: int, width: int) -> np.ndarray:
-    low = rng.standard_normal((gh, gw)).astype(np.float32)
-    img = Image.fromarray(low, mode="F").resize((width, height), Image.Resampling.BICUBIC)
+def _upsample(low: np.ndarray, height: int, width: int) -> np.ndarray:
+    img = Image.fromarray(low.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.float32)
 
 
 @lru_cache(maxsize=32)
 def _background_cached(bg_json: str, width: int, height: int, mirrored: bool) -> np.ndarray:
+    """The room: wall above the horizon, floor below, as a read-only (H, W, 3) uint8 array.
+
+    A luminance field (vertical gradients, two octaves of smooth noise, floor boards / tiles or wall
+    stripes, a skirting band, 2x2-pixel grain) times the wall / floor colour. Everything is drawn from
+    ``bg["seed"]``; the mirrored variant is the exact left-right flip.
+    """
     bg = json.loads(bg_json)
     rng = np.random.default_rng(int(bg["seed"]))
-    hz = int(round(float(bg["horizon"]) * height))
-    yy = np.arange(height, dtype=np.float32)[:, None]
-    xx = np.arange(width, dtype=np.float32)[None, :]
-    wall = np.array(bg["wall"], dtype=np.float32)
-    floor = np.array(bg["floor"], dtype=np.float32)
-    # luminance field (H, W): gradients, smooth noise, structure lines
-    t_wall = yy / max(hz, 1)
-    t_floor = (yy - hz) / max(height - hz, 1)
-    lum_wall = 1.07 - 0.12 * t_wall + 0.0 * xx
-    lum_floor = 0.84 + 0.22 * t_floor + 0.0 * xx
+    hz = min(max(int(round(float(bg["horizon"]) * height)), 1), height - 1)
+    rows = np.arange(height, dtype=np.float32)
+    row_lum = np.where(
+        rows < hz, 1.07 - 0.12 * rows / hz, 0.84 + 0.22 * (rows - hz) / max(height - hz, 1)
+    ).astype(np.float32)
     noise = float(bg["noise"])
-    smooth = _smooth_noise(rng, 5, 7, height, width) * noise + _smooth_noise(rng, 20, 28, height, width) * (
-        noise * 0.35
-    )
+    # two octaves of smooth noise, summed at low resolution and upsampled once
+    gh, gw = max(2, height // 16), max(2, width // 16)
+    coarse = _upsample(rng.standard_normal((5, 7)), gh, gw)
+    fine = rng.standard_normal((gh, gw)).astype(np.float32)
+    fine = 0.25 * (fine + np.roll(fine, 1, 0) + np.roll(fine, 1, 1) + np.roll(np.roll(fine, 1, 0), 1, 1))
+    lum = _upsample(coarse * noise + fine * (noise * 0.6), height, width).copy()
+    lum += row_lum[:, None]
     if bg.get("wall_style") == "stripes":
         period = max(8, width // int(rng.integers(10, 20)))
-        lum_wall = lum_wall + 0.035 * ((xx // period) % 2)
+        lum[:hz, (np.arange(width) // period) % 2 == 1] += 0.035
     style = bg.get("floor_style", "planks")
     if style == "planks":
-        # boards get wider towards the viewer; each board has its own tone and staggered seams
-        edges = hz + (height - hz) * (np.linspace(0, 1, 9) ** 1.4)
-        board = np.clip(np.searchsorted(edges, yy[:, 0], side="right") - 1, 0, 7)
-        tone = rng.normal(0.0, 0.035, 8).astype(np.float32)
-        lum_floor = lum_floor + tone[board][:, None]
-        seam_rows = np.isin(np.arange(height), np.round(edges).astype(int))
-        lum_floor = lum_floor - 0.18 * seam_rows[:, None]
+        # boards get wider towards the viewer; each has its own tone and staggered seams
+        edges = np.round(hz + (height - hz) * (np.linspace(0.0, 1.0, 9) ** 1.4)).astype(int)
+        tone = rng.normal(0.0, 0.035, 8)
         offsets = rng.integers(0, width, 8)
         seam_len = max(40, width // 3)
-        seam_cols = ((xx.astype(np.int64) + offsets[board][:, None]) % seam_len) == 0
-        lum_floor = lum_floor - 0.15 * seam_cols
+        for b in range(8):
+            r0, r1 = int(edges[b]), int(edges[b + 1])
+            if r1 <= r0:
+                continue
+            lum[r0:r1] += float(tone[b])
+            lum[r0, :] -= 0.18
+            first = int((seam_len - offsets[b] % seam_len) % seam_len)
+            lum[r0:r1, first::seam_len] -= 0.15
     elif style == "tiles":
         tile = max(12, width // int(rng.integers(8, 14)))
-        grid = ((xx.astype(np.int64) % tile) == 0) | (((yy.astype(np.int64) - hz) % max(tile // 2, 4)) == 0)
-        lum_floor = lum_floor - 0.1 * grid
-    is_wall = yy < hz
-    lum = np.where(is_wall, lum_wall, lum_floor) + smooth
-    skirting = (yy >= hz - max(2, height // 90)) & (yy < hz + 1)
-    lum = np.where(skirting, lum * 0.7, lum)
-    rgb = np.where(is_wall[..., None], wall, floor) * lum[..., None]
-    grain = rng.standard_normal((height, width)).astype(np.float32) * float(bg["grain"])
-    rgb = rgb + grain[..., None]
-    out = np.clip(rgb, 0, 255).astype(np.uint8)
+        lum[hz:, ::tile] -= 0.1
+        lum[hz :: max(tile // 2, 4), :] -= 0.1
+    skirt = max(2, height // 90)
+    lum[max(hz - skirt, 0) : hz + 1] *= 0.7
+    # 2x2-pixel luminance grain: visible texture that still compresses
+    gh2, gw2 = (height + 1) // 2, (width + 1) // 2
+    grain = rng.standard_normal((gh2, gw2), dtype=np.float32) * (float(bg["grain"]) / 160.0)
+    lum += np.repeat(np.repeat(grain, 2, axis=0), 2, axis=1)[:height, :width]
+    base = np.where(
+        (rows < hz)[:, None], np.array(bg["wall"], dtype=np.float32), np.array(bg["floor"], dtype=np.float32)
+    )
+    rgb = lum[:, :, None] * base[:, None, :]
+    np.clip(rgb, 0, 255, out=rgb)
+    out = rgb.astype(np.uint8)
     if mirrored:
         out = np.ascontiguousarray(out[:, ::-1])
     out.flags.writeable = False
@@ -587,12 +634,16 @@ def _pick(rng: np.random.Generator, values: list[str]) -> str:
     return values[int(rng.integers(len(values)))]
 
 
-def _layout(rng: np.random.Generator, width: int, height: int, horizon: float, min_objects: int, max_objects: int):
+def _layout(
+    rng: np.random.Generator, width: int, height: int, horizon: float, min_objects: int, max_objects: int
+):
     n_target = int(rng.integers(min_objects, max_objects + 1))
     cats = _choose_categories(rng, n_target)
     palettes = {
         "size": list(ATTRIBUTE_FAMILIES["size"]),
-        "colour": [str(c) for c in rng.choice(ATTRIBUTE_FAMILIES["colour"], int(rng.integers(2, 4)), replace=False)],
+        "colour": [
+            str(c) for c in rng.choice(ATTRIBUTE_FAMILIES["colour"], int(rng.integers(2, 4)), replace=False)
+        ],
         "pattern": [str(c) for c in rng.choice(PATTERNS, int(rng.integers(1, 4)), replace=False)],
     }
     if rng.random() < 0.5:  # some scenes use only two sizes
@@ -605,7 +656,7 @@ def _layout(rng: np.random.Generator, width: int, height: int, horizon: float, m
             plan.append(c)
         elif all(plan.count(x) >= _MAX_PER_CATEGORY.get(x, 99) for x in cats):
             break
-    plan.sort(key=lambda c: (0 if c in SUPPORTERS else 1 if c in CONTAINERS else 2))
+    plan.sort(key=lambda c: 0 if c in SUPPORTERS else 1 if c in CONTAINERS else 2)
     hz = int(round(horizon * height))
     placed: list[tuple[str, tuple[str, str, str], tuple[int, int, int, int]]] = []
     boxes: list[tuple[int, int, int, int]] = []
@@ -655,7 +706,11 @@ def _layout(rng: np.random.Generator, width: int, height: int, horizon: float, m
         return (x1, y2 - h, x1 + w, y2), ci
 
     def place(name: str) -> bool:
-        attrs = (_pick(rng, palettes["size"]), _pick(rng, palettes["colour"]), _pick(rng, palettes["pattern"]))
+        attrs = (
+            _pick(rng, palettes["size"]),
+            _pick(rng, palettes["colour"]),
+            _pick(rng, palettes["pattern"]),
+        )
         can_rest = name not in SUPPORTERS and name not in WALL
         can_hold = can_rest and name not in CONTAINERS
         mode_roll = rng.random()
@@ -720,7 +775,7 @@ def generate_scene(
     """A deterministic synthetic scene for ``seed`` (see the module docstring)."""
     if not 1 <= min_objects <= max_objects:
         raise ValueError("need 1 <= min_objects <= max_objects")
-    rng = np.random.default_rng([int(seed), 0x5EED])
+    rng = np.random.default_rng([int(seed) % 2**64, 0x5EED])
     background = _background_spec(rng)
     spec: dict[str, Any] = {
         "generator": GENERATOR,
@@ -797,7 +852,9 @@ def _resized_box(box: Box, factor: float, width: int, height: int) -> tuple[int,
     return nx1, ny2 - h, nx1 + w, ny2
 
 
-def set_attribute(graph: SceneGraph, spec: dict, object_id: str, family: str, value: str) -> tuple[SceneGraph, dict]:
+def set_attribute(
+    graph: SceneGraph, spec: dict, object_id: str, family: str, value: str
+) -> tuple[SceneGraph, dict]:
     """The scene with one attribute of one object changed.
 
     ``family`` is one of ``"size"``, ``"colour"``, ``"pattern"``. A size change rescales the box by the

@@ -41,7 +41,7 @@ class Catalog:
         return self.con.sql(query).to_arrow_table()
 
     def count(self, table: str) -> int:
-        return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        return self.con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0]
 
     def close(self) -> None:
         self.con.close()

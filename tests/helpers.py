@@ -1,0 +1,35 @@
+"""Shared helpers for the build tests: table snapshots that compare full contents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from refforge.schemas import KEYS, TABLES
+from refforge.storage import TableReader
+
+
+def table_rows(build: Path, table: str) -> list[str]:
+    """Every row of a table as canonical JSON, sorted: equal lists mean equal contents."""
+    rows = TableReader(Path(build) / "tables").read(table).to_pylist()
+    return sorted(json.dumps(r, sort_keys=True, default=str) for r in rows)
+
+
+def snapshot(build: Path) -> dict[str, list[str]]:
+    return {t: table_rows(build, t) for t in TABLES}
+
+
+def duplicate_keys(build: Path, table: str) -> list[tuple]:
+    rows = TableReader(Path(build) / "tables").read(table).to_pylist()
+    keys = [tuple(r[k] for k in KEYS[table]) for r in rows]
+    seen, dups = set(), []
+    for k in keys:
+        if k in seen:
+            dups.append(k)
+        seen.add(k)
+    return dups
+
+
+def files(build: Path, sub: str) -> dict[str, float]:
+    root = Path(build) / sub
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}

@@ -1,0 +1,137 @@
+import io
+import json
+
+import pytest
+from PIL import Image as PILImage
+
+from refforge.config import parse_config
+from refforge.flows.build import run_build
+from refforge.storage import BuildConflict, Catalog
+
+from .conftest import small_config
+from .helpers import duplicate_keys, files, snapshot
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory, prefect_api):
+    out = tmp_path_factory.mktemp("builds") / "small"
+    record = run_build(parse_config(small_config()), out)
+    return out, record
+
+
+def test_build_writes_images_graphs_and_expressions(small_build):
+    out, record = small_build
+    with Catalog(out) as cat:
+        assert cat.count("images") == 24
+        assert cat.count("objects") >= 24 * 3
+        assert cat.count("relations") > 0
+        # every positive expression points at a real object and carries its exact box
+        bad = cat.sql("""SELECT count(*) AS n FROM expressions e LEFT JOIN objects o
+                         ON e.image_id = o.image_id AND e.target_object_id = o.object_id
+                         WHERE o.object_id IS NULL OR e.gt_box <> o.box""").column("n")[0].as_py()
+        assert bad == 0
+        levels = cat.sql("SELECT DISTINCT difficulty FROM expressions ORDER BY 1").column(0).to_pylist()
+        assert levels == [1, 2, 3]
+        # images on disk are the content-addressed files the table names
+        for r in cat.sql("SELECT path, image_id FROM images").to_pylist():
+            assert (out / r["path"]).exists() and r["image_id"] in r["path"]
+
+
+def test_run_file_records_provenance_and_counts(small_build):
+    out, record = small_build
+    run = json.loads((out / "runs" / f"{record['run_id']}.json").read_text())
+    assert run["config_hash"] == parse_config(small_config()).config_hash()
+    assert run["versions"]["prefect"] and run["versions"]["pyarrow"]
+    assert any(name.startswith("paths/") for name in run["prompt_hashes"])
+    ingest, paths = run["stages"]["ingest"], run["stages"]["paths"]
+    assert ingest["units"] == 4 and ingest["in"] == 24 and ingest["out"]["images"] == 24
+    with Catalog(out) as cat:
+        assert paths["out"]["expressions"] == cat.count("expressions")
+        assert paths["in"] == cat.count("objects")
+        assert paths["dropped"] == cat.sql("SELECT count(*) FROM drops WHERE stage = 'paths'").column(0)[0].as_py()
+    assert "API_KEY" not in json.dumps(run)
+
+
+def test_rerunning_a_finished_build_writes_nothing(small_build):
+    out, _ = small_build
+    before_tables, before_images, before = files(out, "tables"), files(out, "images"), snapshot(out)
+    record = run_build(parse_config(small_config()), out)
+    assert files(out, "tables") == before_tables and files(out, "images") == before_images
+    assert snapshot(out) == before
+    assert all(s["units_resumed"] == s["units"] and s["written_this_run"] == {} for s in record["stages"].values())
+    for table in ("images", "objects", "expressions"):
+        assert duplicate_keys(out, table) == []
+
+
+def test_a_build_with_another_config_is_refused_unless_forced(tmp_path, prefect_api):
+    out = tmp_path / "b"
+    run_build(parse_config(small_config(images=4, shard_size=2)), out)
+    other = parse_config(small_config(images=4, shard_size=2, seed=7))
+    with pytest.raises(BuildConflict, match="another config"):
+        run_build(other, out)
+    record = run_build(other, out, force=True)
+    assert record["config_hash"] == other.config_hash()
+    with Catalog(out) as cat:
+        assert cat.count("images") == 4
+
+
+def test_same_seed_same_tables_other_seed_other_images(tmp_path, prefect_api):
+    a = run_build(parse_config(small_config(images=6, shard_size=3)), tmp_path / "a")
+    b = run_build(parse_config(small_config(images=6, shard_size=3)), tmp_path / "b")
+    c = run_build(parse_config(small_config(images=6, shard_size=3, seed=1)), tmp_path / "c")
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+    assert snapshot(tmp_path / "a")["images"] != snapshot(tmp_path / "c")["images"]
+    assert a["config_hash"] == b["config_hash"] != c["config_hash"]
+
+
+def _png(w, h, colour):
+    buf = io.BytesIO()
+    PILImage.new("RGB", (w, h), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_scene_graphs_and_images_become_drops_and_the_build_goes_on(tmp_path, prefect_api):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "good.png").write_bytes(_png(100, 80, "red"))
+    (imgs / "good2.png").write_bytes(_png(120, 90, "blue"))
+    full = io.BytesIO()
+    PILImage.new("RGB", (200, 200), "green").save(full, format="JPEG", quality=95)
+    (imgs / "truncated.jpg").write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+    (imgs / "notanimage.png").write_bytes(b"this is text, not a PNG")
+    graphs = [
+        {"image": "good.png", "objects": [
+            {"id": "a", "name": "ball", "attributes": ["red"], "box": [10, 10, 30, 30]},
+            {"id": "b", "name": "ball", "attributes": ["blue"], "box": [40, 10, 60, 30]},
+            {"id": "c", "name": "box", "attributes": [], "box": [90, 10, 130, 30]},   # outside 100x80
+            {"id": "d", "name": "cup", "attributes": [], "box": [50, 50, 50, 70]},    # zero width
+        ], "relations": [
+            {"subject": "a", "predicate": "left of", "object": "b"},
+            {"subject": "a", "predicate": "left of", "object": "ghost"},              # unknown object
+            {"subject": "b", "predicate": "left of", "object": "c"},                  # dropped object
+        ]},
+        {"image": "truncated.jpg", "objects": []},
+        {"image": "notanimage.png", "objects": []},
+        {"image": "missing.png", "objects": []},
+        {"image": "good2.png", "objects": [{"id": "x", "name": "kite", "box": [1, 1, 50, 50]}]},
+    ]
+    (tmp_path / "graphs.json").write_text(json.dumps(graphs))
+    cfg = parse_config({"build": {"name": "g", "shard_size": 2},
+                        "source": {"kind": "graphs", "path": str(tmp_path / "graphs.json"),
+                                   "images_dir": str(imgs)}})
+    out = tmp_path / "out"
+    run_build(cfg, out)
+    with Catalog(out) as cat:
+        drops = {(r["key"], r["reason"]) for r in cat.sql("SELECT key, reason FROM drops").to_pylist()}
+        assert ("graphs:good.png/c", "box outside the image") in drops
+        assert ("graphs:good.png/d", "zero-area box") in drops
+        assert ("graphs:good.png/a-left of-ghost", "relation to an unknown object") in drops
+        assert ("graphs:good.png/b-left of-c", "relation to a dropped object") in drops
+        assert ("graphs:truncated.jpg", "truncated image") in drops
+        assert ("graphs:notanimage.png", "unreadable image") in drops
+        assert ("graphs:missing.png", "image file missing") in drops
+        assert cat.count("images") == 2
+        assert sorted(cat.sql("SELECT object_id FROM objects").column(0).to_pylist()) == ["a", "b", "x"]
+        assert cat.count("relations") == 1
+        texts = set(cat.sql("SELECT text FROM expressions").column(0).to_pylist())
+        assert {"the red ball", "the blue ball", "the kite"} <= texts
