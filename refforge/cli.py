@@ -92,7 +92,7 @@ def _open_catalog(build_dir: Path):
 
 
 def _arrow_table(tbl, title: str | None = None, limit: int | None = None) -> Table:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", min_width=len(title or "") + 2)
     for name in tbl.column_names:
         t.add_column(name)
     rows = tbl.to_pylist()

@@ -93,6 +93,13 @@ class Config(_Strict):
     paths: PathsStage = Field(default_factory=PathsStage)
     runner: RunnerSection = Field(default_factory=RunnerSection)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_source_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("source"), dict) and "kind" not in data["source"]:
+            data = {**data, "source": {"kind": "synthetic", **data["source"]}}
+        return data
+
     def data_dict(self) -> dict[str, Any]:
         """Everything that changes the data (the runner does not)."""
         return self.model_dump(mode="json", exclude={"runner"})

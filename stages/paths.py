@@ -62,7 +62,7 @@ the other objects, otherwise indefinite ("a box", "one of the boxes"); "the othe
 "another ball" when the anchor has the target's category.
 
 Performance: object sets are int bitmasks over the graph's objects; indexes (category, attribute,
-(predicate, anchor category) -> mask) are built once per graph (:class:`GraphIndex`); rendered
+(predicate, anchor category) -> mask) are built once per graph (:class:`GraphIndex`); the
 templates are rendered by Jinja once per *shape* (template, variant, number of attributes,
 relation phrases and anchor flags) into a :class:`~refforge.stages.templates.CompiledExpression`
 and then filled with words by string joins, so Jinja costs nothing per expression.
@@ -74,7 +74,7 @@ import hashlib
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple, Protocol
 
 from refforge.stages.graph import SceneGraph
@@ -277,7 +277,9 @@ def _combos(masks: list[int], k: int, base: int, goal: int) -> Iterator[tuple[in
     yield from rec(0, 0, base, ())
 
 
-def _path_key(seed: int, purpose: str, target_id: str, attrs: Sequence[str], relations: Sequence[Relation]) -> str:
+def _path_key(
+    seed: int, purpose: str, target_id: str, attrs: Sequence[str], relations: Sequence[Relation]
+) -> str:
     parts = [str(seed), purpose, target_id, *attrs, "|"]
     for p, c in relations:
         parts.append(p)
@@ -365,7 +367,7 @@ def _select(
 
 class _Anchor(NamedTuple):
     phrase: str
-    O: str  # noqa: N815 - template variable name
+    O: str  # noqa: E741 - the templates' variable name
     unique: bool
     same: bool
 
@@ -414,7 +416,7 @@ def template_context(
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled(name: str, variant: int, n_attrs: int, shapes: tuple[AnchorShape, ...]) -> CompiledExpression:
     context = template_context(
         variant,

@@ -45,13 +45,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from importlib.resources.abc import Traversable
 
 import jinja2
 from jinja2 import StrictUndefined, nodes
-
 from refforge.stages.lexicon import indefinite_article, plural
 
 PROMPTS_PACKAGE = "refforge.prompts"
@@ -132,8 +131,9 @@ def _lower_outside_placeholders(text: str) -> str:
 class CompiledExpression:
     """A template rendered once with slots, filled with words many times (no Jinja per fill).
 
-    ``template_text`` has article markers; :meth:`text` and :meth:`template_text_for` resolve them
-    for given words. Literal text is lowercased and whitespace collapsed.
+    ``raw`` is the slot rendering (lowercased outside placeholders, whitespace collapsed) and may
+    hold :data:`ARTICLE_MARK`; :meth:`fill` resolves the marks for the given words and returns
+    both the expression and its ``template_text``.
     """
 
     __slots__ = ("raw", "_ops", "_tail")
@@ -256,7 +256,7 @@ def environment() -> jinja2.Environment:
     return env
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_template(name: str) -> jinja2.Template:
     """Compiled template ``prompts/<name>``; cached per name for the life of the process."""
     return environment().get_template(name)
@@ -292,7 +292,7 @@ def all_template_hashes(prefix: str = "") -> dict[str, str]:
     return {n: template_hash(n) for n in template_names(prefix)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def template_variants(name: str) -> int:
     """Number of surface-form variants in a multi-variant template.
 

@@ -6,7 +6,6 @@ from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from refforge.stages.geometry import PREDICATES, compute_relations
 from refforge.stages.graph import GObject
 from refforge.stages.lexicon import CONTAINERS, MIRRORED, SUPPORTERS
@@ -32,7 +31,11 @@ def between(rels, a: str, b: str) -> set[str]:
 
 
 def test_left_right_and_next_to():
-    objs = [obj(0, "ball", (10, 100, 60, 150)), obj(1, "cup", (70, 110, 120, 160)), obj(2, "vase", (400, 100, 440, 160))]
+    objs = [
+        obj(0, "ball", (10, 100, 60, 150)),
+        obj(1, "cup", (70, 110, 120, 160)),
+        obj(2, "vase", (400, 100, 440, 160)),
+    ]
     t = triples(compute_relations(objs, W, H))
     assert ("o0", "left of", "o1") in t and ("o1", "right of", "o0") in t
     assert ("o0", "next to", "o1") in t and ("o1", "next to", "o0") in t
