@@ -36,8 +36,9 @@ Choice among the minimal paths (when more than ``max_per_target``) and of the su
 variant is deterministic in ``seed`` and independent of Python's randomised ``hash()``: it uses
 stable hashes (blake2b for the choice, crc32 for the variant) of ``(seed, target id, path)``. When
 there are more minimal paths than ``max_per_target``, attribute-only and relation paths are
-interleaved (attribute-only first) so that both kinds appear when both exist; within a kind the
-order is the seeded hash order. Otherwise all minimal paths are returned in search order
+interleaved so that both kinds appear when both exist (which kind comes first is seeded per
+target, so that even ``max_per_target=1`` mixes kinds across a dataset); within a kind the order
+is the seeded hash order. Otherwise all minimal paths are returned in search order
 (attribute constraints before relation constraints, lexicographic over the candidates).
 
 Rendering
@@ -74,7 +75,7 @@ import hashlib
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from typing import NamedTuple, Protocol
 
 from refforge.stages.graph import SceneGraph
@@ -348,17 +349,16 @@ def _select(
         (with_rel if p[1] else attr_only).append(k)
     attr_only.sort()
     with_rel.sort()
+    # Round-robin over the two kinds; which kind leads is seeded per target, so that with
+    # max_per_target=1 a dataset still mixes attribute-only and relation expressions.
+    groups = [[p for _, p in attr_only], [p for _, p in with_rel]]
+    if zlib.crc32(_path_key(seed, "lead", target_id, (), ()).encode()) & 1:
+        groups.reverse()
     chosen = []
-    a = b = 0
-    while len(chosen) < max_per_target and (a < len(attr_only) or b < len(with_rel)):
-        if a < len(attr_only):
-            chosen.append(attr_only[a][1])
-            a += 1
-            if len(chosen) == max_per_target:
-                break
-        if b < len(with_rel):
-            chosen.append(with_rel[b][1])
-            b += 1
+    for j in range(max(len(g) for g in groups)):
+        for g in groups:
+            if j < len(g) and len(chosen) < max_per_target:
+                chosen.append(g[j])
     return chosen
 
 
@@ -416,7 +416,7 @@ def template_context(
     }
 
 
-@cache
+@lru_cache(maxsize=1 << 16)
 def _compiled(name: str, variant: int, n_attrs: int, shapes: tuple[AnchorShape, ...]) -> CompiledExpression:
     context = template_context(
         variant,

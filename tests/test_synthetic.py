@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import time
 from collections import Counter
 from functools import cache
 
@@ -367,14 +366,3 @@ def test_edits_commute_with_mirror():
     b = np.asarray(S.render(*S.set_attribute(sc.graph, sc.spec, oid, "pattern", "dotted")))
     assert np.array_equal(a, b[:, ::-1])
 
-
-def test_speed():
-    S.generate_scene(0)
-    times = []
-    for seed in range(5000, 5010):
-        t0 = time.perf_counter()
-        sc = S.generate_scene(seed)
-        S.encode_png(S.render(sc.graph, sc.spec))
-        times.append(time.perf_counter() - t0)
-    # the target is well under 50 ms per scene; the bound here is loose so that a busy machine passes
-    assert float(np.median(times)) < 0.25

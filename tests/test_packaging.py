@@ -1,0 +1,50 @@
+"""The wheel maps flows/ stages/ schemas/ storage/ prompts/ configs/ into refforge.* and ships the
+templates and the demo config: installed from the wheel alone (not this checkout), it imports and runs."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    dist = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)],
+                   check=True, timeout=600)
+    (whl,) = dist.glob("refforge-*.whl")
+    return whl
+
+
+def test_wheel_contains_the_mapped_packages_and_package_data(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in ("refforge/cli.py", "refforge/flows/build.py", "refforge/stages/paths.py",
+                     "refforge/schemas/tables.py", "refforge/storage/shards.py", "refforge/configs/demo.toml"):
+        assert required in names, required
+    assert any(n.startswith("refforge/prompts/paths/") and n.endswith(".j2") for n in names)
+    assert not any(n.startswith(("stages/", "storage/", "schemas/", "flows/", "tests/")) for n in names)
+
+
+def test_installed_wheel_imports_and_runs_outside_the_checkout(wheel, tmp_path, subprocess_env):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, timeout=300)
+    env = dict(subprocess_env, PYTHONPATH=str(target))
+    code = (
+        "import refforge, refforge.stages.paths, refforge.stages.templates as t\n"
+        f"assert refforge.__file__.startswith({str(target)!r}), refforge.__file__\n"
+        "assert t.all_template_hashes(), 'templates not shipped'\n"
+        "from refforge.config import load_config; assert load_config().build.name == 'demo'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, timeout=120)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("[build]\nname = 'tiny'\nshard_size = 2\n[source]\nimages = 3\n")
+    proc = subprocess.run([sys.executable, "-m", "refforge.cli", "build", "--config", str(cfg), "--out",
+                           str(tmp_path / "b")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 images" in proc.stdout
