@@ -69,9 +69,9 @@ def writer_write(root: Path, batches: list[pa.Table], validate: bool) -> None:
             w.write_valid("expressions", b, work_key=f"u{i}")
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     t0 = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - t0
 
 
@@ -98,20 +98,20 @@ def main() -> None:
     try:
         for r in range(args.repeats):
             base = tmp / f"r{r}"
-            results["write: plain pyarrow"].append(timed(lambda: plain_write(base / "plain", batches)))
+            results["write: plain pyarrow"].append(timed(plain_write, base / "plain", batches))
             results["write: ShardWriter (atomic, fsync)"].append(
-                timed(lambda: writer_write(base / "safe", batches, validate=False)))
+                timed(writer_write, base / "safe", batches, False))
             results["write: ShardWriter + validation"].append(
-                timed(lambda: writer_write(base / "checked", raw_batches, validate=True)))
+                timed(writer_write, base / "checked", raw_batches, True))
             (base / "safe" / "build.toml").write_text("")
-            results["read: plain pyarrow"].append(timed(lambda: plain_read(base / "plain")))
+            results["read: plain pyarrow"].append(timed(plain_read, base / "plain"))
             reader = TableReader(base / "safe" / "tables")
-            results["read: TableReader"].append(timed(lambda: reader.read("expressions")))
+            results["read: TableReader"].append(timed(reader.read, "expressions"))
             cat = Catalog(base / "safe")
             results["read: DuckDB catalog (SELECT *)"].append(
-                timed(lambda: cat.sql("SELECT * FROM expressions").num_rows))
+                timed(cat.sql, "SELECT * FROM expressions"))
             results["read: DuckDB catalog (aggregate)"].append(
-                timed(lambda: cat.sql("SELECT difficulty, count(*) FROM expressions GROUP BY 1")))
+                timed(cat.sql, "SELECT difficulty, count(*) FROM expressions GROUP BY 1"))
             cat.close()
             assert pq.read_table(base / "plain").num_rows == args.rows
             assert TableReader(base / "safe" / "tables").read("expressions").num_rows == args.rows

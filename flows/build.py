@@ -19,12 +19,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from refforge import _env  # noqa: F401  (environment defaults before Prefect loads)
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from refforge import _env  # noqa: F401  (environment defaults before Prefect loads)
 from refforge.config import Config, SyntheticSource, parse_config
 from refforge.schemas import Drop, Expression, Record
 from refforge.stages import ingest as ingest_stage

@@ -51,6 +51,7 @@ from importlib.resources.abc import Traversable
 
 import jinja2
 from jinja2 import StrictUndefined, nodes
+
 from refforge.stages.lexicon import indefinite_article, plural
 
 PROMPTS_PACKAGE = "refforge.prompts"

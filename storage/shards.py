@@ -15,7 +15,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from refforge.schemas import TABLES, Drop, Record, records_to_arrow, schema_for, validate_arrow, validate_records
+from refforge.schemas import (
+    TABLES,
+    Drop,
+    Record,
+    records_to_arrow,
+    schema_for,
+    validate_arrow,
+    validate_records,
+)
 
 from .atomic import atomic_write
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from refforge.stages.geometry import PREDICATES, compute_relations
 from refforge.stages.graph import GObject
 from refforge.stages.lexicon import CONTAINERS, MIRRORED, SUPPORTERS

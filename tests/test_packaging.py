@@ -1,7 +1,6 @@
 """The wheel maps flows/ stages/ schemas/ storage/ prompts/ configs/ into refforge.* and ships the
 templates and the demo config: installed from the wheel alone (not this checkout), it imports and runs."""
 
-import os
 import subprocess
 import sys
 import zipfile

@@ -11,6 +11,7 @@ import jinja2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from refforge.stages.graph import GObject, GRelation, SceneGraph
 from refforge.stages.lexicon import RELATIONS
 from refforge.stages.paths import (

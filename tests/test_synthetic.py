@@ -11,6 +11,7 @@ from functools import cache
 import numpy as np
 import pytest
 from PIL import Image
+
 from refforge.stages import synthetic as S
 from refforge.stages.geometry import compute_relations
 from refforge.stages.lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, CONTAINERS, MIRRORED, SUPPORTERS
