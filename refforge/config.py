@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 STAGES: tuple[str, ...] = ("ingest", "paths")
 
+# Bump a stage's version when its code changes what it writes: the version is part of the config hash
+# and of the stage's work keys, so an old build is not silently mixed with the new stage's output.
+STAGE_VERSIONS: dict[str, int] = {"ingest": 1, "paths": 1}
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the allowed values."""
@@ -101,8 +105,10 @@ class Config(_Strict):
         return data
 
     def data_dict(self) -> dict[str, Any]:
-        """Everything that changes the data (the runner does not)."""
-        return self.model_dump(mode="json", exclude={"runner"})
+        """Everything that changes the data (the runner does not), with the stage code versions."""
+        d = self.model_dump(mode="json", exclude={"runner"})
+        d["stage_versions"] = {s: STAGE_VERSIONS[s] for s in self.build.stages}
+        return d
 
     def config_hash(self) -> str:
         blob = json.dumps(self.data_dict(), sort_keys=True, separators=(",", ":"))
@@ -112,7 +118,7 @@ class Config(_Strict):
         """Hash of what one stage's output depends on: the source, the seed and the stage's own section."""
         d = self.data_dict()
         part = {"source": d["source"], "seed": d["build"]["seed"], "shard_size": d["build"]["shard_size"],
-                "stage": d.get(stage, {})}
+                "stage": d.get(stage, {}), "version": STAGE_VERSIONS[stage]}
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_toml(self) -> str:

@@ -58,12 +58,12 @@ class BuildDir:
         cfg_file = b.root / "build.toml"
         resumed = False
         if cfg_file.exists():
-            old = b.config()
-            if old.config_hash() != config.config_hash():
+            old_hash = b.config_hash()
+            if old_hash != config.config_hash():
                 if not force:
                     raise BuildConflict(
-                        f"{b.root} holds a build with another config (hash {old.config_hash()[:12]}, this "
-                        f"config {config.config_hash()[:12]}); use a new --out directory or --force to "
+                        f"{b.root} holds a build with another config or stage versions (hash {old_hash[:12]}, "
+                        f"this config {config.config_hash()[:12]}); use a new --out directory or --force to "
                         "replace it")
                 for sub in ("tables", "images", "state", "runs", "report"):
                     shutil.rmtree(b.root / sub, ignore_errors=True)
@@ -76,6 +76,8 @@ class BuildDir:
             d.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(b.root)
         if not cfg_file.exists():
+            identity = {"config_hash": config.config_hash(), "stage_versions": config.data_dict()["stage_versions"]}
+            atomic_write_bytes(b.state_dir / "build.json", json.dumps(identity, sort_keys=True).encode())
             atomic_write_bytes(cfg_file, config.to_toml().encode())
         return b, resumed
 
@@ -85,6 +87,13 @@ class BuildDir:
         if not (b.root / "build.toml").exists():
             raise FileNotFoundError(f"{b.root} is not a refforge build (no build.toml)")
         return b
+
+    def config_hash(self) -> str:
+        """The hash the build was created with (config and stage code versions at that time)."""
+        ident = self.state_dir / "build.json"
+        if ident.exists():
+            return json.loads(ident.read_text())["config_hash"]
+        return self.config().config_hash()
 
     def config(self) -> Config:
         path = self.root / "build.toml"

@@ -135,3 +135,13 @@ def test_bad_scene_graphs_and_images_become_drops_and_the_build_goes_on(tmp_path
         assert cat.count("relations") == 1
         texts = set(cat.sql("SELECT text FROM expressions").column(0).to_pylist())
         assert {"the red ball", "the blue ball", "the kite"} <= texts
+
+
+def test_a_stage_code_version_change_is_a_different_build(tmp_path, prefect_api, monkeypatch):
+    from refforge import config as config_mod
+
+    cfg = parse_config(small_config(images=2, shard_size=2))
+    run_build(cfg, tmp_path / "b")
+    monkeypatch.setitem(config_mod.STAGE_VERSIONS, "paths", config_mod.STAGE_VERSIONS["paths"] + 1)
+    with pytest.raises(BuildConflict, match="stage versions"):
+        run_build(parse_config(small_config(images=2, shard_size=2)), tmp_path / "b")
