@@ -96,6 +96,7 @@ __all__ = [
     "referring_paths",
     "relation_phrase",
     "render_path",
+    "surface_forms",
     "template_context",
 ]
 
@@ -463,6 +464,23 @@ def render_path(
     expr = _compiled(name, variant, len(attributes), _anchor_shapes(index, i, relations))
     text, ttext = expr.fill(_slot_values(index.names[i], attributes, relations))
     return text, ttext, name, variant
+
+
+def surface_forms(
+    graph: SceneGraph | GraphIndex,
+    target_id: str,
+    attributes: Sequence[str] = (),
+    relations: Sequence[Relation] = (),
+) -> list[str]:
+    """The text of every template variant for a path (variant order), e.g. for tests and review.
+
+    ``attributes`` may be in any order (they are put in spoken order).
+    """
+    index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
+    attrs = _spoken(attributes)
+    rels = tuple((p, c) for p, c in relations)
+    name = _template_for(attrs, rels)
+    return [render_path(index, target_id, attrs, rels, variant=v)[0] for v in range(template_variants(name))]
 
 
 _A_NAMES = tuple(f"A{j + 1}" for j in range(64))

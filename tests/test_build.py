@@ -133,8 +133,16 @@ def test_bad_scene_graphs_and_images_become_drops_and_the_build_goes_on(tmp_path
         assert cat.count("images") == 2
         assert sorted(cat.sql("SELECT object_id FROM objects").column(0).to_pylist()) == ["a", "b", "x"]
         assert cat.count("relations") == 1
-        texts = set(cat.sql("SELECT text FROM expressions").column(0).to_pylist())
-        assert {"the red ball", "the blue ball", "the kite"} <= texts
+        paths = {(r["target_object_id"], r["difficulty"], r["path"]) for r in
+                 cat.sql("SELECT target_object_id, difficulty, path FROM expressions").to_pylist()}
+        by_target = {}
+        for target, level, path in paths:
+            by_target.setdefault(target, []).append((level, json.loads(path)))
+        assert {"a", "b", "x"} == set(by_target)
+        assert any(p["attributes"] == ["red"] for _, p in by_target["a"])
+        assert any(p["attributes"] == ["blue"] for _, p in by_target["b"])
+        assert by_target["x"] == [(1, {"attributes": [], "category": "kite", "constraints": 0, "hops": 0,
+                                       "relations": []})]
 
 
 def test_a_stage_code_version_change_is_a_different_build(tmp_path, prefect_api, monkeypatch):

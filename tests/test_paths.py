@@ -25,6 +25,7 @@ from refforge.stages.paths import (
     path_slots,
     referring_paths,
     render_path,
+    surface_forms,
     template_context,
 )
 from refforge.stages.templates import (
@@ -84,6 +85,12 @@ def test_two_balls_differing_by_colour_is_level_2_with_colour():
     assert p.text in {"the red ball", "the ball that is red", "the red one among the balls"}
     idx = GraphIndex(g)
     assert render_path(idx, "o0", ("red",), (), variant=0)[:2] == ("the red ball", "the {A1} {O}")
+    assert surface_forms(g, "o0", ["red"]) == [
+        "the red ball",
+        "the ball that is red",
+        "the red one among the balls",
+    ]
+    assert p.text in surface_forms(g, "o0", p.attributes, p.relations)
     assert render_path(idx, "o0", ("red",), (), variant=2)[:2] == (
         "the red one among the balls",
         "the {A1} one among the {O_PL}",
