@@ -64,6 +64,9 @@ def arrow_type(tp: Any) -> pa.DataType:
         if all(isinstance(v, int) for v in values):
             return pa.int64()
         return pa.string()
+    if origin is dict:
+        k, v = get_args(tp)
+        return pa.map_(arrow_type(k), arrow_type(v))
     if origin in (list, tuple):
         args = [a for a in get_args(tp) if a is not Ellipsis]
         inner, _ = _unwrap_optional(args[0])

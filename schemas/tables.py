@@ -112,7 +112,8 @@ class Expression(Record):
     polarity: Literal["positive", "negative"]
     target_object_id: str | None = None
     gt_box: Box | None = None
-    task: str | None = None
+    task: str | None = Field(default=None, description="the task in the build's primary taxonomy")
+    tasks: dict[str, str] = Field(default_factory=dict, description="taxonomy -> task, for every taxonomy")
     difficulty: Literal[1, 2, 3]
     hops: int | None = None
     path: str | None = Field(default=None, description="JSON of the referring path")
@@ -196,6 +197,7 @@ TABLES: dict[str, type[Record]] = {
     "cot_traces": CotTrace,
     "scores": Score,
     "reviews": Review,
+    "negative_candidates": Expression,
     "drops": Drop,
     "splits": Split,
 }
@@ -209,6 +211,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "cot_traces": ("sample_id", "model", "trace"),
     "scores": ("subject_id", "filter"),
     "reviews": ("sample_id", "annotator", "time"),
+    "negative_candidates": ("sample_id",),
     "drops": ("stage", "key", "reason"),
     "splits": ("export_id", "sample_id"),
 }

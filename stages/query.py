@@ -192,3 +192,41 @@ def mirror_node(node: Node) -> Node:
     return Node(node.category, node.attributes,
                 tuple((MIRRORED.get(p, p), mirror_node(c)) for p, c in node.relations),
                 node.position.mirrored() if node.position else None)
+
+
+def slots_of(node: Node) -> dict[str, str]:
+    """Placeholder values for a query's ``template_text``, derived from the query alone.
+
+    Nodes are numbered depth first: the target is node 1, its anchors 2, 3, ... ; relations are
+    numbered in the same walk (relation ``Rk`` leads to node ``k + 1``).
+
+    * ``O``, ``O_PL``: the target category and its plural; ``A1``, ``A2`` ...: target attributes in
+      spoken order;
+    * ``O2``, ``O2_PL``, ``O2_A1`` ...: the same for anchor 2 (and 3, 4 ...);
+    * ``R1``, ``R2`` ...: relation phrases as spoken ("to the left of").
+
+    >>> q = Node("ball", ("red",), (("left of", Node("box", ("small",))),))
+    >>> sorted(slots_of(q).items())  # doctest: +NORMALIZE_WHITESPACE
+    [('A1', 'red'), ('O', 'ball'), ('O2', 'box'), ('O2_A1', 'small'), ('O2_PL', 'boxes'), ('O_PL', 'balls'),
+     ('R1', 'to the left of')]
+    """
+    from .lexicon import RELATIONS, order_attributes, plural
+
+    slots: dict[str, str] = {}
+    counter = {"node": 0, "rel": 0}
+
+    def walk(n: Node) -> None:
+        counter["node"] += 1
+        prefix = "O" if counter["node"] == 1 else f"O{counter['node']}"
+        slots[prefix] = n.category
+        slots[f"{prefix}_PL"] = plural(n.category)
+        apre = "A" if counter["node"] == 1 else f"{prefix}_A"
+        for j, a in enumerate(order_attributes(list(n.attributes)), start=1):
+            slots[f"{apre}{j}"] = a
+        for pred, child in n.relations:
+            counter["rel"] += 1
+            slots[f"R{counter['rel']}"] = RELATIONS.get(pred, pred)
+            walk(child)
+
+    walk(node)
+    return slots
