@@ -1,9 +1,11 @@
-"""The build flow: ingest -> paths, each stage a set of shard-sized Prefect tasks.
+"""The build flow: ingest -> paths -> negatives_text (+ refine) -> negatives_image -> cot.
 
-A unit of work is one shard of images. Its work key is a hash of the stage, the stage's config and
-the unit's input (the scene index range, or the work key of the upstream unit), so a re-run finds
-its own work: a unit with a ledger entry is skipped, and a unit killed half-way rewrites only the
-tables whose shard for that key is missing. Later issues add stages to ``STAGE_ORDER``.
+Every stage runs as shard-sized Prefect tasks. A unit of work is one shard of images; its work key
+is a hash of the stage, the stage's config and the unit's inputs (the scene index range, or the
+work keys of the upstream units), so a re-run finds its own work: a unit with a ledger entry is
+skipped, and a unit killed half-way rewrites only the tables whose shard for that key is missing.
+The blind-text refinement of text negatives is the one step that needs the whole build at once: a
+single task fits the blind classifier on every candidate and then commits per shard like the rest.
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from refforge import _env  # noqa: F401  (environment defaults before Prefect loads)
-from refforge.config import Config, SyntheticSource, parse_config
-from refforge.schemas import Drop, Expression, Record
-from refforge.stages import ingest as ingest_stage
-from refforge.stages import paths as paths_stage
+from refforge.config import Config, parse_config
+from refforge.schemas import Drop
 from refforge.stages.keys import stable_key
-from refforge.stages.records import expressions_for_graph, graphs_from_tables
 from refforge.stages.templates import all_template_hashes
 from refforge.storage import BuildDir, new_run_id
+
+from . import units as U
 
 ProgressFn = Callable[[str, str, dict[str, Any]], None]
 """progress(stage, event, info): event is "start" (info: total units) or "unit" (info: unit counts)."""
@@ -58,6 +59,7 @@ class UnitResult:
     rows: dict[str, int] = field(default_factory=dict)
     dropped: int = 0
     drop_reasons: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     resumed: bool = False
     seconds: float = 0.0
 
@@ -67,128 +69,110 @@ class UnitResult:
         return d
 
 
-def _commit(b: BuildDir, run_id: str, stage: str, key: str, outputs: dict[str, list[Record]],
-            drops: list[Drop], items_in: int, t0: float) -> UnitResult:
+def _commit(b: BuildDir, run_id: str, stage: str, key: str, out: U.UnitOutput, t0: float) -> UnitResult:
     """Validate every output table first, then write each one whose shard for ``key`` is missing."""
     writer = b.writer(run_id)
     prepared = {}
-    for table, rows in outputs.items():
+    drops: list[Drop] = list(out.drops)
+    for table, rows in out.tables.items():
         data, bad = writer.prepare(table, rows, stage=stage)
         prepared[table] = data
-        drops = drops + bad
+        drops += bad
     for table, data in prepared.items():
         if data.num_rows and not b.reader.has_work(table, key):
             writer.write_valid(table, data, work_key=key)
     if drops and not b.reader.has_work("drops", key):
         writer.write("drops", drops, work_key=key, stage=stage)
-    res = UnitResult(stage, key, items_in, {t: d.num_rows for t, d in prepared.items()}, len(drops),
-                     dict(Counter(d.reason for d in drops)), False, round(time.perf_counter() - t0, 4))
+    res = UnitResult(stage, key, out.items_in, {t: d.num_rows for t, d in prepared.items()}, len(drops),
+                     dict(Counter(d.reason for d in drops)), out.extra, False, round(time.perf_counter() - t0, 4))
     b.mark_done(stage, key, res.ledger())
     return res
 
 
 def _resumed(b: BuildDir, stage: str, key: str) -> UnitResult | None:
     done = b.done(stage, key)
-    if done is None:
-        return None
-    return UnitResult(**{**done, "resumed": True})
+    return None if done is None else UnitResult(**{**done, "resumed": True})
 
 
-@task(name="ingest-shard", cache_policy=NO_CACHE, persist_result=False)
-def ingest_shard(root: str, run_id: str, config: dict, start: int, stop: int, key: str) -> UnitResult:
+@task(cache_policy=NO_CACHE, persist_result=False)
+def run_unit(stage: str, root: str, run_id: str, config: dict, key: str, inputs: dict[str, Any]) -> UnitResult:
     b = _build(root)
-    if (r := _resumed(b, "ingest", key)) is not None:
+    if (r := _resumed(b, stage, key)) is not None:
         return r
     t0 = time.perf_counter()
-    cfg = parse_config(config)
-    src = cfg.source
-    if isinstance(src, SyntheticSource):
-        out = ingest_stage.ingest_synthetic(range(start, stop), build_seed=cfg.build.seed, width=src.width,
-                                            height=src.height, min_objects=src.min_objects,
-                                            max_objects=src.max_objects)
-    else:
-        records = _graph_records(str(src.path))
-        out = ingest_stage.ingest_graphs(records, range(start, stop), images_dir=src.images_dir,
-                                         relations_from_geometry=src.relations_from_geometry)
-    seen: set[str] = set()
-    images = []
-    for img in out.images:
-        if img.record.image_id in seen:
-            out.drops.append(Drop(stage="ingest", key=img.record.source_ref or img.record.image_id,
-                                  reason="duplicate image", detail=img.record.image_id))
-            continue
-        seen.add(img.record.image_id)
-        image_id, _ = b.images.put(img.data, img.ext)
-        assert image_id == img.record.image_id
-        images.append(img.record)
-    return _commit(b, run_id, "ingest", key,
-                   {"images": images, "objects": out.objects, "relations": out.relations},
-                   out.drops, out.scenes_in, t0)
+    out = U.UNIT_FUNCTIONS[stage](b, parse_config(config), inputs)
+    return _commit(b, run_id, stage, key, out, t0)
 
 
-_GRAPH_CACHE: dict[str, list] = {}
-
-
-def _graph_records(path: str) -> list:
-    with _BUILDS_LOCK:
-        if path not in _GRAPH_CACHE:
-            _GRAPH_CACHE[path] = ingest_stage.read_graph_records(Path(path))
-        return _GRAPH_CACHE[path]
-
-
-@task(name="paths-shard", cache_policy=NO_CACHE, persist_result=False)
-def paths_shard(root: str, run_id: str, config: dict, ingest_key: str, key: str) -> UnitResult:
+@task(name="refine-negatives", cache_policy=NO_CACHE, persist_result=False)
+def refine_task(root: str, run_id: str, config: dict, shards: list[dict[str, str]]) -> list[UnitResult]:
+    """Fit the blind classifier once over all candidates, then commit the kept negatives per shard."""
     b = _build(root)
-    if (r := _resumed(b, "paths", key)) is not None:
-        return r
+    done = [_resumed(b, "refine", s["key"]) for s in shards]
+    if all(d is not None for d in done):
+        return done  # type: ignore[return-value]
     t0 = time.perf_counter()
-    cfg = parse_config(config)
-    p = cfg.paths
-    graphs = graphs_from_tables(b.reader.read("images", [ingest_key]), b.reader.read("objects", [ingest_key]),
-                                b.reader.read("relations", [ingest_key]))
-    stage_hash = cfg.stage_hash("paths")
-    expressions: list[Expression] = []
-    drops: list[Drop] = []
-    targets = 0
-    for image_id, graph in graphs.items():
-        targets += len(graph.objects)
-        paths, pdrops = paths_stage.referring_paths(
-            graph, max_hops=p.max_hops, max_constraints=p.max_constraints, max_per_target=p.max_per_target,
-            seed=int(stable_key(cfg.build.seed, image_id, length=8), 16))
-        expressions += expressions_for_graph(image_id, graph, paths, stage_hash)
-        drops += [Drop(stage="paths", key=f"{image_id}/{oid}", reason=reason) for oid, reason in pdrops]
-    return _commit(b, run_id, "paths", key, {"expressions": expressions}, drops, targets, t0)
+    outputs = U.refine_all(b, parse_config(config), shards)
+    results = []
+    for s, prev in zip(shards, done, strict=True):
+        results.append(prev if prev is not None else _commit(b, run_id, "refine", s["key"], outputs[s["key"]], t0))
+    return results
 
 
-def _units(cfg: Config) -> list[tuple[int, int, str]]:
-    src = cfg.source
-    n = src.images if isinstance(src, SyntheticSource) else len(_graph_records(str(src.path)))
-    h = cfg.stage_hash("ingest")
-    return [(r.start, r.stop, stable_key("ingest", h, r.start, r.stop))
-            for r in ingest_stage.iter_shards(n, cfg.build.shard_size)]
-
-
-def _run_stage(stage: str, futures: list, results: list[UnitResult]) -> None:
+def _run_stage(stage: str, futures: list, results: list[UnitResult], total: int | None = None) -> None:
     if _progress:
-        _progress(stage, "start", {"total": len(futures)})
+        _progress(stage, "start", {"total": total or len(futures)})
     for fut in as_completed(futures):
         res = fut.result()
-        results.append(res)
+        batch = res if isinstance(res, list) else [res]
+        results.extend(batch)
         if _progress:
-            _progress(stage, "unit", res.__dict__)
+            for r in batch:
+                _progress(stage, "unit", r.__dict__)
+
+
+def plan(cfg: Config, root: Path) -> list[dict[str, Any]]:
+    """The units of work of every stage, per shard, with their work keys and inputs."""
+    h = {s: cfg.stage_hash(s) for s in ("ingest", "paths", "negatives_text", "negatives_image", "cot")}
+    shards = []
+    for start, stop in U.shard_ranges(cfg, root):
+        ik = stable_key("ingest", h["ingest"], start, stop)
+        pk = stable_key("paths", h["paths"], ik)
+        nk = stable_key("negatives_text", h["negatives_text"], pk)
+        rk = stable_key("refine", h["negatives_text"], nk)
+        fk = stable_key("negatives_image", h["negatives_image"], pk)
+        ck = stable_key("cot", h["cot"], pk, rk, fk)
+        shards.append({"start": start, "stop": stop, "ingest": ik, "paths": pk, "negatives_text": nk,
+                       "refine": rk, "negatives_image": fk, "cot": ck})
+    return shards
 
 
 @flow(name="refforge-build", log_prints=False, validate_parameters=False)
 def build_flow(root: str, config: dict, run_id: str) -> dict[str, list[UnitResult]]:
     cfg = parse_config(config)
-    units = _units(cfg)
+    stages = cfg.build.stages
+    U.prepare_source(_build(root), cfg)
+    shards = plan(cfg, Path(root))
     results: dict[str, list[UnitResult]] = defaultdict(list)
-    ingest_futs = [ingest_shard.submit(root, run_id, config, a, z, k) for a, z, k in units]
-    _run_stage("ingest", ingest_futs, results["ingest"])
-    if "paths" in cfg.build.stages:
-        h = cfg.stage_hash("paths")
-        futs = [paths_shard.submit(root, run_id, config, k, stable_key("paths", h, k)) for _, _, k in units]
-        _run_stage("paths", futs, results["paths"])
+
+    def submit(stage: str, inputs_of: Callable[[dict], dict]) -> None:
+        t = run_unit.with_options(name=f"{stage}-shard")
+        futs = [t.submit(stage, root, run_id, config, s[stage], inputs_of(s)) for s in shards]
+        _run_stage(stage, futs, results[stage])
+
+    submit("ingest", lambda s: {"start": s["start"], "stop": s["stop"]})
+    if "paths" in stages:
+        submit("paths", lambda s: {"ingest": s["ingest"]})
+    if "negatives_text" in stages:
+        submit("negatives_text", lambda s: {"ingest": s["ingest"], "paths": s["paths"]})
+        units = [{"key": s["refine"], "negatives_text": s["negatives_text"], "paths": s["paths"],
+                  "ingest": s["ingest"]} for s in shards]
+        _run_stage("refine", [refine_task.submit(root, run_id, config, units)], results["refine"], len(units))
+    if "negatives_image" in stages:
+        submit("negatives_image", lambda s: {"ingest": s["ingest"], "paths": s["paths"]})
+    if "cot" in stages:
+        submit("cot", lambda s: {"ingest": s["ingest"], "negatives_image": s["negatives_image"],
+                                 "expressions": [s["paths"], s["refine"], s["negatives_image"]]})
     return dict(results)
 
 
@@ -200,6 +184,22 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def summarise(stage: str, units: list[UnitResult]) -> dict[str, Any]:
+    new = [u for u in units if not u.resumed]
+    summary = {
+        "units": len(units),
+        "units_resumed": len(units) - len(new),
+        "in": sum(u.items_in for u in units),
+        "out": dict(sum((Counter(u.rows) for u in units), Counter())),
+        "dropped": sum(u.dropped for u in units),
+        "drop_reasons": dict(sum((Counter(u.drop_reasons) for u in units), Counter())),
+        "written_this_run": dict(sum((Counter(u.rows) for u in new), Counter())),
+        "seconds": round(sum(u.seconds for u in new), 3),
+    }
+    summary.update(U.summarise_extra(stage, [u.extra for u in units]))
+    return summary
 
 
 def run_build(config: Config, out: Path, *, force: bool = False, progress: ProgressFn | None = None
@@ -226,19 +226,6 @@ def run_build(config: Config, out: Path, *, force: bool = False, progress: Progr
         results = build_flow.with_options(task_runner=task_runner)(root, config.model_dump(mode="json"), run_id)
     finally:
         _progress = None
-    stages = {}
-    for stage, units in results.items():
-        new = [u for u in units if not u.resumed]
-        stages[stage] = {
-            "units": len(units),
-            "units_resumed": len(units) - len(new),
-            "in": sum(u.items_in for u in units),
-            "out": dict(sum((Counter(u.rows) for u in units), Counter())),
-            "dropped": sum(u.dropped for u in units),
-            "drop_reasons": dict(sum((Counter(u.drop_reasons) for u in units), Counter())),
-            "written_this_run": dict(sum((Counter(u.rows) for u in new), Counter())),
-            "seconds": round(sum(u.seconds for u in new), 3),
-        }
     record = {
         "run_id": run_id,
         "build": config.build.name,
@@ -250,12 +237,12 @@ def run_build(config: Config, out: Path, *, force: bool = False, progress: Progr
         "runner": config.runner.model_dump(),
         "versions": _versions(),
         "prompt_hashes": all_template_hashes(),
-        "models": {"paths": config.paths.backend, "ingest": config.source.kind},
-        "stages": stages,
+        "models": U.model_ids(config),
+        "stages": {stage: summarise(stage, units) for stage, units in results.items()},
     }
     build.write_run(run_id, record)
     record["root"] = str(build.root)
     return record
 
 
-__all__ = ["build_flow", "run_build"]
+__all__ = ["build_flow", "plan", "run_build"]

@@ -39,7 +39,7 @@ def build(
     from refforge.flows.build import run_build
     from refforge.storage import BuildConflict
 
-    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+    columns = (TextColumn("{task.description:<15}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rows]} rows, {task.fields[dropped]} dropped"), TimeElapsedColumn())
     bars: dict[str, Any] = {}
     with Progress(*columns, console=console, transient=False) as progress:
@@ -72,12 +72,20 @@ def _print_summary(record: dict) -> None:
 
     with Catalog(Path(record["root"])) as cat:
         row = cat.sql("""SELECT count(*) FILTER (polarity = 'positive') AS positives,
-                                count(DISTINCT image_id) AS images,
+                                count(*) FILTER (polarity = 'negative') AS negatives,
+                                count(*) FILTER (negative_source = 'image') AS image_negatives,
                                 count(*) FILTER (difficulty = 1) AS l1, count(*) FILTER (difficulty = 2) AS l2,
                                 count(*) FILTER (difficulty = 3) AS l3 FROM expressions""").to_pylist()[0]
         n_images = cat.count("images")
+        n_traces = cat.count("cot_traces")
     console.print(f"[bold]{record['root']}[/]: {n_images} images, {row['positives']} positive expressions "
-                  f"(L1 {row['l1']}, L2 {row['l2']}, L3 {row['l3']})", highlight=False)
+                  f"(L1 {row['l1']}, L2 {row['l2']}, L3 {row['l3']}), {row['negatives']} negatives "
+                  f"({row['image_negatives']} on edited images), {n_traces} reasoning traces", highlight=False)
+    blind = record["stages"].get("refine", {}).get("blind_text")
+    if blind:
+        console.print(f"blind-text AUROC (held out): {blind['auroc_before']:.3f} before refinement, "
+                      f"{blind['auroc_after']:.3f} after ({blind['kept']} negatives kept, "
+                      f"{blind['rejected']} rejected)", highlight=False)
     console.print(f"try: refforge stats {record['root']}   ·   refforge sql {record['root']} "
                   "\"SELECT text, difficulty FROM expressions LIMIT 5\"", highlight=False)
 

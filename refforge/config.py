@@ -18,11 +18,15 @@ from typing import Annotated, Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES: tuple[str, ...] = ("ingest", "paths")
+STAGES: tuple[str, ...] = ("ingest", "paths", "negatives_text", "negatives_image", "cot")
+StageName = Literal["ingest", "paths", "negatives_text", "negatives_image", "cot"]
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "paths": ("ingest",), "negatives_text": ("paths",), "negatives_image": ("paths",), "cot": ("paths",),
+}
 
 # Bump a stage's version when its code changes what it writes: the version is part of the config hash
 # and of the stage's work keys, so an old build is not silently mixed with the new stage's output.
-STAGE_VERSIONS: dict[str, int] = {"ingest": 1, "paths": 1}
+STAGE_VERSIONS: dict[str, int] = {"ingest": 1, "paths": 2, "negatives_text": 1, "negatives_image": 1, "cot": 1}
 
 
 class ConfigError(ValueError):
@@ -38,12 +42,16 @@ class BuildSection(_Strict):
     seed: int = 0
     shard_size: int = Field(default=40, ge=1, le=100_000,
                             description="images per unit of work (one Prefect task per shard and stage)")
-    stages: list[Literal["ingest", "paths"]] = Field(default_factory=lambda: list(STAGES))
+    stages: list[StageName] = Field(default_factory=lambda: list(STAGES))
 
     @model_validator(mode="after")
     def _order(self):
         if "ingest" not in self.stages:
             raise ValueError("stages must include 'ingest' (every build starts from a source)")
+        for stage in self.stages:
+            missing = [r for r in REQUIRES.get(stage, ()) if r not in self.stages]
+            if missing:
+                raise ValueError(f"stage '{stage}' needs {', '.join(repr(m) for m in missing)} in stages")
         self.stages = [s for s in STAGES if s in self.stages]
         return self
 
@@ -76,14 +84,59 @@ class GraphsSource(_Strict):
     relations_from_geometry: bool = False
 
 
-Source = Annotated[SyntheticSource | GraphsSource, Field(discriminator="kind")]
+class GqaSource(_Strict):
+    """GQA scene graphs (``train_sceneGraphs.json`` / ``val_sceneGraphs.json``) plus the image folder."""
+
+    kind: Literal["gqa"] = "gqa"
+    scene_graphs: Path
+    images_dir: Path
+    image_ext: str = ".jpg"
+
+
+class CocoSource(_Strict):
+    """COCO instances (relations from geometry), optionally with RefCOCO/RefCOCO+/RefCOCOg refs."""
+
+    kind: Literal["coco"] = "coco"
+    instances: Path
+    images_dir: Path
+    refs: Path | None = None
+
+
+Source = Annotated[SyntheticSource | GraphsSource | GqaSource | CocoSource, Field(discriminator="kind")]
+SOURCE_KINDS = {"synthetic": SyntheticSource, "graphs": GraphsSource, "gqa": GqaSource, "coco": CocoSource}
+
+DEFAULT_BLOCKLIST = ["sky", "wall", "ground", "floor", "ceiling", "road", "grass", "water", "field", "sand",
+                     "snow", "street", "sidewalk", "background"]
 
 
 class PathsStage(_Strict):
     backend: Literal["offline"] = "offline"
-    max_hops: int = Field(default=1, ge=0, le=1)
+    max_hops: int = Field(default=2, ge=0, le=2)
     max_constraints: int = Field(default=3, ge=1, le=4)
     max_per_target: int = Field(default=3, ge=1)
+    positions: bool = True
+    min_area_frac: float = Field(default=0.001, ge=0, le=1)
+    max_area_frac: float = Field(default=0.8, gt=0, le=1)
+    blocklist: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKLIST))
+    drop_border_cut: bool = True
+    taxonomy: Literal["refbench_pro", "groundingme"] = "refbench_pro"
+
+
+class NegativesTextStage(_Strict):
+    backend: Literal["offline"] = "offline"
+    per_type: int = Field(default=1, ge=1, description="candidates per (type, level) and positive")
+    refine: bool = True
+    target_auroc: float = Field(default=0.6, gt=0.5, le=1.0)
+    max_rounds: int = Field(default=5, ge=1)
+
+
+class NegativesImageStage(_Strict):
+    flip: bool = True
+
+
+class CotStage(_Strict):
+    backend: Literal["offline"] = "offline"
+    k: int = Field(default=1, ge=1, le=16)
 
 
 class RunnerSection(_Strict):
@@ -95,6 +148,9 @@ class Config(_Strict):
     build: BuildSection = Field(default_factory=BuildSection)
     source: Source = Field(default_factory=SyntheticSource)
     paths: PathsStage = Field(default_factory=PathsStage)
+    negatives_text: NegativesTextStage = Field(default_factory=NegativesTextStage)
+    negatives_image: NegativesImageStage = Field(default_factory=NegativesImageStage)
+    cot: CotStage = Field(default_factory=CotStage)
     runner: RunnerSection = Field(default_factory=RunnerSection)
 
     @model_validator(mode="before")
@@ -135,8 +191,8 @@ def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
             ann = current.model_fields[part].annotation
             args = getattr(ann, "__args__", ())
             current = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        elif part in ("synthetic", "graphs"):
-            current = {"synthetic": SyntheticSource, "graphs": GraphsSource}[part]
+        elif part in SOURCE_KINDS:
+            current = SOURCE_KINDS[part]
         else:
             return []
     if isinstance(current, type) and issubclass(current, BaseModel):
@@ -148,7 +204,7 @@ def _format(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config {origin}:"]
     for e in err.errors(include_url=False):
         loc = tuple(e["loc"])
-        where = ".".join(str(p) for p in loc if p not in ("synthetic", "graphs")) or "(top level)"
+        where = ".".join(str(p) for p in loc if p not in SOURCE_KINDS) or "(top level)"
         kind = e["type"]
         if kind == "extra_forbidden":
             allowed = _allowed_fields(Config, loc)
@@ -159,7 +215,7 @@ def _format(err: ValidationError, origin: str) -> str:
             lines.append(f"  {where}: unknown {what} {e['input']!r}; allowed: {expected}")
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             lines.append(f"  {where}.kind: unknown source kind {e.get('ctx', {}).get('tag', '')!r}; "
-                         f"allowed: {e.get('ctx', {}).get('expected_tags', 'synthetic, graphs')}")
+                         f"allowed: {e.get('ctx', {}).get('expected_tags', ', '.join(SOURCE_KINDS))}")
         else:
             lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
@@ -187,10 +243,9 @@ def load_config(path: str | Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {origin} is not valid TOML: {e}") from None
     cfg = parse_config(data, origin)
-    if isinstance(cfg.source, GraphsSource) and path is not None:
+    if path is not None:
         base = Path(path).parent
         src = cfg.source
-        cfg.source = src.model_copy(update={"path": (base / src.path) if not src.path.is_absolute() else src.path,
-                                            "images_dir": (base / src.images_dir)
-                                            if not src.images_dir.is_absolute() else src.images_dir})
+        update = {name: base / value for name, value in src if isinstance(value, Path) and not value.is_absolute()}
+        cfg.source = src.model_copy(update=update)
     return cfg

@@ -1,0 +1,353 @@
+"""What one unit of work of each stage reads and writes: the I/O around the pure stage functions.
+
+Each ``*_unit(build, config, inputs)`` reads its inputs from the build's tables by work key, calls
+the stage logic in :mod:`refforge.stages` and returns a :class:`UnitOutput` (rows per table, drops,
+counts); :func:`refforge.flows.build._commit` validates and writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refforge.config import CocoSource, Config, GqaSource, GraphsSource, SyntheticSource
+from refforge.schemas import CotTrace, Drop, Edit, Expression, Image, Record, Score
+from refforge.stages import ingest as ingest_stage
+from refforge.stages.graph import SceneGraph
+from refforge.stages.keys import stable_key
+from refforge.stages.query import Node
+from refforge.stages.records import graphs_from_tables
+from refforge.storage import BuildDir
+from refforge.storage.atomic import atomic_write_bytes
+
+
+@dataclass
+class UnitOutput:
+    tables: dict[str, list[Record]] = field(default_factory=dict)
+    drops: list[Drop] = field(default_factory=list)
+    items_in: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- sources ------------------------------------------------------------------------------------
+
+def _prepared(b: BuildDir, cfg: Config) -> Path:
+    return b.root / "sources" / f"{cfg.source.kind}.jsonl"
+
+
+def prepare_source(b: BuildDir, cfg: Config) -> None:
+    """GQA and COCO files are converted once, streaming, into the build's own scene-graph JSON Lines."""
+    src = cfg.source
+    if not isinstance(src, GqaSource | CocoSource):
+        return
+    out = _prepared(b, cfg)
+    index = out.with_suffix(".offsets.json")
+    if index.exists():
+        return
+    from refforge.stages import sources
+
+    if isinstance(src, GqaSource):
+        stats = sources.convert_gqa(src.scene_graphs, out, image_ext=src.image_ext)
+    else:
+        stats = sources.convert_coco(src.instances, out, refs=src.refs)
+    key = stable_key("prepare", cfg.stage_hash("ingest"))
+    if stats.skipped and not b.reader.has_work("drops", key):
+        b.writer("prepare").write("drops", [Drop(stage="ingest", key=str(k), reason=str(r))
+                                            for k, r in stats.skipped], work_key=key, stage="ingest")
+    atomic_write_bytes(index, json.dumps(stats.offsets).encode())
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _graph_records(path: Path) -> list:
+    key = str(path)
+    if key not in _CACHE:
+        _CACHE[key] = ingest_stage.read_graph_records(path)
+    return _CACHE[key]
+
+
+def _offsets(b: BuildDir, cfg: Config) -> list[int]:
+    index = _prepared(b, cfg).with_suffix(".offsets.json")
+    key = str(index)
+    if key not in _CACHE:
+        _CACHE[key] = json.loads(index.read_text())
+    return _CACHE[key]
+
+
+def shard_ranges(cfg: Config, root: Path) -> list[tuple[int, int]]:
+    src = cfg.source
+    if isinstance(src, SyntheticSource):
+        n = src.images
+    elif isinstance(src, GraphsSource):
+        n = len(_graph_records(src.path))
+    else:
+        n = len(_offsets(BuildDir(root), cfg))
+    return [(r.start, r.stop) for r in ingest_stage.iter_shards(n, cfg.build.shard_size)]
+
+
+def ingest_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
+    src = cfg.source
+    start, stop = inputs["start"], inputs["stop"]
+    if isinstance(src, SyntheticSource):
+        out = ingest_stage.ingest_synthetic(range(start, stop), build_seed=cfg.build.seed, width=src.width,
+                                            height=src.height, min_objects=src.min_objects,
+                                            max_objects=src.max_objects)
+    elif isinstance(src, GraphsSource):
+        out = ingest_stage.ingest_graphs(_graph_records(src.path), range(start, stop), images_dir=src.images_dir,
+                                         relations_from_geometry=src.relations_from_geometry)
+    else:
+        from refforge.stages.sources import read_lines
+
+        records = read_lines(_prepared(b, cfg), _offsets(b, cfg), start, stop)
+        out = ingest_stage.ingest_graphs(records, range(len(records)), images_dir=src.images_dir)
+    seen: set[str] = set()
+    images = []
+    for img in out.images:
+        if img.record.image_id in seen:
+            out.drops.append(Drop(stage="ingest", key=img.record.source_ref or img.record.image_id,
+                                  reason="duplicate image", detail=img.record.image_id))
+            continue
+        seen.add(img.record.image_id)
+        b.images.put(img.data, img.ext)
+        images.append(img.record)
+    return UnitOutput({"images": images, "objects": out.objects, "relations": out.relations}, out.drops,
+                      out.scenes_in)
+
+
+def read_graphs(b: BuildDir, keys: list[str]) -> tuple[dict[str, SceneGraph], dict[str, dict]]:
+    """Scene graphs and image rows (by image_id) of the units with these work keys."""
+    images = b.reader.read("images", keys)
+    graphs = graphs_from_tables(images, b.reader.read("objects", keys), b.reader.read("relations", keys))
+    return graphs, {r["image_id"]: r for r in images.to_pylist()}
+
+
+# -- paths --------------------------------------------------------------------------------------
+
+def paths_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
+    from refforge.stages import paths as paths_stage
+    from refforge.stages.records import expressions_for_graph
+
+    p = cfg.paths
+    graphs, _ = read_graphs(b, [inputs["ingest"]])
+    stage_hash = cfg.stage_hash("paths")
+    selection = paths_stage.TargetSelection(min_area_frac=p.min_area_frac, max_area_frac=p.max_area_frac,
+                                            blocklist=tuple(p.blocklist), drop_border_cut=p.drop_border_cut)
+    out = UnitOutput()
+    expressions: list[Expression] = []
+    before: dict[str, Counter] = defaultdict(Counter)
+    after: dict[str, Counter] = defaultdict(Counter)
+    for image_id, graph in graphs.items():
+        out.items_in += len(graph.objects)
+        res = paths_stage.referring_paths(
+            graph, max_hops=p.max_hops, max_constraints=p.max_constraints, max_per_target=p.max_per_target,
+            seed=int(stable_key(cfg.build.seed, image_id, length=8), 16), positions=p.positions,
+            selection=selection)
+        expressions += expressions_for_graph(image_id, graph, res.paths, stage_hash, primary=p.taxonomy)
+        out.drops += [Drop(stage="paths", key=f"{image_id}/{oid}", reason=reason) for oid, reason in res.drops]
+        for kind, counter in res.counts_before.items():
+            before[kind].update(counter)
+        for kind, counter in res.counts_after.items():
+            after[kind].update(counter)
+    out.tables["expressions"] = expressions
+    out.extra = {"counts_before": {k: dict(v) for k, v in before.items()},
+                 "counts_after": {k: dict(v) for k, v in after.items()}}
+    return out
+
+
+def entropy_bits(counts: dict[str, int]) -> float:
+    total = sum(counts.values())
+    if not total:
+        return 0.0
+    return -sum(c / total * math.log2(c / total) for c in counts.values() if c)
+
+
+# -- negatives (text) -----------------------------------------------------------------------------
+
+def _is_complete(cfg: Config) -> bool:
+    """Synthetic scene graphs annotate every object with every attribute family; real ones do not."""
+    return isinstance(cfg.source, SyntheticSource)
+
+
+def negatives_text_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
+    from refforge.stages import negatives as neg
+    from refforge.stages.taxonomy import tasks_for
+
+    graphs, _ = read_graphs(b, [inputs["ingest"]])
+    positives = b.reader.read("expressions", [inputs["paths"]]).to_pylist()
+    stage_hash = cfg.stage_hash("negatives_text")
+    primary = cfg.paths.taxonomy
+    rows: list[Expression] = []
+    counts: Counter = Counter()
+    indexes: dict[str, Any] = {}
+    for pos in positives:
+        graph = graphs[pos["image_id"]]
+        if pos["image_id"] not in indexes:
+            indexes[pos["image_id"]] = neg.NegativeIndex(graph)
+        query = Node.from_json(json.loads(pos["path"]))
+        cands = neg.text_negatives(graph, query, pos["template_text"], target_id=pos["target_object_id"],
+                                   seed=int(stable_key(cfg.build.seed, pos["sample_id"], length=8), 16),
+                                   per_type=cfg.negatives_text.per_type, complete_graph=_is_complete(cfg),
+                                   index=indexes[pos["image_id"]])
+        for c in cands:
+            tasks = tasks_for(c.query, graph, polarity="negative", negative_type=c.negative_type)
+            path = {**c.query.to_json(), "hops": c.query.hops, "constraints": c.query.constraint_count,
+                    "edit": c.detail}
+            rows.append(Expression(
+                sample_id=stable_key("neg", pos["sample_id"], c.text, c.negative_type, stage_hash),
+                image_id=pos["image_id"], text=c.text, template_text=c.template_text,
+                template_name=pos["template_name"], polarity="negative", task=tasks.get(primary), tasks=tasks,
+                difficulty=pos["difficulty"], hops=c.query.hops, path=json.dumps(path, sort_keys=True),
+                negative_type=c.negative_type, negative_level=c.negative_level, negative_source="text",
+                positive_id=pos["sample_id"], needs_review=c.needs_review))
+            counts[f"{c.negative_type}/{c.negative_level}"] += 1
+    return UnitOutput({"negative_candidates": rows}, [], len(positives), {"candidates": dict(counts)})
+
+
+def refine_all(b: BuildDir, cfg: Config, shards: list[dict[str, str]]) -> dict[str, UnitOutput]:
+    """Blind-text refinement over every shard's candidates; the kept ones become expressions."""
+    from refforge.stages import refine as refine_stage
+
+    cands = {s["key"]: b.reader.read("negative_candidates", [s["negatives_text"]]).to_pylist() for s in shards}
+    positives = b.reader.read("expressions", [s["paths"] for s in shards], columns=["text", "image_id"])
+    flat = [(s["key"], r) for s in shards for r in cands[s["key"]]]
+    ncfg = cfg.negatives_text
+    outputs = {s["key"]: UnitOutput(items_in=len(cands[s["key"]])) for s in shards}
+    if not ncfg.refine or not flat or not positives.num_rows:
+        for key, r in flat:
+            outputs[key].tables.setdefault("expressions", []).append(Expression(**r))
+        return outputs
+    res = refine_stage.refine(positives.column("text").to_pylist(), positives.column("image_id").to_pylist(),
+                              [r["text"] for _, r in flat], [r["image_id"] for _, r in flat],
+                              [r["negative_type"] for _, r in flat], target_auroc=ncfg.target_auroc,
+                              max_rounds=ncfg.max_rounds, seed=cfg.build.seed)
+    kept = set(res.kept)
+    rejected = dict(res.rejected)
+    summary = {"auroc_before": res.auroc_before, "auroc_after": res.auroc_after, "rounds": res.rounds,
+               "kept": len(kept), "rejected": len(rejected)}
+    for i, (key, r) in enumerate(flat):
+        out = outputs[key]
+        out.extra = summary
+        score = float(res.scores[i]) if getattr(res, "scores", None) is not None else math.nan
+        out.tables.setdefault("scores", []).append(Score(subject_id=r["sample_id"], filter="blind_text",
+                                                          value=score, passed=i in kept))
+        if i in kept:
+            out.tables.setdefault("expressions", []).append(Expression(**r))
+        else:
+            out.drops.append(Drop(stage="refine", key=r["sample_id"], reason="separable by a blind text model",
+                                  detail=rejected.get(i)))
+    return outputs
+
+
+# -- negatives (image) ----------------------------------------------------------------------------
+
+def negatives_image_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
+    from refforge.stages import flip
+    from refforge.stages.ingest import graph_records, image_relpath
+    from refforge.stages.taxonomy import tasks_for
+
+    out = UnitOutput()
+    if not cfg.negatives_image.flip:
+        return out
+    graphs, images = read_graphs(b, [inputs["ingest"]])
+    positives = b.reader.read("expressions", [inputs["paths"]]).to_pylist()
+    out.items_in = len(positives)
+    by_image: dict[str, list[tuple[dict, Node, str]]] = defaultdict(list)
+    for pos in positives:
+        query = Node.from_json(json.loads(pos["path"]))
+        level = flip.horizontal_level(query)
+        if level is not None:
+            by_image[pos["image_id"]].append((pos, query, level))
+    stage_hash = cfg.stage_hash("negatives_image")
+    rows: dict[str, list[Record]] = {"images": [], "objects": [], "relations": [], "expressions": []}
+    for image_id, items in by_image.items():
+        img = images[image_id]
+        data, ext, mgraph, mspec = flip.mirrored_image(b.images.read(img["path"]), img["source"], img["spec"],
+                                                       graphs[image_id])
+        negs = [(pos, q, lvl) for pos, q, lvl in items if flip.is_flip_negative(mgraph, q)]
+        skipped = len(items) - len(negs)
+        if skipped:
+            out.drops.append(Drop(stage="negatives_image", key=image_id, reason="flip leaves a match",
+                                  detail=f"{skipped} horizontal expressions still refer to an object when mirrored"))
+        if not negs:
+            continue
+        mid, rel = b.images.put(data, ext)
+        rows["images"].append(Image(image_id=mid, source=img["source"], path=image_relpath(mid, ext),
+                                    width=img["width"], height=img["height"], parent_image_id=image_id,
+                                    edit=Edit(type="flip"), source_ref=img["source_ref"], spec=mspec))
+        objs, rels, drops = graph_records(mid, mgraph, f"flip:{image_id}")
+        rows["objects"] += objs
+        rows["relations"] += rels
+        out.drops += drops
+        for pos, q, lvl in negs:
+            tasks = tasks_for(q, mgraph, polarity="negative", negative_type="flip")
+            rows["expressions"].append(Expression(
+                sample_id=stable_key("flip", pos["sample_id"], mid, stage_hash), image_id=mid, text=pos["text"],
+                template_text=pos["template_text"], template_name=pos["template_name"], polarity="negative",
+                task=tasks.get(cfg.paths.taxonomy), tasks=tasks, difficulty=pos["difficulty"], hops=pos["hops"],
+                path=pos["path"], negative_type="flip", negative_level=lvl, negative_source="image",
+                positive_id=pos["sample_id"]))
+    out.tables = rows
+    return out
+
+
+# -- reasoning traces -----------------------------------------------------------------------------
+
+COT_MODEL = "offline-graph"
+
+
+def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
+    from refforge.stages import cot
+
+    graphs, _ = read_graphs(b, [inputs["ingest"], inputs["negatives_image"]])
+    samples = b.reader.read("expressions", inputs["expressions"]).to_pylist()
+    out = UnitOutput(items_in=len(samples))
+    traces: list[CotTrace] = []
+    for s in samples:
+        graph = graphs.get(s["image_id"])
+        if graph is None or not s["path"]:
+            out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no scene graph for the sample"))
+            continue
+        query = Node.from_json(json.loads(s["path"]))
+        for t in cot.traces_for_sample(graph, query, s["polarity"], s["target_object_id"], s["gt_box"],
+                                       k=cfg.cot.k, seed=int(stable_key(cfg.build.seed, s["sample_id"], length=8), 16)):
+            traces.append(CotTrace(sample_id=s["sample_id"], trace=t.text, answer_box=t.answer_box, iou=t.iou,
+                                   verdict=t.verdict, selected=t.selected, model=COT_MODEL))
+    out.tables["cot_traces"] = traces
+    return out
+
+
+UNIT_FUNCTIONS: dict[str, Callable[[BuildDir, Config, dict], UnitOutput]] = {
+    "ingest": ingest_unit,
+    "paths": paths_unit,
+    "negatives_text": negatives_text_unit,
+    "negatives_image": negatives_image_unit,
+    "cot": cot_unit,
+}
+
+
+def summarise_extra(stage: str, extras: list[dict[str, Any]]) -> dict[str, Any]:
+    if stage == "paths":
+        out = {}
+        for when in ("counts_before", "counts_after"):
+            merged: dict[str, Counter] = defaultdict(Counter)
+            for e in extras:
+                for kind, counts in e.get(when, {}).items():
+                    merged[kind].update(counts)
+            out[when.replace("counts", "entropy_bits")] = {k: round(entropy_bits(v), 4) for k, v in merged.items()}
+        return out
+    if stage == "negatives_text":
+        return {"candidates": dict(sum((Counter(e.get("candidates", {})) for e in extras), Counter()))}
+    if stage == "refine":
+        return {"blind_text": next((e for e in extras if e), {})}
+    return {}
+
+
+def model_ids(cfg: Config) -> dict[str, str]:
+    return {"ingest": cfg.source.kind, "paths": cfg.paths.backend, "negatives_text": cfg.negatives_text.backend,
+            "blind_text_classifier": "bag-of-ngrams logistic regression (numpy)", "cot": COT_MODEL}
