@@ -105,7 +105,7 @@ def ingest_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
         from refforge.stages.sources import read_lines
 
         records = read_lines(_prepared(b, cfg), _offsets(b, cfg), start, stop)
-        out = ingest_stage.ingest_graphs(records, range(len(records)), images_dir=src.images_dir)
+        out = ingest_stage.ingest_graphs(records, range(len(records)), images_dir=src.images_dir, source=src.kind)
     seen: set[str] = set()
     images = []
     for img in out.images:

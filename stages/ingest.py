@@ -160,7 +160,7 @@ def _iter_graph(rec: dict[str, Any], width: int, height: int, from_geometry: boo
 
 
 def ingest_graphs(records: list[dict[str, Any]], indices: range, *, images_dir: Path,
-                  relations_from_geometry: bool = False) -> IngestOutput:
+                  relations_from_geometry: bool = False, source: str = "graphs") -> IngestOutput:
     out = IngestOutput()
     for i in indices:
         out.scenes_in += 1
@@ -186,7 +186,7 @@ def ingest_graphs(records: list[dict[str, Any]], indices: range, *, images_dir: 
             out.drops.append(Drop(stage=STAGE, key=key, reason="malformed scene graph", detail=repr(e)[:300]))
             continue
         image_id = hashlib.sha256(data).hexdigest()
-        img = Image(image_id=image_id, source="graphs", path=image_relpath(image_id, ext), width=w, height=h,
+        img = Image(image_id=image_id, source=source, path=image_relpath(image_id, ext), width=w, height=h,
                     source_ref=str(name))
         objs, rels, drops = graph_records(image_id, graph, key)
         out.images.append(StoredImage(data, ext, img))

@@ -126,3 +126,114 @@ def order_attributes(attributes: tuple[str, ...] | list[str]) -> list[str]:
     """Attributes in spoken order (size, colour, pattern, material, then unknown ones as given)."""
     rank = {fam: i for i, fam in enumerate(FAMILY_ORDER)}
     return sorted(attributes, key=lambda a: rank.get(ATTRIBUTE_FAMILY.get(a, ""), len(rank)))
+
+
+# ------------------------------------------------------------------------------ text negatives
+# Read by ``stages/negatives.py`` (replacement candidates and verification of text negatives).
+
+# Categories the synthetic source never draws but real scene graphs (GQA, COCO, Visual Genome) name,
+# with a super-category (the same super-category names as CATEGORIES where they overlap). Replace-object
+# negatives draw from CATEGORIES and these. Words that name a super-class of another entry ("person",
+# "animal", "vehicle", "food") are left out on purpose: "the person" is no negative of "the man". Words
+# that are also attribute values ("orange", "glass", "paper") are left out too.
+NEGATIVE_CATEGORIES: dict[str, str] = {
+    "man": "person", "woman": "person", "boy": "person", "girl": "person",
+    "dog": "animal", "cat": "animal", "horse": "animal", "cow": "animal", "sheep": "animal",
+    "bird": "animal", "elephant": "animal", "zebra": "animal", "giraffe": "animal", "bear": "animal",
+    "car": "vehicle", "bus": "vehicle", "truck": "vehicle", "bicycle": "vehicle", "motorcycle": "vehicle",
+    "train": "vehicle", "airplane": "vehicle", "boat": "vehicle",
+    "chair": "furniture", "couch": "furniture", "bed": "furniture", "bench": "furniture", "desk": "furniture",
+    "plate": "kitchenware", "fork": "kitchenware", "knife": "kitchenware", "spoon": "kitchenware",
+    "mug": "kitchenware", "jar": "kitchenware",
+    "pizza": "food", "banana": "food", "apple": "food", "sandwich": "food", "cake": "food", "donut": "food",
+    "broccoli": "food", "carrot": "food", "bread": "food",
+    "shirt": "clothing", "jacket": "clothing", "dress": "clothing", "shoe": "clothing", "coat": "clothing",
+    "scarf": "clothing",
+    "laptop": "electronics", "television": "electronics", "phone": "electronics", "keyboard": "electronics",
+    "bag": "accessory", "backpack": "accessory", "suitcase": "accessory",
+    "teddy bear": "toy", "frisbee": "toy", "doll": "toy",
+    "bucket": "container", "crate": "container",
+    "pen": "stationery", "pencil": "stationery", "notebook": "stationery",
+    "tree": "plant", "flower": "plant", "bush": "plant",
+    "building": "structure", "fence": "structure", "pole": "structure", "sign": "structure",
+    "door": "structure", "window": "structure",
+    "skateboard": "sports", "surfboard": "sports", "racket": "sports",
+}
+
+# The opposite of a predicate: the first choice of a replace-relation negative.
+RELATION_OPPOSITES: dict[str, str] = {
+    "left of": "right of",
+    "right of": "left of",
+    "above": "below",
+    "below": "above",
+    "on": "under",
+    "under": "on",
+    "inside": "next to",
+    "behind": "in front of",
+    "in front of": "behind",
+    "near": "far from",
+    "far from": "near",
+    "holding": "wearing",
+    "wearing": "holding",
+    "sitting on": "standing on",
+    "standing on": "sitting on",
+}
+
+# Replacement predicates for replace-relation negatives, the opposite first. Near-synonyms are never
+# listed ("on" -> "above", "next to" -> "near"): a replacement must change what the expression says.
+RELATION_ALTERNATIVES: dict[str, tuple[str, ...]] = {
+    "left of": ("right of", "above", "below"),
+    "right of": ("left of", "above", "below"),
+    "above": ("below", "left of", "right of"),
+    "below": ("above", "left of", "right of"),
+    "on": ("under", "next to", "inside"),
+    "under": ("on", "next to", "inside"),
+    "inside": ("next to", "on", "under"),
+    "next to": ("on", "inside", "above", "below"),
+    "behind": ("in front of", "on", "under"),
+    "in front of": ("behind", "on", "under"),
+    "near": ("far from",),
+    "far from": ("near",),
+    "holding": ("wearing", "sitting on", "throwing"),
+    "wearing": ("holding", "carrying"),
+    "carrying": ("wearing", "riding"),
+    "riding": ("carrying", "walking next to"),
+    "sitting on": ("standing on", "under"),
+    "standing on": ("sitting on", "under"),
+    "eating": ("holding",),
+    "looking at": ("behind",),
+    "in": ("next to", "under"),
+}
+
+# Predicates that the graph's facts imply: a fact (x, p, y) also makes (x, q, y) true for q in
+# RELATION_IMPLIES[p]. Together with INVERSE ((x, p, y) makes (y, INVERSE[p], x) true) this closes the
+# graph before a text negative is accepted, so "the table under the cup" is never a negative of a
+# scene whose graph says only "the cup on the table".
+RELATION_IMPLIES: dict[str, tuple[str, ...]] = {
+    "on": ("above",),
+    "under": ("below",),
+    "sitting on": ("on", "above"),
+    "standing on": ("on", "above"),
+    "lying on": ("on",),
+    "inside": ("in",),
+    "in": ("inside",),
+    "next to": ("near",),
+}
+
+# Predicates that cannot hold of the same ordered pair: a fact (x, q, y) with q in
+# RELATION_EXCLUSIVE[p] rules (x, p, y) out. Used on incomplete graphs, where a missing fact proves
+# nothing: a replaced relation is decided only for pairs that an exclusive fact rules out.
+RELATION_EXCLUSIVE: dict[str, frozenset[str]] = {
+    "left of": frozenset({"right of"}),
+    "right of": frozenset({"left of"}),
+    "above": frozenset({"below", "under"}),
+    "below": frozenset({"above", "on"}),
+    "on": frozenset({"under", "below", "inside"}),
+    "under": frozenset({"on", "above"}),
+    "inside": frozenset({"on", "under"}),
+    "next to": frozenset({"on", "inside", "under"}),
+    "behind": frozenset({"in front of"}),
+    "in front of": frozenset({"behind"}),
+    "near": frozenset({"far from"}),
+    "far from": frozenset({"near", "next to", "on", "inside", "under"}),
+}

@@ -1,0 +1,632 @@
+"""Reasoning traces derived from the scene graph, their parsing and their verification.
+
+A sample is ``(graph, query, polarity, target_id, gt_box)``: the query is the referring path
+(:class:`~refforge.stages.query.Node`) the expression was rendered from. :func:`trace_for`
+writes the reasoning a careful person would follow, by *evaluating the query on the graph one
+constraint at a time* (the semantics of :func:`refforge.stages.query.evaluate`, which stays the
+reference):
+
+1. the candidates of the category: how many, and roughly where (3x3 cell of each box centre);
+2. each attribute in spoken order: which candidates keep it, which fail (and what they are instead:
+   "blue, not red");
+3. each relation: the anchors are found by the same walk (recursively, so 2-hop chains read
+   naturally), then the candidates related to one of them are kept;
+4. the position (ordinal along an axis, or a cell of the 3x3 grid), if any;
+5. the conclusion: the one object left and its box, or for a negative the constraint that
+   eliminates the last candidates ("there is a ball to the left of a box, but it is blue, not red").
+
+The walk's final candidate set equals ``evaluate(graph, query).ids`` (a property test holds it to
+that) and the answer is computed from it, never templated in from the target.
+
+Trace text
+----------
+``<think>REASONING</think><answer>ANSWER</answer>`` where ``ANSWER`` is
+
+* ``[x1, y1, x2, y2]``: integer pixel coordinates of the stored image, rounded half away from zero
+  (:func:`refforge.stages.boxes.format_box`, dialect ``"pixels"``), when the walk ends with exactly
+  one object;
+* ``none``: when nothing matches (the answer a correct trace gives for a negative), and also when
+  several objects still match (the walk refuses to guess; the verdict then shows the sample is not a
+  clean positive).
+
+Styles
+------
+:data:`N_STYLES` surface styles: ``style % 3`` picks the phrasing (0 narrative sentences,
+1 numbered steps, 2 terse clauses) and ``style // 3 % 2`` whether every listed candidate carries its
+box (1) or only a rough position word (0).
+
+Parsing and verification
+------------------------
+:func:`parse_answer` reads the ``<answer>`` of these traces and the common simple dialects (a
+``[x1, y1, x2, y2]`` pixel list anywhere in the answer, ``{"bbox_2d": [...]}``, ``(x1,y1),(x2,y2)``;
+``none`` / ``null`` / ``no object`` / ``[]`` / an all-zero box mean "no such object").
+:func:`verify` compares a parsed answer to the ground truth.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from refforge.stages.boxes import format_box
+from refforge.stages.boxes import iou as box_iou_scalar
+from refforge.stages.graph import GObject, SceneGraph
+from refforge.stages.lexicon import ATTRIBUTE_FAMILY, RELATIONS, indefinite_article, order_attributes, plural
+from refforge.stages.query import ORDER_MARGIN, Node, Position, region_of
+
+__all__ = [
+    "MODEL",
+    "N_STYLES",
+    "VERDICTS",
+    "ParsedAnswer",
+    "Step",
+    "Trace",
+    "describe",
+    "parse_answer",
+    "select_best",
+    "trace_for",
+    "traces_for_sample",
+    "verify",
+    "walk",
+]
+
+MODEL = "offline-graph-walk"
+N_STYLES = 6
+MAX_LIST = 6  # candidates listed one by one; more are summarised by region
+
+Verdict = Literal["correct", "wrong_box", "false_rejection", "false_positive", "correct_rejection", "unparseable"]
+VERDICTS: tuple[str, ...] = ("correct", "correct_rejection", "wrong_box", "false_positive", "false_rejection",
+                             "unparseable")
+# Rank used to pick the best of K traces: right answers first, then the least harmful mistakes.
+_VERDICT_RANK = {v: i for i, v in enumerate(("correct", "correct_rejection", "wrong_box", "false_rejection",
+                                            "false_positive", "unparseable"))}
+
+_WHERE = {
+    "top-left": "at the top left", "top": "at the top", "top-right": "at the top right",
+    "left": "on the left", "center": "in the center", "right": "on the right",
+    "bottom-left": "at the bottom left", "bottom": "at the bottom", "bottom-right": "at the bottom right",
+}
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+_MOST = {"left": "leftmost", "right": "rightmost", "top": "topmost", "bottom": "bottommost"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# records
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One constraint applied during the walk."""
+
+    kind: Literal["category", "attribute", "relation", "position"]
+    depth: int                    # 0: the target; 1: an anchor of the target; 2: an anchor's anchor ...
+    constraint: str               # "ball", "red", "to the left of a box", "the leftmost"
+    before: tuple[str, ...]       # candidate ids before the step (graph order)
+    after: tuple[str, ...]        # candidate ids after it
+    anchors: tuple[str, ...] = ()  # relation steps: the anchors found
+    ambiguous: bool = False       # position steps: the geometry makes the selection a close call
+
+
+@dataclass
+class Trace:
+    """A reasoning trace and its verification.
+
+    ``answer_box`` is the box the answer states (integer pixels as floats), ``None`` for a
+    rejection. ``final_ids`` is the walk's final candidate set (== ``evaluate(graph, query).ids``).
+    """
+
+    text: str
+    answer_box: tuple[float, float, float, float] | None
+    verdict: str
+    steps: list[Step] = field(default_factory=list)
+    iou: float | None = None
+    selected: bool = False
+    style: int = 0
+    final_ids: tuple[str, ...] = ()
+    ambiguous: bool = False
+    model: str = MODEL
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """``kind``: "box" (``box`` set), "none" (the answer says there is no such object) or "unparseable"."""
+
+    kind: Literal["box", "none", "unparseable"]
+    box: tuple[float, float, float, float] | None = None
+    raw: str = ""
+    reason: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# words
+# ---------------------------------------------------------------------------------------------------
+
+
+def _num(n: int) -> str:
+    return _NUMBERS[n] if n < len(_NUMBERS) else str(n)
+
+
+def _ordinal(k: int) -> str:
+    return _ORDINALS[k] if k < len(_ORDINALS) else f"{k + 1}th"
+
+
+def _be(n: int) -> str:
+    return "is" if n == 1 else "are"
+
+
+def _noun(category: str, n: int) -> str:
+    return category if n == 1 else plural(category)
+
+
+def _rel(pred: str) -> str:
+    return RELATIONS.get(pred, pred)
+
+
+def _position_phrase(pos: Position, category: str) -> str:
+    if pos.kind == "region":
+        return f"the {category} {_WHERE.get(pos.region or 'center', 'in the ' + str(pos.region))}"
+    start = pos.start or "left"
+    k = pos.rank or 0
+    if pos.count is not None:
+        return f"the {_ordinal(k)} of the {_num(pos.count)} {plural(category)} from the {start}"
+    if k == 0:
+        return f"the {_MOST.get(start, start)} {category}"
+    return f"the {_ordinal(k)} {category} from the {start}"
+
+
+def describe(node: Node, definite: bool = False) -> str:
+    """A noun phrase for a query node: "a small red ball to the left of a box", "the leftmost cup".
+
+    >>> describe(Node("ball", ("red", "small"), (("left of", Node("box")),)))
+    'a small red ball to the left of a box'
+    >>> describe(Node("cup", position=Position("order", start="left", rank=1)))
+    'the second cup from the left'
+    """
+    head = " ".join([*order_attributes(list(node.attributes)), node.category])
+    if node.position is not None:
+        np_ = _position_phrase(node.position, head)
+    else:
+        np_ = f"the {head}" if definite else f"{indefinite_article(head)} {head}"
+    for pred, child in node.relations:
+        np_ += f" {_rel(pred)} {describe(child)}"
+    return np_
+
+
+# ---------------------------------------------------------------------------------------------------
+# the walk
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Walker:
+    """Evaluates a query one constraint at a time, recording steps and the sentences for them."""
+
+    def __init__(self, graph: SceneGraph, style: int = 0):
+        self.g = graph
+        self.objs = {o.id: o for o in graph.objects}
+        self.rels: dict[tuple[str, str], set[str]] = {}
+        for r in graph.relations:
+            if r.subject in self.objs and r.object in self.objs and r.subject != r.object:
+                self.rels.setdefault((r.subject, r.predicate), set()).add(r.object)
+        self.boxes = style // 3 % 2 == 1
+        self.steps: list[Step] = []
+        self.lines: list[tuple[str, str]] = []  # (sentence, terse clause)
+        self._silent = 0
+
+    # -- words about objects ------------------------------------------------------------------------
+
+    def where(self, o: GObject) -> str:
+        cell, _ = region_of(o, self.g.width, self.g.height)
+        return _WHERE[cell]
+
+    def obj(self, o: GObject, with_box: bool | None = None) -> str:
+        s = f"the {o.name} {self.where(o)}"
+        if self.boxes if with_box is None else with_box:
+            s += f" {format_box(o.box)}"
+        return s
+
+    def listing(self, objs: list[GObject]) -> str:
+        if len(objs) > MAX_LIST:
+            cells: dict[str, int] = {}
+            for o in objs:
+                w = self.where(o)
+                cells[w] = cells.get(w, 0) + 1
+            return "spread over the image (" + ", ".join(f"{_num(n)} {w}" for w, n in cells.items()) + ")"
+        parts = [f"one {self.where(o)}" + (f" {format_box(o.box)}" if self.boxes else "") for o in objs]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+    def terse(self, objs: list[GObject]) -> str:
+        if len(objs) > MAX_LIST:
+            return f"{len(objs)}"
+        inner = ", ".join(region_of(o, self.g.width, self.g.height)[0].replace("-", " ")
+                          + (f" {format_box(o.box)}" if self.boxes else "") for o in objs)
+        return f"{len(objs)} ({inner})" if objs else "0"
+
+    def what_instead(self, o: GObject, attr: str) -> str:
+        fam = ATTRIBUTE_FAMILY.get(attr)
+        actual = [a for a in o.attributes if fam is not None and ATTRIBUTE_FAMILY.get(a) == fam]
+        return f"{' and '.join(actual)}, not {attr}" if actual else f"not {attr}"
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    def say(self, sentence: str, clause: str) -> None:
+        if not self._silent:
+            self.lines.append((sentence, clause))
+
+    def record(self, step: Step) -> None:
+        if not self._silent:
+            self.steps.append(step)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+
+    def walk(self, node: Node, depth: int = 0) -> tuple[list[GObject], bool]:
+        """The objects ``node`` refers to (graph order) and whether geometry made it a close call."""
+        ambiguous = False
+        cat = node.category
+        cands = [o for o in self.g.objects if o.name == cat]
+        self.record(Step("category", depth, cat, (), tuple(o.id for o in cands)))
+        self._say_category(cat, cands, depth)
+
+        for attr in order_attributes(list(node.attributes)):
+            before = cands
+            cands = [o for o in before if attr in o.attributes]
+            if before:
+                self.record(Step("attribute", depth, attr, _ids(before), _ids(cands)))
+                self._say_attribute(attr, cat, before, cands)
+
+        for pred, child in node.relations:
+            phrase = f"{_rel(pred)} {describe(child)}"
+            if not cands:  # nothing left to check; evaluate the anchor silently (its ambiguity counts)
+                self._silent += 1
+                _, amb = self.walk(child, depth + 1)
+                self._silent -= 1
+                ambiguous |= amb
+                continue
+            self.say(f"Next, which of them are {phrase}?" if len(cands) > 1 else f"Next, is it {phrase}?",
+                     f"check {phrase}")
+            anchors, amb = self.walk(child, depth + 1)
+            ambiguous |= amb
+            ys = {a.id for a in anchors}
+            before = cands
+            cands = [o for o in before if (self.rels.get((o.id, pred), set()) - {o.id}) & ys]
+            self.record(Step("relation", depth, phrase, _ids(before), _ids(cands), anchors=_ids(anchors)))
+            self._say_relation(pred, child, cat, before, cands, anchors)
+
+        if node.position is not None:
+            before = cands
+            cands, amb = self._position(node.position, cat, before)
+            ambiguous |= amb
+            self.record(Step("position", depth, _position_phrase(node.position, cat), _ids(before), _ids(cands),
+                             ambiguous=amb))
+        return cands, ambiguous
+
+    def _position(self, pos: Position, cat: str, cands: list[GObject]) -> tuple[list[GObject], bool]:
+        phrase = _position_phrase(pos, cat)
+        if pos.kind == "region":
+            cell_words = _WHERE.get(pos.region or "", str(pos.region))
+            hits, amb = [], False
+            for o in cands:
+                cell, near = region_of(o, self.g.width, self.g.height)
+                amb |= near
+                if cell == pos.region:
+                    hits.append(o)
+            if cands:
+                if len(hits) == 1:
+                    s = f"{_cap(self.obj(hits[0]))} is {cell_words}" + (" of the image." if len(cands) > 1 else ".")
+                elif hits:
+                    s = f"Of these, {_num(len(hits))} {_be(len(hits))} {cell_words}: {self.listing(hits)}."
+                else:
+                    s = f"None of them is {cell_words}."
+                self.say(s, f"{cell_words}: {self.terse(hits)}")
+            return hits, amb
+        start = pos.start or "left"
+        axis = "x" if start in ("left", "right") else "y"
+        n = len(cands)
+        if pos.count is not None and n != pos.count:
+            self.say(f"The expression speaks of {_num(pos.count)} {_noun(cat, pos.count)}, but there "
+                     f"{_be(n)} {_num(n)}, so nothing is {phrase}.",
+                     f"{phrase}: count {n} != {pos.count}")
+            return [], False
+        if pos.rank is None or pos.rank >= n:
+            if n:
+                self.say(f"There {_be(n)} only {_num(n)}, so there is no {phrase.removeprefix('the ')}.",
+                         f"{phrase}: only {n}")
+            return [], False
+        order = sorted(cands, key=lambda o: (_center(o, axis), o.id), reverse=start in ("right", "bottom"))
+        side = self.g.width if axis == "x" else self.g.height
+        k = pos.rank
+        c = _center(order[k], axis)
+        amb = any(abs(_center(order[j], axis) - c) < ORDER_MARGIN * side for j in (k - 1, k + 1) if 0 <= j < n)
+        if n == 1:
+            s = f"There is just one, so it is {phrase}."
+        else:
+            s = (f"Ordered from the {start}: " + ", ".join(self.obj(o) for o in order)
+                 + f". {phrase[0].upper() + phrase[1:]} is {self.obj(order[k])}.")
+        if amb:
+            s += " Its neighbour is almost level with it, so this is a close call."
+        self.say(s, f"{phrase}: {self.terse([order[k]])}")
+        return [order[k]], amb
+
+    # -- sentences ----------------------------------------------------------------------------------
+
+    def _say_category(self, cat: str, cands: list[GObject], depth: int) -> None:
+        n = len(cands)
+        lead = "I look for" if depth == 0 else "For that I look for"
+        if n == 0:
+            s = f"{lead} {plural(cat)}: there is no {cat} in the image."
+        elif n == 1:
+            s = f"{lead} {plural(cat)}: there is one, {self.obj(cands[0])}."
+        else:
+            s = f"{lead} {plural(cat)}: there are {_num(n)}, {self.listing(cands)}."
+        self.say(s, f"{plural(cat)}: {self.terse(cands)}")
+
+    def _say_attribute(self, attr: str, cat: str, before: list[GObject], after: list[GObject]) -> None:
+        dropped = [o for o in before if o not in after]
+        k = len(after)
+        if len(before) == 1:
+            o = before[0]
+            s = f"It is {attr}." if after else f"It is {self.what_instead(o, attr)}."
+        elif not dropped:
+            s = f"All of them are {attr}."
+        elif k == 0:
+            s = f"None of them is {attr}"
+            if len(dropped) <= MAX_LIST:
+                s += ": " + "; ".join(f"{self.obj(o, False)} is {self.what_instead(o, attr)}" for o in dropped)
+            s += "."
+        else:
+            s = f"Of these, {_num(k)} {_be(k)} {attr}: {self.listing(after)}."
+            if len(dropped) <= 3:
+                s += " " + " ".join(f"{_cap(self.obj(o, False))} is {self.what_instead(o, attr)}." for o in dropped)
+            else:
+                s += f" The other {_num(len(dropped))} are not."
+        self.say(s, f"{attr}: {self.terse(after)}")
+
+    def _say_relation(self, pred: str, child: Node, cat: str, before: list[GObject], after: list[GObject],
+                      anchors: list[GObject]) -> None:
+        phrase = f"{_rel(pred)} {describe(child)}"
+        dropped = [o for o in before if o not in after]
+        if not anchors:
+            s = f"With no such {child.category}, no {cat} can be {phrase}."
+        elif len(before) == 1:
+            o = before[0]
+            s = f"{_cap(self.obj(o, False))} is {phrase}." if after else f"{_cap(self.obj(o, False))} is not {phrase}."
+        elif not dropped:
+            s = f"All {_num(len(before))} are {phrase}."
+        elif not after:
+            s = f"None of the {_num(len(before))} {plural(cat)} is {phrase}."
+        else:
+            k = len(after)
+            s = f"{_cap(_num(k))} of the {plural(cat)} {_be(k)} {phrase}: {self.listing(after)}."
+            if len(dropped) <= 3:
+                s += " " + " ".join(f"{_cap(self.obj(o, False))} is not." for o in dropped)
+        self.say(s, f"-> {plural(cat)} {phrase}: {self.terse(after)}")
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _ids(objs: list[GObject]) -> tuple[str, ...]:
+    return tuple(o.id for o in objs)
+
+
+def _center(o: GObject, axis: str) -> float:
+    x1, y1, x2, y2 = o.box
+    return (x1 + x2) / 2 if axis == "x" else (y1 + y2) / 2
+
+
+def walk(graph: SceneGraph, query: Node) -> tuple[list[str], bool, list[Step]]:
+    """The query evaluated one constraint at a time: ``(final ids, ambiguous, steps)``.
+
+    ``final ids`` equals ``evaluate(graph, query).ids`` and ``ambiguous`` its ``ambiguous``.
+    """
+    w = _Walker(graph)
+    objs, amb = w.walk(query)
+    return [o.id for o in objs], amb, w.steps
+
+
+# ---------------------------------------------------------------------------------------------------
+# negatives: why nothing matches
+# ---------------------------------------------------------------------------------------------------
+
+
+def _plural_phrase(node: Node, n: int) -> str:
+    """ "three red balls to the left of a box": the node without its position, counted."""
+    words = [*order_attributes(list(node.attributes)), _noun(node.category, n)]
+    return " ".join([_num(n), *words] + [f"{_rel(p)} {describe(c)}" for p, c in node.relations])
+
+
+def _why_position(query: Node, n: int) -> str:
+    pos = query.position
+    assert pos is not None
+    what = _plural_phrase(query, n)
+    if pos.kind == "region":
+        return f"There {_be(n)} {what}, but none is {_WHERE.get(pos.region or '', str(pos.region))}"
+    if pos.count is not None and n != pos.count:
+        return f"There {_be(n)} {what}, not {_num(pos.count)}"
+    return f"There {_be(n)} only {what}, so there is no {_ordinal(pos.rank or 0)} from the {pos.start or 'left'}"
+
+
+def _why_none(w: _Walker, query: Node) -> str:
+    """The sentence that says which constraint eliminates the last candidates of the target."""
+    cat = query.category
+    cands = [o for o in w.g.objects if o.name == cat]
+    if not cands:
+        return f"There is no {cat} at all"
+    w._silent += 1
+    try:
+        anchor_sets = [{a.id for a in w.walk(child, 1)[0]} for _, child in query.relations]
+    finally:
+        w._silent -= 1
+    attrs = order_attributes(list(query.attributes))
+
+    def failures(o: GObject) -> tuple[list[str], list[int]]:
+        fa = [a for a in attrs if a not in o.attributes]
+        fr = [i for i, ((p, _), ys) in enumerate(zip(query.relations, anchor_sets, strict=True))
+              if not ((w.rels.get((o.id, p), set()) - {o.id}) & ys)]
+        return fa, fr
+
+    scored = [(len(fa) + len(fr), i, o, fa, fr) for i, o in enumerate(cands) for fa, fr in [failures(o)]]
+    best_n, _, o, fa, fr = min(scored, key=lambda t: (t[0], t[1]))
+    if best_n == 0:  # attributes and relations leave candidates: the position removes them
+        n_left = sum(1 for t in scored if t[0] == 0)
+        if query.position is None:  # cannot happen: the walk would have kept them
+            return f"Nothing is {describe(query)}"
+        return _why_position(query, n_left)
+    ok_attrs = [a for a in attrs if a not in fa]
+    ok_rels = [f"{_rel(p)} {describe(c)}" for i, (p, c) in enumerate(query.relations) if i not in fr]
+    head = " ".join([*ok_attrs, cat])
+    there = f"There is {indefinite_article(head)} {head}" + "".join(f" {r}" for r in ok_rels) + f" ({w.obj(o)})"
+    if best_n == 1:
+        if fa:
+            return f"{there}, but it is {w.what_instead(o, fa[0])}"
+        p, c = query.relations[fr[0]]
+        if not anchor_sets[fr[0]]:
+            return f"{there}, but there is no {describe(c).split(' ', 1)[1]} for it to be {_rel(p)}"
+        return f"{there}, but it is not {_rel(p)} {describe(c)}"
+    missing = [*fa, *(f"{_rel(query.relations[i][0])} {describe(query.relations[i][1])}" for i in fr)]
+    return f"The closest is {w.obj(o)}, and it is not {' and not '.join(missing)}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# traces
+# ---------------------------------------------------------------------------------------------------
+
+
+def trace_for(graph: SceneGraph, query: Node, *, polarity: str, target_id: str | None, style: int = 0,
+              gt_box=None, iou_threshold: float = 0.5) -> Trace:
+    """The reasoning trace for one sample, verified against its ground truth.
+
+    ``gt_box`` defaults to the box of ``target_id`` in ``graph`` for a positive.
+    """
+    w = _Walker(graph, style)
+    final, ambiguous = w.walk(query)
+    if len(final) == 1:
+        o = final[0]
+        box_text = format_box(o.box)
+        concl = (f"So {describe(query, definite=True)} is {w.obj(o, False)}, at {box_text}.",
+                 f"answer: {w.obj(o, False)} {box_text}")
+        answer = box_text
+    elif not final:
+        why = _why_none(w, query)
+        concl = (f"{why}: no object matches.", "-> none")
+        answer = "none"
+    else:
+        concl = (f"{_cap(_num(len(final)))} objects still match ({w.listing(final)}); the expression does not "
+                 f"single one out, so I give no box.", f"-> {len(final)} left, no single answer")
+        answer = "none"
+    w.lines.append(concl)
+    phrasing = style % 3
+    if phrasing == 0:
+        think = " ".join(s for s, _ in w.lines)
+    elif phrasing == 1:
+        think = "\n".join(f"Step {i}: {s}" for i, (s, _) in enumerate(w.lines, start=1))
+    else:
+        think = "; ".join(c for _, c in w.lines)
+    text = f"<think>{think}</think><answer>{answer}</answer>"
+
+    if gt_box is None and polarity == "positive" and target_id is not None and target_id in w.objs:
+        gt_box = w.objs[target_id].box
+    parsed = parse_answer(text)
+    verdict, score = verify(parsed, polarity, gt_box, iou_threshold)
+    return Trace(text=text, answer_box=parsed.box, verdict=verdict, steps=w.steps, iou=score, style=style,
+                 final_ids=tuple(o.id for o in final), ambiguous=ambiguous)
+
+
+def select_best(traces: list[Trace]) -> list[Trace]:
+    """Mark the best trace ``selected``: by verdict (correct answers first), then higher IoU, then the
+    earlier one. Returns the same list."""
+    if not traces:
+        return traces
+    best = min(range(len(traces)), key=lambda i: (_VERDICT_RANK.get(traces[i].verdict, len(_VERDICT_RANK)),
+                                                  -(traces[i].iou or 0.0), i))
+    for i, t in enumerate(traces):
+        t.selected = i == best
+    return traces
+
+
+def traces_for_sample(graph: SceneGraph, query: Node, polarity: str, target_id: str | None, gt_box=None,
+                      k: int = 1, seed: int = 0, iou_threshold: float = 0.5) -> list[Trace]:
+    """``k`` traces in different surface styles (``(seed + i) % N_STYLES``; at most :data:`N_STYLES`
+    distinct ones, so ``k`` above it is capped), the best marked ``selected``."""
+    n = max(1, min(k, N_STYLES))
+    styles = [(seed + i) % N_STYLES for i in range(n)]
+    traces = [trace_for(graph, query, polarity=polarity, target_id=target_id, style=s, gt_box=gt_box,
+                        iou_threshold=iou_threshold) for s in styles]
+    return select_best(traces)
+
+
+# ---------------------------------------------------------------------------------------------------
+# parsing and verification
+# ---------------------------------------------------------------------------------------------------
+
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_LIST4 = re.compile(rf"\[\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\]")
+_PAIRS = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,?\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)")
+_NONE = re.compile(r"^(none|null|no objects?|no such objects?|no match(es)?|nothing|not found|not present|n/?a|"
+                   r"\[\s*\]|\{\s*\})$")
+
+
+def parse_answer(text: str) -> ParsedAnswer:
+    """Read the answer of a trace or of a model's reply.
+
+    The ``<answer>`` element is used when present (the last one), otherwise the whole text.
+
+    >>> parse_answer("<think>...</think><answer>[10, 20, 110, 220]</answer>").box
+    (10.0, 20.0, 110.0, 220.0)
+    >>> parse_answer("<answer>none</answer>").kind, parse_answer('{"bbox_2d": [0, 0, 0, 0]}').kind
+    ('none', 'none')
+    >>> parse_answer("[1, 2, 3]").kind
+    'unparseable'
+    """
+    found = _ANSWER.findall(text)
+    raw = (found[-1] if found else text).strip()
+    norm = re.sub(r"\s+", " ", raw.lower()).strip(" .!\"'`")
+    if not norm:
+        return ParsedAnswer("unparseable", raw=raw, reason="empty answer")
+    if _NONE.match(norm):
+        return ParsedAnswer("none", raw=raw)
+    boxes = [tuple(float(v) for v in m) for m in _LIST4.findall(raw)]
+    if not boxes:
+        boxes = [(float(a), float(b), float(c), float(d)) for a, b, c, d in _PAIRS.findall(raw)]
+    if len(boxes) > 1:
+        return ParsedAnswer("unparseable", raw=raw, reason=f"{len(boxes)} boxes in the answer")
+    if boxes:
+        box = boxes[0]
+        if all(v == 0 for v in box):
+            return ParsedAnswer("none", raw=raw)
+        return ParsedAnswer("box", box=box, raw=raw)  # type: ignore[arg-type]
+    if re.match(r"^(there is )?no(t| such)? ", norm) or norm.startswith("there is no "):
+        return ParsedAnswer("none", raw=raw)
+    return ParsedAnswer("unparseable", raw=raw, reason="no box and no rejection in the answer")
+
+
+def verify(parsed: ParsedAnswer, polarity: str, gt_box=None, iou_threshold: float = 0.5) -> tuple[str, float | None]:
+    """``(verdict, iou)`` of a parsed answer against the ground truth.
+
+    Positive samples: a box with IoU >= ``iou_threshold`` against ``gt_box`` is "correct", below it
+    "wrong_box"; a rejection is "false_rejection" (IoU 0.0). Negative samples: a rejection is
+    "correct_rejection", a box "false_positive" (IoU ``None`` for both). An unparseable answer is
+    "unparseable" (IoU ``None``).
+
+    >>> verify(parse_answer("<answer>[0, 0, 10, 10]</answer>"), "positive", (0, 0, 10, 12))
+    ('correct', 0.8333333333333334)
+    >>> verify(parse_answer("<answer>none</answer>"), "negative")
+    ('correct_rejection', None)
+    """
+    if polarity not in ("positive", "negative"):
+        raise ValueError(f"polarity must be 'positive' or 'negative', not {polarity!r}")
+    if parsed.kind == "unparseable":
+        return "unparseable", None
+    if polarity == "negative":
+        return ("correct_rejection" if parsed.kind == "none" else "false_positive"), None
+    if gt_box is None:
+        raise ValueError("a positive sample needs its gt_box")
+    if parsed.kind == "none":
+        return "false_rejection", 0.0
+    score = box_iou_scalar(parsed.box, tuple(float(v) for v in gt_box))  # type: ignore[arg-type]
+    return ("correct" if score >= iou_threshold else "wrong_box"), score
+
