@@ -298,9 +298,6 @@ def negatives_image_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
 
 # -- reasoning traces -----------------------------------------------------------------------------
 
-COT_MODEL = "offline-graph"
-
-
 def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     from refforge.stages import cot
 
@@ -317,7 +314,7 @@ def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
         for t in cot.traces_for_sample(graph, query, s["polarity"], s["target_object_id"], s["gt_box"],
                                        k=cfg.cot.k, seed=int(stable_key(cfg.build.seed, s["sample_id"], length=8), 16)):
             traces.append(CotTrace(sample_id=s["sample_id"], trace=t.text, answer_box=t.answer_box, iou=t.iou,
-                                   verdict=t.verdict, selected=t.selected, model=COT_MODEL))
+                                   verdict=t.verdict, selected=t.selected, model=cot.MODEL))
     out.tables["cot_traces"] = traces
     return out
 
@@ -350,4 +347,4 @@ def summarise_extra(stage: str, extras: list[dict[str, Any]]) -> dict[str, Any]:
 
 def model_ids(cfg: Config) -> dict[str, str]:
     return {"ingest": cfg.source.kind, "paths": cfg.paths.backend, "negatives_text": cfg.negatives_text.backend,
-            "blind_text_classifier": "bag-of-ngrams logistic regression (numpy)", "cot": COT_MODEL}
+            "blind_text_classifier": "bag-of-ngrams logistic regression (numpy)", "cot": "offline-graph-walk"}

@@ -7,7 +7,7 @@ from these classes (see :mod:`refforge.schemas._arrow` and :data:`TABLES`).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -55,6 +55,14 @@ class Record(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _maps_from_arrow(cls, value, info: ValidationInfo):
+        """Arrow map columns read back as lists of (key, value) pairs; accept them for dict fields."""
+        if isinstance(value, list) and get_origin(cls.model_fields[info.field_name].annotation) is dict:
+            return dict(value)
+        return value
 
     @field_validator("*", mode="after")
     @classmethod

@@ -33,7 +33,8 @@ Styles
 ------
 :data:`N_STYLES` surface styles: ``style % 3`` picks the phrasing (0 narrative sentences,
 1 numbered steps, 2 terse clauses) and ``style // 3 % 2`` whether every listed candidate carries its
-box (1) or only a rough position word (0).
+box (1) or only a rough position word (0; an object whose position word is shared by another object
+of its category always carries its box, so the walk never names two objects the same way).
 
 Parsing and verification
 ------------------------
@@ -171,6 +172,8 @@ def _position_phrase(pos: Position, category: str) -> str:
     start = pos.start or "left"
     k = pos.rank or 0
     if pos.count is not None:
+        if k == 0:
+            return f"the {_MOST.get(start, start)} of the {_num(pos.count)} {plural(category)}"
         return f"the {_ordinal(k)} of the {_num(pos.count)} {plural(category)} from the {start}"
     if k == 0:
         return f"the {_MOST.get(start, start)} {category}"
@@ -211,6 +214,12 @@ class _Walker:
             if r.subject in self.objs and r.object in self.objs and r.subject != r.object:
                 self.rels.setdefault((r.subject, r.predicate), set()).add(r.object)
         self.boxes = style // 3 % 2 == 1
+        cells: dict[tuple[str, str], int] = {}
+        for o in graph.objects:
+            key = (o.name, region_of(o, graph.width, graph.height)[0])
+            cells[key] = cells.get(key, 0) + 1
+        # objects whose position word is shared with another object of their category carry their box
+        self._crowded = {k for k, c in cells.items() if c > 1}
         self.steps: list[Step] = []
         self.lines: list[tuple[str, str]] = []  # (sentence, terse clause)
         self._silent = 0
@@ -221,9 +230,12 @@ class _Walker:
         cell, _ = region_of(o, self.g.width, self.g.height)
         return _WHERE[cell]
 
+    def needs_box(self, o: GObject) -> bool:
+        return self.boxes or (o.name, region_of(o, self.g.width, self.g.height)[0]) in self._crowded
+
     def obj(self, o: GObject, with_box: bool | None = None) -> str:
         s = f"the {o.name} {self.where(o)}"
-        if self.boxes if with_box is None else with_box:
+        if self.needs_box(o) if with_box is None else (with_box or self.needs_box(o)):
             s += f" {format_box(o.box)}"
         return s
 
@@ -234,14 +246,14 @@ class _Walker:
                 w = self.where(o)
                 cells[w] = cells.get(w, 0) + 1
             return "spread over the image (" + ", ".join(f"{_num(n)} {w}" for w, n in cells.items()) + ")"
-        parts = [f"one {self.where(o)}" + (f" {format_box(o.box)}" if self.boxes else "") for o in objs]
+        parts = [f"one {self.where(o)}" + (f" {format_box(o.box)}" if self.needs_box(o) else "") for o in objs]
         return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
     def terse(self, objs: list[GObject]) -> str:
         if len(objs) > MAX_LIST:
             return f"{len(objs)}"
         inner = ", ".join(region_of(o, self.g.width, self.g.height)[0].replace("-", " ")
-                          + (f" {format_box(o.box)}" if self.boxes else "") for o in objs)
+                          + (f" {format_box(o.box)}" if self.needs_box(o) else "") for o in objs)
         return f"{len(objs)} ({inner})" if objs else "0"
 
     def what_instead(self, o: GObject, attr: str) -> str:
@@ -325,9 +337,10 @@ class _Walker:
         axis = "x" if start in ("left", "right") else "y"
         n = len(cands)
         if pos.count is not None and n != pos.count:
-            self.say(f"The expression speaks of {_num(pos.count)} {_noun(cat, pos.count)}, but there "
-                     f"{_be(n)} {_num(n)}, so nothing is {phrase}.",
-                     f"{phrase}: count {n} != {pos.count}")
+            if n:
+                self.say(f"The expression speaks of {_num(pos.count)} {_noun(cat, pos.count)}, but there "
+                         f"{_be(n)} {_num(n)}, so nothing is {phrase}.",
+                         f"{phrase}: count {n} != {pos.count}")
             return [], False
         if pos.rank is None or pos.rank >= n:
             if n:
@@ -506,8 +519,8 @@ def trace_for(graph: SceneGraph, query: Node, *, polarity: str, target_id: str |
     if len(final) == 1:
         o = final[0]
         box_text = format_box(o.box)
-        concl = (f"So {describe(query, definite=True)} is {w.obj(o, False)}, at {box_text}.",
-                 f"answer: {w.obj(o, False)} {box_text}")
+        plain = f"the {o.name} {w.where(o)}"
+        concl = (f"So {describe(query, definite=True)} is {plain}, at {box_text}.", f"answer: {plain} {box_text}")
         answer = box_text
     elif not final:
         why = _why_none(w, query)
@@ -549,12 +562,19 @@ def select_best(traces: list[Trace]) -> list[Trace]:
 
 def traces_for_sample(graph: SceneGraph, query: Node, polarity: str, target_id: str | None, gt_box=None,
                       k: int = 1, seed: int = 0, iou_threshold: float = 0.5) -> list[Trace]:
-    """``k`` traces in different surface styles (``(seed + i) % N_STYLES``; at most :data:`N_STYLES`
-    distinct ones, so ``k`` above it is capped), the best marked ``selected``."""
-    n = max(1, min(k, N_STYLES))
-    styles = [(seed + i) % N_STYLES for i in range(n)]
-    traces = [trace_for(graph, query, polarity=polarity, target_id=target_id, style=s, gt_box=gt_box,
-                        iou_threshold=iou_threshold) for s in styles]
+    """Up to ``k`` traces with distinct texts, in the styles ``(seed + i) % N_STYLES`` for i = 0, 1, ...
+    (a style whose text repeats an earlier one is skipped, so there are at most :data:`N_STYLES`), the
+    best marked ``selected``. Distinct texts keep the ``cot_traces`` key (sample, model, trace) unique."""
+    traces: list[Trace] = []
+    seen: set[str] = set()
+    for i in range(N_STYLES):
+        if len(traces) >= max(1, k):
+            break
+        t = trace_for(graph, query, polarity=polarity, target_id=target_id, style=(seed + i) % N_STYLES,
+                      gt_box=gt_box, iou_threshold=iou_threshold)
+        if t.text not in seen:
+            seen.add(t.text)
+            traces.append(t)
     return select_best(traces)
 
 
