@@ -1,0 +1,215 @@
+"""LLM client benchmark: requests/s against the local OpenAI-protocol test server, and cache lookups/s.
+
+1. Throughput. The test server answers every request after an injected latency (100 ms by
+   default), like a model server that is never the bottleneck. With ``c`` requests in flight the
+   ideal rate is ``c / latency``; the table shows the measured rate as a share of it, at
+   concurrency 1, 8, 64 and 256, plus the client's and the server's CPU time per request (what
+   limits the share on a small machine). The server runs in its own process by default
+   (``--server thread`` puts it in this process, sharing the interpreter lock with the client).
+   A row runs concurrency 64 with the response cache on (every call a miss plus a write), and the
+   last rows spread the latency (100 +/- 50 ms, uniform, same mean) as real servers do: with a
+   fixed latency the answers of a wave arrive together and queue for the client's one thread;
+   spread latencies overlap that work with the waiting. The ceiling is the client's CPU per request
+   (the openai SDK's request building and its HTTP transport): concurrency / latency * CPU/request
+   is the number of cores the client would need for the ideal rate ("client cores busy" is what
+   it used).
+2. Cache. A ResponseCache of 100,000 entries: ``get`` hits and misses per second, ``request_key``
+   per second, and fully cached ``run_many`` calls per second (what a resumed build pays per call).
+
+    .venv/bin/python benchmarks/bench_llm.py [--latency-ms 100] [--rounds 10] [--repeats 3]
+        [--server process|thread] [--backend auto|aiohttp|httpx] [--jitter-ms 50] [--cache-entries 100000]
+
+Prints the median of ``--repeats`` runs. CPU times come from /proc (Linux); elsewhere they are blank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from refforge.llm import CachedResponse, LLMClient, ResponseCache, request_key
+from refforge.testing import OpenAITestServer
+
+
+def _proc_cpu(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class _Server:
+    """The test server in a subprocess (default) or in this process."""
+
+    def __init__(self, latency_s: float, where: str, jitter_s: float = 0.0) -> None:
+        self.where = where
+        if where == "thread":
+            self.srv = OpenAITestServer(latency_s=latency_s, latency_jitter_s=jitter_s, record_bodies=False).start()
+            self.base_url = self.srv.base_url
+            self.pid = os.getpid()
+        else:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from refforge.testing.openai_server import main; raise SystemExit(main())",
+                 "--latency-ms", str(latency_s * 1000), "--jitter-ms", str(jitter_s * 1000), "--no-record"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.base_url = self.proc.stdout.readline().strip()
+            self.pid = self.proc.pid
+
+    def cpu(self) -> float | None:
+        return None if self.where == "thread" else _proc_cpu(self.pid)
+
+    def close(self) -> None:
+        if self.where == "thread":
+            self.srv.stop()
+        else:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+
+
+def _requests(n: int, tag: str) -> list[dict]:
+    return [
+        {"messages": [{"role": "system", "content": "Rewrite the referring expression naturally."},
+                      {"role": "user", "content": f"the red ball left of the blue box #{tag}-{i}"}],
+         "prompt_version": "bench@1", "stage": "bench"}
+        for i in range(n)
+    ]
+
+
+def throughput(server: _Server, concurrency: int, latency_s: float, rounds: int, backend: str,
+               cache: ResponseCache | None = None) -> dict:
+    client = LLMClient(server.base_url, "bench-model", api_key_env=None, concurrency=concurrency,
+                       http_backend=backend, cache=cache)
+    try:
+        client.run_many(_requests(concurrency, f"warm{random.random()}"))  # connections, imports
+        n = max(concurrency * rounds, 10)
+        reqs = _requests(n, f"run{random.random()}")
+        c0, s0 = time.process_time(), server.cpu()
+        t0 = time.perf_counter()
+        results = client.run_many(reqs)
+        wall = time.perf_counter() - t0
+        c1, s1 = time.process_time(), server.cpu()
+        assert all(not isinstance(r, Exception) and not r.cached for r in results)
+        rate = n / wall
+        return {
+            "rate": rate, "share": rate / (concurrency / latency_s), "n": n,
+            "client_cpu_ms": (c1 - c0) / n * 1000,
+            "server_cpu_ms": (s1 - s0) / n * 1000 if s0 is not None and s1 is not None else None,
+            "backend": client.http_backend_in_use,
+        }
+    finally:
+        client.close()
+
+
+def cache_bench(entries: int, probes: int) -> list[tuple[str, float]]:
+    tmp = Path(tempfile.mkdtemp(prefix="refforge-bench-cache-"))
+    cache = ResponseCache(tmp / "llm.sqlite")
+    reqs = _requests(entries, "cache")
+    t0 = time.perf_counter()
+    keys = [request_key(model="bench-model", messages=r["messages"], prompt_version="bench@1", temperature=0)
+            for r in reqs]
+    key_rate = entries / (time.perf_counter() - t0)
+    answer = '{"text": "the small red ball to the left of the blue box"}'
+    for i in range(0, entries, 10_000):
+        cache.put_many([(k, CachedResponse(answer, "stop", None, 40, 14, "bench-model", "bench", "bench@1"))
+                        for k in keys[i:i + 10_000]])
+    assert len(cache) == entries
+    rng = random.Random(0)
+    hits = [keys[rng.randrange(entries)] for _ in range(probes)]
+    misses = [f"{rng.getrandbits(256):064x}" for _ in range(probes)]
+    t0 = time.perf_counter()
+    assert all(cache.get(k) is not None for k in hits)
+    hit_rate = probes / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    assert all(cache.get(k) is None for k in misses)
+    miss_rate = probes / (time.perf_counter() - t0)
+
+    # End to end: a resumed build's calls, all answered from the cache through the client.
+    client = LLMClient("http://127.0.0.1:9/v1", "bench-model", api_key_env=None, cache=cache)
+    sub = [{**r, "temperature": 0} for r in reqs[:probes]]
+    t0 = time.perf_counter()
+    out = client.run_many(sub)
+    cached_rate = probes / (time.perf_counter() - t0)
+    assert all(r.cached for r in out)
+    client.close()
+    size_mb = cache.stats()["size_bytes"] / 1e6
+    cache.close()
+    return [
+        (f"request_key (hash a request), {entries:,} requests", key_rate),
+        (f"get, hit ({entries:,} entries, {size_mb:.0f} MB)", hit_rate),
+        (f"get, miss ({entries:,} entries)", miss_rate),
+        ("client.run_many, all answered from the cache", cached_rate),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--latency-ms", type=float, default=100.0)
+    ap.add_argument("--rounds", type=int, default=10, help="requests per run = concurrency x rounds")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
+    ap.add_argument("--server", choices=["process", "thread"], default="process")
+    ap.add_argument("--backend", choices=["auto", "aiohttp", "httpx"], default="auto")
+    ap.add_argument("--cache-entries", type=int, default=100_000)
+    ap.add_argument("--cache-probes", type=int, default=20_000)
+    ap.add_argument("--jitter-ms", type=float, default=50.0,
+                    help="also run concurrency >= 64 with latency +/- this (uniform, same mean); 0: skip")
+    ap.add_argument("--skip-cache", action="store_true")
+    args = ap.parse_args(argv)
+    latency = args.latency_ms / 1000
+
+    print(f"cores: {os.cpu_count()}, python {sys.version.split()[0]}, server in a {args.server}, "
+          f"{args.latency_ms:g} ms injected latency, median of {args.repeats}")
+    configs = [(c, 0.0, False) for c in args.concurrency]
+    if 64 in args.concurrency:
+        configs.append((64, 0.0, True))
+    if args.jitter_ms:
+        configs += [(c, args.jitter_ms / 1000, False) for c in args.concurrency if c >= 64]
+    rows = []
+    for jitter in sorted({j for _, j, _ in configs}):
+        server = _Server(latency, args.server, jitter)
+        try:
+            for c, j, with_cache in configs:
+                if j != jitter:
+                    continue
+                runs = []
+                for _ in range(args.repeats):
+                    cache = None
+                    if with_cache:
+                        cache = ResponseCache(Path(tempfile.mkdtemp(prefix="refforge-bench-")) / "llm.sqlite")
+                    runs.append(throughput(server, c, latency, args.rounds, args.backend, cache))
+                med = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
+                rows.append((c, j, with_cache, med, [r["share"] for r in runs]))
+        finally:
+            server.close()
+
+    print()
+    print("| concurrency | latency | requests | requests/s | ideal | share of ideal (runs) | client CPU/req "
+          "| client cores busy | server CPU/req |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c, j, with_cache, r, shares in rows:
+        label = f"{c}" + (" + cache" if with_cache else "")
+        lat = f"{args.latency_ms:g} ms" + (f" ± {j * 1000:g}" if j else "")
+        server_cpu = f"{r['server_cpu_ms']:.2f} ms" if r["server_cpu_ms"] is not None else ""
+        busy = r["rate"] * r["client_cpu_ms"] / 1000  # CPU seconds per second of the client process
+        print(f"| {label} | {lat} | {r['n']:,} | {r['rate']:,.0f} | {c / latency:,.0f} | {r['share']:.0%} "
+              f"({', '.join(f'{s:.0%}' for s in shares)}) | {r['client_cpu_ms']:.2f} ms | {busy:.2f} | {server_cpu} |")
+    print(f"\nHTTP backend: {rows[0][3]['backend'] if rows else '?'}")
+
+    if not args.skip_cache:
+        print()
+        print("| cache operation | per second |")
+        print("|---|---|")
+        for label, rate in cache_bench(args.cache_entries, args.cache_probes):
+            print(f"| {label} | {rate:,.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,569 @@
+"""LLMClient against the local OpenAI-protocol test server: every fault a real endpoint produces,
+structured output, the response cache, the concurrency bound, images, and the API key's secrecy.
+
+Timing facts (Retry-After honoured) are asserted from the server's own request timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import pickle
+import threading
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from refforge.llm import (
+    ChatRequest,
+    LLMClient,
+    LLMError,
+    LLMOutputError,
+    LLMRequestError,
+    ResponseCache,
+    encode_image,
+    extract_json,
+    image_part,
+    parse_model,
+    request_key,
+    strict_json_schema,
+)
+from refforge.llm.client import _aiohttp_available, _retry_after
+from refforge.llm.structured import OutputParseError
+from refforge.testing import (
+    OpenAITestServer,
+    drop_connection,
+    empty,
+    fail,
+    http_date,
+    malformed_body,
+    rate_limit,
+    refusal,
+    reject_response_format,
+    reply,
+    server_error,
+    stall,
+    truncated,
+)
+
+KEY_ENV = "REFFORGE_TEST_LLM_KEY"
+MSG = [{"role": "system", "content": "You describe objects."}, {"role": "user", "content": "the red ball"}]
+BACKENDS = ["httpx", pytest.param("aiohttp", marks=pytest.mark.skipif(not _aiohttp_available(),
+                                                                     reason="openai[aiohttp] not installed"))]
+
+
+class Described(BaseModel):
+    label: str
+    box: list[float] = Field(min_length=4, max_length=4)
+    confidence: float | None = None
+
+
+GOOD = '{"label": "red ball", "box": [1, 2, 30, 40], "confidence": 0.9}'
+
+
+@pytest.fixture()
+def srv():
+    with OpenAITestServer() as s:
+        yield s
+
+
+@pytest.fixture()
+def make(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test-key")
+    made = []
+
+    def factory(server, **kw) -> LLMClient:
+        kw.setdefault("api_key_env", KEY_ENV)
+        kw.setdefault("backoff_base_s", 0.01)
+        kw.setdefault("backoff_max_s", 0.05)
+        kw.setdefault("timeout_s", 5)
+        client = LLMClient(server.base_url, kw.pop("model", "test-model"), **kw)
+        made.append(client)
+        return client
+
+    yield factory
+    for c in made:
+        c.close()
+
+
+def call(client, messages=MSG, **kw):
+    kw.setdefault("prompt_version", "describe@1")
+    kw.setdefault("stage", "describe")
+    return client.chat_sync(messages, **kw)
+
+
+# ------------------------------------------------------------------------------------------ plain calls
+
+
+def test_plain_call_sends_the_openai_request(srv, make):
+    srv.script(reply("a small red ball", prompt_tokens=12, completion_tokens=4))
+    client = make(srv)
+    out = call(client, max_tokens=20, extra={"top_p": 0.5})
+    assert (out.text, out.parsed, out.cached, out.attempts) == ("a small red ball", None, False, 1)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (12, 4)
+    body = srv.requests[0].body
+    assert body["model"] == "test-model" and body["messages"] == MSG
+    assert (body["temperature"], body["max_tokens"], body["top_p"]) == (0, 20, 0.5)
+    assert "response_format" not in body
+    assert srv.requests[0].authorized
+
+
+# ------------------------------------------------------------------------------------- transport faults
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_429_retry_after_is_honoured_and_does_not_use_max_retries(srv, make, backend):
+    srv.script(rate_limit(retry_after=1), reply("fine"))
+    client = make(srv, http_backend=backend, max_retries=0)
+    out = call(client)
+    assert (out.text, out.attempts) == ("fine", 2)
+    first, second = srv.requests
+    assert second.received_at - first.answered_at >= 1.0  # the server's clock, not the test's
+    u = client.usage()["describe"]
+    assert (u["rate_limited"], u["retries"], u["http_requests"]) == (1, 1, 2)
+
+
+def test_retry_after_header_forms():
+    def exc(**headers):
+        return SimpleNamespace(response=SimpleNamespace(headers=headers))
+
+    assert _retry_after(exc(**{"retry-after": "3"})) == 3
+    assert _retry_after(exc(**{"retry-after": "0.25"})) == 0.25
+    assert _retry_after(exc(**{"retry-after-ms": "1500", "retry-after": "9"})) == 1.5
+    assert 28 <= _retry_after(exc(**{"retry-after": http_date(30)})) <= 30
+    assert _retry_after(exc(**{"retry-after": http_date(-60)})) == 0
+    assert _retry_after(exc(**{"retry-after": "soon"})) is None
+    assert _retry_after(exc()) is None
+    assert _retry_after(SimpleNamespace()) is None
+
+
+def test_rate_limit_budget_then_failure(srv, make):
+    srv.default = rate_limit(retry_after=0.2)
+    client = make(srv, max_rate_limit_wait_s=0.5)
+    with pytest.raises(LLMRequestError) as info:
+        call(client)
+    assert info.value.reason == "rate_limited" and info.value.status == 429
+    assert srv.request_count == 3  # waited 0.2 + 0.2; a third wait would pass the budget
+    assert client.usage()["describe"]["request_errors"] == {"rate_limited": 1}
+
+
+def test_insufficient_quota_fails_at_once(srv, make):
+    srv.script(fail(429, "You exceeded your current quota", type="insufficient_quota", code="insufficient_quota"))
+    with pytest.raises(LLMRequestError) as info:
+        call(make(srv))
+    assert info.value.reason == "quota" and srv.request_count == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_5xx_then_success(srv, make, backend):
+    srv.script(server_error(500), server_error(502), server_error(503), reply("ok after 3"))
+    out = call(make(srv, http_backend=backend))
+    assert (out.text, out.attempts) == ("ok after 3", 4)
+    assert [r.status for r in srv.requests] == [500, 502, 503, 200]
+
+
+def test_5xx_past_max_retries_fails(srv, make):
+    srv.default = server_error(500)
+    with pytest.raises(LLMRequestError) as info:
+        call(make(srv, max_retries=2))
+    assert info.value.reason == "server_error" and info.value.attempts == 3
+    assert srv.request_count == 3
+
+
+def test_503_retry_after_is_honoured(srv, make):
+    srv.script(server_error(503, retry_after=0.5), reply("up again"))
+    assert call(make(srv)).text == "up again"
+    first, second = srv.requests
+    assert second.received_at - first.answered_at >= 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stall_past_timeout_then_success(srv, make, backend):
+    srv.script(stall(5), reply("awake"))
+    out = call(make(srv, http_backend=backend, timeout_s=0.3))
+    assert (out.text, out.attempts) == ("awake", 2)
+    assert srv.requests[0].behaviour == "stall" and srv.requests[0].status is None  # never answered
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropped_connection_then_success(srv, make, backend):
+    srv.script(drop_connection(), reply("reconnected"))
+    out = call(make(srv, http_backend=backend))
+    assert (out.text, out.attempts) == ("reconnected", 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_malformed_body_then_success(srv, make, backend):
+    srv.script(malformed_body(), reply("well formed"))
+    out = call(make(srv, http_backend=backend))
+    assert (out.text, out.attempts) == ("well formed", 2)
+
+
+def test_client_errors_fail_at_once(srv, make, monkeypatch):
+    srv.script(fail(404, "The model `nope` does not exist", code="model_not_found"))
+    with pytest.raises(LLMRequestError) as info:
+        call(make(srv))
+    assert info.value.reason == "not_found" and srv.request_count == 1
+    with OpenAITestServer(api_key="sk-the-right-one") as locked:
+        with pytest.raises(LLMRequestError) as info:
+            call(make(locked))
+        assert info.value.reason == "auth" and KEY_ENV in str(info.value)
+        assert locked.request_count == 1
+
+
+# ---------------------------------------------------------------------------------- structured output
+
+
+def test_json_schema_mode_sends_a_strict_schema(srv, make):
+    srv.script(reply(GOOD))
+    client = make(srv)
+    out = call(client, response_schema=Described)
+    assert out.parsed == Described(label="red ball", box=[1, 2, 30, 40], confidence=0.9)
+    rf = srv.requests[0].body["response_format"]
+    assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
+    assert rf["json_schema"]["name"] == "Described"
+    schema = rf["json_schema"]["schema"]
+    assert schema["additionalProperties"] is False and schema["required"] == ["label", "box", "confidence"]
+    assert srv.requests[0].body["messages"] == MSG  # no instructions added in json_schema mode
+    assert client.structured_mode == "json_schema"
+
+
+@pytest.mark.parametrize("bad", [reply('{"label": "red ball", "box": [1, 2'), truncated()])
+def test_garbled_or_truncated_json_is_repaired(srv, make, bad):
+    srv.script(bad, reply(f"```json\n{GOOD}\n```"))
+    client = make(srv)
+    out = call(client, response_schema=Described)
+    assert out.parsed.label == "red ball" and out.attempts == 2
+    repair = srv.requests[1].body["messages"]
+    assert repair[:2] == MSG
+    assert repair[2]["role"] == "assistant" and repair[2]["content"] == bad.content
+    assert repair[3]["role"] == "user" and "rejected" in repair[3]["content"]
+    assert client.usage()["describe"]["repairs"] == 1
+
+
+@pytest.mark.parametrize(("behaviour", "reason"), [
+    (reply("the red ball is at the left, roughly"), "unparseable"),
+    (truncated(), "truncated"),
+    (reply('{"label": "red ball"}'), "schema_mismatch"),
+    (empty(), "empty"),
+])
+def test_answers_that_stay_bad_raise_output_errors(srv, make, behaviour, reason):
+    srv.default = behaviour
+    client = make(srv)
+    with pytest.raises(LLMOutputError) as info:
+        call(client, response_schema=Described)
+    assert info.value.reason == reason
+    assert srv.request_count == 2  # the answer and one repair
+    assert client.usage()["describe"]["output_errors"] == {reason: 1}
+    if reason == "schema_mismatch":
+        assert "box" in info.value.detail
+
+
+def test_wrong_schema_repaired(srv, make):
+    srv.script(reply('{"name": "red ball", "bbox": [1, 2, 3, 4]}'), reply(GOOD))
+    assert call(make(srv), response_schema=Described).parsed.box == [1, 2, 30, 40]
+
+
+@pytest.mark.parametrize("behaviour", [refusal(), reply("I'm sorry, but I can't help with identifying that.")])
+def test_refusals_are_not_repaired(srv, make, behaviour):
+    srv.default = behaviour
+    with pytest.raises(LLMOutputError) as info:
+        call(make(srv), response_schema=Described)
+    assert info.value.reason == "refusal" and srv.request_count == 1
+    assert "sorry" in info.value.text.lower() or "can't" in info.value.text
+
+
+def test_plain_text_output_errors(srv, make):
+    srv.script(truncated("a red ball that is"), empty(), refusal())
+    client = make(srv)
+    reasons = []
+    for i in range(3):
+        with pytest.raises(LLMOutputError) as info:
+            call(client, messages=[{"role": "user", "content": f"q{i}"}])
+        reasons.append(info.value.reason)
+    assert reasons == ["truncated", "empty", "refusal"]
+    assert srv.request_count == 3  # no repair turns without a schema
+
+
+def test_json_schema_rejected_falls_back_to_instructions_for_good(srv, make):
+    srv.script(reject_response_format(), reply(f"Here you go: {GOOD} Anything else?"))
+    client = make(srv)
+    out = call(client, response_schema=Described)
+    assert out.parsed.label == "red ball" and out.attempts == 2
+    assert client.structured_mode == "instructions"
+    fallback = srv.requests[1].body
+    assert "response_format" not in fallback
+    assert fallback["messages"][0]["role"] == "system"
+    assert fallback["messages"][0]["content"].startswith("You describe objects.")
+    assert '"required":["label","box","confidence"]' in fallback["messages"][0]["content"]
+    srv.script(reply(GOOD))
+    call(client, messages=[{"role": "user", "content": "another"}], response_schema=Described)
+    later = srv.requests[2].body
+    assert "response_format" not in later and later["messages"][0]["role"] == "system"  # added system prompt
+
+
+def test_json_schema_mode_does_not_fall_back(srv, make):
+    srv.script(reject_response_format())
+    with pytest.raises(LLMRequestError) as info:
+        call(make(srv, structured_output="json_schema"), response_schema=Described)
+    assert info.value.reason == "bad_request" and srv.request_count == 1
+
+
+def test_instructions_mode_from_the_start(srv, make):
+    srv.script(reply(f"```json\n{GOOD}\n```"))
+    out = call(make(srv, structured_output="instructions"), response_schema=Described)
+    assert out.parsed.confidence == 0.9
+    assert "response_format" not in srv.requests[0].body
+
+
+def test_strict_schema_and_json_extraction():
+    class Inner(BaseModel):
+        name: str = Field(description="object name")
+        attributes: list[str] = []
+
+    class Outer(BaseModel):
+        target: Inner = Field(description="the target")
+        anchor: Inner | None = None
+        extras: dict[str, str] | None = None
+
+    schema = strict_json_schema(Outer)
+    assert schema["required"] == ["target", "anchor", "extras"] and schema["additionalProperties"] is False
+    assert "$ref" not in schema["properties"]["target"]  # a $ref with siblings is inlined
+    assert schema["properties"]["target"]["description"] == "the target"
+    assert schema["$defs"]["Inner"]["required"] == ["name", "attributes"]
+    assert schema["$defs"]["Inner"]["additionalProperties"] is False
+    assert "default" not in json.dumps(schema["properties"]["anchor"])
+    assert extract_json('noise {"a": [1, {"b": 2}]} trailing {"c": 3}') == {"a": [1, {"b": 2}]}
+    assert extract_json("the box [1, 2] then {broken and {\"ok\": 1}") == {"ok": 1}
+    assert extract_json("```json\n[1, 2]\n```") == [1, 2]
+    with pytest.raises(OutputParseError) as info:
+        extract_json("   ")
+    assert info.value.reason == "empty"
+    with pytest.raises(OutputParseError) as info:
+        parse_model('{"target": {"name": 3}}', Outer)
+    assert info.value.reason == "schema_mismatch"
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_second_call_sends_nothing_and_prompt_version_misses(srv, make, tmp_path):
+    cache = ResponseCache(tmp_path / "llm.sqlite")
+    srv.default = reply(GOOD)
+    client = make(srv, cache=cache)
+    first = call(client, response_schema=Described)
+    n = srv.request_count
+    again = call(client, response_schema=Described)
+    assert srv.request_count == n == 1
+    assert again.cached and again.attempts == 0 and again.parsed == first.parsed and again.key == first.key
+    call(client, response_schema=Described, prompt_version="describe@2")
+    call(client, response_schema=Described, temperature=0.7)
+    call(client, response_schema=Described, temperature=0.7, sample=1)
+    call(client, response_schema=Described, extra={"seed": 1})
+    call(client)  # no schema: another request
+    assert srv.request_count == 6
+    u = client.usage()["describe"]
+    assert (u["requests"], u["cached"]) == (7, 1)
+    assert len(cache) == 6 and cache.stats()["hits"] == 1
+
+
+def test_resumed_build_with_another_server_sends_zero_requests(srv, make, tmp_path):
+    path = tmp_path / "llm.sqlite"
+    srv.default = reply(GOOD)
+    reqs = [ChatRequest([{"role": "user", "content": f"object {i}"}], "describe@1", "describe", response_schema=Described)
+            for i in range(5)]
+    first = make(srv, cache=ResponseCache(path)).run_many(reqs)
+    assert srv.request_count == 5
+    with OpenAITestServer() as other:  # a resumed build, another process, another endpoint URL
+        again = make(other, cache=ResponseCache(path)).run_many(reqs)
+        assert other.request_count == 0
+    assert [r.parsed for r in again] == [r.parsed for r in first] and all(r.cached for r in again)
+
+
+def test_output_errors_are_cached_too(srv, make, tmp_path):
+    srv.default = refusal()
+    client = make(srv, cache=ResponseCache(tmp_path / "llm.sqlite"))
+    for _ in range(2):
+        with pytest.raises(LLMOutputError) as info:
+            call(client, response_schema=Described)
+        assert info.value.reason == "refusal"
+    assert srv.request_count == 1 and info.value.cached
+
+
+def test_identical_calls_in_one_batch_share_one_request(srv, make):
+    srv.latency_s = 0.05
+    client = make(srv)
+    reqs = [{"messages": MSG, "prompt_version": "p", "stage": "s"}] * 4
+    out = client.run_many(reqs)
+    assert srv.request_count == 1 and [r.text for r in out] == ["ok"] * 4
+    assert sorted(r.cached for r in out) == [False, True, True, True]
+
+
+def test_cache_key_ignores_base_url_and_counts_images_by_bytes():
+    a = image_part(Image.new("RGB", (40, 30), "red"))
+    b = image_part(Image.new("RGB", (40, 30), "red"))
+    c = image_part(Image.new("RGB", (40, 30), "blue"))
+
+    def key(part, pv="v1"):
+        return request_key(model="m", messages=[{"role": "user", "content": [part]}], prompt_version=pv)
+
+    assert key(a) == key(b) != key(c)
+    assert key(a) != key(a, "v2")
+
+
+# ------------------------------------------------------------------------------- concurrency and sync use
+
+
+def test_concurrency_bound_is_respected(srv, make):
+    srv.latency_s = 0.1
+    client = make(srv, concurrency=3)
+    reqs = [{"messages": [{"role": "user", "content": f"q{i}"}], "prompt_version": "p", "stage": "s"} for i in range(12)]
+    with ThreadPoolExecutor(2) as pool:  # two Prefect-like worker threads share the bound
+        outs = list(pool.map(client.run_many, [reqs[:6], reqs[6:]]))
+    assert sum(len(o) for o in outs) == 12
+    assert 2 <= srv.max_in_flight <= 3  # the bound holds across threads (and is used)
+
+
+def test_run_many_inside_a_running_event_loop_and_chat_from_another_loop(srv, make):
+    client = make(srv)
+
+    async def in_loop():
+        sync_result = client.run_many([{"messages": MSG, "prompt_version": "p", "stage": "s"}])  # sync API
+        async_result = await client.chat([{"role": "user", "content": "x"}], prompt_version="p", stage="s")
+        return sync_result[0].text, async_result.text
+
+    assert asyncio.run(in_loop()) == ("ok", "ok")
+    assert threading.current_thread() is threading.main_thread()
+
+
+def test_run_many_returns_output_errors_in_place_and_raises_request_errors_after_the_batch(srv, make, tmp_path):
+    def handler(req):
+        content = req.messages[-1]["content"]
+        return {"refuse": refusal(), "broken": server_error(500)}.get(content, reply(GOOD))
+
+    srv.handler = handler
+    client = make(srv, max_retries=1, cache=ResponseCache(tmp_path / "c.sqlite"))
+    reqs = [{"messages": [{"role": "user", "content": c}], "prompt_version": "p", "stage": "s",
+             "response_schema": Described} for c in ("a", "refuse", "b", "broken")]
+    with pytest.raises(LLMRequestError) as info:
+        client.run_many(reqs)
+    assert info.value.reason == "server_error"
+    out = client.run_many(reqs, raise_request_errors=False)
+    assert [type(r).__name__ for r in out] == ["ChatResult", "LLMOutputError", "ChatResult", "LLMRequestError"]
+    assert out[0].cached and out[1].reason == "refusal" and out[2].cached  # the first batch's answers were kept
+
+
+def test_usage_and_cost(srv, make):
+    srv.default = reply("x", prompt_tokens=1000, completion_tokens=500)
+    client = make(srv, price_per_1k_input=0.5, price_per_1k_output=2.0)
+    call(client, stage="rewrite")
+    call(client, messages=[{"role": "user", "content": "2"}], stage="rewrite")
+    u = client.usage()["rewrite"]
+    assert (u["requests"], u["prompt_tokens"], u["completion_tokens"]) == (2, 2000, 1000)
+    assert u["estimated_cost_usd"] == pytest.approx(3.0)
+    assert make(srv).usage() == {}
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def _decode(url: str) -> Image.Image:
+    head, data = url.split(",", 1)
+    assert head.startswith("data:image/") and head.endswith(";base64")
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def test_image_parts_are_resized_deterministic_and_sent_as_data_urls(srv, make):
+    big = Image.effect_noise((2000, 1000), 40).convert("RGB")
+    client = make(srv, image_longest_side=512)
+    part = client.image_part(big)
+    assert part == client.image_part(big)  # same bytes every time
+    assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
+    assert _decode(part["image_url"]["url"]).size == (512, 256)
+    enc = client.encode_image(big)
+    assert enc.to_original((0, 0, 512, 256)) == (0, 0, 2000, 1000)
+
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=80)
+    jpeg = image_part(buf.getvalue(), longest_side=300)
+    assert jpeg["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert _decode(jpeg["image_url"]["url"]).size == (300, 150)
+
+    small = io.BytesIO()
+    Image.new("RGBA", (64, 32), (255, 0, 0, 128)).save(small, format="PNG")
+    same = encode_image(small.getvalue(), longest_side=512)
+    assert base64.b64decode(same.url.split(",", 1)[1]) == small.getvalue()  # small enough: sent as is
+    assert image_part(Image.new("P", (10, 10)))["image_url"]["url"].startswith("data:image/png")
+
+    call(client, messages=[{"role": "user", "content": [{"type": "text", "text": "what is it?"}, part]}])
+    assert srv.requests[-1].image_urls() == [part["image_url"]["url"]]
+
+
+# -------------------------------------------------------------------------------------------- secrets
+
+
+def test_api_key_never_leaks(srv, make, tmp_path, caplog, monkeypatch):
+    key = f"sk-refforge-LEAKCHECK-{uuid.uuid4().hex}"
+    monkeypatch.setenv(KEY_ENV, key)
+    for name in (None, "openai", "httpx", "httpx2", "httpcore", "httpcore2", "aiohttp", "asyncio", "refforge"):
+        caplog.set_level(logging.DEBUG, logger=name)
+
+    def handler(req):
+        return {
+            "echo": fail(400, f"Invalid request from {key}; check your key {key[:8]}...{key[-4:]}"),
+            "limit": rate_limit(retry_after=0.2, message=f"Rate limit for {key}"),
+            "down": server_error(500), "stall": stall(3), "drop": drop_connection(), "garbled": malformed_body(),
+            "refuse": refusal(), "empty": empty(), "prose": reply("roughly on the left"),
+            "partial": reply('{"label": "x"}'), "cut": truncated(),
+        }.get(req.messages[0]["content"])  # the first message: repair turns append to the conversation
+
+    srv.handler = handler
+    srv.api_key = key
+    cache_dir = tmp_path / "cache"
+    client = make(srv, cache=ResponseCache(cache_dir / "llm.sqlite"), max_retries=1, timeout_s=0.3,
+                  max_rate_limit_wait_s=0.3)
+    errors: list[LLMError] = []
+    for content in ("echo", "limit", "down", "stall", "drop", "garbled", "refuse", "empty", "prose", "partial",
+                    "cut", "fine"):
+        try:
+            call(client, messages=[{"role": "user", "content": content}], response_schema=Described)
+        except LLMError as exc:
+            errors.append(exc)
+    monkeypatch.setenv("REFFORGE_OTHER_KEY", "sk-wrong-" + uuid.uuid4().hex)
+    try:
+        call(make(srv, api_key_env="REFFORGE_OTHER_KEY"))
+    except LLMError as exc:
+        errors.append(exc)
+
+    reasons = {e.reason for e in errors}
+    assert {"bad_request", "rate_limited", "server_error", "auth", "refusal", "empty", "unparseable",
+            "schema_mismatch", "truncated"} <= reasons
+    assert {"timeout", "bad_response"} <= reasons
+    assert all(r.authorized for r in srv.requests[:-1])  # the key was really sent...
+
+    exposed = [caplog.text, repr(client), json.dumps(client.usage()), str(client.__reduce__())]
+    exposed += [record.getMessage() for record in caplog.records]
+    for e in errors:
+        exposed += [str(e), repr(e), "".join(traceback.format_exception(e)), repr(vars(e))]
+        assert e.__cause__ is None and e.__context__ is None  # no SDK exception (and its request headers) attached
+    blob = "\n".join(exposed)
+    assert key not in blob and key[7:] not in blob  # ...and is nowhere else
+    assert len(caplog.records) > 5
+    for e in errors:
+        assert key.encode() not in pickle.dumps(e)
+    assert key.encode() not in pickle.dumps(client)
+    files = list(cache_dir.iterdir())
+    assert files and all(key.encode() not in f.read_bytes() for f in files)
+    clone = pickle.loads(pickle.dumps(client))  # reads the key again from the environment
+    srv.script(reply("from the clone"))
+    try:
+        assert call(clone, messages=[{"role": "user", "content": "clone"}]).text == "from the clone"
+    finally:
+        clone.close()
