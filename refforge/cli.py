@@ -74,8 +74,9 @@ def _print_summary(record: dict) -> None:
         row = cat.sql("""SELECT count(*) FILTER (polarity = 'positive') AS positives,
                                 count(*) FILTER (polarity = 'negative') AS negatives,
                                 count(*) FILTER (negative_source = 'image') AS image_negatives,
-                                count(*) FILTER (difficulty = 1) AS l1, count(*) FILTER (difficulty = 2) AS l2,
-                                count(*) FILTER (difficulty = 3) AS l3 FROM expressions""").to_pylist()[0]
+                                count(*) FILTER (difficulty = 1 AND polarity = 'positive') AS l1,
+                                count(*) FILTER (difficulty = 2 AND polarity = 'positive') AS l2,
+                                count(*) FILTER (difficulty = 3 AND polarity = 'positive') AS l3 FROM expressions""").to_pylist()[0]
         n_images = cat.count("images")
         n_traces = cat.count("cot_traces")
     console.print(f"[bold]{record['root']}[/]: {n_images} images, {row['positives']} positive expressions "
