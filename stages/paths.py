@@ -1,101 +1,181 @@
-"""Unique 0- and 1-hop referring paths over a scene graph (pure functions).
+"""Unique referring paths (0, 1 and 2 hops, absolute positions, ordinals) over a scene graph.
 
-Semantics
----------
-A *path* for a target object ``t`` is a triple ``(c, A, R)``:
+Pure functions. A path is a :class:`~refforge.stages.query.Node` (the canonical query tree); it refers
+to its target ``t`` iff ``query.evaluate(graph, path.query)`` is exactly ``[t.id]`` and not
+ambiguous (see ``stages/query.py`` for the semantics of categories, attributes, relations and
+positions, and for the constraint count).
 
-* ``c``: a category; for a path of ``t`` always ``c == t.name``;
-* ``A``: a set of attributes, ``A ⊆ set(t.attributes)``;
-* ``R``: a set of relation constraints ``(p, c2)``. A constraint is satisfied by an object ``x`` iff
-  the graph holds a relation ``GRelation(x.id, p, y.id)`` for some object ``y`` with
-  ``y.id != x.id`` and ``y.name == c2``. The anchor ``y`` is described by its category only (no
-  anchor attributes, no chains: at most one hop). Relations whose subject or object id is not an
-  object of the graph are ignored, as are self-relations.
+Target selection
+----------------
+Before searching, :class:`TargetSelection` decides which objects may be *targets*. An object is
+dropped as a target (a drop ``(object_id, reason)``), checked in this order:
 
-``matches(graph, path)`` is the list of ids of the objects ``x`` (in graph order) with
-``x.name == c``, ``A ⊆ set(x.attributes)`` and every constraint of ``R`` satisfied by ``x``.
-Matching is exact string equality on names, attributes and predicates (no case folding, no
-synonyms).
+* its category, or the last word of it (``"brick wall"`` -> ``"wall"``), compared case-insensitively,
+  is in ``blocklist`` (stuff-like classes: sky, wall, ground, floor, ceiling, road, grass, water, field,
+  sand, snow, street, sidewalk, background) -> ``"stuff category 'sky'"``;
+* its box area over the image area is below ``min_area_frac`` or above ``max_area_frac`` ->
+  ``"area fraction 0.0004 below 0.001"`` / ``"area fraction 0.85 above 0.8"``;
+* ``drop_border_cut`` and the box comes closer than ``border_px`` pixels to a side of the image
+  (``x1 < border_px``, ``y1 < border_px``, ``x2 > width - border_px`` or ``y2 > height - border_px``)
+  -> ``"box cut by the image border"``.
 
-The *constraint count* of a path is ``k = |A| + |R|``; its *hops* is 1 if ``R`` is non-empty, else 0.
-A path is a *referring path* for ``t`` iff ``matches(graph, path) == [t.id]``.
+Dropped objects stay in the graph: they are anchors and distractors like any other object.
 
-For each object ``t``, :func:`referring_paths` searches the candidate constraints of ``t`` (its
-distinct attributes, plus, when ``max_hops >= 1``, the distinct ``(p, c2)`` pairs of its outgoing
-relations) in increasing size ``k = 0, 1, ..., max_constraints`` and stops at the first size
-``k_min`` that has a referring path. It returns only paths of size exactly ``k_min`` (all of them
-are then minimal: none is a superset of a smaller referring path, because none exists), at most
-``max_per_target`` of them. The *level* (difficulty) of ``t`` is ``1`` if ``k_min == 0`` (the
-category alone is unique), ``2`` if ``k_min == 1`` and ``3`` if ``k_min >= 2``; every path returned
-for ``t`` carries that level and ``constraint_count == k_min``. With ``max_hops == 0`` only
-attribute paths are searched (and level is relative to them). A target with no referring path
-of size ``<= max_constraints`` is returned as a drop ``(t.id, "no unique path within N
-constraints")`` with ``N = max_constraints``.
+Search space
+------------
+For a target ``t`` with settings ``H = max_hops``, ``K = max_constraints``, ``positions`` and
+``anchor_attributes``, the search space ``Q(t)`` is built from *atoms*:
 
-Choice among the minimal paths (when more than ``max_per_target``) and of the surface template
-variant is deterministic in ``seed`` and independent of Python's randomised ``hash()``: it uses
-stable hashes (blake2b for the choice, crc32 for the variant) of ``(seed, target id, path)``. When
-there are more minimal paths than ``max_per_target``, attribute-only and relation paths are
-interleaved so that both kinds appear when both exist (which kind comes first is seeded per
-target, so that even ``max_per_target=1`` mixes kinds across a dataset); within a kind the order
-is the seeded hash order. Otherwise all minimal paths are returned in search order
-(attribute constraints before relation constraints, lexicographic over the candidates).
+* an **attribute atom** ``a`` for every distinct attribute of ``t`` (cost 1);
+* if ``H >= 1``, a **relation atom** ``(p, D)`` for every relation ``(t, p, y)`` of the graph with ``y``
+  an object other than ``t``, and every anchor description ``D`` of ``y`` (cost ``1 + D.constraint_count``):
+
+  - ``Node(y.name, A_y)`` with ``A_y = ()``, or ``A_y = (a,)`` for an attribute ``a`` of ``y`` (at most
+    one anchor attribute, and only when ``anchor_attributes``);
+  - if ``H >= 2``, also ``Node(y.name, A_y, ((p2, D2),))`` for every relation ``(y, p2, z)`` with ``z``
+    an object, ``z != y`` and ``z != t``, and ``D2 = Node(z.name, A_z)``, ``A_z = ()`` or ``(b,)`` for an
+    attribute ``b`` of ``z`` (again only with ``anchor_attributes``).
+
+  Relations naming unknown ids and self-relations are ignored. Identical atoms (from different edges)
+  count once.
+
+A query of ``Q(t)`` is ``Node(t.name, A, R, P)`` with ``A`` a set of attribute atoms, ``R`` a set of
+relation atoms, ``P`` ``None`` or a position, and cost ``|A| + sum(cost(r)) + (P is not None) <= K``
+(the cost is ``Node.constraint_count``). With ``positions`` on, let ``n`` be the number of candidates of
+``Node(t.name, A, R)`` (``len(evaluate(...).ids)``); if ``n >= 2`` the positions are
+
+* ``Position("order", start=s, rank=k)`` for ``s`` in left/right/top/bottom and
+  ``0 <= k <= min(MAX_RANK - 1, (n - 1) // 2)`` (count from the nearer side: "the second from the right"
+  of four, never "the third from the left" of four);
+* the same with ``count=n`` when ``n <= MAX_COUNT`` ("the second of the three balls from the left");
+* ``Position("region", region=r)`` for each of the nine cells of ``query.REGIONS``.
+
+A count restates the number of candidates: ``(A, R, order + count)`` is unique iff ``(A, R, order)`` is,
+at the same cost, so counts never change ``k_min``; the search works with count-free positions, and a
+candidate order over ``n <= MAX_COUNT`` candidates states its count when a seeded coin says so (about
+half of them; an ordinal irreducible without its count stays irreducible with it).
+
+(Positions sit on the target only; anchors never carry one.) A query is **unique** iff ``evaluate`` gives
+``[t.id]``, not ambiguous. A *sub-query* of ``q`` deletes a non-empty set of its atomic constraints:
+a target attribute, the position, a relation with its anchor, an anchor's attribute, an anchor's
+relation with its anchor, a second anchor's attribute (a position is one atomic constraint: dropping
+its count is not a sub-query). A query is **irreducible** iff it is unique and none of its proper
+sub-queries is unique, judged by ``evaluate`` (so no returned path is a superset of a smaller unique
+one). With positions uniqueness is not monotone, so *every* sub-query is checked, not only the
+one-constraint deletions, including those whose position falls outside the rank/count range above.
+Deleting constraints keeps a query in ``Q(t)`` except for that range, and a position outside it is
+equivalent to one inside (rank ``k`` from the left of ``n`` is rank ``n - 1 - k`` from the right), so
+the range never changes ``k_min``.
+
+* ``k_min`` (the target's minimal constraint count) is the least cost of a unique query of ``Q(t)``
+  (0 when the category alone is unique); the **level** is 1 for ``k_min = 0``, 2 for 1 and 3 for ``>= 2``.
+* The **candidates** of ``t`` are all count-free irreducible queries of cost
+  ``<= min(K, k_min + extra_constraints)`` (``extra_constraints=0``: only minimal-size ones; the default
+  1 also admits irreducible paths one constraint longer, which is where most 2-hop chains and
+  "the leftmost red ball" come from). If there are more than ``max_candidates``, those of cost ``k_min``
+  come first, each group in seeded-hash order, and the list is cut to ``max_candidates``; then the count
+  coin above is tossed for each order position.
+* A target with no unique query in ``Q(t)`` is a drop ``(t.id, "no unique path within K constraints")``.
+
+To keep the search bounded on dense real graphs, at most ``MAX_ATOMS_PER_COST`` relation atoms of each
+cost are generated per target, in graph order (relations of ``t`` in graph order, then the anchor's).
+The tests' graphs never reach that bound, so there the space above is exact.
+
+Choice among the candidates (frequency balancing)
+-------------------------------------------------
+Targets are visited in graph order; for each, ``max_per_target`` candidates are drawn without
+replacement with weight ``w(q) = mean over the items of q of 1 / sqrt(1 + f(item))``, where the items
+are every node's category, every attribute, every relation predicate and the path's ``kind``, and
+``f`` is the running frequency: ``prior_counts`` plus what was chosen for the targets before this one
+in this call. The draw is Efraimidis-Spirakis (the ``max_per_target`` largest ``log(u) / w(q)``) with
+``u`` a stable hash (crc32 and murmur3's finaliser) of ``(seed, target id, query)``, so it is
+deterministic in ``seed`` and independent of Python's hash randomisation; template variants and the
+count coin use the same hash with other salts. :class:`PathsResult` carries the counts over
+all candidates (``counts_before``) and over the chosen paths (``counts_after``), per field
+``"category"``, ``"attribute"``, ``"relation"`` and ``"kind"``; :func:`entropy` gives their entropies.
+Callers that balance across graphs add ``counts_after`` into a running counter and pass it back as
+``prior_counts``.
+
+Kinds
+-----
+``kind`` names what a path mainly uses: ``"position"`` (a region, or an extreme order without a count:
+"the leftmost ball"), ``"ordinal"`` (an order with rank >= 1 or with a count: "the second ball from the
+right", "the leftmost of the three balls"), else ``"relation"`` (any relation), else ``"attribute"``, else
+``"category"``.
 
 Rendering
 ---------
-Each path is rendered by one of the templates ``prompts/paths/*.j2``:
+Templates (``prompts/paths/*.j2``, shared macros in ``paths/common.j2``):
 
-* ``paths/hop0_category.j2`` when ``A`` and ``R`` are empty ("the ball");
-* ``paths/hop0_attributes.j2`` when ``A`` is non-empty and ``R`` empty ("the small red ball");
-* ``paths/hop1_relations.j2`` when ``R`` is non-empty ("the red ball to the left of the box").
+=========================  =====================================================================
+``hop0_category.j2``       category alone: "the ball"
+``hop0_attributes.j2``     attributes: "the small red ball", "the red one among the balls"
+``hop1_relations.j2``      1-hop relations: "the ball to the left of an orange box"
+``hop2_chain.j2``          2-hop chains: "the cup on the table that is next to a lamp"
+``position.j2``            regions and extremes: "the ball in the top left corner", "the leftmost ball"
+``ordinal.j2``             ordinals: "the second ball from the right"
+``counting.j2``            ordinals with a count: "the second of the three balls from the left"
+=========================  =====================================================================
 
-``text`` is the rendered expression, lowercased, with whitespace collapsed. ``template_text`` is the
-same expression with placeholders for the content words:
+``template_text`` uses the placeholders of :func:`refforge.stages.query.slots_of`: ``{O}``, ``{O_PL}``,
+``{A1}`` ...; anchors ``{O2}``, ``{O2_PL}``, ``{O2_A1}`` ...; relation phrases ``{R1}``, ``{R2}`` ... (nodes and
+relations numbered depth first; the target's 1-hop relations come before its 2-hop ones). Position
+words ("leftmost", "second", "three", "top left corner"), articles and other function words are literal.
+``fill_template(p.template_text, slots_of(p.query)) == p.text`` for every path. Content words appear as
+the graph spells them; literal text is lowercase. Anchors: "the red box" when exactly one object other
+than the target fits the anchor's description, else "a red box" / "one of the red boxes"; "the other
+ball" / "another ball" / "one of the other balls" when the anchor has the target's category (or a second
+anchor its parent's).
 
-* ``{O}``: the target category; ``{O_PL}`` its plural;
-* ``{A1}``, ``{A2}`` ...: the target attributes in spoken order (as in ``ReferringPath.attributes``);
-* ``{O2}``, ``{O3}`` ...: the anchor categories, ``{O(i+2)}`` for ``relations[i]``; ``{O2_PL}`` plural.
-
-Relation phrases, articles and other function words stay literal, so
-``fill_template(p.template_text, path_slots(p)) == p.text`` (``fill_template`` recomputes "a"/"an"
-in front of a substituted placeholder). Anchors: "the box" when the anchor category is unique among
-the other objects, otherwise indefinite ("a box", "one of the boxes"); "the other ball" /
-"another ball" when the anchor has the target's category.
-
-Performance: object sets are int bitmasks over the graph's objects; indexes (category, attribute,
-(predicate, anchor category) -> mask) are built once per graph (:class:`GraphIndex`); the
-templates are rendered by Jinja once per *shape* (template, variant, number of attributes,
-relation phrases and anchor flags) into a :class:`~refforge.stages.templates.CompiledExpression`
-and then filled with words by string joins, so Jinja costs nothing per expression.
+Performance
+-----------
+Object sets are int bitmasks (:class:`GraphIndex`); anchor and relation masks and the position
+selections of a candidate set are cached per graph; atoms are generated per cost tier only when the
+search reaches that cost; only chosen paths are rendered, by templates compiled once per *shape*
+(:func:`refforge.stages.templates.compile_expression`) and filled by string joins.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import NamedTuple, Protocol
+from itertools import product
 
-from refforge.stages.graph import SceneGraph
+from refforge.stages.graph import GObject, SceneGraph
 from refforge.stages.lexicon import RELATIONS, order_attributes
+from refforge.stages.query import ORDER_MARGIN, REGIONS, Node, Position, Result, region_of
 from refforge.stages.templates import CompiledExpression, Slot, compile_expression, template_variants
 
 __all__ = [
+    "COUNT_FIELDS",
+    "DEFAULT_BLOCKLIST",
+    "MAX_ATOMS_PER_COST",
+    "MAX_COUNT",
+    "MAX_RANK",
+    "ORDER_STARTS",
     "TEMPLATE_ATTRIBUTES",
     "TEMPLATE_CATEGORY",
+    "TEMPLATE_CHAIN",
+    "TEMPLATE_COUNTING",
+    "TEMPLATE_ORDINAL",
+    "TEMPLATE_POSITION",
     "TEMPLATE_RELATIONS",
     "GraphIndex",
-    "PathSpec",
+    "PathsResult",
     "ReferringPath",
+    "TargetSelection",
     "drop_reason",
+    "entropy",
+    "evaluate_fast",
+    "kind_of",
     "level_for",
-    "matches",
-    "path_slots",
+    "path_items",
     "referring_paths",
-    "relation_phrase",
-    "render_path",
+    "render_query",
     "surface_forms",
     "template_context",
 ]
@@ -103,41 +183,119 @@ __all__ = [
 TEMPLATE_CATEGORY = "paths/hop0_category.j2"
 TEMPLATE_ATTRIBUTES = "paths/hop0_attributes.j2"
 TEMPLATE_RELATIONS = "paths/hop1_relations.j2"
+TEMPLATE_CHAIN = "paths/hop2_chain.j2"
+TEMPLATE_POSITION = "paths/position.j2"
+TEMPLATE_ORDINAL = "paths/ordinal.j2"
+TEMPLATE_COUNTING = "paths/counting.j2"
 
-Relation = tuple[str, str]  # (predicate, anchor category)
+ORDER_STARTS: tuple[str, ...] = ("left", "right", "top", "bottom")
+MAX_RANK = 3  # "the leftmost", "the second", "the third" from a side
+MAX_COUNT = 5  # "the second of the five balls"
+MAX_ATOMS_PER_COST = 48
+COUNT_FIELDS: tuple[str, ...] = ("category", "attribute", "relation", "kind")
+
+DEFAULT_BLOCKLIST: tuple[str, ...] = (
+    "sky", "wall", "ground", "floor", "ceiling", "road", "grass", "water", "field", "sand", "snow",
+    "street", "sidewalk", "background",
+)
+
+_ALL = -1  # the mask of "no constraint" (every bit set)
+_REMOVAL = (_ALL,)
 
 
-class PathLike(Protocol):
-    @property
-    def category(self) -> str: ...
-    @property
-    def attributes(self) -> Sequence[str]: ...
-    @property
-    def relations(self) -> Sequence[Relation]: ...
+# ------------------------------------------------------------------------------------------ records
 
 
 @dataclass(frozen=True)
-class PathSpec:
-    """An unrendered path (query for :func:`matches`)."""
+class TargetSelection:
+    """Which objects may be targets (see the module docstring); the rest still serve as anchors."""
 
-    category: str
-    attributes: tuple[str, ...] = ()
-    relations: tuple[Relation, ...] = ()
+    min_area_frac: float = 0.001
+    max_area_frac: float = 0.8
+    blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST  # stuff-like categories, never targets
+    drop_border_cut: bool = True
+    border_px: float = 1.0
+
+    def reason(self, obj: GObject, width: float, height: float) -> str | None:
+        """Why ``obj`` may not be a target, or None when it may."""
+        name = obj.name.strip().lower()
+        stuff = _lowered(tuple(self.blocklist))
+        if name in stuff or name.rpartition(" ")[2] in stuff:
+            return f"stuff category {obj.name!r}"
+        image_area = float(width) * float(height)
+        if image_area > 0:
+            frac = obj.area / image_area
+            if frac < self.min_area_frac:
+                return f"area fraction {_fmt_frac(frac)} below {self.min_area_frac:g}"
+            if frac > self.max_area_frac:
+                return f"area fraction {_fmt_frac(frac)} above {self.max_area_frac:g}"
+        if self.drop_border_cut and width > 0 and height > 0:
+            x1, y1, x2, y2 = obj.box
+            b = self.border_px
+            if x1 < b or y1 < b or x2 > width - b or y2 > height - b:
+                return "box cut by the image border"
+        return None
+
+
+@lru_cache(maxsize=64)
+def _lowered(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(n.strip().lower() for n in names)
+
+
+def _fmt_frac(x: float) -> str:
+    if x >= 1e-4:
+        return f"{x:.4f}".rstrip("0").rstrip(".") or "0"
+    return f"{x:.2g}"
 
 
 @dataclass(frozen=True)
 class ReferringPath:
     target_id: str
-    category: str
-    attributes: tuple[str, ...]  # spoken order
-    relations: tuple[Relation, ...]  # (predicate, anchor category), in the target's relation order
-    hops: int  # 0 or 1
-    level: int  # 1, 2 or 3
-    constraint_count: int  # len(attributes) + len(relations)
+    query: Node  # the canonical path; target attributes in spoken order
+    kind: str  # "category" | "attribute" | "relation" | "position" | "ordinal"
+    hops: int  # query.hops: 0, 1 or 2
+    level: int  # the target's difficulty: 1, 2 or 3 (from its minimal constraint count)
+    constraint_count: int  # query.constraint_count (>= the target's minimal count)
     text: str
-    template_text: str
+    template_text: str  # placeholders of query.slots_of
     template_name: str
     template_variant: int
+
+    @property
+    def category(self) -> str:
+        return self.query.category
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return self.query.attributes
+
+    @property
+    def position(self) -> Position | None:
+        return self.query.position
+
+
+@dataclass
+class PathsResult:
+    """What :func:`referring_paths` returns.
+
+    ``paths`` grouped by target in graph order; ``drops`` as ``(object_id, reason)`` (target selection
+    first, then targets with no unique path); ``counts_before`` / ``counts_after``: field -> Counter of
+    values over all candidates / over the chosen paths (fields :data:`COUNT_FIELDS`); ``levels``:
+    target id -> level for every target that has paths.
+    """
+
+    paths: list[ReferringPath] = field(default_factory=list)
+    drops: list[tuple[str, str]] = field(default_factory=list)
+    counts_before: dict[str, Counter] = field(default_factory=lambda: _empty_counts())
+    counts_after: dict[str, Counter] = field(default_factory=lambda: _empty_counts())
+    levels: dict[str, int] = field(default_factory=dict)
+
+    def __iter__(self):  # ``paths, drops = referring_paths(...)`` keeps working
+        return iter((self.paths, self.drops))
+
+
+def _empty_counts() -> dict[str, Counter]:
+    return {f: Counter() for f in COUNT_FIELDS}
 
 
 def level_for(k: int) -> int:
@@ -149,9 +307,44 @@ def drop_reason(max_constraints: int) -> str:
     return f"no unique path within {max_constraints} constraints"
 
 
-def relation_phrase(predicate: str) -> str:
-    """The predicate as spoken in an expression ("left of" -> "to the left of")."""
-    return RELATIONS.get(predicate, predicate)
+def entropy(counter: Mapping[object, float]) -> float:
+    """Shannon entropy in bits of the distribution given by the counts (0.0 when empty)."""
+    total = float(sum(v for v in counter.values() if v > 0))
+    if total <= 0:
+        return 0.0
+    h = 0.0
+    for v in counter.values():
+        if v > 0:
+            p = v / total
+            h -= p * math.log2(p)
+    return h + 0.0
+
+
+def kind_of(node: Node) -> str:
+    """The kind of a query (see the module docstring)."""
+    pos = node.position
+    if pos is not None:
+        if pos.kind == "region" or (not pos.rank and pos.count is None):
+            return "position"
+        return "ordinal"
+    if node.relations:
+        return "relation"
+    return "attribute" if node.attributes else "category"
+
+
+def path_items(node: Node, kind: str | None = None) -> list[tuple[str, str]]:
+    """The ``(field, value)`` items a path counts for in the frequency balance."""
+    out: list[tuple[str, str]] = [("kind", kind or kind_of(node))]
+
+    def walk(n: Node) -> None:
+        out.append(("category", n.category))
+        out.extend(("attribute", a) for a in n.attributes)
+        for p, c in n.relations:
+            out.append(("relation", p))
+            walk(c)
+
+    walk(node)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- index
@@ -171,24 +364,33 @@ def _spoken(attributes: Sequence[str]) -> tuple[str, ...]:
     return out
 
 
+# anchor description key: (category, attribute | None, (predicate, category, attribute | None) | None)
+DKey = tuple[str, str | None, tuple[str, str, str | None] | None]
+# position key: ("o", start, rank, count | None) or ("r", region)
+PKey = tuple
+
+
 class GraphIndex:
     """Bitmask indexes over one graph: bit ``i`` is the ``i``-th object (first occurrence of an id).
 
-    ``attributes[i]`` holds object ``i``'s distinct attributes in spoken order.
-
-    Build once per graph and pass to :func:`matches` for repeated queries. The index is a snapshot:
-    rebuild it if the graph changes.
+    Holds per-graph caches (anchor and relation masks, position selections, atom metadata, anchor
+    nodes); it is a snapshot: rebuild it if the graph changes.
     """
 
-    __slots__ = ("ids", "pos", "names", "attributes", "by_cat", "by_attr", "by_rel", "out")
+    __slots__ = ("graph", "ids", "pos", "names", "attributes", "by_cat", "by_attr", "sub", "out",
+                 "cx", "cy", "_regions", "_near", "width", "height", "_anchor", "_rel", "_posmap", "_orders",
+                 "_meta", "_relnode", "_weak")
 
     def __init__(self, graph: SceneGraph) -> None:
+        self.graph = graph
         ids: list[str] = []
         pos: dict[str, int] = {}
         names: list[str] = []
         attributes: list[tuple[str, ...]] = []
         by_cat: dict[str, int] = {}
         by_attr: dict[str, int] = {}
+        cx: list[float] = []
+        cy: list[float] = []
         for o in graph.objects:
             if o.id in pos:
                 continue
@@ -202,306 +404,801 @@ class GraphIndex:
             by_cat[o.name] = by_cat.get(o.name, 0) | bit
             for a in attrs:
                 by_attr[a] = by_attr.get(a, 0) | bit
-        by_rel: dict[Relation, int] = {}
-        out: list[dict[Relation, None]] = [{} for _ in ids]  # ordered set of constraints per subject
+            x1, y1, x2, y2 = o.box
+            cx.append((x1 + x2) / 2)
+            cy.append((y1 + y2) / 2)
+        sub: dict[str, dict[int, int]] = {}
+        out: list[dict[tuple[str, int], None]] = [{} for _ in ids]
         for r in graph.relations:
             s = pos.get(r.subject)
             t = pos.get(r.object)
             if s is None or t is None or s == t:
                 continue
-            key = (r.predicate, names[t])
-            by_rel[key] = by_rel.get(key, 0) | (1 << s)
-            out[s][key] = None
+            d = sub.setdefault(r.predicate, {})
+            d[t] = d.get(t, 0) | (1 << s)
+            out[s][(r.predicate, t)] = None
         self.ids = ids
         self.pos = pos
         self.names = names
         self.attributes = attributes
         self.by_cat = by_cat
         self.by_attr = by_attr
-        self.by_rel = by_rel
-        self.out: list[tuple[Relation, ...]] = [tuple(d) for d in out]
+        self.sub = sub
+        self.out: list[tuple[tuple[str, int], ...]] = [tuple(d) for d in out]
+        self.cx = cx
+        self.cy = cy
+        self._regions: list[str] | None = None
+        self._near: list[bool] | None = None
+        self.width = graph.width
+        self.height = graph.height
+        self._anchor: dict[DKey, int] = {}
+        self._rel: dict[tuple[str, DKey], int] = {}
+        self._posmap: dict[int, dict[int, tuple[PKey, ...]]] = {}
+        self._orders: dict[tuple[int, bool], list[int]] = {}
+        self._meta: dict = {}
+        self._relnode: dict[tuple[str, DKey], tuple[str, Node]] = {}
+        self._weak: dict[tuple[str, DKey], tuple[int, ...]] = {}
 
-    def mask(self, category: str, attributes: Sequence[str] = (), relations: Sequence[Relation] = ()) -> int:
-        m = self.by_cat.get(category, 0)
-        for a in attributes:
-            if not m:
-                return 0
-            m &= self.by_attr.get(a, 0)
-        for r in relations:
-            if not m:
-                return 0
-            m &= self.by_rel.get(tuple(r), 0)  # type: ignore[arg-type]
+    # -- masks
+
+    def rel_mask_of(self, predicate: str, anchors: int) -> int:
+        """Objects ``x`` with ``(x, predicate, y)`` for some ``y`` in ``anchors``, ``y != x``."""
+        d = self.sub.get(predicate)
+        if not d or not anchors:
+            return 0
+        m = 0
+        while anchors:
+            low = anchors & -anchors
+            m |= d.get(low.bit_length() - 1, 0)
+            anchors ^= low
         return m
 
-    def ids_of(self, mask: int) -> list[str]:
+    def anchor_mask(self, dkey: DKey) -> int:
+        """Objects matching an anchor description (cached)."""
+        m = self._anchor.get(dkey)
+        if m is None:
+            cat, a, sub = dkey
+            m = self.by_cat.get(cat, 0)
+            if a is not None and m:
+                m &= self.by_attr.get(a, 0)
+            if sub is not None and m:
+                m &= self.rel_mask((sub[0], (sub[1], sub[2], None)))
+            self._anchor[dkey] = m
+        return m
+
+    def rel_mask(self, key: tuple[str, DKey]) -> int:
+        """Objects satisfying the relation constraint ``(predicate, anchor description)`` (cached)."""
+        m = self._rel.get(key)
+        if m is None:
+            m = self.rel_mask_of(key[0], self.anchor_mask(key[1]))
+            self._rel[key] = m
+        return m
+
+    def members(self, cands: int) -> list[int]:
         out = []
-        ids = self.ids
-        while mask:
-            low = mask & -mask
-            out.append(ids[low.bit_length() - 1])
-            mask ^= low
+        while cands:
+            low = cands & -cands
+            out.append(low.bit_length() - 1)
+            cands ^= low
         return out
 
+    def ids_of(self, mask: int) -> list[str]:
+        ids = self.ids
+        return [ids[j] for j in self.members(mask)]
 
-def matches(graph: SceneGraph | GraphIndex, path: PathLike) -> list[str]:
-    """Ids (graph order) of the objects the path describes; see the module docstring."""
+    # -- positions
+
+    def _ensure_regions(self) -> None:
+        if self._regions is None:
+            regions, near = [], []
+            seen = set()
+            for o in self.graph.objects:
+                if o.id in seen:
+                    continue
+                seen.add(o.id)
+                reg, nr = region_of(o, self.width, self.height)
+                regions.append(reg)
+                near.append(nr)
+            self._regions, self._near = regions, near
+
+    def order(self, cands: int, horizontal: bool) -> list[int]:
+        """Members of ``cands`` sorted by box centre (x or y), then id, ascending (cached)."""
+        key = (cands, horizontal)
+        got = self._orders.get(key)
+        if got is None:
+            centers = self.cx if horizontal else self.cy
+            ids = self.ids
+            got = sorted(self.members(cands), key=lambda j: (centers[j], ids[j]))
+            self._orders[key] = got
+        return got
+
+    def posmap(self, cands: int) -> dict[int, tuple[PKey, ...]]:
+        """object index -> the count-free positions of the search space (rank within range) that select
+        it uniquely and unambiguously among ``cands`` (at least two objects); cached per set."""
+        got = self._posmap.get(cands)
+        if got is not None:
+            return got
+        self._ensure_regions()
+        res: dict[int, list[PKey]] = {}
+        n = cands.bit_count()
+        kmax = min(MAX_RANK - 1, (n - 1) // 2)
+        for horizontal, starts in ((True, ("left", "right")), (False, ("top", "bottom"))):
+            asc = self.order(cands, horizontal)
+            centers = self.cx if horizontal else self.cy
+            margin = ORDER_MARGIN * (self.width if horizontal else self.height)
+            for start, order in ((starts[0], asc), (starts[1], asc[::-1])):
+                for k in range(kmax + 1):
+                    j = order[k]
+                    c = centers[j]
+                    if k > 0 and abs(centers[order[k - 1]] - c) < margin:
+                        continue
+                    if k + 1 < n and abs(centers[order[k + 1]] - c) < margin:
+                        continue
+                    res.setdefault(j, []).append(("o", start, k, None))
+        members = self.members(cands)
+        near = self._near
+        if not any(near[j] for j in members):
+            regions = self._regions
+            by_region: dict[str, list[int]] = {}
+            for j in members:
+                by_region.setdefault(regions[j], []).append(j)
+            for reg in REGIONS:
+                js = by_region.get(reg)
+                if js and len(js) == 1:
+                    res.setdefault(js[0], []).append(("r", reg))
+        out = {j: tuple(v) for j, v in res.items()}
+        self._posmap[cands] = out
+        return out
+
+    def select(self, cands: int, pk: PKey) -> tuple[int, bool]:
+        """(mask, ambiguous) of position ``pk`` applied to the candidate set, for any position (the
+        semantics of ``query.evaluate``, not only the positions the search generates)."""
+        if pk[0] == "r":
+            self._ensure_regions()
+            hits, amb = 0, False
+            for j in self.members(cands):
+                amb |= self._near[j]
+                if self._regions[j] == pk[1]:
+                    hits |= 1 << j
+            return hits, amb
+        _, start, rank, count = pk
+        n = cands.bit_count()
+        if count is not None and n != count:
+            return 0, False
+        if rank is None or rank >= n:
+            return 0, False
+        horizontal = start in ("left", "right")
+        order = self.order(cands, horizontal)
+        if start in ("right", "bottom"):
+            order = order[::-1]
+        centers = self.cx if horizontal else self.cy
+        margin = ORDER_MARGIN * (self.width if horizontal else self.height)
+        c = centers[order[rank]]
+        amb = any(abs(centers[order[j]] - c) < margin for j in (rank - 1, rank + 1) if 0 <= j < n)
+        return 1 << order[rank], amb
+
+    def picks(self, cands: int, pk: PKey, i: int) -> bool:
+        """Does position ``pk`` select exactly object ``i`` from ``cands``, unambiguously?"""
+        n = cands.bit_count()
+        if n >= 2 and (pk[0] == "r" or pk[3] is None):
+            got = self.posmap(cands).get(i)
+            if got is not None and pk in got:
+                return True
+            if pk[0] == "r" or pk[2] <= min(MAX_RANK - 1, (n - 1) // 2):
+                return False
+        m, amb = self.select(cands, pk)
+        return m == 1 << i and not amb
+
+    # -- per-graph metadata of atoms and anchors
+
+    def meta(self, payload) -> tuple[str, int, tuple[tuple[str, str], ...]]:
+        """(canonical key, 32-bit hash, frequency items) of an atom (an attribute, or a relation
+        constraint ``(predicate, DKey)``); cached."""
+        got = self._meta.get(payload)
+        if got is None:
+            if isinstance(payload, str):
+                key = "a\x1f" + payload
+                items: tuple[tuple[str, str], ...] = (("attribute", payload),)
+            else:
+                key = _rel_key(*payload)
+                items = _rel_items(*payload)
+            got = (key, zlib.crc32(key.encode()), items)
+            self._meta[payload] = got
+        return got
+
+    def weak_masks(self, payload: tuple[str, DKey]) -> tuple[int, ...]:
+        """Masks of the proper weakenings of a relation constraint: weaker anchor descriptions, then
+        its removal (_ALL); cached."""
+        got = self._weak.get(payload)
+        if got is None:
+            p, dk = payload
+            got = tuple(self.rel_mask((p, w)) for w in _weaker_dkeys(dk)) + _REMOVAL
+            self._weak[payload] = got
+        return got
+
+    def rel_node(self, payload: tuple[str, DKey]) -> tuple[str, Node]:
+        got = self._relnode.get(payload)
+        if got is None:
+            got = (payload[0], _dnode(payload[1]))
+            self._relnode[payload] = got
+        return got
+
+
+def _node_mask(index: GraphIndex, node: Node) -> tuple[int, bool]:
+    m = index.by_cat.get(node.category, 0)
+    amb = False
+    for a in node.attributes:
+        m &= index.by_attr.get(a, 0)
+    for p, child in node.relations:
+        cm, camb = _node_mask(index, child)
+        amb |= camb
+        m &= index.rel_mask_of(p, cm)
+    if node.position is not None:
+        m, pamb = index.select(m, _pkey_of(node.position))
+        amb |= pamb
+    return m, amb
+
+
+def evaluate_fast(graph: SceneGraph | GraphIndex, node: Node) -> Result:
+    """Bitmask implementation of :func:`refforge.stages.query.evaluate` (same answers; tested)."""
     index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
-    return index.ids_of(index.mask(path.category, path.attributes, path.relations))
+    m, amb = _node_mask(index, node)
+    return Result(index.ids_of(m), amb)
 
 
 # ------------------------------------------------------------------------------------------ search
 
-
-def _combos(masks: list[int], k: int, base: int, goal: int) -> Iterator[tuple[int, ...]]:
-    """Index tuples (lexicographic) of size ``k`` whose masks intersected with ``base`` equal ``goal``."""
-    n = len(masks)
-    if k == 1:
-        for i in range(n):
-            if base & masks[i] == goal:
-                yield (i,)
-        return
-    if k == 2:
-        for i in range(n - 1):
-            mi = base & masks[i]
-            for j in range(i + 1, n):
-                if mi & masks[j] == goal:
-                    yield (i, j)
-        return
-
-    def rec(start: int, depth: int, acc: int, prefix: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
-        if depth == k:
-            if acc == goal:
-                yield prefix
-            return
-        for i in range(start, n - (k - depth) + 1):
-            yield from rec(i + 1, depth + 1, acc & masks[i], prefix + (i,))
-
-    yield from rec(0, 0, base, ())
+# An atom: (cost, mask, kind, payload); kind "a": payload is the attribute; kind "r": payload is
+# (predicate, DKey). Keys, hashes and items come from GraphIndex.meta; the masks of an atom's proper
+# weakenings (its removal, _ALL, included) from _Search.weak, when first needed.
+Atom = tuple
 
 
-def _path_key(
-    seed: int, purpose: str, target_id: str, attrs: Sequence[str], relations: Sequence[Relation]
-) -> str:
-    parts = [str(seed), purpose, target_id, *attrs, "|"]
-    for p, c in relations:
-        parts.append(p)
-        parts.append(c)
+def _rel_key(p: str, d: DKey) -> str:
+    cat, a, sub = d
+    parts = ["r", p, cat, a or ""]
+    if sub is not None:
+        parts += [sub[0], sub[1], sub[2] or ""]
     return "\x1f".join(parts)
 
 
-def _choice_hash(seed: int, target_id: str, attrs: Sequence[str], relations: Sequence[Relation]) -> bytes:
-    data = _path_key(seed, "path", target_id, attrs, relations).encode()
-    return hashlib.blake2b(data, digest_size=8).digest()
+def _rel_items(p: str, d: DKey) -> tuple[tuple[str, str], ...]:
+    cat, a, sub = d
+    items = [("relation", p), ("category", cat)]
+    if a is not None:
+        items.append(("attribute", a))
+    if sub is not None:
+        items += [("relation", sub[0]), ("category", sub[1])]
+        if sub[2] is not None:
+            items.append(("attribute", sub[2]))
+    return tuple(items)
 
 
-def _variant_hash(seed: int, target_id: str, attrs: Sequence[str], relations: Sequence[Relation]) -> int:
-    return zlib.crc32(_path_key(seed, "variant", target_id, attrs, relations).encode())
+def _weaker_dkeys(d: DKey) -> list[DKey]:
+    cat, a, sub = d
+    a_opts = [a, None] if a is not None else [None]
+    if sub is None:
+        s_opts: list = [None]
+    elif sub[2] is not None:
+        s_opts = [sub, (sub[0], sub[1], None), None]
+    else:
+        s_opts = [sub, None]
+    return [(cat, aa, ss) for aa in a_opts for ss in s_opts if (aa, ss) != (a, sub)]
 
 
-def _minimal_paths(
-    index: GraphIndex, i: int, max_hops: int, max_constraints: int
-) -> tuple[int, list[tuple[tuple[str, ...], tuple[Relation, ...]]]] | None:
-    """(k_min, [(attributes, relations)]) for object ``i``, or None when nothing unique within bound."""
-    goal = 1 << i
-    base = index.by_cat[index.names[i]]
-    if base == goal:
-        return 0, [((), ())]
-    cands: list[tuple[bool, str | Relation]] = []
-    masks: list[int] = []
-    full = base
-    for a in index.attributes[i]:
-        m = index.by_attr[a]
-        if base & m != base:  # a constraint that excludes nobody is never in a minimal path
-            cands.append((False, a))
-            masks.append(m)
-            full &= m
-    if max_hops >= 1:
-        for r in index.out[i]:
-            m = index.by_rel[r]
-            if base & m != base:
-                cands.append((True, r))
-                masks.append(m)
-                full &= m
-    if full != goal:  # even all constraints together leave a twin
+class _Search:
+    """The search for one target (see the module docstring for the space it covers)."""
+
+    __slots__ = ("index", "i", "base", "goal", "hops", "anchor_attrs", "atoms", "tiers", "seen")
+
+    def __init__(self, index: GraphIndex, i: int, hops: int, anchor_attrs: bool) -> None:
+        self.index = index
+        self.i = i
+        self.base = index.by_cat[index.names[i]]
+        self.goal = 1 << i
+        self.hops = hops
+        self.anchor_attrs = anchor_attrs
+        self.atoms: list[Atom] = []
+        self.tiers = 0
+        self.seen: set = set()
+
+    def weak(self, j: int) -> tuple[int, ...]:
+        """Masks of every proper weakening of atom ``j``: weaker anchor descriptions, then its removal."""
+        at = self.atoms[j]
+        if at[2] == "a":
+            return _REMOVAL
+        return self.index.weak_masks(at[3])
+
+    def _descs(self, y: int, d: int) -> list[DKey]:
+        """Anchor descriptions of object ``y`` with description cost exactly ``d``."""
+        index = self.index
+        cat = index.names[y]
+        a_opts: list[str | None] = [None]
+        if self.anchor_attrs:
+            a_opts += list(index.attributes[y])
+        out: list[DKey] = []
+        for a in a_opts:
+            rest = d - (a is not None)
+            if rest == 0:
+                out.append((cat, a, None))
+            elif rest >= 1 and self.hops >= 2:
+                for p2, z in index.out[y]:
+                    if z == self.i:
+                        continue
+                    zcat = index.names[z]
+                    if rest == 1:
+                        out.append((cat, a, (p2, zcat, None)))
+                    elif rest == 2 and self.anchor_attrs:
+                        out.extend((cat, a, (p2, zcat, b)) for b in index.attributes[z])
+        return out
+
+    def ensure(self, cost: int) -> None:
+        """Generate the atoms of every cost up to ``cost``."""
+        index = self.index
+        base = self.base
+        while self.tiers < cost:
+            c = self.tiers + 1
+            self.tiers = c
+            atoms = self.atoms
+            if c == 1:
+                by_attr = index.by_attr
+                for a in index.attributes[self.i]:
+                    m = by_attr[a]
+                    if base & m != base:  # a constraint that excludes nobody is never in an irreducible path
+                        atoms.append((1, m, "a", a))
+            if self.hops < 1:
+                continue
+            made = 0
+            seen = self.seen
+            for p, y in index.out[self.i]:
+                for dk in self._descs(y, c - 1):
+                    key = (p, dk)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    m = index.rel_mask(key)
+                    if base & m == base:
+                        continue
+                    atoms.append((c, m, "r", key))
+                    made += 1
+                    if made >= MAX_ATOMS_PER_COST:
+                        break
+                if made >= MAX_ATOMS_PER_COST:
+                    break
+
+    def combos(self, c: int) -> list[tuple[tuple[int, ...], int]]:
+        """(atom indexes, candidate mask) of every atom set of total cost exactly ``c`` that does not
+        extend a unique set (those are never irreducible)."""
+        atoms = self.atoms
+        n = len(atoms)
+        goal = self.goal
+        out: list[tuple[tuple[int, ...], int]] = []
+
+        def rec(start: int, rem: int, s: int, chosen: tuple[int, ...]) -> None:
+            for j in range(start, n):
+                at = atoms[j]
+                cj = at[0]
+                if cj > rem:
+                    continue
+                s2 = s & at[1]
+                if cj == rem:
+                    out.append((chosen + (j,), s2))
+                elif s2 != goal:
+                    rec(j + 1, rem - cj, s2, chosen + (j,))
+
+        rec(0, c, self.base, ())
+        return out
+
+    def reducible_plain(self, combo: tuple[int, ...]) -> bool:
+        """Is a unique position-free atom set reducible? (uniqueness is monotone without positions, so
+        weakening one atom at a time is enough)."""
+        atoms = self.atoms
+        goal = self.goal
+        base = self.base
+        if len(combo) == 1:
+            at = atoms[combo[0]]
+            if at[2] == "a" or (at[3][1][1] is None and at[3][1][2] is None):
+                return False  # its only sub-query is the bare category, which is not unique here
+            return any(base & w == goal for w in self.index.weak_masks(at[3]))
+        rests = []
+        for j in combo:  # removals first: the cheap and common case
+            rest = base
+            for k in combo:
+                if k != j:
+                    rest &= atoms[k][1]
+            if rest == goal:
+                return True
+            rests.append(rest)
+        for j, rest in zip(combo, rests, strict=True):
+            at = atoms[j]
+            if at[2] == "r":
+                for w in self.index.weak_masks(at[3]):
+                    if rest & w == goal:
+                        return True
+        return False
+
+    def reducible_position(self, combo: tuple[int, ...], pkey: PKey) -> bool:
+        """Does a proper sub-query of (combo, position) select the target with the same position?
+        (sub-queries without the position keep >= 2 candidates, so they are never unique). Checked with
+        evaluate's semantics, also where the position falls outside the generated rank range."""
+        atoms = self.atoms
+        index = self.index
+        i = self.i
+        base = self.base
+        options = [(atoms[j][1],) + self.weak(j) for j in combo]
+        first = True
+        for choice in product(*options):
+            if first:  # the combo itself
+                first = False
+                continue
+            s = base
+            for m in choice:
+                s &= m
+            if index.picks(s, pkey, i):
+                return True
+        return False
+
+    def run(self, max_constraints: int, positions: bool, extra: int) -> tuple[int | None, list]:
+        """(k_min, [(cost, combo, position key | None, number of candidates)]) of the irreducible
+        queries within bounds, positions without a count (the caller may state the count)."""
+        found: list[tuple[int, tuple[int, ...], PKey | None, int]] = []
+        k_min: int | None = None
+        prev: list[tuple[tuple[int, ...], int]] = [((), self.base)]  # atom sets of cost c - 1
+        index = self.index
+        i = self.i
+        goal = self.goal
+        for c in range(1, max_constraints + 1):
+            if k_min is not None and c > k_min + extra:
+                break
+            self.ensure(c)
+            got = False
+            if positions:
+                for combo, s in prev:
+                    if s == goal:
+                        continue
+                    pks = index.posmap(s).get(i)
+                    if not pks:
+                        continue
+                    n = s.bit_count()
+                    for pk in pks:
+                        if combo and self.reducible_position(combo, pk):
+                            continue
+                        found.append((c, combo, pk, n))
+                        got = True
+            cur = self.combos(c)
+            for combo, s in cur:
+                if s == goal and not self.reducible_plain(combo):
+                    found.append((c, combo, None, 1))
+                    got = True
+            if got and k_min is None:
+                k_min = c
+            prev = cur
+        return k_min, found
+
+
+_POSITIONS: dict[PKey, Position] = {}
+
+
+def _pkey_position(pk: PKey) -> Position:
+    got = _POSITIONS.get(pk)
+    if got is None:
+        if pk[0] == "r":
+            got = Position("region", region=pk[1])
+        else:
+            got = Position("order", start=pk[1], rank=pk[2], count=pk[3])
+        if len(_POSITIONS) < 1 << 12:
+            _POSITIONS[pk] = got
+    return got
+
+
+def _pkey_of(pos: Position | None) -> PKey | None:
+    if pos is None:
         return None
-    for k in range(1, min(max_constraints, len(cands)) + 1):
-        found = []
-        for combo in _combos(masks, k, base, goal):
-            attrs = tuple(cands[j][1] for j in combo if not cands[j][0])
-            rels = tuple(cands[j][1] for j in combo if cands[j][0])
-            found.append((attrs, rels))  # type: ignore[arg-type]
-        if found:
-            return k, found
-    return None
+    if pos.kind == "region":
+        return ("r", pos.region)
+    return ("o", pos.start or "left", pos.rank, pos.count)
 
 
-def _select(
-    target_id: str,
-    paths: list[tuple[tuple[str, ...], tuple[Relation, ...]]],
-    max_per_target: int,
-    seed: int,
-) -> list[tuple[tuple[str, ...], tuple[Relation, ...]]]:
-    if len(paths) <= max_per_target:
-        return paths
-    attr_only = []
-    with_rel = []
-    for p in paths:
-        k = (_choice_hash(seed, target_id, p[0], p[1]), p)
-        (with_rel if p[1] else attr_only).append(k)
-    attr_only.sort()
-    with_rel.sort()
-    # Round-robin over the two kinds; which kind leads is seeded per target, so that with
-    # max_per_target=1 a dataset still mixes attribute-only and relation expressions.
-    groups = [[p for _, p in attr_only], [p for _, p in with_rel]]
-    if zlib.crc32(_path_key(seed, "lead", target_id, (), ()).encode()) & 1:
-        groups.reverse()
-    chosen = []
-    for j in range(max(len(g) for g in groups)):
-        for g in groups:
-            if j < len(g) and len(chosen) < max_per_target:
-                chosen.append(g[j])
-    return chosen
+def _dnode(d: DKey) -> Node:
+    cat, a, sub = d
+    rels = () if sub is None else ((sub[0], Node(sub[1], () if sub[2] is None else (sub[2],))),)
+    return Node(cat, () if a is None else (a,), rels)
+
+
+def _rel_order(rels: list[tuple[str, DKey]]) -> list[tuple[str, DKey]]:
+    """The target's relations in spoken order: 1-hop before 2-hop (stable)."""
+    if len(rels) > 1:
+        rels.sort(key=lambda key: key[1][2] is not None)
+    return rels
+
+
+_PK_HASH: dict[PKey, int] = {}
+
+
+def _pk_hash(pk: PKey) -> int:
+    got = _PK_HASH.get(pk)
+    if got is None:
+        got = zlib.crc32(("p\x1f" + "\x1f".join(str(x) for x in pk)).encode())
+        _PK_HASH[pk] = got
+    return got
+
+
+def _mix(h: int) -> int:
+    """murmur3's 32-bit finaliser (crc32 is linear; this decorrelates the bits)."""
+    h &= 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    return h
+
+
+_PURPOSE_CAP, _PURPOSE_DRAW, _PURPOSE_VARIANT, _PURPOSE_COUNT = 0x5BD1E995, 0x27D4EB2F, 0x165667B1, 0x61C88647
+
+
+def _target_hash(seed: int, target_id: str) -> int:
+    return zlib.crc32(f"{seed}\x1d{target_id}".encode())
+
+
+def _stream(t_hash: int, q_hash: int, purpose: int) -> int:
+    """A stable 32-bit number for (seed and target, query, purpose)."""
+    return _mix(t_hash ^ _mix(q_hash ^ purpose))
+
+
+def _combo_hash(index: GraphIndex, atoms: list[Atom], combo: tuple[int, ...], pk: PKey | None) -> int:
+    """Order-free hash of a query: the sum of its atoms' hashes and its position's."""
+    h = _pk_hash(pk) if pk is not None else 0
+    for j in combo:
+        h += index.meta(atoms[j][3])[1]
+    return h & 0xFFFFFFFF
+
+
+def _node_hash(node: Node) -> int:
+    """:func:`_combo_hash` of a canonical query given as a Node."""
+    h = _pk_hash(_pkey_of(node.position)) if node.position is not None else 0
+    for a in node.attributes:
+        h += zlib.crc32(("a\x1f" + a).encode())
+    for p, dk in _decompose(node)[1]:
+        h += zlib.crc32(_rel_key(p, dk).encode())
+    return h & 0xFFFFFFFF
+
+
+def _decompose(node: Node) -> tuple[tuple[str, ...], list[tuple[str, DKey]], PKey | None]:
+    """(target attributes, relation payloads in node order, position key) of a canonical query."""
+    rels: list[tuple[str, DKey]] = []
+    for p, c in node.relations:
+        if len(c.attributes) > 1 or len(c.relations) > 1 or c.position is not None:
+            raise ValueError("anchors carry at most one attribute, one relation and no position")
+        sub = None
+        if c.relations:
+            p2, c2 = c.relations[0]
+            if len(c2.attributes) > 1 or c2.relations or c2.position is not None:
+                raise ValueError("second anchors carry at most one attribute, no relation and no position")
+            sub = (p2, c2.category, c2.attributes[0] if c2.attributes else None)
+        rels.append((p, (c.category, c.attributes[0] if c.attributes else None, sub)))
+    return node.attributes, rels, _pkey_of(node.position)
+
+
+def _kind_from(rels: Sequence, attrs: Sequence, pk: PKey | None) -> str:
+    if pk is not None:
+        if pk[0] == "r" or (not pk[2] and pk[3] is None):
+            return "position"
+        return "ordinal"
+    if rels:
+        return "relation"
+    return "attribute" if attrs else "category"
 
 
 # --------------------------------------------------------------------------------------- rendering
 
 
-class _Anchor(NamedTuple):
-    phrase: str
-    O: str  # noqa: E741 - the templates' variable name
-    unique: bool
-    same: bool
+_SUPERLATIVE = {"left": "leftmost", "right": "rightmost", "top": "topmost", "bottom": "bottommost"}
+_FAR = {"left": "furthest to the left", "right": "furthest to the right", "top": "closest to the top",
+        "bottom": "closest to the bottom"}
+_ORDINAL = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+_NUMBER = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_REGION_PHRASE = {
+    "top-left": "in the top left corner", "top": "at the top", "top-right": "in the top right corner",
+    "left": "on the left side", "center": "in the middle", "right": "on the right side",
+    "bottom-left": "in the bottom left corner", "bottom": "at the bottom",
+    "bottom-right": "in the bottom right corner",
+}
 
 
-# (relation phrase, anchor category is unique besides the target, anchor category == target's)
-AnchorShape = tuple[str, bool, bool]
+def _pos_context(pk: PKey | None) -> dict | None:
+    if pk is None:
+        return None
+    if pk[0] == "r":
+        return {"kind": "region", "region": pk[1], "region_phrase": _REGION_PHRASE[pk[1]]}
+    _, start, rank, count = pk
+    return {
+        "kind": "order", "start": start, "rank": rank, "count": count, "side": start,
+        "sup": _SUPERLATIVE[start], "far": _FAR[start],
+        "ordinal": _ORDINAL[rank] if rank < len(_ORDINAL) else f"{rank + 1}th",
+        "count_word": (_NUMBER[count] if count < len(_NUMBER) else str(count)) if count is not None else "",
+    }
 
 
-_NORM_CACHE: dict[str, str] = {}
+def template_context(variant: int, shape: tuple, words: Mapping[str, str] | None = None) -> dict:
+    """The context the ``paths/*.j2`` templates take for a path of the given shape.
 
-
-def _norm(word: str) -> str:
-    """Lowercase, whitespace-collapsed form of a word as it appears in ``text`` (memoised)."""
-    out = _NORM_CACHE.get(word)
-    if out is None:
-        out = " ".join(word.lower().split())
-        if len(_NORM_CACHE) < 1 << 20:
-            _NORM_CACHE[word] = out
-    return out
-
-
-def template_context(
-    variant: int,
-    category: str,
-    attributes: Sequence[str],
-    anchors: Sequence[tuple[str, str, bool, bool]],
-) -> dict[str, object]:
-    """The context the ``paths/*.j2`` templates take, with plain words.
-
-    ``anchors`` holds ``(relation phrase, anchor category, unique, same)`` per relation. Slot
-    contexts (for :func:`refforge.stages.templates.compile_expression`) pass :class:`Slot` words.
+    ``shape`` is ``(n_attrs, anchors, position key)``: ``anchors`` holds per relation of the target
+    ``(determiner, n_attrs, sub)`` with ``sub`` ``None`` or the second anchor's ``(determiner, n_attrs,
+    None)``; determiners are ``"the"``, ``"a"``, ``"other"``, ``"another"``; the position key is ``None``,
+    ``("r", region)`` or ``("o", start, rank, count)``. ``words=None`` gives :class:`Slot` placeholders
+    named as in :func:`refforge.stages.query.slots_of` (for compiling); a mapping gives plain words for
+    the same names (for direct rendering).
     """
-    attrs = list(attributes)
-    if attrs and all(isinstance(a, Slot) for a in attrs):
-        adj: str = Slot(" ".join(attrs))
-    else:
-        adj = " ".join(attrs)
-    np = Slot(" ".join([*attrs, category])) if isinstance(category, Slot) else " ".join([*attrs, category])
+
+    def val(name: str) -> str:
+        return Slot("{" + name + "}") if words is None else words[name]
+
+    def phrase(parts: list[str]) -> str:
+        text = " ".join(parts)
+        return Slot(text) if words is None else text
+
+    counter = {"node": 1, "rel": 0}
+    n_attrs, anchors, pk = shape
+
+    def anchor(ash: tuple) -> dict:
+        det, n_a, sub = ash
+        counter["rel"] += 1
+        counter["node"] += 1
+        prefix = f"O{counter['node']}"
+        rname = f"R{counter['rel']}"
+        attrs = [val(f"{prefix}_A{j + 1}") for j in range(n_a)]
+        ctx = {"R": val(rname), "O": val(prefix), "attrs": attrs, "np": phrase([*attrs, val(prefix)]),
+               "det": det, "sub": []}
+        if sub is not None:
+            ctx["sub"] = [anchor(sub)]
+        return ctx
+
+    attrs = [val(f"A{j + 1}") for j in range(n_attrs)]
+    rels = [anchor(a) for a in anchors]
     return {
         "variant": variant,
-        "O": category,
+        "O": val("O"),
         "attrs": attrs,
-        "adj": adj,
-        "np": np,
-        "rels": [_Anchor(*a) for a in anchors],
+        "adj": phrase(attrs),
+        "np": phrase([*attrs, val("O")]),
+        "rels": rels,
+        "pos": _pos_context(pk),
     }
 
 
 @lru_cache(maxsize=1 << 16)
-def _compiled(name: str, variant: int, n_attrs: int, shapes: tuple[AnchorShape, ...]) -> CompiledExpression:
-    context = template_context(
-        variant,
-        Slot("{O}"),
-        [Slot(f"{{A{j + 1}}}") for j in range(n_attrs)],
-        [(phrase, Slot(f"{{O{j + 2}}}"), unique, same) for j, (phrase, unique, same) in enumerate(shapes)],
-    )
-    return compile_expression(name, context)
+def _compiled(name: str, variant: int, shape: tuple) -> CompiledExpression:
+    return compile_expression(name, template_context(variant, shape))
 
 
-def _template_for(attrs: Sequence[str], relations: Sequence[Relation]) -> str:
-    if relations:
-        return TEMPLATE_RELATIONS
-    return TEMPLATE_ATTRIBUTES if attrs else TEMPLATE_CATEGORY
+def _template_for(kind: str, hops: int, pk: PKey | None) -> str:
+    if kind == "position":
+        return TEMPLATE_POSITION
+    if kind == "ordinal":
+        return TEMPLATE_COUNTING if pk is not None and pk[3] is not None else TEMPLATE_ORDINAL
+    if kind == "relation":
+        return TEMPLATE_CHAIN if hops >= 2 else TEMPLATE_RELATIONS
+    return TEMPLATE_ATTRIBUTES if kind == "attribute" else TEMPLATE_CATEGORY
 
 
-def _anchor_shapes(index: GraphIndex, i: int, relations: Sequence[Relation]) -> tuple[AnchorShape, ...]:
-    out = []
-    me = index.names[i]
-    not_me = ~(1 << i)
-    for pred, cat in relations:
-        others = index.by_cat.get(cat, 0) & not_me
-        out.append((relation_phrase(pred), others.bit_count() == 1, cat == me))
-    return tuple(out)
+def _shape(index: GraphIndex, target: int, n_attrs: int, rels: Sequence[tuple[str, DKey]], pk: PKey | None) -> tuple:
+    """The words-free shape of a query for target ``target`` (determiners from the graph)."""
+    if not rels:
+        return (n_attrs, (), pk)
+    not_t = ~(1 << target)
+    tcat = index.names[target]
+    anchors = []
+    for _, (cat, a, sub) in rels:
+        others = (index.anchor_mask((cat, a, sub)) & not_t).bit_count()
+        sub_shape = None
+        if sub is not None:
+            _, cat2, b = sub
+            others2 = (index.anchor_mask((cat2, b, None)) & not_t).bit_count()
+            if cat2 == cat:  # "... next to another table": never definite
+                det2 = "another"
+            elif cat2 == tcat:
+                det2 = "other" if others2 == 1 else "another"
+            else:
+                det2 = "the" if others2 == 1 else "a"
+            sub_shape = (det2, int(b is not None), None)
+        if cat == tcat:
+            det = "other" if others == 1 else "another"
+        else:
+            det = "the" if others == 1 else "a"
+        anchors.append((det, int(a is not None), sub_shape))
+    return (n_attrs, tuple(anchors), pk)
 
 
-def render_path(
-    index: GraphIndex,
+_A_NAMES = tuple(f"A{j}" for j in range(1, 65))
+
+
+def _words(category: str, attrs: Sequence[str], rels: Sequence[tuple[str, DKey]]) -> dict[str, str]:
+    """The base placeholder words (no _PL entries) of a query as slots_of numbers them; ``attrs`` in
+    spoken order."""
+    words = {"O": category}
+    for j, a in enumerate(attrs):
+        words[_A_NAMES[j]] = a
+    r = 0
+    node = 1
+    for p, (cat, a, sub) in rels:
+        r += 1
+        node += 1
+        words[f"R{r}"] = RELATIONS.get(p, p)
+        words[f"O{node}"] = cat
+        if a is not None:
+            words[f"O{node}_A1"] = a
+        if sub is not None:
+            r += 1
+            node += 1
+            words[f"R{r}"] = RELATIONS.get(sub[0], sub[0])
+            words[f"O{node}"] = sub[1]
+            if sub[2] is not None:
+                words[f"O{node}_A1"] = sub[2]
+    return words
+
+
+def render_query(
+    graph: SceneGraph | GraphIndex,
     target_id: str,
-    attributes: Sequence[str],
-    relations: Sequence[Relation],
+    node: Node,
     variant: int | None = None,
     seed: int = 0,
 ) -> tuple[str, str, str, int]:
-    """(text, template_text, template_name, variant) for a path of ``target_id``.
+    """(text, template_text, template_name, variant) of a query for ``target_id``.
 
-    ``attributes`` must be in spoken order (see ``lexicon.order_attributes``). ``variant=None``
-    picks the variant from ``seed`` exactly as :func:`referring_paths` does.
+    The query must be canonical: anchors with at most one attribute and one relation, second anchors
+    with at most one attribute; placeholders are numbered in the query's own relation order (the
+    search puts 1-hop relations before 2-hop ones). ``variant=None`` picks the variant from ``seed``
+    exactly as :func:`referring_paths` does.
     """
+    index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
     i = index.pos[target_id]
-    name = _template_for(attributes, relations)
+    attrs, rels, pk = _decompose(node)
+    spoken = tuple(order_attributes(list(attrs))) if len(attrs) > 1 else attrs
+    kind = _kind_from(rels, attrs, pk)
+    hops = max((1 + (dk[2] is not None) for _, dk in rels), default=0)
+    name = _template_for(kind, hops, pk)
     if variant is None:
-        variant = _variant_hash(seed, target_id, attributes, relations) % template_variants(name)
-    expr = _compiled(name, variant, len(attributes), _anchor_shapes(index, i, relations))
-    text, ttext = expr.fill(_slot_values(index.names[i], attributes, relations))
+        variant = _stream(_target_hash(seed, target_id), _node_hash(node), _PURPOSE_VARIANT) % template_variants(name)
+    expr = _compiled(name, variant, _shape(index, i, len(attrs), rels, pk))
+    text, ttext = expr.fill(_words(node.category, spoken, rels))
     return text, ttext, name, variant
 
 
-def surface_forms(
-    graph: SceneGraph | GraphIndex,
-    target_id: str,
-    attributes: Sequence[str] = (),
-    relations: Sequence[Relation] = (),
-) -> list[str]:
-    """The text of every template variant for a path (variant order), e.g. for tests and review.
-
-    ``attributes`` may be in any order (they are put in spoken order).
-    """
+def surface_forms(graph: SceneGraph | GraphIndex, target_id: str, node: Node) -> list[str]:
+    """The text of every template variant of a query (variant order), e.g. for tests and review."""
     index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
-    attrs = _spoken(attributes)
-    rels = tuple((p, c) for p, c in relations)
-    name = _template_for(attrs, rels)
-    return [render_path(index, target_id, attrs, rels, variant=v)[0] for v in range(template_variants(name))]
-
-
-_A_NAMES = tuple(f"A{j + 1}" for j in range(64))
-_O_NAMES = tuple(f"O{j + 2}" for j in range(64))
-
-
-def _slot_values(category: str, attributes: Sequence[str], relations: Sequence[Relation]) -> dict[str, str]:
-    values = {"O": _norm(category)}
-    for j, a in enumerate(attributes):
-        values[_A_NAMES[j]] = _norm(a)
-    for j, r in enumerate(relations):
-        values[_O_NAMES[j]] = _norm(r[1])
-    return values
-
-
-def path_slots(path: ReferringPath) -> dict[str, str]:
-    """Placeholder values of a path's ``template_text`` (``{"O": "ball", "A1": "red", "O2": "box"}``)."""
-    return _slot_values(path.category, path.attributes, path.relations)
+    name = render_query(index, target_id, node, variant=0)[2]
+    return [render_query(index, target_id, node, variant=v)[0] for v in range(template_variants(name))]
 
 
 # -------------------------------------------------------------------------------------------- entry
+
+
+_CATEGORY_NODES: dict[str, Node] = {}
+
+
+def _category_node(cat: str) -> Node:
+    got = _CATEGORY_NODES.get(cat)
+    if got is None:
+        got = Node(cat)
+        if len(_CATEGORY_NODES) < 1 << 16:
+            _CATEGORY_NODES[cat] = got
+    return got
+
+
+def _weight(items: Sequence[tuple[str, str]], counts: Mapping[str, Mapping[str, float]]) -> float:
+    total = 0.0
+    for f, v in items:
+        total += 1.0 / math.sqrt(1.0 + counts[f].get(v, 0))
+    return total / len(items)
+
+
+def _count(counts: dict[str, dict[str, int]], items: Sequence[tuple[str, str]]) -> None:
+    for f, v in items:
+        d = counts[f]
+        d[v] = d.get(v, 0) + 1
 
 
 def referring_paths(
@@ -511,43 +1208,121 @@ def referring_paths(
     max_constraints: int = 3,
     max_per_target: int = 3,
     seed: int = 0,
-) -> tuple[list[ReferringPath], list[tuple[str, str]]]:
-    """Minimal unique referring paths for every object, and drops ``(object_id, reason)``.
+    positions: bool = True,
+    selection: TargetSelection | None = None,
+    anchor_attributes: bool = True,
+    extra_constraints: int = 1,
+    max_candidates: int = 16,
+    prior_counts: Mapping[str, Mapping[str, float]] | None = None,
+) -> PathsResult:
+    """Unique irreducible referring paths for every selected target; see the module docstring.
 
-    Paths come grouped by object in graph order; see the module docstring for the semantics.
+    ``selection=None`` uses ``TargetSelection()`` (the defaults); pass
+    ``TargetSelection(min_area_frac=0, max_area_frac=1, blocklist=(), drop_border_cut=False)``
+    to make every object a target. ``prior_counts`` (field -> value -> count) seeds the running
+    frequencies of the balanced choice; it is not modified.
     """
-    if max_hops not in (0, 1):
-        raise ValueError(f"max_hops must be 0 or 1 (got {max_hops}); longer paths are not implemented")
+    if max_hops not in (0, 1, 2):
+        raise ValueError(f"max_hops must be 0, 1 or 2 (got {max_hops})")
     if max_constraints < 0:
         raise ValueError("max_constraints must be >= 0")
     if max_per_target < 1:
         raise ValueError("max_per_target must be >= 1")
+    if extra_constraints < 0 or max_candidates < 1:
+        raise ValueError("extra_constraints must be >= 0 and max_candidates >= 1")
     index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
+    g = index.graph
+    sel = selection if selection is not None else TargetSelection()
     paths: list[ReferringPath] = []
     drops: list[tuple[str, str]] = []
+    levels: dict[str, int] = {}
+    before: dict[str, dict[str, int]] = {f: {} for f in COUNT_FIELDS}
+    after: dict[str, dict[str, int]] = {f: {} for f in COUNT_FIELDS}
+    running: dict[str, dict[str, float]] = {f: dict(prior_counts.get(f, {})) if prior_counts else {}
+                                            for f in COUNT_FIELDS}
+    no_path = drop_reason(max_constraints)
+    objs: dict[str, GObject] = {}
+    for o in g.objects:
+        objs.setdefault(o.id, o)
+    names = index.names
+    by_cat = index.by_cat
+    n_cat_variants = template_variants(TEMPLATE_CATEGORY)
     for i, tid in enumerate(index.ids):
-        found = _minimal_paths(index, i, max_hops, max_constraints)
-        if found is None:
-            drops.append((tid, drop_reason(max_constraints)))
+        why = sel.reason(objs[tid], g.width, g.height)
+        if why is not None:
+            drops.append((tid, why))
             continue
-        k, candidates = found
-        level = level_for(k)
-        category = index.names[i]
-        for attrs, rels in _select(tid, candidates, max_per_target, seed):
-            text, ttext, name, variant = render_path(index, tid, attrs, rels, seed=seed)
-            paths.append(
-                ReferringPath(
-                    target_id=tid,
-                    category=category,
-                    attributes=attrs,
-                    relations=rels,
-                    hops=1 if rels else 0,
-                    level=level,
-                    constraint_count=k,
-                    text=text,
-                    template_text=ttext,
-                    template_name=name,
-                    template_variant=variant,
-                )
-            )
-    return paths, drops
+        cat = names[i]
+        t_hash = _target_hash(seed, tid)
+        if by_cat[cat] == 1 << i:  # the category alone is unique: level 1, one path
+            levels[tid] = 1
+            items = (("kind", "category"), ("category", cat))
+            _count(before, items)
+            _count(after, items)
+            _count(running, items)
+            variant = _stream(t_hash, 0, _PURPOSE_VARIANT) % n_cat_variants
+            text, ttext = _compiled(TEMPLATE_CATEGORY, variant, (0, (), None)).fill({"O": cat})
+            paths.append(ReferringPath(
+                target_id=tid, query=_category_node(cat), kind="category", hops=0, level=1, constraint_count=0,
+                text=text, template_text=ttext, template_name=TEMPLATE_CATEGORY, template_variant=variant))
+            continue
+        search = _Search(index, i, max_hops, anchor_attributes)
+        k_min, found = search.run(max_constraints, positions, extra_constraints)
+        if k_min is None:
+            drops.append((tid, no_path))
+            continue
+        level = level_for(k_min)
+        levels[tid] = level
+        atoms = search.atoms
+        if len(found) > max_candidates:  # keep the minimal ones first, each group in seeded-hash order
+            found.sort(key=lambda f: (f[0] != k_min, _stream(t_hash, _combo_hash(index, atoms, f[1], f[2]), _PURPOSE_CAP)))
+            found = found[:max_candidates]
+        pool = []
+        for cost, combo, pk, n in found:
+            attrs = []
+            rels = []
+            h = 0
+            items = [("category", cat)]
+            for j in combo:
+                at = atoms[j]
+                key, ah, its = index.meta(at[3])
+                h += ah
+                items.extend(its)
+                (attrs if at[2] == "a" else rels).append(at[3])
+            if pk is not None:
+                if pk[0] == "o" and n <= MAX_COUNT and _stream(t_hash, (h + _pk_hash(pk)) & 0xFFFFFFFF,
+                                                                  _PURPOSE_COUNT) & 1:
+                    pk = ("o", pk[1], pk[2], n)  # state the count: "the second of the three balls"
+                h += _pk_hash(pk)
+            kind = _kind_from(rels, attrs, pk)
+            items.append(("kind", kind))
+            _count(before, items)
+            pool.append((cost, pk, kind, items, attrs, rels, h & 0xFFFFFFFF))
+        if len(pool) > max_per_target:
+            # Efraimidis-Spirakis: keys log(u) / w with stable u; the largest max_per_target win
+            scored = []
+            for n, c in enumerate(pool):
+                u = (_stream(t_hash, c[6], _PURPOSE_DRAW) + 0.5) / 4294967296.0
+                scored.append((math.log(u) / _weight(c[3], running), -n, c))
+            scored.sort(key=lambda x: (x[0], x[1]), reverse=True)
+            chosen = [c for _, _, c in scored[:max_per_target]]
+        else:
+            chosen = pool
+        for cost, pk, kind, items, attrs, rels, h in chosen:
+            _count(running, items)
+            _count(after, items)
+            if len(attrs) > 1:
+                attrs = [a for a in index.attributes[i] if a in attrs]  # spoken order
+            rels = _rel_order(rels)
+            hops = max((1 + (dk[2] is not None) for _, dk in rels), default=0)
+            node = Node(cat, tuple(attrs), tuple(index.rel_node(r) for r in rels),
+                        None if pk is None else _pkey_position(pk))
+            name = _template_for(kind, hops, pk)
+            variant = _stream(t_hash, h, _PURPOSE_VARIANT) % template_variants(name)
+            expr = _compiled(name, variant, _shape(index, i, len(attrs), rels, pk))
+            text, ttext = expr.fill(_words(cat, attrs, rels))
+            paths.append(ReferringPath(
+                target_id=tid, query=node, kind=kind, hops=hops, level=level, constraint_count=cost,
+                text=text, template_text=ttext, template_name=name, template_variant=variant))
+    return PathsResult(paths, drops, {f: Counter(before[f]) for f in COUNT_FIELDS},
+                       {f: Counter(after[f]) for f in COUNT_FIELDS}, levels)

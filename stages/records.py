@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 
 import pyarrow as pa
 
@@ -11,6 +10,7 @@ from refforge.schemas import Expression
 
 from .graph import GObject, GRelation, SceneGraph
 from .keys import stable_key
+from .taxonomy import TaxonomyConfig, tasks_for
 
 
 def graphs_from_tables(images: pa.Table, objects: pa.Table, relations: pa.Table) -> dict[str, SceneGraph]:
@@ -31,30 +31,28 @@ def graphs_from_tables(images: pa.Table, objects: pa.Table, relations: pa.Table)
     return graphs
 
 
-def task_of(path) -> str:
-    """A first task label by rule: relation paths, attribute paths, category alone.
-
-    The configurable RefBench-PRO / GroundingME taxonomies replace this in the paths stage proper.
-    """
-    if path.relations:
-        return "relation"
-    if path.attributes:
-        return "attribute"
-    return "category"
+def task_of(path, graph: SceneGraph, config: TaxonomyConfig | None = None) -> str:
+    """The task of a positive path in the primary taxonomy (see ``stages/taxonomy.py``)."""
+    cfg = config or TaxonomyConfig()
+    return tasks_for(path, graph, config=cfg)[cfg.primary]
 
 
-def expressions_for_graph(image_id: str, graph: SceneGraph, paths, stage_hash: str) -> list[Expression]:
+def expressions_for_graph(image_id: str, graph: SceneGraph, paths, stage_hash: str, primary: str | None = None,
+                          taxonomy: TaxonomyConfig | None = None) -> list[Expression]:
+    """Expression rows of a graph's positive paths: ``path`` is ``query.to_json()`` plus ``hops`` and
+    ``constraints``; ``tasks`` holds a label per taxonomy and ``task`` the one of ``primary`` (default:
+    the taxonomy config's first)."""
+    cfg = taxonomy or TaxonomyConfig()
+    primary = primary or cfg.primary
     boxes = {o.id: o.box for o in graph.objects}
     out = []
-    per_target: dict[str, int] = defaultdict(int)
     for p in paths:
-        per_target[p.target_id] += 1
-        path_json = json.dumps({"category": p.category, "attributes": list(p.attributes),
-                                "relations": [list(r) for r in p.relations], "hops": p.hops,
-                                "constraints": p.constraint_count}, sort_keys=True)
+        path_json = json.dumps({**p.query.to_json(), "hops": p.hops, "constraints": p.constraint_count},
+                               sort_keys=True)
+        tasks = tasks_for(p, graph, config=cfg)
         out.append(Expression(
             sample_id=stable_key("expr", image_id, p.target_id, p.text, path_json, stage_hash),
             image_id=image_id, text=p.text, template_text=p.template_text, template_name=p.template_name,
-            polarity="positive", target_object_id=p.target_id, gt_box=boxes[p.target_id], task=task_of(p),
-            difficulty=p.level, hops=p.hops, path=path_json))
+            polarity="positive", target_object_id=p.target_id, gt_box=boxes[p.target_id],
+            task=tasks.get(primary), tasks=tasks, difficulty=p.level, hops=p.hops, path=path_json))
     return out

@@ -19,7 +19,9 @@ Slots, ``template_text`` and fast filling
 -----------------------------------------
 Expression templates (``prompts/paths/*.j2``) are not rendered once per expression: that costs
 tens of microseconds in Jinja. Instead :func:`compile_expression` renders a template once with
-:class:`Slot` values, strings whose text is a placeholder such as ``{O}`` or ``{A1} {O}``, and the
+:class:`Slot` values, strings whose text is a placeholder such as ``{O}`` or ``{A1} {O}`` (names as
+:func:`refforge.stages.query.slots_of` gives them: ``O``, ``A1``, ``O2``, ``O2_A1``, ``R1`` ..., each with
+an optional ``_PL`` plural suffix), and the
 result (a :class:`CompiledExpression`) is filled with words many times by plain string joins.
 The filters are slot-aware: ``plural`` turns the last placeholder ``{O}`` into ``{O_PL}`` (filled
 with ``plural(word)``), and ``article`` emits a marker resolved at fill time to "a"/"an" for the
@@ -30,10 +32,10 @@ into a filled ``template_text`` (recomputing "a"/"an" in front of each substitut
 Rules for template authors, so that one slot rendering is valid for every choice of words:
 
 * apply ``plural``/``article``/``and_join`` directly to slot variables (``O``, ``np``, ``adj``,
-  ``attrs``, ``r.O``), never to a string built with ``~``: concatenation drops the slot type;
+  ``attrs``, ``r.O``, ``r.np``), never to a string built with ``~``: concatenation drops the slot type;
   ``article`` must be applied to a value that starts with a placeholder;
 * branch only on the booleans, numbers and literal strings the caller passes (``variant``,
-  ``r.unique``, ``r.same``, ``r.phrase``, the length of ``attrs``), never on the words themselves;
+  ``r.det``, ``pos.kind``, ``pos.rank``, the length of ``attrs``), never on the words themselves;
 * write literal text in lowercase (filled text is lowercased anyway).
 
 The same templates also render directly with plain words via ``load_template(name).render(...)``
@@ -90,10 +92,12 @@ class Slot(str):
 # Emitted by ``article`` in front of a slot: "the indefinite article of the next placeholder's word".
 ARTICLE_MARK = "\x1a"
 
-_PLACEHOLDER_RE = re.compile(r"\{([A-Z][A-Z0-9]*(?:_PL)?)\}")
-_LAST_PLACEHOLDER_RE = re.compile(r"\{([A-Z][A-Z0-9]*)\}$")
-_ARTICLE_SLOT_RE = re.compile(r"\b([Aa]n?) \{([A-Z][A-Z0-9]*(?:_PL)?)\}")
-_TOKEN_RE = re.compile("(" + ARTICLE_MARK + r")?\{([A-Z][A-Z0-9]*)(_PL)?\}")
+# Placeholder names: O, A1, O2, O2_A1, R1 ... (query.slots_of), each optionally with the _PL suffix.
+_NAME = r"[A-Z][A-Z0-9]*(?:_A[0-9]+)?"
+_PLACEHOLDER_RE = re.compile(r"\{(" + _NAME + r"(?:_PL)?)\}")
+_LAST_PLACEHOLDER_RE = re.compile(r"\{(" + _NAME + r")\}$")
+_ARTICLE_SLOT_RE = re.compile(r"\b([Aa]n?) \{(" + _NAME + r"(?:_PL)?)\}")
+_TOKEN_RE = re.compile("(" + ARTICLE_MARK + r")?\{(" + _NAME + r")(_PL)?\}")
 
 
 def _plural_filter(value: str) -> str:

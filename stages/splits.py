@@ -1,0 +1,667 @@
+"""Leak-free splits: grouped by source image, stratified, reviewed, checked for leakage.
+
+* :func:`assign_splits` puts every sample in a split. Samples move in **groups**: all expressions of
+  an image and of every image derived from it (flip / inpaint negatives carry ``parent_image_id``),
+  a negative with the positive it was made from (``positive_id``), and whatever else ``group_of``
+  ties together. Groups are placed greedily so that each split's distribution over the
+  stratification key (e.g. task x difficulty x polarity x negative type) follows the overall one.
+* :func:`restrict_test_to_accepted` keeps in the test split only what a human accepted (or fixed);
+  :func:`apply_review_fixes` applies the fixed boxes and texts.
+* :func:`check_leakage` finds images, image families and near-duplicate images (perceptual hash,
+  :func:`phash`) that appear in more than one split; :func:`assert_no_leakage` raises
+  :class:`LeakageError` naming them.
+
+Records (samples, images, reviews) are mappings or objects with the fields of the ``expressions``,
+``images`` and ``reviews`` tables; nothing here reads or writes files except :func:`phash` when it
+is handed a path.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image as PILImage
+
+from .keys import stable_key
+
+__all__ = [
+    "DEFAULT_RATIOS",
+    "DEFAULT_STRATIFY",
+    "Leak",
+    "LeakageError",
+    "apply_review_fixes",
+    "assert_no_leakage",
+    "assign_splits",
+    "check_leakage",
+    "hamming",
+    "latest_reviews",
+    "near_duplicate_pairs",
+    "phash",
+    "phash_clusters",
+    "restrict_test_to_accepted",
+    "sample_groups",
+]
+
+DEFAULT_RATIOS: dict[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
+DEFAULT_STRATIFY: tuple[str, ...] = ("task", "difficulty", "polarity", "negative_type")
+DEFAULT_PHASH_THRESHOLD = 6
+
+
+def _get(rec: Any, name: str, default: Any = None) -> Any:
+    if isinstance(rec, Mapping):
+        return rec.get(name, default)
+    return getattr(rec, name, default)
+
+
+def _as_dict(rec: Any) -> dict:
+    if isinstance(rec, Mapping):
+        return dict(rec)
+    if hasattr(rec, "model_dump"):
+        return rec.model_dump()
+    return dict(vars(rec))
+
+
+def _rows(records: Any) -> list:
+    if records is None:
+        return []
+    if hasattr(records, "to_pylist"):  # pyarrow Table / RecordBatch
+        return records.to_pylist()
+    return list(records)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Groups
+# ---------------------------------------------------------------------------------------------------
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[Any, Any] = {}
+
+    def find(self, x: Any) -> Any:
+        self.parent.setdefault(x, x)
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:  # path compression
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: Any, b: Any) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb, key=repr)] = min(ra, rb, key=repr)
+
+
+def _parent_map(images: Any, samples: Sequence = ()) -> dict[str, str]:
+    parents: dict[str, str] = {}
+    for im in _rows(images) if not isinstance(images, Mapping) else ():
+        pid = _get(im, "parent_image_id")
+        if pid is not None:
+            parents[_get(im, "image_id")] = pid
+    if isinstance(images, Mapping):  # image_id -> parent_image_id
+        parents.update({k: v for k, v in images.items() if v is not None})
+    for s in samples:
+        pid = _get(s, "parent_image_id")
+        if pid is not None:
+            parents.setdefault(_get(s, "image_id"), pid)
+    return parents
+
+
+def _root(image_id: str, parents: Mapping[str, str]) -> str:
+    seen = {image_id}
+    while image_id in parents:
+        image_id = parents[image_id]
+        if image_id in seen:  # a cycle: stop at a deterministic member
+            return min(seen)
+        seen.add(image_id)
+    return image_id
+
+
+def sample_groups(samples: Iterable[Any], *, images: Any = None,
+                  group_of: Callable[[Any], Any] | None = None) -> dict[str, str]:
+    """``sample_id -> group id``: the units that :func:`assign_splits` never cuts.
+
+    Two samples share a group when (transitively) they
+
+    * sit on the same *root image*: an image and everything derived from it (``parent_image_id``,
+      followed through chains; taken from ``images`` -- records of the images table or a mapping
+      ``image_id -> parent_image_id`` -- and from a ``parent_image_id`` field on the sample itself);
+    * are a negative and its positive (``positive_id``);
+    * get the same non-None ``group_of(sample)`` (e.g. a near-duplicate cluster from
+      :func:`phash_clusters`, or the source's own scene id).
+
+    The group id is the smallest ``sample_id`` of the group, so it does not depend on input order.
+
+    >>> g = sample_groups([{"sample_id": "a", "image_id": "I"}, {"sample_id": "b", "image_id": "F"},
+    ...                    {"sample_id": "c", "image_id": "J"}], images={"F": "I"})
+    >>> g
+    {'a': 'a', 'b': 'a', 'c': 'c'}
+    """
+    samples = _rows(samples)
+    parents = _parent_map(images, samples)
+    uf = _UnionFind()
+    ids = []
+    for s in samples:
+        sid = _get(s, "sample_id")
+        if sid is None:
+            raise ValueError(f"a sample has no sample_id: {s!r}")
+        ids.append(sid)
+        node = ("s", sid)
+        uf.find(node)
+        image_id = _get(s, "image_id")
+        if image_id is not None:
+            uf.union(node, ("i", _root(image_id, parents)))
+        pid = _get(s, "positive_id")
+        if pid is not None:
+            uf.union(node, ("s", pid))
+        if group_of is not None:
+            key = group_of(s)
+            if key is not None:
+                uf.union(node, ("g", key))
+    if len(set(ids)) != len(ids):
+        dup = sorted(k for k, c in Counter(ids).items() if c > 1)
+        raise ValueError(f"duplicate sample_id(s): {dup[:10]}")
+    first: dict[Any, str] = {}
+    for sid in sorted(ids):
+        first.setdefault(uf.find(("s", sid)), sid)
+    return {sid: first[uf.find(("s", sid))] for sid in ids}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Assignment
+# ---------------------------------------------------------------------------------------------------
+
+def _targets(n: int, ratios: Mapping[str, float] | None, test_size: int | None) -> dict[str, float]:
+    r = dict(DEFAULT_RATIOS if ratios is None else ratios)
+    if not r or any((not isinstance(v, int | float)) or v < 0 or math.isnan(v) for v in r.values()):
+        raise ValueError(f"ratios must map split names to non-negative numbers, got {ratios!r}")
+    if test_size is not None:
+        if int(test_size) != test_size or test_size < 0:
+            raise ValueError(f"test_size must be a non-negative integer, got {test_size!r}")
+        others = {k: v for k, v in r.items() if k != "test"} or {"train": 1.0}
+        tot = sum(others.values())
+        if tot <= 0:
+            raise ValueError(f"ratios must give a positive share to a split other than test: {ratios!r}")
+        t = min(float(test_size), float(n))
+        out = {k: (n - t) * v / tot for k, v in others.items()}
+        out["test"] = t
+        return out
+    tot = sum(r.values())
+    if tot <= 0:
+        raise ValueError(f"ratios must not all be zero: {ratios!r}")
+    return {k: n * v / tot for k, v in r.items()}
+
+
+def assign_splits(
+    samples: Iterable[Any],
+    *,
+    images: Any = None,
+    ratios: Mapping[str, float] | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+    stratify: Sequence[str] = DEFAULT_STRATIFY,
+    group_of: Callable[[Any], Any] | None = None,
+) -> dict[str, str]:
+    """``sample_id -> split``: grouped by source image, stratified, deterministic by ``seed``.
+
+    **Groups** (:func:`sample_groups`): all expressions of an image and of its derived images
+    (``images`` gives ``parent_image_id``; pass the images table or ``{image_id: parent_image_id}``),
+    a negative with its positive, and samples tied by ``group_of`` always land in one split.
+
+    **Sizes**: ``ratios`` (default train .8 / val .1 / test .1; normalised) give each split a target
+    number of samples; or ``test_size`` asks for about that many test samples and the other splits of
+    ``ratios`` share the rest in proportion (with the default ratios: train 8/9, val 1/9 of the rest).
+    Targets are met at group granularity: a split never takes a group that would carry it further past
+    its target than it is short of it, unless every split is that full. Put the large groups first,
+    so the small ones fill the gaps; a split ends within about one group of its target.
+
+    **Stratification** (greedy, in the spirit of iterative stratification, over groups): each sample
+    has the joint key ``tuple(sample[f] for f in stratify)`` and one marginal key per field. Going
+    through the groups (largest first, ties in a seeded random order) each group goes, among the
+    splits it may enter, to the one with the largest deficit on the group's keys, every key weighted
+    by ``1 / (its count overall)`` (so rare keys weigh as much as common ones) plus the split's
+    deficit in size. Each split's share of every key then follows the overall share.
+
+    **Determinism**: the result depends on the set of samples, the images' parents, the options and
+    ``seed`` -- not on input order, platform or numpy version (the order uses sha256 keys).
+
+    >>> s = [{"sample_id": f"s{i}", "image_id": f"i{i // 2}", "task": "t", "difficulty": 1,
+    ...       "polarity": "positive"} for i in range(40)]
+    >>> out = assign_splits(s, seed=1)
+    >>> sorted(Counter(out.values()).items())
+    [('test', 4), ('train', 32), ('val', 4)]
+    >>> len({out["s0"], out["s1"]})  # one image, one split
+    1
+    """
+    samples = _rows(samples)
+    groups = sample_groups(samples, images=images, group_of=group_of)
+    n = len(samples)
+    targets = _targets(n, ratios, test_size)
+    names = list(targets)
+    if n == 0:
+        return {}
+
+    # features of each sample: the joint stratification key and one marginal key per field
+    members: dict[str, list[Any]] = defaultdict(list)
+    for s in samples:
+        members[groups[_get(s, "sample_id")]].append(s)
+    feat_total: Counter = Counter()
+    gvec: dict[str, Counter] = {}
+    for gid, ss in members.items():
+        c: Counter = Counter()
+        for s in ss:
+            vals = tuple(_get(s, f) for f in stratify)
+            c[("joint", vals)] += 1
+            for f, v in zip(stratify, vals, strict=True):
+                c[(f, v)] += 1
+        gvec[gid] = c
+        feat_total.update(c)
+    n_fields = 1 + len(stratify) if stratify else 1
+    weight = {f: 1.0 / cnt for f, cnt in feat_total.items()}
+    share = {name: targets[name] / n for name in names}
+
+    def order_key(gid: str) -> tuple:
+        size = len(members[gid])
+        return (-int(math.log2(size)), stable_key("split-order", seed, gid))
+
+    assigned_feat: dict[str, Counter] = {name: Counter() for name in names}
+    assigned_n: dict[str, int] = dict.fromkeys(names, 0)
+    group_split: dict[str, str] = {}
+    for gid in sorted(members, key=order_key):
+        size = len(members[gid])
+        vec = gvec[gid]
+        allowed = [nm for nm in names if assigned_n[nm] + size / 2.0 <= targets[nm] + 1e-9]
+        if not allowed:
+            best = max(names, key=lambda nm: (targets[nm] - assigned_n[nm], -names.index(nm)))
+        else:
+            def score(nm: str, vec=vec, size=size) -> float:
+                strat = sum(v * (share[nm] - assigned_feat[nm][f] * weight[f]) for f, v in vec.items())
+                sz = n_fields * size * (targets[nm] - assigned_n[nm]) / n
+                return strat + sz
+
+            best = max(allowed, key=lambda nm: (score(nm), -names.index(nm)))
+        group_split[gid] = best
+        assigned_n[best] += size
+        assigned_feat[best].update(vec)
+    return {_get(s, "sample_id"): group_split[groups[_get(s, "sample_id")]] for s in samples}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reviews
+# ---------------------------------------------------------------------------------------------------
+
+_DECISION_RANK = {"accept": 0, "fix": 1, "reject": 2}  # on equal times the more cautious wins
+
+
+def latest_reviews(reviews: Any) -> dict[str, dict]:
+    """``sample_id -> review`` (as a dict): the latest decision per sample.
+
+    Latest by ``time``; on equal times ``reject`` beats ``fix`` beats ``accept`` (the cautious
+    decision wins a tie between annotators).
+    """
+    out: dict[str, dict] = {}
+    for r in _rows(reviews):
+        d = _as_dict(r)
+        if d.get("decision") not in _DECISION_RANK:
+            raise ValueError(f"review of {d.get('sample_id')!r}: decision must be accept / reject / fix, "
+                             f"not {d.get('decision')!r}")
+        key = (d.get("time") is not None, d.get("time"), _DECISION_RANK[d["decision"]])
+        old = out.get(d["sample_id"])
+        if old is None or key > (old.get("time") is not None, old.get("time"), _DECISION_RANK[old["decision"]]):
+            out[d["sample_id"]] = d
+    return out
+
+
+def restrict_test_to_accepted(
+    splits: Mapping[str, str],
+    reviews: Any,
+    *,
+    restricted: Sequence[str] = ("test",),
+    unreviewed: Literal["drop", "keep"] = "drop",
+) -> dict[str, str]:
+    """The splits after human review: a reviewed test set holds only accepted (or fixed) samples.
+
+    Where no review exists at all (``reviews`` empty) the splits come back unchanged. Otherwise,
+    using each sample's latest decision (:func:`latest_reviews`):
+
+    * a sample whose latest decision is ``reject`` leaves the export, whatever its split (a human
+      said it is wrong);
+    * in the ``restricted`` splits (default: ``test``) a sample stays only if it was accepted or
+      fixed; an unreviewed one is dropped (``unreviewed="drop"``, the default: the test set is
+      human-verified) or kept (``unreviewed="keep"``);
+    * a dropped test sample never moves to another split (its image group sits in test).
+
+    Returns a new ``sample_id -> split`` mapping; the samples missing from it are the ones dropped
+    (record them in ``drops`` with the reason: rejected / not reviewed). Apply the fixed boxes and
+    texts with :func:`apply_review_fixes`.
+    """
+    if unreviewed not in ("drop", "keep"):
+        raise ValueError("unreviewed must be 'drop' or 'keep'")
+    latest = latest_reviews(reviews)
+    if not latest:
+        return dict(splits)
+    out = {}
+    for sid, split in splits.items():
+        rev = latest.get(sid)
+        if rev is not None and rev["decision"] == "reject":
+            continue
+        if split in restricted and rev is None and unreviewed == "drop":
+            continue
+        out[sid] = split
+    return out
+
+
+def apply_review_fixes(samples: Iterable[Any], reviews: Any) -> list[dict]:
+    """Samples (as new dicts) with the fixes of their latest ``fix`` review applied.
+
+    A ``fix`` with ``fixed_box`` replaces ``gt_box``; with ``fixed_text`` replaces ``text``
+    (either may be None: that part is left as it was). The samples are not mutated. A fixed box on a
+    negative is refused with ``ValueError`` (a negative refers to nothing; an annotator who finds
+    its object should reject it instead).
+    """
+    latest = latest_reviews(reviews)
+    out = []
+    bad = []
+    for s in _rows(samples):
+        d = _as_dict(s)
+        rev = latest.get(d.get("sample_id"))
+        if rev is not None and rev["decision"] == "fix":
+            if rev.get("fixed_box") is not None:
+                if d.get("polarity") == "negative":
+                    bad.append(d.get("sample_id"))
+                else:
+                    d["gt_box"] = tuple(float(v) for v in rev["fixed_box"])
+            if rev.get("fixed_text") is not None:
+                d["text"] = rev["fixed_text"]
+        out.append(d)
+    if bad:
+        raise ValueError(f"review fixes give a box to negative sample(s) {sorted(bad)}; reject them instead")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Perceptual hash
+# ---------------------------------------------------------------------------------------------------
+
+_N = 32
+_K = np.arange(_N)
+# DCT-II basis (unnormalised, as scipy.fft.dct's default): C[k, n] = cos(pi * k * (2n + 1) / (2N));
+# a uniform scale does not change which coefficients exceed the median.
+_DCT = np.cos(np.pi * _K[:, None] * (2 * _K[None, :] + 1) / (2 * _N))
+
+
+def phash(image: PILImage.Image | bytes | str | os.PathLike | np.ndarray) -> int:
+    """64-bit DCT perceptual hash (the pHash of imagehash / Zauner 2010), as an unsigned int.
+
+    Grey (PIL "L"), resized to 32 x 32 with Lanczos, 2-D DCT-II (``C @ X @ C.T`` with a matrix of
+    cosines), the top-left 8 x 8 low frequencies (DC included), each bit ``coefficient > median of
+    the 64``; bit order row-major with the first coefficient as the most significant bit. Robust to
+    re-encoding, resizing and small brightness / contrast changes; compare with :func:`hamming`.
+
+    ``image``: a PIL image, encoded bytes, a file path, or a numpy array (H x W or H x W x C, uint8).
+    """
+    if isinstance(image, bytes | bytearray):
+        with PILImage.open(io.BytesIO(image)) as im:
+            return phash(im.copy())
+    if isinstance(image, str | os.PathLike):
+        with PILImage.open(image) as im:
+            return phash(im.copy())
+    if isinstance(image, np.ndarray):
+        image = PILImage.fromarray(image)
+    grey = image.convert("L").resize((_N, _N), PILImage.Resampling.LANCZOS)
+    x = np.asarray(grey, dtype=np.float64)
+    # rounded so that floating-point noise (flat regions, BLAS differences) cannot flip a bit
+    low = np.round((_DCT @ x @ _DCT.T)[:8, :8].reshape(-1), 6)
+    bits = low > np.median(low)
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def _to_int_hash(h: int | str) -> int:
+    if isinstance(h, str):
+        return int(h, 16)
+    v = int(h)
+    if v < 0:
+        v &= (1 << 64) - 1
+    return v
+
+
+def hamming(a: int | str, b: int | str) -> int:
+    """Number of differing bits of two 64-bit hashes (ints or hex strings).
+
+    >>> hamming(0b1011, 0b0010), hamming("ff", "0f")
+    (2, 4)
+    """
+    return (_to_int_hash(a) ^ _to_int_hash(b)).bit_count()
+
+
+_POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.uint64)
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x).astype(np.int64)
+    return _POP8[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1).astype(np.int64)
+
+
+def near_duplicate_pairs(hashes: Mapping[Any, int | str], threshold: int = DEFAULT_PHASH_THRESHOLD
+                         ) -> list[tuple[Any, Any, int]]:
+    """All pairs ``(id_a, id_b, distance)`` with ``hamming <= threshold`` (``id_a < id_b`` by sort order).
+
+    Multi-index hashing instead of all pairs: split the 64 bits into ``threshold + 1`` bands; two
+    hashes within ``threshold`` bits agree exactly on at least one band (pigeonhole), so only hashes
+    that share a band value are compared (vectorised within each bucket). Identical ids are never
+    paired with themselves; identical hashes of different ids are (distance 0).
+
+    >>> near_duplicate_pairs({"a": 0, "b": 0b111, "c": (1 << 64) - 1}, threshold=3)
+    [('a', 'b', 3)]
+    """
+    if threshold < 0:
+        return []
+    ids = sorted(hashes, key=repr)
+    if len(ids) < 2:
+        return []
+    hv = np.array([_to_int_hash(hashes[i]) for i in ids], dtype=np.uint64)
+    if threshold >= 64:  # every pair (pigeonhole needs more bands than bits)
+        i, j = np.triu_indices(len(ids), k=1)
+        d = _popcount64(hv[i] ^ hv[j])
+        return sorted((ids[a], ids[b], int(x)) for a, b, x in zip(i.tolist(), j.tolist(), d.tolist(), strict=True))
+    m = int(threshold) + 1
+    bounds = np.linspace(0, 64, m + 1).round().astype(int)
+    found: dict[tuple[int, int], int] = {}
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        width = int(hi - lo)
+        mask = np.uint64((1 << width) - 1)
+        keys = (hv >> np.uint64(lo)) & mask
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+        ends = np.r_[starts[1:], sk.size]
+        for a, b in zip(starts, ends, strict=True):
+            if b - a < 2:
+                continue
+            idx = order[a:b]
+            d = _popcount64(hv[idx][:, None] ^ hv[idx][None, :])
+            ii, jj = np.nonzero(np.triu(d <= threshold, k=1))
+            for i, j, dist in zip(idx[ii].tolist(), idx[jj].tolist(), d[ii, jj].tolist(), strict=True):
+                found[(min(i, j), max(i, j))] = int(dist)
+    return sorted((ids[i], ids[j], dist) for (i, j), dist in found.items())
+
+
+def phash_clusters(hashes: Mapping[Any, int | str], threshold: int = DEFAULT_PHASH_THRESHOLD) -> dict[Any, Any]:
+    """``id -> cluster id`` (the smallest id of its cluster) over near-duplicate links.
+
+    Pass ``group_of=lambda s: clusters.get(s["image_id"])`` to :func:`assign_splits` to keep
+    near-duplicate images in one split before :func:`check_leakage` has to complain about them.
+    """
+    uf = _UnionFind()
+    for i in hashes:
+        uf.find(i)
+    for a, b, _ in near_duplicate_pairs(hashes, threshold):
+        uf.union(a, b)
+    first: dict[Any, Any] = {}
+    for i in sorted(hashes, key=repr):
+        first.setdefault(uf.find(i), i)
+    return {i: first[uf.find(i)] for i in hashes}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Leakage
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Leak:
+    """One way test (or val) information reaches another split.
+
+    ``kind``: ``"image"`` (one image used by samples of two splits), ``"parent"`` (two images of one
+    family -- an image and an image derived from it, or two derived from one parent -- in different
+    splits) or ``"near_duplicate"`` (two images of different families whose perceptual hashes are
+    within the threshold, in different splits). ``image_ids``, ``splits`` and ``sample_ids`` are
+    sorted; ``detail`` says more (the family root, the Hamming distance).
+    """
+
+    kind: Literal["image", "parent", "near_duplicate"]
+    image_ids: tuple[str, ...]
+    splits: tuple[str, ...]
+    sample_ids: tuple[str, ...]
+    detail: str = ""
+
+    def __str__(self) -> str:
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"{self.kind}: images {list(self.image_ids)} in splits {list(self.splits)}{extra}"
+
+
+class LeakageError(ValueError):
+    """Raised by :func:`assert_no_leakage`; ``leaks``, ``image_ids`` and ``sample_ids`` list the offenders."""
+
+    def __init__(self, leaks: Sequence[Leak], limit: int = 20):
+        self.leaks = list(leaks)
+        self.image_ids = sorted({i for lk in self.leaks for i in lk.image_ids})
+        self.sample_ids = sorted({s for lk in self.leaks for s in lk.sample_ids})
+        kinds = Counter(lk.kind for lk in self.leaks)
+        head = ", ".join(f"{c} {k}" for k, c in sorted(kinds.items()))
+        lines = [f"{len(self.leaks)} leak(s) across splits ({head}); offending image ids: "
+                 + ", ".join(self.image_ids[:50]) + (f" ... and {len(self.image_ids) - 50} more"
+                                                     if len(self.image_ids) > 50 else "")]
+        lines += [f"  {lk}" for lk in self.leaks[:limit]]
+        if len(self.leaks) > limit:
+            lines.append(f"  ... and {len(self.leaks) - limit} more")
+        super().__init__("\n".join(lines))
+
+
+def check_leakage(
+    splits: Mapping[str, str],
+    images: Any,
+    *,
+    samples: Any,
+    phash_threshold: int | None = DEFAULT_PHASH_THRESHOLD,
+    hashes: Mapping[str, int | str] | None = None,
+    open_image: Callable[[dict], Any] | None = None,
+) -> list[Leak]:
+    """Every leak between the splits of an export (empty list: none).
+
+    ``splits``: ``sample_id -> split``; ``samples``: the expressions (``sample_id``, ``image_id``)
+    that say which image each sample uses (samples absent from ``splits`` are ignored); ``images``:
+    the images table (``image_id``, ``parent_image_id``; for the near-duplicate check also a way to
+    the pixels, see below).
+
+    1. ``"image"``: an image used by samples of two or more splits.
+    2. ``"parent"``: an image family (a root image and every image derived from it through
+       ``parent_image_id``) with two different images in different splits -- e.g. a parent in
+       train and its flip in test.
+    3. ``"near_duplicate"`` (unless ``phash_threshold`` is None): two images of different
+       families, in different splits, whose 64-bit :func:`phash` differ in at most
+       ``phash_threshold`` bits (default 6 of 64: re-encodes, resizes and small brightness changes
+       typically stay within 0-4 bits; unrelated photos sit around 32). Found by multi-index
+       hashing (:func:`near_duplicate_pairs`), not by comparing all pairs.
+
+    Hashes come from ``hashes`` (``image_id -> int`` or hex string), else from an image record's
+    ``phash`` field, else from ``open_image(record)`` (a PIL image, encoded bytes or a path; e.g.
+    ``lambda r: store.read(r["path"])``). An image with none of these is an error (``ValueError``)
+    while the near-duplicate check is on.
+    """
+    sample_rows = _rows(samples)
+    image_rows = _rows(images)
+    image_of: dict[str, str] = {}
+    for s in sample_rows:
+        sid = _get(s, "sample_id")
+        if sid in splits:
+            image_of[sid] = _get(s, "image_id")
+    missing = sorted(set(splits) - set(image_of))
+    if missing:
+        raise ValueError(f"{len(missing)} sample(s) in the splits are not among the samples: {missing[:10]}")
+    parents = _parent_map(image_rows, sample_rows)
+
+    by_image: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for sid, img in image_of.items():
+        by_image[img][splits[sid]].append(sid)
+    leaks: list[Leak] = []
+
+    # 1. one image in several splits
+    for img in sorted(by_image):
+        sp = by_image[img]
+        if len(sp) > 1:
+            leaks.append(Leak("image", (img,), tuple(sorted(sp)),
+                              tuple(sorted(s for ss in sp.values() for s in ss))))
+
+    # 2. families
+    family_of = {img: _root(img, parents) for img in by_image}
+    families: dict[str, list[str]] = defaultdict(list)
+    for img, root in family_of.items():
+        families[root].append(img)
+    for root in sorted(families):
+        imgs = sorted(families[root])
+        per_split: dict[str, set[str]] = defaultdict(set)
+        for img in imgs:
+            for sp in by_image[img]:
+                per_split[sp].add(img)
+        if len(per_split) < 2:
+            continue
+        sets = list(per_split.values())
+        if all(len(st) == 1 for st in sets) and len({next(iter(st)) for st in sets}) == 1:
+            continue  # one image across splits: already an "image" leak
+        leaks.append(Leak("parent", tuple(imgs), tuple(sorted(per_split)),
+                          tuple(sorted(s for img in imgs for ss in by_image[img].values() for s in ss)),
+                          detail=f"family of {root}"))
+
+    # 3. near-duplicates across families
+    if phash_threshold is not None:
+        records = {_get(r, "image_id"): r for r in image_rows}
+        hv: dict[str, int] = {}
+        no_pixels = []
+        for img in sorted(by_image):
+            if hashes is not None and img in hashes:
+                hv[img] = _to_int_hash(hashes[img])
+            elif img in records and _get(records[img], "phash") is not None:
+                hv[img] = _to_int_hash(_get(records[img], "phash"))
+            elif img in records and open_image is not None:
+                hv[img] = phash(open_image(_as_dict(records[img])))
+            else:
+                no_pixels.append(img)
+        if no_pixels:
+            raise ValueError(f"no hash and no pixels for {len(no_pixels)} image(s) {no_pixels[:10]}: "
+                             "pass hashes= or open_image=, or phash_threshold=None")
+        for a, b, dist in near_duplicate_pairs(hv, int(phash_threshold)):
+            if family_of[a] == family_of[b]:
+                continue
+            sp = set(by_image[a]) | set(by_image[b])
+            if len(sp) < 2:
+                continue
+            sids = [s for img in (a, b) for ss in by_image[img].values() for s in ss]
+            leaks.append(Leak("near_duplicate", (a, b), tuple(sorted(sp)), tuple(sorted(sids)),
+                              detail=f"phash hamming distance {dist}"))
+    return leaks
+
+
+def assert_no_leakage(splits: Mapping[str, str], images: Any, *, samples: Any, **kwargs: Any) -> None:
+    """:func:`check_leakage`, raising :class:`LeakageError` (listing the offending ids) if any leak."""
+    leaks = check_leakage(splits, images, samples=samples, **kwargs)
+    if leaks:
+        raise LeakageError(leaks)
