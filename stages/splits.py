@@ -219,8 +219,9 @@ def assign_splits(
     number of samples; or ``test_size`` asks for about that many test samples and the other splits of
     ``ratios`` share the rest in proportion (with the default ratios: train 8/9, val 1/9 of the rest).
     Targets are met at group granularity: a split never takes a group that would carry it further past
-    its target than it is short of it, unless every split is that full. Put the large groups first,
-    so the small ones fill the gaps; a split ends within about one group of its target.
+    its target than it is short of it, unless every split is that full (then the one furthest below
+    its target takes it; a split with target 0 never does). Large groups are placed first and small
+    ones fill the gaps, so a split ends within about one group of its target.
 
     **Stratification** (greedy, in the spirit of iterative stratification, over groups): each sample
     has the joint key ``tuple(sample[f] for f in stratify)`` and one marginal key per field. Going
@@ -278,8 +279,9 @@ def assign_splits(
         size = len(members[gid])
         vec = gvec[gid]
         allowed = [nm for nm in names if assigned_n[nm] + size / 2.0 <= targets[nm] + 1e-9]
-        if not allowed:
-            best = max(names, key=lambda nm: (targets[nm] - assigned_n[nm], -names.index(nm)))
+        if not allowed:  # every split is full: the one furthest below its target (never a 0-target one)
+            pool = [nm for nm in names if targets[nm] > 0] or names
+            best = max(pool, key=lambda nm: (targets[nm] - assigned_n[nm], -names.index(nm)))
         else:
             def score(nm: str, vec=vec, size=size) -> float:
                 strat = sum(v * (share[nm] - assigned_feat[nm][f] * weight[f]) for f, v in vec.items())

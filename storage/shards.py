@@ -117,8 +117,12 @@ class TableReader:
         if work_keys is None:
             paths = self.shards(table)
         else:
-            wanted = set(work_keys)
-            paths = [p for p, k in sorted(self.work_keys(table).items()) if k in wanted]
+            # in the order of the keys asked for, so a reader's output never depends on which thread
+            # happened to write a shard first
+            by_key: dict[str, list[Path]] = {}
+            for p, k in sorted(self.work_keys(table).items()):
+                by_key.setdefault(k, []).append(p)
+            paths = [p for k in dict.fromkeys(work_keys) for p in by_key.get(k, [])]
         if not paths:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty

@@ -42,7 +42,7 @@ def test_installed_wheel_imports_and_runs_outside_the_checkout(wheel, tmp_path, 
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, timeout=120)
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text("[build]\nname = 'tiny'\nshard_size = 2\n[source]\nimages = 3\n")
+    cfg.write_text("[build]\nname = 'tiny'\nshard_size = 2\nstages = ['ingest', 'paths']\n[source]\nimages = 3\n")
     proc = subprocess.run([sys.executable, "-m", "refforge.cli", "build", "--config", str(cfg), "--out",
                            str(tmp_path / "b")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -190,6 +190,9 @@ def test_test_size_larger_than_the_set_and_custom_ratios():
     out = S.assign_splits(samples, images=images, ratios={"train": 3, "test": 1}, seed=0)
     c = Counter(out.values())
     assert set(c) == {"train", "test"} and abs(c["test"] - len(samples) / 4) <= 15
+    for seed in range(5):  # a split with ratio 0 gets nothing, even when the others are full
+        out = S.assign_splits(samples, images=images, ratios={"train": 0.7, "val": 0, "test": 0.3}, seed=seed)
+        assert "val" not in set(out.values())
     out = S.assign_splits(samples, images=images, ratios={"test": 1.0}, test_size=5, seed=0)
     assert set(out.values()) <= {"train", "test"}  # with only "test" in ratios the rest goes to train
 
