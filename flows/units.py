@@ -131,6 +131,7 @@ def read_graphs(b: BuildDir, keys: list[str]) -> tuple[dict[str, SceneGraph], di
 
 def paths_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     from refforge.stages import paths as paths_stage
+    from refforge.stages.descriptive import descriptive_variant
     from refforge.stages.records import expressions_for_graph
 
     p = cfg.paths
@@ -144,11 +145,19 @@ def paths_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     after: dict[str, Counter] = defaultdict(Counter)
     for image_id, graph in graphs.items():
         out.items_in += len(graph.objects)
+        seed = int(stable_key(cfg.build.seed, image_id, length=8), 16)
         res = paths_stage.referring_paths(
             graph, max_hops=p.max_hops, max_constraints=p.max_constraints, max_per_target=p.max_per_target,
-            seed=int(stable_key(cfg.build.seed, image_id, length=8), 16), positions=p.positions,
-            selection=selection)
-        expressions += expressions_for_graph(image_id, graph, res.paths, stage_hash, primary=p.taxonomy)
+            seed=seed, positions=p.positions, selection=selection)
+        chosen = list(res.paths)
+        if p.descriptive_share > 0:
+            for path in res.paths:
+                pick = int(stable_key("descriptive", seed, path.target_id, path.text, length=8), 16) / 16**8
+                if path.query.relations and pick < p.descriptive_share:
+                    d = descriptive_variant(graph, path, seed=seed)
+                    if d is not None:
+                        chosen.append(d)
+        expressions += expressions_for_graph(image_id, graph, chosen, stage_hash, primary=p.taxonomy)
         out.drops += [Drop(stage="paths", key=f"{image_id}/{oid}", reason=reason) for oid, reason in res.drops]
         for kind, counter in res.counts_before.items():
             before[kind].update(counter)

@@ -120,6 +120,9 @@ class PathsStage(_Strict):
     blocklist: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKLIST))
     drop_border_cut: bool = True
     taxonomy: Literal["refbench_pro", "groundingme"] = "refbench_pro"
+    descriptive_share: float = Field(default=0.5, ge=0, le=1, description=(
+        "share of relation paths that also get a descriptive positive (an attribute on both ends of a "
+        "relation; what attribute-swap negatives need)"))
 
 
 class NegativesTextStage(_Strict):

@@ -260,6 +260,7 @@ class ReferringPath:
     template_text: str  # placeholders of query.slots_of
     template_name: str
     template_variant: int
+    descriptive: bool = False  # True: a unique but non-minimal description (see stages/descriptive.py)
 
     @property
     def category(self) -> str:

@@ -47,7 +47,8 @@ def expressions_for_graph(image_id: str, graph: SceneGraph, paths, stage_hash: s
     boxes = {o.id: o.box for o in graph.objects}
     out = []
     for p in paths:
-        path_json = json.dumps({**p.query.to_json(), "hops": p.hops, "constraints": p.constraint_count},
+        extra = {"descriptive": True} if getattr(p, "descriptive", False) else {}
+        path_json = json.dumps({**p.query.to_json(), "hops": p.hops, "constraints": p.constraint_count, **extra},
                                sort_keys=True)
         tasks = tasks_for(p, graph, config=cfg)
         out.append(Expression(
