@@ -42,7 +42,8 @@ def reference(tmp_path_factory, config_file, prefect_api):
     proc = _build(config_file, out, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     snap = snapshot(out)
-    assert len(snap["images"]) == 30 and len(snap["expressions"]) > 100
+    originals = [r for r in snap["images"] if '"parent_image_id": null' in r]
+    assert len(originals) == 30 and len(snap["expressions"]) > 100 and len(snap["cot_traces"]) > 100
     return snap
 
 

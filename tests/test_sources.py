@@ -348,16 +348,20 @@ def write_gqa_like(path: Path, images: int, seed: int = 0) -> tuple[int, int]:
 
 
 MEASURE = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     from pathlib import Path
     import refforge.stages.geometry, refforge.stages.sources as s
     s._ijson()
-    # baseline: the resident set now (not the peak so far, which the imports may have set higher)
-    before = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS:")).split()[1])
+    def status(key):
+        return int(next(ln for ln in open("/proc/self/status") if ln.startswith(key + ":")).split()[1])
+    # reset the peak (VmHWM) to the current resident set, so the imports' peak does not count
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = status("VmRSS")
     t = time.perf_counter()
     stats = s.convert_gqa(Path(sys.argv[1]), Path(sys.argv[2]))
     seconds = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = max(status("VmHWM"), before)
     print(json.dumps({"growth_kib": after - before, "baseline_kib": before, "seconds": seconds,
                       "images": stats.images, "objects": stats.objects, "relations": stats.relations,
                       "skipped": len(stats.skipped), "backend": s.ijson_backend()}))

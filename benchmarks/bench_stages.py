@@ -1,0 +1,102 @@
+"""Paths, negatives and traces for 75,000 GQA-shaped graphs on 2 cores (the per-graph stage work of a build).
+
+Uses the GQA-shaped random graphs of ``bench_paths.make_graph`` (about 16 objects, 2-3 attributes each,
+~2 relations per object over 30 predicates). Per graph, in each of 2 worker processes:
+
+1. ``referring_paths`` (``max_hops=2``, positions on, target selection on);
+2. ``text_negatives`` for every positive (``complete_graph=False``, as for GQA: candidates that the
+   incomplete graph cannot decide are flagged ``needs_review``), with one ``NegativeIndex`` per graph;
+3. ``traces_for_sample`` (k=1) for every positive and every negative.
+
+Each step is timed separately inside the workers (graph generation is not timed). Reported: graphs/s of
+the two workers together for each step and in total, the projected time for 75,000 graphs on 2 cores
+against the 2-minute target, and counts. The paths step alone is the in-run baseline the other steps
+are compared with.
+
+    .venv/bin/python benchmarks/bench_stages.py [--graphs 75000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_paths import make_graph  # noqa: E402
+
+from refforge.stages.cot import traces_for_sample  # noqa: E402
+from refforge.stages.negatives import NegativeIndex, text_negatives  # noqa: E402
+from refforge.stages.paths import TargetSelection, referring_paths  # noqa: E402
+
+
+def _work(args: tuple[int, int, int]) -> dict:
+    start, stop, seed = args
+    graphs = [make_graph(k, seed) for k in range(start, stop)]
+    gc.collect()
+    gc.freeze()
+    sel = TargetSelection()
+    t = {"paths": 0.0, "negatives": 0.0, "traces": 0.0}
+    n = {"graphs": len(graphs), "positives": 0, "negatives": 0, "needs_review": 0, "traces": 0, "correct": 0}
+    for k, g in enumerate(graphs):
+        t0 = time.perf_counter()
+        res = referring_paths(g, max_hops=2, positions=True, selection=sel, seed=k)
+        t1 = time.perf_counter()
+        boxes = {o.id: o.box for o in g.objects}
+        index = NegativeIndex(g)
+        negs = []
+        for p in res.paths:
+            negs += text_negatives(g, p.query, p.template_text, target_id=p.target_id, seed=k,
+                                   complete_graph=False, index=index)
+        t2 = time.perf_counter()
+        traces = [traces_for_sample(g, p.query, "positive", p.target_id, boxes[p.target_id], k=1, seed=k)
+                  for p in res.paths]
+        traces += [traces_for_sample(g, c.query, "negative", None, None, k=1, seed=k) for c in negs]
+        t3 = time.perf_counter()
+        t["paths"] += t1 - t0
+        t["negatives"] += t2 - t1
+        t["traces"] += t3 - t2
+        n["positives"] += len(res.paths)
+        n["negatives"] += len(negs)
+        n["needs_review"] += sum(c.needs_review for c in negs)
+        n["traces"] += sum(len(x) for x in traces)
+        n["correct"] += sum(x[0].verdict in ("correct", "correct_rejection") for x in traces if x)
+    return {"times": t, "counts": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--graphs", type=int, default=75_000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    step = -(-args.graphs // args.workers)
+    chunks = [(i, min(args.graphs, i + step), args.seed) for i in range(0, args.graphs, step)]
+    wall0 = time.perf_counter()
+    with mp.get_context("fork").Pool(len(chunks)) as pool:
+        results = pool.map(_work, chunks)
+    wall = time.perf_counter() - wall0
+    steps = ("paths", "negatives", "traces")
+    slowest = {s: max(r["times"][s] for r in results) for s in steps}
+    total = max(sum(r["times"].values()) for r in results)
+    counts = {k: sum(r["counts"][k] for r in results) for k in results[0]["counts"]}
+    g = counts["graphs"]
+    print(f"\n{g:,} GQA-shaped graphs, {args.workers} worker processes "
+          f"(wall {wall:.1f} s including graph generation)\n")
+    print(f"{'step':<12} {'seconds':>8} {'graphs/s':>10} {'vs paths':>9} {'75k projected':>14}")
+    for s in steps:
+        print(f"{s:<12} {slowest[s]:>8.1f} {g / slowest[s]:>10,.0f} {slowest[s] / slowest['paths']:>8.2f}x "
+              f"{slowest[s] * 75_000 / g:>13.1f}s")
+    print(f"{'all three':<12} {total:>8.1f} {g / total:>10,.0f} {total / slowest['paths']:>8.2f}x "
+          f"{total * 75_000 / g:>13.1f}s   (target: 120 s)")
+    print(f"\npositives {counts['positives']:,} ({counts['positives'] / g:.1f}/graph), negatives "
+          f"{counts['negatives']:,} ({counts['needs_review']:,} flagged needs_review), traces {counts['traces']:,}, "
+          f"selected traces verified correct {counts['correct'] / max(1, counts['traces']):.1%}")
+
+
+if __name__ == "__main__":
+    main()
