@@ -106,6 +106,9 @@ def ingest_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
 
         records = read_lines(_prepared(b, cfg), _offsets(b, cfg), start, stop)
         out = ingest_stage.ingest_graphs(records, range(len(records)), images_dir=src.images_dir, source=src.kind)
+    tables: dict[str, list] = {}
+    if out.refs:
+        tables["expressions"] = _ref_expressions(cfg, out)
     seen: set[str] = set()
     images = []
     for img in out.images:
@@ -116,8 +119,36 @@ def ingest_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
         seen.add(img.record.image_id)
         b.images.put(img.data, img.ext)
         images.append(img.record)
-    return UnitOutput({"images": images, "objects": out.objects, "relations": out.relations}, out.drops,
+    return UnitOutput({"images": images, "objects": out.objects, "relations": out.relations, **tables}, out.drops,
                       out.scenes_in)
+
+
+def _ref_expressions(cfg: Config, out) -> list[Expression]:
+    """RefCOCO-style human expressions as positive samples; the level is the target's minimal
+    constraint count in the scene graph (targets with no unique path within the bound are dropped)."""
+    from refforge.stages import paths as paths_stage
+
+    p = cfg.paths
+    levels: dict[str, dict[str, int]] = {}
+    boxes = {(o.image_id, o.object_id): o.box for o in out.objects}
+    rows = []
+    for ref in out.refs:
+        image_id, target = ref["image_id"], ref["object_id"]
+        if image_id not in levels:
+            levels[image_id] = paths_stage.referring_paths(
+                out.graphs[image_id], max_hops=p.max_hops, max_constraints=p.max_constraints, max_per_target=1,
+                positions=p.positions).levels
+        level = levels[image_id].get(target)
+        if level is None or not ref["text"].strip():
+            out.drops.append(Drop(stage="ingest", key=f"{image_id}/ref/{ref['ref_id']}",
+                                  reason="ref target has no unique path, so no level" if level is None
+                                  else "empty ref expression"))
+            continue
+        rows.append(Expression(
+            sample_id=stable_key("ref", image_id, target, ref["ref_id"], ref["text"]), image_id=image_id,
+            text=ref["text"], polarity="positive", target_object_id=target, gt_box=boxes[(image_id, target)],
+            task="refcoco", tasks={"source": "refcoco", "split": str(ref["split"])}, difficulty=level))
+    return rows
 
 
 def read_graphs(b: BuildDir, keys: list[str]) -> tuple[dict[str, SceneGraph], dict[str, dict]]:

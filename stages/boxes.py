@@ -19,6 +19,7 @@ even, so ``12.5`` becomes ``13`` in every module that prints a box.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -60,6 +61,44 @@ def as_boxes(boxes: BoxLike) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[1] != 4:
         raise ValueError(f"expected a box of 4 numbers or an (N, 4) array, got shape {np.shape(boxes)}")
     return arr
+
+
+_NUMBER_TYPES = (float, int)
+_BIG = float(2**62)
+
+
+def _floats4(box) -> tuple[float, float, float, float] | None:
+    """A single box of four finite Python numbers as floats (what ``as_boxes`` would hold), or None
+    when the box is anything else (the numpy path then handles it, errors included)."""
+    if (type(box) is not tuple and type(box) is not list) or len(box) != 4:
+        return None
+    a, b, c, d = box
+    if type(a) not in _NUMBER_TYPES or type(b) not in _NUMBER_TYPES or type(c) not in _NUMBER_TYPES \
+            or type(d) not in _NUMBER_TYPES:
+        return None
+    try:
+        a, b, c, d = float(a), float(b), float(c), float(d)
+    except OverflowError:
+        return None
+    s = a + b + c + d
+    if s - s != 0.0:  # an inf or nan among them
+        return None
+    return a, b, c, d
+
+
+def _round_single(box) -> tuple[int, int, int, int] | None:
+    """``round_box`` of a single box of four Python numbers without numpy, or None (use numpy)."""
+    v = _floats4(box)
+    if v is None:
+        return None
+    out = []
+    for x in v:
+        m = abs(x)
+        if m >= _BIG:
+            return None
+        r = math.floor(m + 0.5)
+        out.append(-r if x < 0 else r)
+    return out[0], out[1], out[2], out[3]
 
 
 def _single(boxes: BoxLike) -> bool:
@@ -129,7 +168,24 @@ def iou(box_a: BoxLike, box_b: BoxLike) -> float:
     >>> iou((0, 0, 10, 10), (20, 20, 30, 30))
     0.0
     """
-    return float(box_iou(box_a, box_b)[0, 0])
+    a = _floats4(box_a)
+    b = _floats4(box_b) if a is not None else None
+    if b is None:
+        return float(box_iou(box_a, box_b)[0, 0])
+    # the arithmetic of box_iou, in the same order, on Python floats (IEEE doubles as numpy's)
+    ax1, ay1, ax2, ay2 = a
+    bx1, by1, bx2, by2 = b
+    w = ax2 - ax1
+    h = ay2 - ay1
+    area_a = (w if w > 0 else 0.0) * (h if h > 0 else 0.0)
+    w = bx2 - bx1
+    h = by2 - by1
+    area_b = (w if w > 0 else 0.0) * (h if h > 0 else 0.0)
+    w = (ax2 if ax2 < bx2 else bx2) - (ax1 if ax1 > bx1 else bx1)
+    h = (ay2 if ay2 < by2 else by2) - (ay1 if ay1 > by1 else by1)
+    inter = (w if w > 0 else 0.0) * (h if h > 0 else 0.0)
+    denom = area_a + area_b - inter
+    return inter / denom if denom > 0 else 0.0
 
 
 def xyxy_to_xywh(boxes: BoxLike):
@@ -172,6 +228,9 @@ def round_box(boxes: BoxLike):
     >>> round_box((10.4, 10.5, 99.5, 100.49))
     (10, 11, 100, 100)
     """
+    fast = _round_single(boxes)
+    if fast is not None:
+        return fast
     return _out(_round_half_away(as_boxes(boxes)), _single(boxes), integer=True)
 
 
@@ -241,9 +300,14 @@ def format_box(box: BoxLike, dialect: Dialect = "pixels", width: float | None = 
     >>> format_box(b, "qwen_json")
     '{"bbox_2d": [64, 48, 320, 241]}'
     """
-    if np.ndim(box) != 1:
+    v = _round_single(box) if dialect != "grid1000" else None
+    if v is not None:
+        x1, y1, x2, y2 = v
+        if dialect == "pixels":
+            return f"[{x1}, {y1}, {x2}, {y2}]"
+    elif np.ndim(box) != 1:
         raise ValueError("format_box takes one box")
-    if dialect == "grid1000":
+    elif dialect == "grid1000":
         if width is None or height is None:
             raise ValueError("the grid1000 dialect needs the image width and height")
         v = to_grid(box, width, height, 1000)

@@ -47,6 +47,8 @@ class IngestOutput:
     relations: list[Relation] = field(default_factory=list)
     drops: list[Drop] = field(default_factory=list)
     scenes_in: int = 0
+    refs: list[dict[str, Any]] = field(default_factory=list)  # human expressions from the source (RefCOCO)
+    graphs: dict[str, SceneGraph] = field(default_factory=dict)  # image_id -> the validated graph
 
 
 def graph_records(image_id: str, graph: SceneGraph, key: str) -> tuple[list[Object], list[Relation], list[Drop]]:
@@ -193,6 +195,18 @@ def ingest_graphs(records: list[dict[str, Any]], indices: range, *, images_dir: 
         out.objects += objs
         out.relations += rels
         out.drops += drops
+        kept = {o.object_id for o in objs}
+        if rec.get("expressions"):
+            out.graphs[image_id] = SceneGraph(w, h, [o for o in graph.objects if o.id in kept],
+                                              [r for r in graph.relations if r.subject in kept and r.object in kept])
+        for e in rec.get("expressions", ()):
+            target = str(e.get("object"))
+            if target not in kept:
+                out.drops.append(Drop(stage=STAGE, key=f"{key}/ref/{e.get('ref_id')}",
+                                      reason="ref to an object that was dropped or is unknown", detail=target))
+                continue
+            out.refs.append({"image_id": image_id, "object_id": target, "text": str(e.get("text", "")),
+                             "split": e.get("split"), "ref_id": e.get("ref_id")})
     return out
 
 

@@ -80,3 +80,21 @@ def test_unknown_source_key_fails_before_work(kind):
 
     with pytest.raises(ConfigError, match="unknown key"):
         parse_config({"source": {"kind": kind, "images_dir": "x", "colour": 1}})
+
+
+def test_coco_refs_become_positive_samples_with_levels(tmp_path, prefect_api):
+    refs = json.loads((FIX / "coco" / "refs.json").read_text())
+    out, _ = _build(tmp_path, {"kind": "coco", "instances": str(FIX / "coco" / "instances.json"),
+                               "images_dir": str(FIX / "coco" / "images"), "refs": str(FIX / "coco" / "refs.json")})
+    with Catalog(out) as cat:
+        rows = cat.sql("SELECT text, target_object_id, difficulty, tasks['split'] AS split FROM expressions "
+                       "WHERE task = 'refcoco'").to_pylist()
+        dropped = cat.sql("SELECT count(*) FROM drops WHERE key LIKE '%/ref/%'"
+                          ).column(0)[0].as_py()
+    # the crowd annotation (104) and the ref to an unknown image (555) are skipped by the converter
+    sentences = {(str(r["ann_id"]), s["sent"]) for r in refs for s in r["sentences"] if r["ann_id"] not in (104, 555)}
+    got = {(r["target_object_id"], r["text"]) for r in rows}
+    assert got == sentences, (got, sentences)
+    assert dropped == 0
+    assert {r["difficulty"] for r in rows} <= {1, 2, 3}
+    assert all(r["split"] for r in rows)
