@@ -226,6 +226,7 @@ def run_build(config: Config, out: Path, *, force: bool = False, progress: Progr
         results = build_flow.with_options(task_runner=task_runner)(root, config.model_dump(mode="json"), run_id)
     finally:
         _progress = None
+        usage = U.close_clients(build.root)
     record = {
         "run_id": run_id,
         "build": config.build.name,
@@ -239,6 +240,7 @@ def run_build(config: Config, out: Path, *, force: bool = False, progress: Progr
         "prompt_hashes": all_template_hashes(),
         "models": U.model_ids(config),
         "stages": {stage: summarise(stage, units) for stage, units in results.items()},
+        "model_usage": usage,
     }
     build.write_run(run_id, record)
     record["root"] = str(build.root)

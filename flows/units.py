@@ -25,6 +25,40 @@ from refforge.stages.records import graphs_from_tables
 from refforge.storage import BuildDir
 from refforge.storage.atomic import atomic_write_bytes
 
+# -- model clients -------------------------------------------------------------------------------
+
+_CLIENTS: dict[tuple[str, str], Any] = {}
+_CLIENTS_LOCK = __import__("threading").Lock()
+
+
+def model_client(b: BuildDir, cfg: Config, which: str):
+    """One LLMClient per build, endpoint kind and process, with the build's persistent response cache
+    (``<build>/cache/llm.sqlite``), so a re-run or a resumed build sends no request twice."""
+    from refforge.llm import LLMClient, ResponseCache
+
+    ep = getattr(cfg, which)
+    key = (str(b.root.resolve()), which)
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            (b.root / "cache").mkdir(exist_ok=True)
+            _CLIENTS[key] = LLMClient(
+                ep.base_url, ep.model, api_key_env=ep.api_key_env, concurrency=ep.concurrency,
+                timeout_s=ep.timeout_s, max_retries=ep.max_retries, image_longest_side=ep.image_longest_side,
+                structured_output=ep.structured_output, price_per_1k_input=ep.price_per_1k_input,
+                price_per_1k_output=ep.price_per_1k_output, cache=ResponseCache(b.root / "cache" / "llm.sqlite"))
+        return _CLIENTS[key]
+
+
+def close_clients(root: Path) -> dict[str, Any]:
+    """Close this build's clients; returns their usage per endpoint and stage for the run file."""
+    usage = {}
+    with _CLIENTS_LOCK:
+        for (r, which) in [k for k in _CLIENTS if k[0] == str(Path(root).resolve())]:
+            client = _CLIENTS.pop((r, which))
+            usage[which] = client.usage()
+            client.close()
+    return usage
+
 
 @dataclass
 class UnitOutput:
@@ -225,6 +259,12 @@ def negatives_text_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     rows: list[Expression] = []
     counts: Counter = Counter()
     indexes: dict[str, Any] = {}
+    backend = neg.DEFAULT_BACKEND
+    if cfg.negatives_text.backend == "llm":
+        from refforge.stages.llm_stages import negative_backend
+
+        backend = negative_backend(model_client(b, cfg, "llm"))
+        backend.prefetch([Node.from_json(json.loads(p["path"])) for p in positives])
     for pos in positives:
         graph = graphs[pos["image_id"]]
         if pos["image_id"] not in indexes:
@@ -233,7 +273,7 @@ def negatives_text_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
         cands = neg.text_negatives(graph, query, pos["template_text"], target_id=pos["target_object_id"],
                                    seed=int(stable_key(cfg.build.seed, pos["sample_id"], length=8), 16),
                                    per_type=cfg.negatives_text.per_type, complete_graph=_is_complete(cfg),
-                                   index=indexes[pos["image_id"]])
+                                   index=indexes[pos["image_id"]], backend=backend)
         for c in cands:
             tasks = tasks_for(c.query, graph, polarity="negative", negative_type=c.negative_type)
             path = {**c.query.to_json(), "hops": c.query.hops, "constraints": c.query.constraint_count,
@@ -246,7 +286,8 @@ def negatives_text_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
                 negative_type=c.negative_type, negative_level=c.negative_level, negative_source="text",
                 positive_id=pos["sample_id"], needs_review=c.needs_review))
             counts[f"{c.negative_type}/{c.negative_level}"] += 1
-    return UnitOutput({"negative_candidates": rows}, [], len(positives), {"candidates": dict(counts)})
+    drops = backend.take_drops() if hasattr(backend, "take_drops") else []
+    return UnitOutput({"negative_candidates": rows}, drops, len(positives), {"candidates": dict(counts)})
 
 
 def refine_all(b: BuildDir, cfg: Config, shards: list[dict[str, str]]) -> dict[str, UnitOutput]:
@@ -341,10 +382,12 @@ def negatives_image_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
 def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     from refforge.stages import cot
 
-    graphs, _ = read_graphs(b, [inputs["ingest"], inputs["negatives_image"]])
+    graphs, images = read_graphs(b, [inputs["ingest"], inputs["negatives_image"]])
     samples = b.reader.read("expressions", inputs["expressions"]).to_pylist()
     out = UnitOutput(items_in=len(samples))
     traces: list[CotTrace] = []
+    if cfg.cot.backend == "vlm":
+        return _vlm_cot(b, cfg, samples, graphs, images, out)
     for s in samples:
         graph = graphs.get(s["image_id"])
         if graph is None or not s["path"]:
@@ -356,6 +399,35 @@ def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
             traces.append(CotTrace(sample_id=s["sample_id"], trace=t.text, answer_box=t.answer_box, iou=t.iou,
                                    verdict=t.verdict, selected=t.selected, model=cot.MODEL))
     out.tables["cot_traces"] = traces
+    return out
+
+
+def _vlm_cot(b: BuildDir, cfg: Config, samples: list[dict], graphs, images, out: UnitOutput) -> UnitOutput:
+    """K hinted traces per sample from the VLM, verified against the ground truth, best selected."""
+    from refforge.stages.llm_stages import CotSample, llm_traces
+
+    c = cfg.cot
+    batch = []
+    for s in samples:
+        img = images.get(s["image_id"])
+        if img is None:
+            out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no image row for the sample"))
+            continue
+        query = Node.from_json(json.loads(s["path"])) if s["path"] else None
+        batch.append(CotSample(sample_id=s["sample_id"], text=s["text"], polarity=s["polarity"],
+                               gt_box=s["gt_box"], image=b.images.resolve(img["path"]), width=img["width"],
+                               height=img["height"], graph=graphs.get(s["image_id"]), query=query,
+                               target_id=s["target_object_id"]))
+    judge_client = model_client(b, cfg, "llm") if c.judge == "llm" else None
+    results = llm_traces(model_client(b, cfg, "vlm"), batch, k=c.k, judge=c.judge, dialect=c.dialect,
+                         temperature=c.temperature, seed=cfg.build.seed, judge_client=judge_client)
+    rows = []
+    for cands in results:
+        out.drops += cands.drops
+        for t in cands:
+            rows.append(CotTrace(sample_id=cands.sample_id, trace=t.text, answer_box=t.answer_box, iou=t.iou,
+                                 verdict=t.verdict, selected=t.selected, model=t.model))
+    out.tables["cot_traces"] = rows
     return out
 
 
@@ -386,5 +458,7 @@ def summarise_extra(stage: str, extras: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def model_ids(cfg: Config) -> dict[str, str]:
-    return {"ingest": cfg.source.kind, "paths": cfg.paths.backend, "negatives_text": cfg.negatives_text.backend,
-            "blind_text_classifier": "bag-of-ngrams logistic regression (numpy)", "cot": "offline-graph-walk"}
+    neg = cfg.llm.model if cfg.negatives_text.backend == "llm" and cfg.llm else "offline-lexicon"
+    cot = cfg.vlm.model if cfg.cot.backend == "vlm" and cfg.vlm else "offline-graph-walk"
+    return {"ingest": cfg.source.kind, "paths": cfg.paths.backend, "negatives_text": neg,
+            "blind_text_classifier": "bag-of-ngrams logistic regression (numpy)", "cot": cot}

@@ -125,8 +125,29 @@ class PathsStage(_Strict):
         "relation; what attribute-swap negatives need)"))
 
 
+# where and how fast a model is served does not change the data: left out of the config hash
+OPERATIONAL_ENDPOINT_KEYS = ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries",
+                             "price_per_1k_input", "price_per_1k_output")
+
+
+class ModelEndpoint(_Strict):
+    """An OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, Ollama, LM Studio, Gemini/Qwen compatible
+    modes). The API key is read from the environment variable named by ``api_key_env`` at run time."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    concurrency: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=60, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    image_longest_side: int = Field(default=1024, ge=32)
+    structured_output: Literal["auto", "json_schema", "instructions"] = "auto"
+    price_per_1k_input: float | None = None
+    price_per_1k_output: float | None = None
+
+
 class NegativesTextStage(_Strict):
-    backend: Literal["offline"] = "offline"
+    backend: Literal["offline", "llm"] = "offline"
     per_type: int = Field(default=1, ge=1, description="candidates per (type, level) and positive")
     refine: bool = True
     target_auroc: float = Field(default=0.6, gt=0.5, le=1.0)
@@ -138,8 +159,11 @@ class NegativesImageStage(_Strict):
 
 
 class CotStage(_Strict):
-    backend: Literal["offline"] = "offline"
+    backend: Literal["offline", "vlm"] = "offline"
     k: int = Field(default=1, ge=1, le=16)
+    judge: Literal["rule", "llm"] = "rule"
+    dialect: Literal["pixels", "grid1000", "pairs", "qwen_json"] = "pixels"
+    temperature: float = Field(default=0.8, ge=0)
 
 
 class RunnerSection(_Strict):
@@ -154,6 +178,8 @@ class Config(_Strict):
     negatives_text: NegativesTextStage = Field(default_factory=NegativesTextStage)
     negatives_image: NegativesImageStage = Field(default_factory=NegativesImageStage)
     cot: CotStage = Field(default_factory=CotStage)
+    llm: ModelEndpoint | None = None
+    vlm: ModelEndpoint | None = None
     runner: RunnerSection = Field(default_factory=RunnerSection)
 
     @model_validator(mode="before")
@@ -163,9 +189,23 @@ class Config(_Strict):
             data = {**data, "source": {"kind": "synthetic", **data["source"]}}
         return data
 
+    @model_validator(mode="after")
+    def _endpoints(self):
+        if self.negatives_text.backend == "llm" and self.llm is None:
+            raise ValueError("negatives_text.backend = 'llm' needs an [llm] section (base_url, model)")
+        if self.cot.backend == "vlm" and self.vlm is None:
+            raise ValueError("cot.backend = 'vlm' needs a [vlm] section (base_url, model)")
+        if self.cot.judge == "llm" and self.llm is None:
+            raise ValueError("cot.judge = 'llm' needs an [llm] section (base_url, model)")
+        return self
+
     def data_dict(self) -> dict[str, Any]:
-        """Everything that changes the data (the runner does not), with the stage code versions."""
+        """Everything that changes the data (the runner and where models are served do not), with the
+        stage code versions."""
         d = self.model_dump(mode="json", exclude={"runner"})
+        for name in ("llm", "vlm"):
+            if d.get(name):
+                d[name] = {k: v for k, v in d[name].items() if k not in OPERATIONAL_ENDPOINT_KEYS}
         d["stage_versions"] = {s: STAGE_VERSIONS[s] for s in self.build.stages}
         return d
 

@@ -47,7 +47,9 @@ Parsing and verification
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 from refforge.stages.boxes import format_box
@@ -63,6 +65,7 @@ __all__ = [
     "ParsedAnswer",
     "Step",
     "Trace",
+    "TraceContext",
     "describe",
     "parse_answer",
     "select_best",
@@ -203,226 +206,341 @@ def describe(node: Node, definite: bool = False) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-class _Walker:
-    """Evaluates a query one constraint at a time, recording steps and the sentences for them."""
+class TraceContext:
+    """Per-graph facts the walk reads: object words and cells, centres, relation masks, box texts.
 
-    def __init__(self, graph: SceneGraph, style: int = 0):
-        self.g = graph
-        self.objs = {o.id: o for o in graph.objects}
-        self.rels: dict[tuple[str, str], set[str]] = {}
-        for r in graph.relations:
-            if r.subject in self.objs and r.object in self.objs and r.subject != r.object:
-                self.rels.setdefault((r.subject, r.predicate), set()).add(r.object)
-        self.boxes = style // 3 % 2 == 1
+    Samples come graph by graph, so build one per graph and pass it as ``ctx=`` to :func:`trace_for`
+    and :func:`traces_for_sample`. Without it the context of the last graph (per thread) is reused
+    when it is the same graph object, unchanged (its objects, relations and size are compared), and
+    built anew otherwise.
+    """
+
+    __slots__ = ("graph", "_key", "objs", "objects", "ids", "attrs", "idbit", "rel", "by_cat", "cell", "near",
+                 "where", "cellw", "plain", "cx", "cy", "crowded", "_box")
+
+    def __init__(self, graph: SceneGraph):
+        self.graph = graph
+        objects = tuple(graph.objects)
+        relations = tuple(graph.relations)
+        width, height = graph.width, graph.height
+        self._key = (objects, relations, width, height)
+        self.objects = objects
+        self.objs = objs = {o.id: o for o in objects}
+        self.ids = [o.id for o in objects]
+        self.attrs = [o.attributes for o in objects]
+        # relations are matched by id, as query.evaluate does (ids may repeat): one bit per distinct id
+        bit_of = {oid: 1 << k for k, oid in enumerate(objs)}
+        self.idbit = [bit_of[o.id] for o in objects]
+        rel: dict[tuple[str, str], int] = {}
+        for r in relations:
+            s, t = r.subject, r.object
+            if s in objs and t in objs and s != t:
+                key = (s, r.predicate)
+                rel[key] = rel.get(key, 0) | bit_of[t]
+        self.rel = rel
+        by_cat: dict[str, list[int]] = {}
         cells: dict[tuple[str, str], int] = {}
-        for o in graph.objects:
-            key = (o.name, region_of(o, graph.width, graph.height)[0])
-            cells[key] = cells.get(key, 0) + 1
+        self.cell, self.near, self.where, self.cellw, self.plain = [], [], [], [], []
+        for i, o in enumerate(objects):
+            by_cat.setdefault(o.name, []).append(i)
+            cell, near = region_of(o, width, height)
+            self.cell.append(cell)
+            self.near.append(near)
+            where = _WHERE[cell]
+            self.where.append(where)
+            self.cellw.append(cell.replace("-", " "))
+            self.plain.append(f"the {o.name} {where}")
+            key2 = (o.name, cell)
+            cells[key2] = cells.get(key2, 0) + 1
+        self.by_cat = by_cat
         # objects whose position word is shared with another object of their category carry their box
-        self._crowded = {k for k, c in cells.items() if c > 1}
+        self.crowded = [cells[(o.name, c)] > 1 for o, c in zip(objects, self.cell, strict=True)]
+        self.cx = [_center(o, "x") for o in objects]
+        self.cy = [_center(o, "y") for o in objects]
+        self._box: list[str | None] = [None] * len(objects)
+
+    def current(self) -> bool:
+        """Is the graph still what this context was built from?"""
+        g = self.graph
+        return self._key == (tuple(g.objects), tuple(g.relations), g.width, g.height)
+
+    def box(self, i: int) -> str:
+        b = self._box[i]
+        if b is None:
+            b = self._box[i] = format_box(self.objects[i].box)
+        return b
+
+    def tids(self, idx: list[int]) -> tuple[str, ...]:
+        ids = self.ids
+        return tuple([ids[i] for i in idx])
+
+
+_LOCAL = threading.local()
+
+
+def _context(graph: SceneGraph, ctx: TraceContext | None) -> TraceContext:
+    if ctx is not None:
+        if ctx.graph is not graph:
+            raise ValueError("ctx was built for another graph")
+    else:
+        ctx = getattr(_LOCAL, "ctx", None)
+        if ctx is not None and ctx.graph is not graph:
+            ctx = None
+    if ctx is None or not ctx.current():
+        ctx = TraceContext(graph)
+    _LOCAL.ctx = ctx  # holds the graph: its id cannot be reused while the slot refers to it
+    return ctx
+
+
+@lru_cache(maxsize=8192)
+def _spoken_tuple(attributes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(order_attributes(list(attributes)))
+
+
+def _spoken(attributes) -> tuple[str, ...]:
+    """``order_attributes(list(attributes))`` (cached for tuples)."""
+    if type(attributes) is tuple:
+        try:
+            return _spoken_tuple(attributes)
+        except TypeError:  # unhashable values
+            pass
+    return tuple(order_attributes(list(attributes)))
+
+
+_plural = lru_cache(maxsize=8192)(plural)
+
+
+class _Walker:
+    """Evaluates a query one constraint at a time, recording steps and the sentences for them.
+
+    Candidates are indexes into the graph's objects (graph order)."""
+
+    def __init__(self, ctx: TraceContext, style: int = 0):
+        self.c = ctx
+        self.boxes = style // 3 % 2 == 1
         self.steps: list[Step] = []
         self.lines: list[tuple[str, str]] = []  # (sentence, terse clause)
         self._silent = 0
+        self._desc: dict[int, tuple[Node, str]] = {}
 
     # -- words about objects ------------------------------------------------------------------------
 
-    def where(self, o: GObject) -> str:
-        cell, _ = region_of(o, self.g.width, self.g.height)
-        return _WHERE[cell]
-
-    def needs_box(self, o: GObject) -> bool:
-        return self.boxes or (o.name, region_of(o, self.g.width, self.g.height)[0]) in self._crowded
-
-    def obj(self, o: GObject, with_box: bool | None = None) -> str:
-        s = f"the {o.name} {self.where(o)}"
-        if self.needs_box(o) if with_box is None else (with_box or self.needs_box(o)):
-            s += f" {format_box(o.box)}"
+    def describe(self, node: Node) -> str:
+        hit = self._desc.get(id(node))
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        s = describe(node)
+        self._desc[id(node)] = (node, s)
         return s
 
-    def listing(self, objs: list[GObject]) -> str:
-        if len(objs) > MAX_LIST:
+    def needs_box(self, i: int) -> bool:
+        return self.boxes or self.c.crowded[i]
+
+    def obj(self, i: int) -> str:
+        c = self.c
+        if self.boxes or c.crowded[i]:
+            return f"{c.plain[i]} {c.box(i)}"
+        return c.plain[i]
+
+    def listing(self, idx: list[int]) -> str:
+        c = self.c
+        if len(idx) > MAX_LIST:
             cells: dict[str, int] = {}
-            for o in objs:
-                w = self.where(o)
+            for i in idx:
+                w = c.where[i]
                 cells[w] = cells.get(w, 0) + 1
             return "spread over the image (" + ", ".join(f"{_num(n)} {w}" for w, n in cells.items()) + ")"
-        parts = [f"one {self.where(o)}" + (f" {format_box(o.box)}" if self.needs_box(o) else "") for o in objs]
+        boxes, crowded, where = self.boxes, c.crowded, c.where
+        parts = [f"one {where[i]} {c.box(i)}" if boxes or crowded[i] else f"one {where[i]}" for i in idx]
         return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
-    def terse(self, objs: list[GObject]) -> str:
-        if len(objs) > MAX_LIST:
-            return f"{len(objs)}"
-        inner = ", ".join(region_of(o, self.g.width, self.g.height)[0].replace("-", " ")
-                          + (f" {format_box(o.box)}" if self.needs_box(o) else "") for o in objs)
-        return f"{len(objs)} ({inner})" if objs else "0"
+    def terse(self, idx: list[int]) -> str:
+        if len(idx) > MAX_LIST:
+            return f"{len(idx)}"
+        c = self.c
+        boxes, crowded, cellw = self.boxes, c.crowded, c.cellw
+        inner = ", ".join([f"{cellw[i]} {c.box(i)}" if boxes or crowded[i] else cellw[i] for i in idx])
+        return f"{len(idx)} ({inner})" if idx else "0"
 
-    def what_instead(self, o: GObject, attr: str) -> str:
+    def what_instead(self, i: int, attr: str) -> str:
         fam = ATTRIBUTE_FAMILY.get(attr)
-        actual = [a for a in o.attributes if fam is not None and ATTRIBUTE_FAMILY.get(a) == fam]
+        actual = [a for a in self.c.attrs[i] if fam is not None and ATTRIBUTE_FAMILY.get(a) == fam]
         return f"{' and '.join(actual)}, not {attr}" if actual else f"not {attr}"
-
-    # -- recording ----------------------------------------------------------------------------------
-
-    def say(self, sentence: str, clause: str) -> None:
-        if not self._silent:
-            self.lines.append((sentence, clause))
-
-    def record(self, step: Step) -> None:
-        if not self._silent:
-            self.steps.append(step)
 
     # -- evaluation ---------------------------------------------------------------------------------
 
-    def walk(self, node: Node, depth: int = 0) -> tuple[list[GObject], bool]:
+    def walk(self, node: Node, depth: int = 0) -> tuple[list[int], bool]:
         """The objects ``node`` refers to (graph order) and whether geometry made it a close call."""
+        c = self.c
+        loud = not self._silent
         ambiguous = False
         cat = node.category
-        cands = [o for o in self.g.objects if o.name == cat]
-        self.record(Step("category", depth, cat, (), tuple(o.id for o in cands)))
-        self._say_category(cat, cands, depth)
+        cands = c.by_cat.get(cat, _EMPTY)
+        if loud:
+            self.steps.append(Step("category", depth, cat, (), c.tids(cands)))
+            self._say_category(cat, cands, depth)
 
-        for attr in order_attributes(list(node.attributes)):
+        attrs = c.attrs
+        for attr in _spoken(node.attributes):
             before = cands
-            cands = [o for o in before if attr in o.attributes]
-            if before:
-                self.record(Step("attribute", depth, attr, _ids(before), _ids(cands)))
-                self._say_attribute(attr, cat, before, cands)
+            cands = [i for i in before if attr in attrs[i]]
+            if before and loud:
+                self.steps.append(Step("attribute", depth, attr, c.tids(before), c.tids(cands)))
+                self._say_attribute(attr, before, cands)
 
         for pred, child in node.relations:
-            phrase = f"{_rel(pred)} {describe(child)}"
             if not cands:  # nothing left to check; evaluate the anchor silently (its ambiguity counts)
                 self._silent += 1
                 _, amb = self.walk(child, depth + 1)
                 self._silent -= 1
                 ambiguous |= amb
                 continue
-            self.say(f"Next, which of them are {phrase}?" if len(cands) > 1 else f"Next, is it {phrase}?",
-                     f"check {phrase}")
+            if loud:
+                phrase = f"{_rel(pred)} {self.describe(child)}"
+                self.lines.append((f"Next, which of them are {phrase}?" if len(cands) > 1
+                                   else f"Next, is it {phrase}?", f"check {phrase}"))
             anchors, amb = self.walk(child, depth + 1)
             ambiguous |= amb
-            ys = {a.id for a in anchors}
+            ys = 0
+            idbit = c.idbit
+            for a in anchors:
+                ys |= idbit[a]
             before = cands
-            cands = [o for o in before if (self.rels.get((o.id, pred), set()) - {o.id}) & ys]
-            self.record(Step("relation", depth, phrase, _ids(before), _ids(cands), anchors=_ids(anchors)))
-            self._say_relation(pred, child, cat, before, cands, anchors)
+            rel, ids = c.rel, c.ids
+            cands = [i for i in before if rel.get((ids[i], pred), 0) & ys]
+            if loud:
+                self.steps.append(Step("relation", depth, phrase, c.tids(before), c.tids(cands),
+                                       anchors=c.tids(anchors)))
+                self._say_relation(pred, child, cat, before, cands, anchors)
 
         if node.position is not None:
             before = cands
-            cands, amb = self._position(node.position, cat, before)
+            cands, amb = self._position(node.position, cat, before, loud)
             ambiguous |= amb
-            self.record(Step("position", depth, _position_phrase(node.position, cat), _ids(before), _ids(cands),
-                             ambiguous=amb))
+            if loud:
+                self.steps.append(Step("position", depth, _position_phrase(node.position, cat), c.tids(before),
+                                       c.tids(cands), ambiguous=amb))
         return cands, ambiguous
 
-    def _position(self, pos: Position, cat: str, cands: list[GObject]) -> tuple[list[GObject], bool]:
-        phrase = _position_phrase(pos, cat)
+    def _position(self, pos: Position, cat: str, cands: list[int], loud: bool) -> tuple[list[int], bool]:
+        c = self.c
         if pos.kind == "region":
-            cell_words = _WHERE.get(pos.region or "", str(pos.region))
             hits, amb = [], False
-            for o in cands:
-                cell, near = region_of(o, self.g.width, self.g.height)
-                amb |= near
-                if cell == pos.region:
-                    hits.append(o)
-            if cands:
+            cell, near = c.cell, c.near
+            for i in cands:
+                amb |= near[i]
+                if cell[i] == pos.region:
+                    hits.append(i)
+            if cands and loud:
+                phrase = _position_phrase(pos, cat)
+                cell_words = _WHERE.get(pos.region or "", str(pos.region))
                 if len(hits) == 1:
                     s = f"{_cap(self.obj(hits[0]))} is {cell_words}" + (" of the image." if len(cands) > 1 else ".")
                 elif hits:
                     s = f"Of these, {_num(len(hits))} {_be(len(hits))} {cell_words}: {self.listing(hits)}."
                 else:
                     s = f"None of them is {cell_words}."
-                self.say(s, f"{cell_words}: {self.terse(hits)}")
+                self.lines.append((s, f"{cell_words}: {self.terse(hits)}"))
             return hits, amb
         start = pos.start or "left"
         axis = "x" if start in ("left", "right") else "y"
         n = len(cands)
         if pos.count is not None and n != pos.count:
-            if n:
-                self.say(f"The expression speaks of {_num(pos.count)} {_noun(cat, pos.count)}, but there "
-                         f"{_be(n)} {_num(n)}, so nothing is {phrase}.",
-                         f"{phrase}: count {n} != {pos.count}")
+            if n and loud:
+                phrase = _position_phrase(pos, cat)
+                self.lines.append((f"The expression speaks of {_num(pos.count)} {_noun(cat, pos.count)}, but there "
+                                   f"{_be(n)} {_num(n)}, so nothing is {phrase}.",
+                                   f"{phrase}: count {n} != {pos.count}"))
             return [], False
         if pos.rank is None or pos.rank >= n:
-            if n:
-                self.say(f"There {_be(n)} only {_num(n)}, so there is no {phrase.removeprefix('the ')}.",
-                         f"{phrase}: only {n}")
+            if n and loud:
+                phrase = _position_phrase(pos, cat)
+                self.lines.append((f"There {_be(n)} only {_num(n)}, so there is no {phrase.removeprefix('the ')}.",
+                                   f"{phrase}: only {n}"))
             return [], False
-        order = sorted(cands, key=lambda o: (_center(o, axis), o.id), reverse=start in ("right", "bottom"))
-        side = self.g.width if axis == "x" else self.g.height
+        cen, ids = (c.cx if axis == "x" else c.cy), c.ids
+        order = sorted(cands, key=lambda i: (cen[i], ids[i]), reverse=start in ("right", "bottom"))
+        side = self.c.graph.width if axis == "x" else self.c.graph.height
         k = pos.rank
-        c = _center(order[k], axis)
-        amb = any(abs(_center(order[j], axis) - c) < ORDER_MARGIN * side for j in (k - 1, k + 1) if 0 <= j < n)
-        if n == 1:
-            s = f"There is just one, so it is {phrase}."
-        else:
-            s = (f"Ordered from the {start}: " + ", ".join(self.obj(o) for o in order)
-                 + f". {phrase[0].upper() + phrase[1:]} is {self.obj(order[k])}.")
-        if amb:
-            s += " Its neighbour is almost level with it, so this is a close call."
-        self.say(s, f"{phrase}: {self.terse([order[k]])}")
+        x = cen[order[k]]
+        amb = any(abs(cen[order[j]] - x) < ORDER_MARGIN * side for j in (k - 1, k + 1) if 0 <= j < n)
+        if loud:
+            phrase = _position_phrase(pos, cat)
+            if n == 1:
+                s = f"There is just one, so it is {phrase}."
+            else:
+                s = (f"Ordered from the {start}: " + ", ".join([self.obj(i) for i in order])
+                     + f". {phrase[0].upper() + phrase[1:]} is {self.obj(order[k])}.")
+            if amb:
+                s += " Its neighbour is almost level with it, so this is a close call."
+            self.lines.append((s, f"{phrase}: {self.terse([order[k]])}"))
         return [order[k]], amb
 
     # -- sentences ----------------------------------------------------------------------------------
 
-    def _say_category(self, cat: str, cands: list[GObject], depth: int) -> None:
+    def _say_category(self, cat: str, cands: list[int], depth: int) -> None:
         n = len(cands)
         lead = "I look for" if depth == 0 else "For that I look for"
+        pl = _plural(cat)
         if n == 0:
-            s = f"{lead} {plural(cat)}: there is no {cat} in the image."
+            s = f"{lead} {pl}: there is no {cat} in the image."
         elif n == 1:
-            s = f"{lead} {plural(cat)}: there is one, {self.obj(cands[0])}."
+            s = f"{lead} {pl}: there is one, {self.obj(cands[0])}."
         else:
-            s = f"{lead} {plural(cat)}: there are {_num(n)}, {self.listing(cands)}."
-        self.say(s, f"{plural(cat)}: {self.terse(cands)}")
+            s = f"{lead} {pl}: there are {_num(n)}, {self.listing(cands)}."
+        self.lines.append((s, f"{pl}: {self.terse(cands)}"))
 
-    def _say_attribute(self, attr: str, cat: str, before: list[GObject], after: list[GObject]) -> None:
-        dropped = [o for o in before if o not in after]
+    def _say_attribute(self, attr: str, before: list[int], after: list[int]) -> None:
+        # equal objects share id and attributes, so they are kept or dropped together: indexes stand in
+        # for the objects
+        kept = set(after)
+        dropped = [i for i in before if i not in kept]
         k = len(after)
         if len(before) == 1:
-            o = before[0]
-            s = f"It is {attr}." if after else f"It is {self.what_instead(o, attr)}."
+            i = before[0]
+            s = f"It is {attr}." if after else f"It is {self.what_instead(i, attr)}."
         elif not dropped:
             s = f"All of them are {attr}."
         elif k == 0:
             s = f"None of them is {attr}"
             if len(dropped) <= MAX_LIST:
-                s += ": " + "; ".join(f"{self.obj(o, False)} is {self.what_instead(o, attr)}" for o in dropped)
+                s += ": " + "; ".join([f"{self.obj(i)} is {self.what_instead(i, attr)}" for i in dropped])
             s += "."
         else:
             s = f"Of these, {_num(k)} {_be(k)} {attr}: {self.listing(after)}."
             if len(dropped) <= 3:
-                s += " " + " ".join(f"{_cap(self.obj(o, False))} is {self.what_instead(o, attr)}." for o in dropped)
+                s += " " + " ".join([f"{_cap(self.obj(i))} is {self.what_instead(i, attr)}." for i in dropped])
             else:
                 s += f" The other {_num(len(dropped))} are not."
-        self.say(s, f"{attr}: {self.terse(after)}")
+        self.lines.append((s, f"{attr}: {self.terse(after)}"))
 
-    def _say_relation(self, pred: str, child: Node, cat: str, before: list[GObject], after: list[GObject],
-                      anchors: list[GObject]) -> None:
-        phrase = f"{_rel(pred)} {describe(child)}"
-        dropped = [o for o in before if o not in after]
+    def _say_relation(self, pred: str, child: Node, cat: str, before: list[int], after: list[int],
+                      anchors: list[int]) -> None:
+        phrase = f"{_rel(pred)} {self.describe(child)}"
+        kept = set(after)
+        dropped = [i for i in before if i not in kept]
         if not anchors:
             s = f"With no such {child.category}, no {cat} can be {phrase}."
         elif len(before) == 1:
-            o = before[0]
-            s = f"{_cap(self.obj(o, False))} is {phrase}." if after else f"{_cap(self.obj(o, False))} is not {phrase}."
+            i = before[0]
+            s = f"{_cap(self.obj(i))} is {phrase}." if after else f"{_cap(self.obj(i))} is not {phrase}."
         elif not dropped:
             s = f"All {_num(len(before))} are {phrase}."
         elif not after:
-            s = f"None of the {_num(len(before))} {plural(cat)} is {phrase}."
+            s = f"None of the {_num(len(before))} {_plural(cat)} is {phrase}."
         else:
             k = len(after)
-            s = f"{_cap(_num(k))} of the {plural(cat)} {_be(k)} {phrase}: {self.listing(after)}."
+            s = f"{_cap(_num(k))} of the {_plural(cat)} {_be(k)} {phrase}: {self.listing(after)}."
             if len(dropped) <= 3:
-                s += " " + " ".join(f"{_cap(self.obj(o, False))} is not." for o in dropped)
-        self.say(s, f"-> {plural(cat)} {phrase}: {self.terse(after)}")
+                s += " " + " ".join([f"{_cap(self.obj(i))} is not." for i in dropped])
+        self.lines.append((s, f"-> {_plural(cat)} {phrase}: {self.terse(after)}"))
+
+
+_EMPTY: list[int] = []
 
 
 def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
-
-
-def _ids(objs: list[GObject]) -> tuple[str, ...]:
-    return tuple(o.id for o in objs)
 
 
 def _center(o: GObject, axis: str) -> float:
@@ -435,9 +553,10 @@ def walk(graph: SceneGraph, query: Node) -> tuple[list[str], bool, list[Step]]:
 
     ``final ids`` equals ``evaluate(graph, query).ids`` and ``ambiguous`` its ``ambiguous``.
     """
-    w = _Walker(graph)
-    objs, amb = w.walk(query)
-    return [o.id for o in objs], amb, w.steps
+    w = _Walker(_context(graph, None))
+    idx, amb = w.walk(query)
+    ids = w.c.ids
+    return [ids[i] for i in idx], amb, w.steps
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -447,7 +566,7 @@ def walk(graph: SceneGraph, query: Node) -> tuple[list[str], bool, list[Step]]:
 
 def _plural_phrase(node: Node, n: int) -> str:
     """ "three red balls to the left of a box": the node without its position, counted."""
-    words = [*order_attributes(list(node.attributes)), _noun(node.category, n)]
+    words = [*_spoken(node.attributes), _noun(node.category, n)]
     return " ".join([_num(n), *words] + [f"{_rel(p)} {describe(c)}" for p, c in node.relations])
 
 
@@ -464,42 +583,60 @@ def _why_position(query: Node, n: int) -> str:
 
 def _why_none(w: _Walker, query: Node) -> str:
     """The sentence that says which constraint eliminates the last candidates of the target."""
+    c = w.c
     cat = query.category
-    cands = [o for o in w.g.objects if o.name == cat]
+    cands = c.by_cat.get(cat, _EMPTY)
     if not cands:
         return f"There is no {cat} at all"
+    idbit = c.idbit
     w._silent += 1
     try:
-        anchor_sets = [{a.id for a in w.walk(child, 1)[0]} for _, child in query.relations]
+        anchor_sets = []
+        for _, child in query.relations:
+            ys = 0
+            for a in w.walk(child, 1)[0]:
+                ys |= idbit[a]
+            anchor_sets.append(ys)
     finally:
         w._silent -= 1
-    attrs = order_attributes(list(query.attributes))
+    attrs = _spoken(query.attributes)
+    rel, ids, oattrs = c.rel, c.ids, c.attrs
+    preds = [p for p, _ in query.relations]
 
-    def failures(o: GObject) -> tuple[list[str], list[int]]:
-        fa = [a for a in attrs if a not in o.attributes]
-        fr = [i for i, ((p, _), ys) in enumerate(zip(query.relations, anchor_sets, strict=True))
-              if not ((w.rels.get((o.id, p), set()) - {o.id}) & ys)]
+    def failures(i: int) -> tuple[list[str], list[int]]:
+        have = oattrs[i]
+        fa = [a for a in attrs if a not in have]
+        oid = ids[i]
+        fr = [k for k, (p, ys) in enumerate(zip(preds, anchor_sets, strict=True)) if not (rel.get((oid, p), 0) & ys)]
         return fa, fr
 
-    scored = [(len(fa) + len(fr), i, o, fa, fr) for i, o in enumerate(cands) for fa, fr in [failures(o)]]
-    best_n, _, o, fa, fr = min(scored, key=lambda t: (t[0], t[1]))
+    best = None
+    n_left = 0
+    for i in cands:
+        fa, fr = failures(i)
+        n = len(fa) + len(fr)
+        if n == 0:
+            n_left += 1
+        if best is None or n < best[0]:
+            best = (n, i, fa, fr)
+    assert best is not None
+    best_n, o, fa, fr = best
     if best_n == 0:  # attributes and relations leave candidates: the position removes them
-        n_left = sum(1 for t in scored if t[0] == 0)
         if query.position is None:  # cannot happen: the walk would have kept them
             return f"Nothing is {describe(query)}"
         return _why_position(query, n_left)
     ok_attrs = [a for a in attrs if a not in fa]
-    ok_rels = [f"{_rel(p)} {describe(c)}" for i, (p, c) in enumerate(query.relations) if i not in fr]
+    ok_rels = [f"{_rel(p)} {w.describe(ch)}" for k, (p, ch) in enumerate(query.relations) if k not in fr]
     head = " ".join([*ok_attrs, cat])
     there = f"There is {indefinite_article(head)} {head}" + "".join(f" {r}" for r in ok_rels) + f" ({w.obj(o)})"
     if best_n == 1:
         if fa:
             return f"{there}, but it is {w.what_instead(o, fa[0])}"
-        p, c = query.relations[fr[0]]
+        p, ch = query.relations[fr[0]]
         if not anchor_sets[fr[0]]:
-            return f"{there}, but there is no {describe(c).split(' ', 1)[1]} for it to be {_rel(p)}"
-        return f"{there}, but it is not {_rel(p)} {describe(c)}"
-    missing = [*fa, *(f"{_rel(query.relations[i][0])} {describe(query.relations[i][1])}" for i in fr)]
+            return f"{there}, but there is no {w.describe(ch).split(' ', 1)[1]} for it to be {_rel(p)}"
+        return f"{there}, but it is not {_rel(p)} {w.describe(ch)}"
+    missing = [*fa, *(f"{_rel(query.relations[k][0])} {w.describe(query.relations[k][1])}" for k in fr)]
     return f"The closest is {w.obj(o)}, and it is not {' and not '.join(missing)}"
 
 
@@ -508,18 +645,26 @@ def _why_none(w: _Walker, query: Node) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)
+def _parse_own(answer: str) -> ParsedAnswer:
+    """``parse_answer`` of a trace whose text has no "<" outside its tags (frozen, so it can be shared)."""
+    return parse_answer(f"<answer>{answer}</answer>")
+
+
 def trace_for(graph: SceneGraph, query: Node, *, polarity: str, target_id: str | None, style: int = 0,
-              gt_box=None, iou_threshold: float = 0.5) -> Trace:
+              gt_box=None, iou_threshold: float = 0.5, ctx: TraceContext | None = None) -> Trace:
     """The reasoning trace for one sample, verified against its ground truth.
 
-    ``gt_box`` defaults to the box of ``target_id`` in ``graph`` for a positive.
+    ``gt_box`` defaults to the box of ``target_id`` in ``graph`` for a positive. ``ctx``: the graph's
+    :class:`TraceContext` (built, or the last one reused, when absent).
     """
-    w = _Walker(graph, style)
+    c = _context(graph, ctx)
+    w = _Walker(c, style)
     final, ambiguous = w.walk(query)
     if len(final) == 1:
-        o = final[0]
-        box_text = format_box(o.box)
-        plain = f"the {o.name} {w.where(o)}"
+        i = final[0]
+        box_text = c.box(i)
+        plain = c.plain[i]
         concl = (f"So {describe(query, definite=True)} is {plain}, at {box_text}.", f"answer: {plain} {box_text}")
         answer = box_text
     elif not final:
@@ -533,19 +678,20 @@ def trace_for(graph: SceneGraph, query: Node, *, polarity: str, target_id: str |
     w.lines.append(concl)
     phrasing = style % 3
     if phrasing == 0:
-        think = " ".join(s for s, _ in w.lines)
+        think = " ".join([s for s, _ in w.lines])
     elif phrasing == 1:
-        think = "\n".join(f"Step {i}: {s}" for i, (s, _) in enumerate(w.lines, start=1))
+        think = "\n".join([f"Step {i}: {s}" for i, (s, _) in enumerate(w.lines, start=1)])
     else:
-        think = "; ".join(c for _, c in w.lines)
+        think = "; ".join([t for _, t in w.lines])
     text = f"<think>{think}</think><answer>{answer}</answer>"
 
-    if gt_box is None and polarity == "positive" and target_id is not None and target_id in w.objs:
-        gt_box = w.objs[target_id].box
-    parsed = parse_answer(text)
+    if gt_box is None and polarity == "positive" and target_id is not None and target_id in c.objs:
+        gt_box = c.objs[target_id].box
+    # the answer is the only "<answer>" of a text without another "<" (the common case)
+    parsed = parse_answer(text) if "<" in think or "<" in answer else _parse_own(answer)
     verdict, score = verify(parsed, polarity, gt_box, iou_threshold)
     return Trace(text=text, answer_box=parsed.box, verdict=verdict, steps=w.steps, iou=score, style=style,
-                 final_ids=tuple(o.id for o in final), ambiguous=ambiguous)
+                 final_ids=c.tids(final), ambiguous=ambiguous)
 
 
 def select_best(traces: list[Trace]) -> list[Trace]:
@@ -561,17 +707,20 @@ def select_best(traces: list[Trace]) -> list[Trace]:
 
 
 def traces_for_sample(graph: SceneGraph, query: Node, polarity: str, target_id: str | None, gt_box=None,
-                      k: int = 1, seed: int = 0, iou_threshold: float = 0.5) -> list[Trace]:
+                      k: int = 1, seed: int = 0, iou_threshold: float = 0.5,
+                      ctx: TraceContext | None = None) -> list[Trace]:
     """Up to ``k`` traces with distinct texts, in the styles ``(seed + i) % N_STYLES`` for i = 0, 1, ...
     (a style whose text repeats an earlier one is skipped, so there are at most :data:`N_STYLES`), the
-    best marked ``selected``. Distinct texts keep the ``cot_traces`` key (sample, model, trace) unique."""
+    best marked ``selected``. Distinct texts keep the ``cot_traces`` key (sample, model, trace) unique.
+    ``ctx``: the graph's :class:`TraceContext` (see there)."""
+    c = _context(graph, ctx)
     traces: list[Trace] = []
     seen: set[str] = set()
     for i in range(N_STYLES):
         if len(traces) >= max(1, k):
             break
         t = trace_for(graph, query, polarity=polarity, target_id=target_id, style=(seed + i) % N_STYLES,
-                      gt_box=gt_box, iou_threshold=iou_threshold)
+                      gt_box=gt_box, iou_threshold=iou_threshold, ctx=c)
         if t.text not in seen:
             seen.add(t.text)
             traces.append(t)
