@@ -149,6 +149,24 @@ class ParsedAnswer:
 # ---------------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=8192)
+def _spoken_tuple(attributes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(order_attributes(list(attributes)))
+
+
+def _spoken(attributes) -> tuple[str, ...]:
+    """``order_attributes(list(attributes))`` (cached for tuples)."""
+    if type(attributes) is tuple:
+        try:
+            return _spoken_tuple(attributes)
+        except TypeError:  # unhashable values
+            pass
+    return tuple(order_attributes(list(attributes)))
+
+
+_plural = lru_cache(maxsize=8192)(plural)
+
+
 def _num(n: int) -> str:
     return _NUMBERS[n] if n < len(_NUMBERS) else str(n)
 
@@ -162,7 +180,7 @@ def _be(n: int) -> str:
 
 
 def _noun(category: str, n: int) -> str:
-    return category if n == 1 else plural(category)
+    return category if n == 1 else _plural(category)
 
 
 def _rel(pred: str) -> str:
@@ -176,8 +194,8 @@ def _position_phrase(pos: Position, category: str) -> str:
     k = pos.rank or 0
     if pos.count is not None:
         if k == 0:
-            return f"the {_MOST.get(start, start)} of the {_num(pos.count)} {plural(category)}"
-        return f"the {_ordinal(k)} of the {_num(pos.count)} {plural(category)} from the {start}"
+            return f"the {_MOST.get(start, start)} of the {_num(pos.count)} {_plural(category)}"
+        return f"the {_ordinal(k)} of the {_num(pos.count)} {_plural(category)} from the {start}"
     if k == 0:
         return f"the {_MOST.get(start, start)} {category}"
     return f"the {_ordinal(k)} {category} from the {start}"
@@ -191,7 +209,7 @@ def describe(node: Node, definite: bool = False) -> str:
     >>> describe(Node("cup", position=Position("order", start="left", rank=1)))
     'the second cup from the left'
     """
-    head = " ".join([*order_attributes(list(node.attributes)), node.category])
+    head = " ".join([*_spoken(node.attributes), node.category])
     if node.position is not None:
         np_ = _position_phrase(node.position, head)
     else:
@@ -290,24 +308,6 @@ def _context(graph: SceneGraph, ctx: TraceContext | None) -> TraceContext:
         ctx = TraceContext(graph)
     _LOCAL.ctx = ctx  # holds the graph: its id cannot be reused while the slot refers to it
     return ctx
-
-
-@lru_cache(maxsize=8192)
-def _spoken_tuple(attributes: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(order_attributes(list(attributes)))
-
-
-def _spoken(attributes) -> tuple[str, ...]:
-    """``order_attributes(list(attributes))`` (cached for tuples)."""
-    if type(attributes) is tuple:
-        try:
-            return _spoken_tuple(attributes)
-        except TypeError:  # unhashable values
-            pass
-    return tuple(order_attributes(list(attributes)))
-
-
-_plural = lru_cache(maxsize=8192)(plural)
 
 
 class _Walker:
@@ -658,7 +658,11 @@ def trace_for(graph: SceneGraph, query: Node, *, polarity: str, target_id: str |
     ``gt_box`` defaults to the box of ``target_id`` in ``graph`` for a positive. ``ctx``: the graph's
     :class:`TraceContext` (built, or the last one reused, when absent).
     """
-    c = _context(graph, ctx)
+    return _trace(_context(graph, ctx), query, polarity, target_id, style, gt_box, iou_threshold)
+
+
+def _trace(c: TraceContext, query: Node, polarity: str, target_id: str | None, style: int, gt_box,
+           iou_threshold: float) -> Trace:
     w = _Walker(c, style)
     final, ambiguous = w.walk(query)
     if len(final) == 1:
@@ -699,6 +703,9 @@ def select_best(traces: list[Trace]) -> list[Trace]:
     earlier one. Returns the same list."""
     if not traces:
         return traces
+    if len(traces) == 1:
+        traces[0].selected = True
+        return traces
     best = min(range(len(traces)), key=lambda i: (_VERDICT_RANK.get(traces[i].verdict, len(_VERDICT_RANK)),
                                                   -(traces[i].iou or 0.0), i))
     for i, t in enumerate(traces):
@@ -719,8 +726,7 @@ def traces_for_sample(graph: SceneGraph, query: Node, polarity: str, target_id: 
     for i in range(N_STYLES):
         if len(traces) >= max(1, k):
             break
-        t = trace_for(graph, query, polarity=polarity, target_id=target_id, style=(seed + i) % N_STYLES,
-                      gt_box=gt_box, iou_threshold=iou_threshold, ctx=c)
+        t = _trace(c, query, polarity, target_id, (seed + i) % N_STYLES, gt_box, iou_threshold)
         if t.text not in seen:
             seen.add(t.text)
             traces.append(t)
