@@ -55,8 +55,11 @@ from refforge.testing import (
 
 KEY_ENV = "REFFORGE_TEST_LLM_KEY"
 MSG = [{"role": "system", "content": "You describe objects."}, {"role": "user", "content": "the red ball"}]
-BACKENDS = ["httpx", pytest.param("aiohttp", marks=pytest.mark.skipif(not _aiohttp_available(),
-                                                                     reason="openai[aiohttp] not installed"))]
+BACKENDS = ["httpx", "aiohttp"]  # openai[aiohttp] is a dependency: both transports are always tested
+
+
+def test_the_aiohttp_transport_is_installed():
+    assert _aiohttp_available()
 
 
 class Described(BaseModel):

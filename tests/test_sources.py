@@ -368,7 +368,6 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status; ru_maxrss in KiB")
 def test_gqa_conversion_streams(tmp_path):
     src = tmp_path / "train_sceneGraphs.json"
     n_obj, _ = write_gqa_like(src, images=25_000)
