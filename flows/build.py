@@ -27,7 +27,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from refforge import _env  # noqa: F401  (environment defaults before Prefect loads)
-from refforge.config import Config, parse_config
+from refforge.config import STAGES, Config, parse_config
 from refforge.schemas import Drop
 from refforge.stages.keys import stable_key
 from refforge.stages.templates import all_template_hashes
@@ -115,7 +115,10 @@ def refine_task(root: str, run_id: str, config: dict, shards: list[dict[str, str
     outputs = U.refine_all(b, parse_config(config), shards)
     results = []
     for s, prev in zip(shards, done, strict=True):
-        results.append(prev if prev is not None else _commit(b, run_id, "refine", s["key"], outputs[s["key"]], t0))
+        if prev is None:
+            prev = _commit(b, run_id, "refine", s["key"], outputs[s["key"]], t0)
+            t0 = time.perf_counter()  # the global fit is counted in the first unit committed only
+        results.append(prev)
     return results
 
 
@@ -133,7 +136,7 @@ def _run_stage(stage: str, futures: list, results: list[UnitResult], total: int 
 
 def plan(cfg: Config, root: Path) -> list[dict[str, Any]]:
     """The units of work of every stage, per shard, with their work keys and inputs."""
-    h = {s: cfg.stage_hash(s) for s in ("ingest", "paths", "negatives_text", "negatives_image", "cot")}
+    h = {s: cfg.stage_hash(s) for s in STAGES}
     shards = []
     for start, stop in U.shard_ranges(cfg, root):
         ik = stable_key("ingest", h["ingest"], start, stop)

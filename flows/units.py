@@ -8,7 +8,7 @@ counts); :func:`refforge.flows.build._commit` validates and writes them.
 from __future__ import annotations
 
 import json
-import math
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +28,7 @@ from refforge.storage.atomic import atomic_write_bytes
 # -- model clients -------------------------------------------------------------------------------
 
 _CLIENTS: dict[tuple[str, str], Any] = {}
-_CLIENTS_LOCK = __import__("threading").Lock()
+_CLIENTS_LOCK = threading.Lock()
 
 
 def model_client(b: BuildDir, cfg: Config, which: str):
@@ -97,21 +97,24 @@ def prepare_source(b: BuildDir, cfg: Config) -> None:
 
 
 _CACHE: dict[str, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached(key: str, load: Callable[[], Any]) -> Any:
+    """Per-process cache of source files, loaded once even when shard tasks ask at the same time."""
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load()
+        return _CACHE[key]
 
 
 def _graph_records(path: Path) -> list:
-    key = str(path)
-    if key not in _CACHE:
-        _CACHE[key] = ingest_stage.read_graph_records(path)
-    return _CACHE[key]
+    return _cached(str(path), lambda: ingest_stage.read_graph_records(path))
 
 
 def _offsets(b: BuildDir, cfg: Config) -> list[int]:
     index = _prepared(b, cfg).with_suffix(".offsets.json")
-    key = str(index)
-    if key not in _CACHE:
-        _CACHE[key] = json.loads(index.read_text())
-    return _CACHE[key]
+    return _cached(str(index), lambda: json.loads(index.read_text()))
 
 
 def shard_ranges(cfg: Config, root: Path) -> list[tuple[int, int]]:
@@ -234,13 +237,6 @@ def paths_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     return out
 
 
-def entropy_bits(counts: dict[str, int]) -> float:
-    total = sum(counts.values())
-    if not total:
-        return 0.0
-    return -sum(c / total * math.log2(c / total) for c in counts.values() if c)
-
-
 # -- negatives (text) -----------------------------------------------------------------------------
 
 def _is_complete(cfg: Config) -> bool:
@@ -314,9 +310,8 @@ def refine_all(b: BuildDir, cfg: Config, shards: list[dict[str, str]]) -> dict[s
     for i, (key, r) in enumerate(flat):
         out = outputs[key]
         out.extra = summary
-        score = float(res.scores[i]) if getattr(res, "scores", None) is not None else math.nan
         out.tables.setdefault("scores", []).append(Score(subject_id=r["sample_id"], filter="blind_text",
-                                                          value=score, passed=i in kept))
+                                                          value=float(res.scores[i]), passed=i in kept))
         if i in kept:
             out.tables.setdefault("expressions", []).append(Expression(**r))
         else:
@@ -329,7 +324,7 @@ def refine_all(b: BuildDir, cfg: Config, shards: list[dict[str, str]]) -> dict[s
 
 def negatives_image_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     from refforge.stages import flip
-    from refforge.stages.ingest import graph_records, image_relpath
+    from refforge.stages.ingest import graph_records
     from refforge.stages.taxonomy import tasks_for
 
     out = UnitOutput()
@@ -358,7 +353,7 @@ def negatives_image_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
         if not negs:
             continue
         mid, rel = b.images.put(data, ext)
-        rows["images"].append(Image(image_id=mid, source=img["source"], path=image_relpath(mid, ext),
+        rows["images"].append(Image(image_id=mid, source=img["source"], path=rel,
                                     width=img["width"], height=img["height"], parent_image_id=image_id,
                                     edit=Edit(type="flip"), source_ref=img["source_ref"], spec=mspec))
         objs, rels, drops = graph_records(mid, mgraph, f"flip:{image_id}")
@@ -442,13 +437,15 @@ UNIT_FUNCTIONS: dict[str, Callable[[BuildDir, Config, dict], UnitOutput]] = {
 
 def summarise_extra(stage: str, extras: list[dict[str, Any]]) -> dict[str, Any]:
     if stage == "paths":
+        from refforge.stages.paths import entropy
+
         out = {}
         for when in ("counts_before", "counts_after"):
             merged: dict[str, Counter] = defaultdict(Counter)
             for e in extras:
                 for kind, counts in e.get(when, {}).items():
                     merged[kind].update(counts)
-            out[when.replace("counts", "entropy_bits")] = {k: round(entropy_bits(v), 4) for k, v in merged.items()}
+            out[when.replace("counts", "entropy_bits")] = {k: round(entropy(v), 4) for k, v in merged.items()}
         return out
     if stage == "negatives_text":
         return {"candidates": dict(sum((Counter(e.get("candidates", {})) for e in extras), Counter()))}

@@ -22,15 +22,12 @@ from pydantic import ValidationError
 
 from refforge.schemas import Drop, Image, Object, Relation
 from refforge.schemas.validate import error_reason
+from refforge.storage.images import image_relpath
 
 from .graph import GObject, GRelation, SceneGraph
 from .keys import stable_key
 
 STAGE = "ingest"
-
-
-def image_relpath(image_id: str, ext: str) -> str:
-    return f"images/{image_id[:2]}/{image_id}.{ext}"
 
 
 @dataclass
