@@ -180,6 +180,18 @@ def show_config(config: Annotated[Path | None, typer.Argument(help="TOML config;
     console.print(f"# config hash {cfg.config_hash()}", highlight=False, markup=False)
 
 
+def _register_commands() -> None:
+    import importlib
+
+    from refforge.commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"refforge.commands.{name}").register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     app()
 

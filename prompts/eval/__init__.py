@@ -1,0 +1,1 @@
+"""Prompt templates for `refforge eval` (one per answer dialect)."""
