@@ -315,11 +315,13 @@ class _Walker:
 
     Candidates are indexes into the graph's objects (graph order)."""
 
-    def __init__(self, ctx: TraceContext, style: int = 0):
+    def __init__(self, ctx: TraceContext, style: int = 0, record_steps: bool = True):
         self.c = ctx
         self.boxes = style // 3 % 2 == 1
+        self.record = record_steps
+        self.tersely = style % 3 == 2  # the terse phrasing: clauses instead of sentences
         self.steps: list[Step] = []
-        self.lines: list[tuple[str, str]] = []  # (sentence, terse clause)
+        self.lines: list[str] = []  # sentences, or terse clauses when ``tersely``
         self._silent = 0
         self._desc: dict[int, tuple[Node, str]] = {}
 
@@ -376,8 +378,10 @@ class _Walker:
         ambiguous = False
         cat = node.category
         cands = c.by_cat.get(cat, _EMPTY)
+        record = loud and self.record
         if loud:
-            self.steps.append(Step("category", depth, cat, (), c.tids(cands)))
+            if record:
+                self.steps.append(Step("category", depth, cat, (), c.tids(cands)))
             self._say_category(cat, cands, depth)
 
         attrs = c.attrs
@@ -385,7 +389,8 @@ class _Walker:
             before = cands
             cands = [i for i in before if attr in attrs[i]]
             if before and loud:
-                self.steps.append(Step("attribute", depth, attr, c.tids(before), c.tids(cands)))
+                if record:
+                    self.steps.append(Step("attribute", depth, attr, c.tids(before), c.tids(cands)))
                 self._say_attribute(attr, before, cands)
 
         for pred, child in node.relations:
@@ -397,8 +402,8 @@ class _Walker:
                 continue
             if loud:
                 phrase = f"{_rel(pred)} {self.describe(child)}"
-                self.lines.append((f"Next, which of them are {phrase}?" if len(cands) > 1
-                                   else f"Next, is it {phrase}?", f"check {phrase}"))
+                self.lines.append(f"check {phrase}" if self.tersely else f"Next, which of them are {phrase}?"
+                                  if len(cands) > 1 else f"Next, is it {phrase}?")
             anchors, amb = self.walk(child, depth + 1)
             ambiguous |= amb
             ys = 0
@@ -409,15 +414,16 @@ class _Walker:
             rel, ids = c.rel, c.ids
             cands = [i for i in before if rel.get((ids[i], pred), 0) & ys]
             if loud:
-                self.steps.append(Step("relation", depth, phrase, c.tids(before), c.tids(cands),
-                                       anchors=c.tids(anchors)))
+                if record:
+                    self.steps.append(Step("relation", depth, phrase, c.tids(before), c.tids(cands),
+                                           anchors=c.tids(anchors)))
                 self._say_relation(pred, child, cat, before, cands, anchors)
 
         if node.position is not None:
             before = cands
             cands, amb = self._position(node.position, cat, before, loud)
             ambiguous |= amb
-            if loud:
+            if record:
                 self.steps.append(Step("position", depth, _position_phrase(node.position, cat), c.tids(before),
                                        c.tids(cands), ambiguous=amb))
         return cands, ambiguous
@@ -432,15 +438,17 @@ class _Walker:
                 if cell[i] == pos.region:
                     hits.append(i)
             if cands and loud:
-                phrase = _position_phrase(pos, cat)
                 cell_words = _WHERE.get(pos.region or "", str(pos.region))
+                if self.tersely:
+                    self.lines.append(f"{cell_words}: {self.terse(hits)}")
+                    return hits, amb
                 if len(hits) == 1:
                     s = f"{_cap(self.obj(hits[0]))} is {cell_words}" + (" of the image." if len(cands) > 1 else ".")
                 elif hits:
                     s = f"Of these, {_num(len(hits))} {_be(len(hits))} {cell_words}: {self.listing(hits)}."
                 else:
                     s = f"None of them is {cell_words}."
-                self.lines.append((s, f"{cell_words}: {self.terse(hits)}"))
+                self.lines.append(s)
             return hits, amb
         start = pos.start or "left"
         axis = "x" if start in ("left", "right") else "y"
@@ -448,15 +456,15 @@ class _Walker:
         if pos.count is not None and n != pos.count:
             if n and loud:
                 phrase = _position_phrase(pos, cat)
-                self.lines.append((f"The expression speaks of {_num(pos.count)} {_noun(cat, pos.count)}, but there "
-                                   f"{_be(n)} {_num(n)}, so nothing is {phrase}.",
-                                   f"{phrase}: count {n} != {pos.count}"))
+                self.lines.append(f"{phrase}: count {n} != {pos.count}" if self.tersely else
+                                  f"The expression speaks of {_num(pos.count)} {_noun(cat, pos.count)}, but there "
+                                  f"{_be(n)} {_num(n)}, so nothing is {phrase}.")
             return [], False
         if pos.rank is None or pos.rank >= n:
             if n and loud:
                 phrase = _position_phrase(pos, cat)
-                self.lines.append((f"There {_be(n)} only {_num(n)}, so there is no {phrase.removeprefix('the ')}.",
-                                   f"{phrase}: only {n}"))
+                self.lines.append(f"{phrase}: only {n}" if self.tersely else
+                                  f"There {_be(n)} only {_num(n)}, so there is no {phrase.removeprefix('the ')}.")
             return [], False
         cen, ids = (c.cx if axis == "x" else c.cy), c.ids
         order = sorted(cands, key=lambda i: (cen[i], ids[i]), reverse=start in ("right", "bottom"))
@@ -466,6 +474,9 @@ class _Walker:
         amb = any(abs(cen[order[j]] - x) < ORDER_MARGIN * side for j in (k - 1, k + 1) if 0 <= j < n)
         if loud:
             phrase = _position_phrase(pos, cat)
+            if self.tersely:
+                self.lines.append(f"{phrase}: {self.terse([order[k]])}")
+                return [order[k]], amb
             if n == 1:
                 s = f"There is just one, so it is {phrase}."
             else:
@@ -473,26 +484,32 @@ class _Walker:
                      + f". {phrase[0].upper() + phrase[1:]} is {self.obj(order[k])}.")
             if amb:
                 s += " Its neighbour is almost level with it, so this is a close call."
-            self.lines.append((s, f"{phrase}: {self.terse([order[k]])}"))
+            self.lines.append(s)
         return [order[k]], amb
 
     # -- sentences ----------------------------------------------------------------------------------
 
     def _say_category(self, cat: str, cands: list[int], depth: int) -> None:
         n = len(cands)
-        lead = "I look for" if depth == 0 else "For that I look for"
         pl = _plural(cat)
+        if self.tersely:
+            self.lines.append(f"{pl}: {self.terse(cands)}")
+            return
+        lead = "I look for" if depth == 0 else "For that I look for"
         if n == 0:
             s = f"{lead} {pl}: there is no {cat} in the image."
         elif n == 1:
             s = f"{lead} {pl}: there is one, {self.obj(cands[0])}."
         else:
             s = f"{lead} {pl}: there are {_num(n)}, {self.listing(cands)}."
-        self.lines.append((s, f"{pl}: {self.terse(cands)}"))
+        self.lines.append(s)
 
     def _say_attribute(self, attr: str, before: list[int], after: list[int]) -> None:
         # equal objects share id and attributes, so they are kept or dropped together: indexes stand in
         # for the objects
+        if self.tersely:
+            self.lines.append(f"{attr}: {self.terse(after)}")
+            return
         kept = set(after)
         dropped = [i for i in before if i not in kept]
         k = len(after)
@@ -512,11 +529,14 @@ class _Walker:
                 s += " " + " ".join([f"{_cap(self.obj(i))} is {self.what_instead(i, attr)}." for i in dropped])
             else:
                 s += f" The other {_num(len(dropped))} are not."
-        self.lines.append((s, f"{attr}: {self.terse(after)}"))
+        self.lines.append(s)
 
     def _say_relation(self, pred: str, child: Node, cat: str, before: list[int], after: list[int],
                       anchors: list[int]) -> None:
         phrase = f"{_rel(pred)} {self.describe(child)}"
+        if self.tersely:
+            self.lines.append(f"-> {_plural(cat)} {phrase}: {self.terse(after)}")
+            return
         kept = set(after)
         dropped = [i for i in before if i not in kept]
         if not anchors:
@@ -533,7 +553,7 @@ class _Walker:
             s = f"{_cap(_num(k))} of the {_plural(cat)} {_be(k)} {phrase}: {self.listing(after)}."
             if len(dropped) <= 3:
                 s += " " + " ".join([f"{_cap(self.obj(i))} is not." for i in dropped])
-        self.lines.append((s, f"-> {_plural(cat)} {phrase}: {self.terse(after)}"))
+        self.lines.append(s)
 
 
 _EMPTY: list[int] = []
@@ -652,41 +672,45 @@ def _parse_own(answer: str) -> ParsedAnswer:
 
 
 def trace_for(graph: SceneGraph, query: Node, *, polarity: str, target_id: str | None, style: int = 0,
-              gt_box=None, iou_threshold: float = 0.5, ctx: TraceContext | None = None) -> Trace:
+              gt_box=None, iou_threshold: float = 0.5, ctx: TraceContext | None = None,
+              steps: bool = True) -> Trace:
     """The reasoning trace for one sample, verified against its ground truth.
 
     ``gt_box`` defaults to the box of ``target_id`` in ``graph`` for a positive. ``ctx``: the graph's
-    :class:`TraceContext` (built, or the last one reused, when absent).
+    :class:`TraceContext` (built, or the last one reused, when absent). ``steps=False`` leaves
+    ``Trace.steps`` empty (the text, answer and verdict are the same; builds do not store steps).
     """
-    return _trace(_context(graph, ctx), query, polarity, target_id, style, gt_box, iou_threshold)
+    return _trace(_context(graph, ctx), query, polarity, target_id, style, gt_box, iou_threshold, steps)
 
 
 def _trace(c: TraceContext, query: Node, polarity: str, target_id: str | None, style: int, gt_box,
-           iou_threshold: float) -> Trace:
-    w = _Walker(c, style)
+           iou_threshold: float, steps: bool = True) -> Trace:
+    w = _Walker(c, style, steps)
     final, ambiguous = w.walk(query)
+    terse = w.tersely  # only the words of the trace's own phrasing are made
     if len(final) == 1:
         i = final[0]
         box_text = c.box(i)
         plain = c.plain[i]
-        concl = (f"So {describe(query, definite=True)} is {plain}, at {box_text}.", f"answer: {plain} {box_text}")
+        concl = (f"answer: {plain} {box_text}" if terse else
+                 f"So {describe(query, definite=True)} is {plain}, at {box_text}.")
         answer = box_text
     elif not final:
-        why = _why_none(w, query)
-        concl = (f"{why}: no object matches.", "-> none")
+        concl = "-> none" if terse else f"{_why_none(w, query)}: no object matches."
         answer = "none"
     else:
-        concl = (f"{_cap(_num(len(final)))} objects still match ({w.listing(final)}); the expression does not "
-                 f"single one out, so I give no box.", f"-> {len(final)} left, no single answer")
+        concl = (f"-> {len(final)} left, no single answer" if terse else
+                 f"{_cap(_num(len(final)))} objects still match ({w.listing(final)}); the expression does not "
+                 f"single one out, so I give no box.")
         answer = "none"
     w.lines.append(concl)
     phrasing = style % 3
     if phrasing == 0:
-        think = " ".join([s for s, _ in w.lines])
+        think = " ".join(w.lines)
     elif phrasing == 1:
-        think = "\n".join([f"Step {i}: {s}" for i, (s, _) in enumerate(w.lines, start=1)])
+        think = "\n".join([f"Step {i}: {s}" for i, s in enumerate(w.lines, start=1)])
     else:
-        think = "; ".join([t for _, t in w.lines])
+        think = "; ".join(w.lines)
     text = f"<think>{think}</think><answer>{answer}</answer>"
 
     if gt_box is None and polarity == "positive" and target_id is not None and target_id in c.objs:
@@ -715,18 +739,18 @@ def select_best(traces: list[Trace]) -> list[Trace]:
 
 def traces_for_sample(graph: SceneGraph, query: Node, polarity: str, target_id: str | None, gt_box=None,
                       k: int = 1, seed: int = 0, iou_threshold: float = 0.5,
-                      ctx: TraceContext | None = None) -> list[Trace]:
+                      ctx: TraceContext | None = None, steps: bool = True) -> list[Trace]:
     """Up to ``k`` traces with distinct texts, in the styles ``(seed + i) % N_STYLES`` for i = 0, 1, ...
     (a style whose text repeats an earlier one is skipped, so there are at most :data:`N_STYLES`), the
     best marked ``selected``. Distinct texts keep the ``cot_traces`` key (sample, model, trace) unique.
-    ``ctx``: the graph's :class:`TraceContext` (see there)."""
+    ``ctx``: the graph's :class:`TraceContext` (see there); ``steps``: as for :func:`trace_for`."""
     c = _context(graph, ctx)
     traces: list[Trace] = []
     seen: set[str] = set()
     for i in range(N_STYLES):
         if len(traces) >= max(1, k):
             break
-        t = _trace(c, query, polarity, target_id, (seed + i) % N_STYLES, gt_box, iou_threshold)
+        t = _trace(c, query, polarity, target_id, (seed + i) % N_STYLES, gt_box, iou_threshold, steps)
         if t.text not in seen:
             seen.add(t.text)
             traces.append(t)
