@@ -1,0 +1,408 @@
+"""`refforge eval`: run a VLM on an export's split (or read predictions made elsewhere) and score it.
+
+::
+
+    from refforge.flows.evaluate import run_eval
+    metrics = run_eval("exports/demo", model="Qwen/Qwen2.5-VL-7B-Instruct",
+                       base_url="http://gpu-box:8000/v1", dialect="qwen-json")
+    metrics["overall"]["acc@0.5"], metrics["out"]
+
+The model path sends one chat request per sample through :class:`~refforge.llm.LLMClient` (bounded
+concurrency, retries with backoff, rate limits waited out) with a persistent response cache in
+``<out>/cache/llm.sqlite``: a re-run sends zero requests. Images go as data URLs, resized to
+``image_longest_side``; for ``qwen-json`` the sides are also rounded down to multiples of 28 (Qwen2.5-VL's
+patch grid), so that the server's own resize leaves the image as sent and the model's absolute pixels
+are pixels of the sent image. Answers are mapped back to pixels of the exported image.
+
+Samples are processed in chunks grouped by image (each image is read and encoded once per chunk),
+so memory stays bounded on large splits.
+
+Outputs (``out``, default ``<export>/eval/<model-slug>-<dialect>/``, or ``<export>/eval/<file stem>/`` for ``--predictions``):
+
+* ``predictions.jsonl``: one line per sample, in split order (see
+  :func:`refforge.stages.evaluate.prediction_record`), with the prompt version and the model;
+* ``metrics.json``: overall and per task (each taxonomy), level and negative type; statuses; the
+  score source; dialect, prompt version and hash, model, base_url, the name of the key variable
+  (never the key), requests and tokens from the client;
+* ``metrics.md``: the same tables for people.
+
+Failure policy: bad input (missing export, split, image, bad predictions file, unknown sample ids)
+raises :class:`EvalError` before any request. A model's bad answer is a prediction with a status and
+a reason. A failed request (endpoint down past the retries, rate-limit budget spent, bad key) is a
+prediction with status ``request_error``, scored wrong, and counted in ``metrics.json["incomplete"]``;
+answers that did arrive are cached, so a re-run sends only the failed requests again.
+
+``--predictions FILE`` (:func:`read_predictions`): JSON Lines with ``sample_id`` and either ``bbox``
+(``[x1, y1, x2, y2]`` pixels of the exported image; null, ``[]`` or four zeros = "no object") or
+``answer`` (raw model text, parsed like the model path; its boxes are pixels of the exported image,
+or a 0-1000 grid with ``coords="grid1000"``), optionally ``score``, and optionally ``status``: a
+failure status of :data:`refforge.stages.evaluate.STATUSES` keeps the line a failure, so a run's own
+predictions.jsonl scores again to the same metrics. A sample id that is not in the
+split is an error (wrong export or split); a sample of the split without a prediction is status
+``missing``, scored wrong, and counted in ``metrics.json["missing"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from refforge.stages import evaluate as ev
+
+__all__ = ["EvalError", "model_slug", "read_predictions", "run_eval", "score_predictions"]
+
+STAGE = "eval"
+QWEN_PATCH = 28
+
+
+class EvalError(ValueError):
+    """Input that cannot be evaluated; the message says what and where."""
+
+
+def model_slug(name: str) -> str:
+    """A folder name for a model id: ``"Qwen/Qwen2.5-VL-7B-Instruct"`` -> ``"Qwen--Qwen2.5-VL-7B-Instruct"``.
+
+    >>> model_slug("Qwen/Qwen2.5-VL-7B-Instruct"), model_slug("gpt-4o mini")
+    ('Qwen--Qwen2.5-VL-7B-Instruct', 'gpt-4o-mini')
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-.")
+    return slug or "model"
+
+
+def _load_samples(export_dir: Path, split: str, limit: int | None) -> tuple[list[dict[str, Any]], set[str]]:
+    """The split's records (the first ``limit``), checked, and the sample ids of the whole split."""
+    from refforge.stages.export_records import read_canonical
+
+    if not export_dir.is_dir():
+        raise EvalError(f"{export_dir} is not a directory (an export made by `refforge export`)")
+    try:
+        records = read_canonical(export_dir, split)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    all_ids = {str(r.get("sample_id")) for r in records}
+    if limit is not None:
+        if limit < 1:
+            raise EvalError("--limit must be at least 1")
+        records = records[:limit]
+    try:
+        ev.check_records(records, split)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    return records, all_ids
+
+
+def _write_text(path: Path, text: str) -> None:
+    from refforge.storage.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, tuple):
+        return list(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _write_outputs(out: Path, samples: Sequence[Mapping[str, Any]], preds: Mapping[str, dict[str, Any]],
+                   meta: dict[str, Any]) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(_finite(preds[s["sample_id"]]), default=_json_default) for s in samples]
+    _write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    metrics = {**meta, **ev.summarise(samples, preds)}
+    metrics["n_samples"] = len(samples)
+    metrics["incomplete"] = metrics["statuses"].get("request_error", 0)
+    metrics["missing"] = metrics["statuses"].get("missing", 0)
+    metrics = _finite(metrics)
+    _write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=_json_default) + "\n")
+    _write_text(out / "metrics.md", ev.metrics_markdown(metrics))
+    metrics["out"] = str(out)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def _qwen_size(width: int, height: int, longest_side: int) -> tuple[int, int]:
+    """Fit into ``longest_side``, then round each side down to a multiple of 28 (at least 28)."""
+    scale = min(1.0, longest_side / max(width, height))
+    w, h = width * scale, height * scale
+    return max(QWEN_PATCH, int(w // QWEN_PATCH) * QWEN_PATCH), max(QWEN_PATCH, int(h // QWEN_PATCH) * QWEN_PATCH)
+
+
+def _encode(client: Any, path: Path, dialect: str) -> Any:
+    """The EncodedImage to send (its ``width``/``height`` are the pixels the model answers in)."""
+    if dialect != "qwen-json":
+        return client.encode_image(path)
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        size = _qwen_size(img.width, img.height, client.image_longest_side)
+        if size != img.size:
+            img = img.convert("RGB") if img.mode not in ("RGB", "RGBA", "L") else img
+            return client.encode_image(img.resize(size, Image.Resampling.LANCZOS), fmt="png")
+        return client.encode_image(path)
+
+
+# ------------------------------------------------------------------------------------------- model path
+
+
+def _answer_from_result(res: Any) -> tuple[ev.EvalAnswer, str | None, Any]:
+    """(parsed answer, raw text, logprobs) of one run_many outcome."""
+    from refforge.llm import LLMOutputError, LLMRequestError
+
+    if isinstance(res, LLMRequestError):
+        return ev.EvalAnswer("request_error", reason=f"{res.reason}: {res.detail}"[:300]), None, None
+    if isinstance(res, LLMOutputError):
+        status = res.reason if res.reason in ("refusal", "empty", "truncated") else "unparseable"
+        return ev.EvalAnswer(status, reason=res.detail or res.reason), res.text, None
+    # ChatResult: logprobs only where the client exposes them (see score_note in metrics.json)
+    return ev.parse_prediction(res.text), res.text, getattr(res, "logprobs", None)
+
+
+def _run_model(samples: list[dict[str, Any]], root: Path, client: Any, dialect: str, coords: str,
+               logprobs: bool, max_tokens: int | None, chunk_size: int,
+               progress: Callable[[int, int], None] | None) -> dict[str, dict[str, Any]]:
+    from refforge.llm import ChatRequest
+
+    pv = ev.prompt_version(dialect)
+    extra = {"logprobs": True} if logprobs else None
+    order = sorted(range(len(samples)), key=lambda i: (str(samples[i]["image"]), i))
+    preds: dict[str, dict[str, Any]] = {}
+    done = 0
+    for start in range(0, len(order), chunk_size):
+        chunk = [samples[i] for i in order[start:start + chunk_size]]
+        encoded: dict[str, Any] = {}
+        reqs = []
+        for s in chunk:
+            rel = str(s["image"])
+            if rel not in encoded:
+                encoded[rel] = _encode(client, root / rel, dialect)
+            enc = encoded[rel]
+            msgs = ev.build_messages(dialect, s["expression"], enc.part, enc.width, enc.height, coords)
+            reqs.append(ChatRequest(msgs, pv, STAGE, temperature=0, max_tokens=max_tokens, extra=extra))
+        results = client.run_many(reqs, raise_request_errors=False)
+        for s, res in zip(chunk, results, strict=True):
+            enc = encoded[str(s["image"])]
+            answer, raw, lp = _answer_from_result(res)
+            box = None
+            if answer.status == "box":
+                box = ev.map_box(answer.box, coords, (enc.width, enc.height), (int(s["width"]), int(s["height"])))
+                if box is None:
+                    answer = ev.EvalAnswer("invalid_box", answer.box, reason=f"box {list(answer.box)} has no area "
+                                           "inside the image", note=answer.note)
+            score, source = ev.score_for(answer.status, lp)
+            preds[s["sample_id"]] = ev.prediction_record(
+                s, answer, box, raw=raw, score=score, score_source=source,
+                answer_box=list(answer.box) if answer.box is not None else None,
+                sent_size=[enc.width, enc.height], cached=bool(getattr(res, "cached", False)),
+                prompt_version=pv)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(samples))
+    return preds
+
+
+def _make_client(model: str, base_url: str, api_key_env: str | None, concurrency: int, timeout_s: float,
+                 max_retries: int, image_longest_side: int, cache_path: Path) -> Any:
+    """The same client a build makes for an endpoint (refforge.flows.units.model_client), validated by
+    :class:`refforge.config.ModelEndpoint`, with the eval's own cache."""
+    import pydantic
+
+    from refforge.config import ModelEndpoint
+    from refforge.llm import LLMClient, ResponseCache
+
+    try:
+        ep = ModelEndpoint(base_url=base_url, model=model, api_key_env=api_key_env or None, concurrency=concurrency,
+                           timeout_s=timeout_s, max_retries=max_retries, image_longest_side=image_longest_side)
+    except pydantic.ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise EvalError(msgs) from None
+    if not re.match(r"^https?://", ep.base_url):
+        raise EvalError(f"--base-url must start with http:// or https://, not {ep.base_url!r}")
+    return LLMClient(ep.base_url, ep.model, api_key_env=ep.api_key_env, concurrency=ep.concurrency,
+                     timeout_s=ep.timeout_s, max_retries=ep.max_retries, image_longest_side=ep.image_longest_side,
+                     structured_output=ep.structured_output, price_per_1k_input=ep.price_per_1k_input,
+                     price_per_1k_output=ep.price_per_1k_output, cache=ResponseCache(cache_path))
+
+
+# -------------------------------------------------------------------------------------- predictions path
+
+
+def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``{sample_id: line}`` of a predictions file (JSON Lines). Raises EvalError naming the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"predictions file {p} does not exist")
+    out: dict[str, dict[str, Any]] = {}
+    with p.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise EvalError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("sample_id"), str):
+                raise EvalError(f"{p}:{n}: each line must be a JSON object with a string sample_id")
+            if "bbox" not in obj and "answer" not in obj:
+                raise EvalError(f"{p}:{n}: sample {obj['sample_id']!r} has neither 'bbox' nor 'answer'")
+            if obj["sample_id"] in out:
+                raise EvalError(f"{p}:{n}: sample {obj['sample_id']!r} appears twice")
+            score = obj.get("score")
+            if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)
+                                      or not math.isfinite(score)):
+                raise EvalError(f"{p}:{n}: score must be a finite number or null, not {score!r}")
+            obj["_line"] = n
+            out[obj["sample_id"]] = obj
+    if not out:
+        raise EvalError(f"predictions file {p} holds no predictions")
+    return out
+
+
+def _bbox_answer(value: Any, where: str) -> ev.EvalAnswer:
+    if value is None or value == []:
+        return ev.EvalAnswer("rejection")
+    if (not isinstance(value, list) or len(value) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise EvalError(f"{where}: bbox must be [x1, y1, x2, y2] (numbers), null or [], not {value!r}")
+    if all(v == 0 for v in value):
+        return ev.EvalAnswer("rejection")
+    return ev.EvalAnswer("box", tuple(float(v) for v in value))  # type: ignore[arg-type]
+
+
+def score_predictions(samples: Sequence[Mapping[str, Any]], given: Mapping[str, Mapping[str, Any]],
+                      coords: str = "pixels", where: str = "predictions",
+                      split_ids: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Prediction records for ``samples`` from a predictions file's lines (see the module doc).
+
+    ``split_ids``: every sample id of the split (``samples`` may be its first ``--limit``); lines for
+    split samples left out by the limit are ignored, lines for ids outside the split are an error."""
+    ids = split_ids if split_ids is not None else {s["sample_id"] for s in samples}
+    unknown = [k for k in given if k not in ids]
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise EvalError(f"{len(unknown)} sample id(s) of {where} are not in the evaluated split: {shown} "
+                        "(wrong export or --split?)")
+    preds: dict[str, dict[str, Any]] = {}
+    for s in samples:
+        line = given.get(s["sample_id"])
+        size = (int(s["width"]), int(s["height"]))
+        if line is None:
+            answer, raw = ev.EvalAnswer("missing", reason="no prediction for this sample"), None
+        elif line.get("status") in ev.STATUSES and line["status"] not in ev.ANSWER_STATUSES:
+            # a failure recorded by an earlier run (its predictions.jsonl scored again) stays a failure
+            answer = ev.EvalAnswer(line["status"], reason=line.get("reason") or "failed in the run that made the file")
+            raw = line.get("raw_answer")
+        elif "bbox" in line:
+            answer, raw = _bbox_answer(line["bbox"], f"{where}:{line['_line']}"), None
+            if line.get("answer") is not None or line.get("raw_answer") is not None:
+                raw = str(line["answer"] if line.get("answer") is not None else line["raw_answer"])
+        else:
+            raw = line["answer"] if line["answer"] is None else str(line["answer"])
+            answer = ev.parse_prediction(raw)
+        box = None
+        if answer.status == "box":
+            box_coords = coords if line is not None and "bbox" not in line else "pixels"
+            box = ev.map_box(answer.box, box_coords, size, size)
+            if box is None:
+                answer = ev.EvalAnswer("invalid_box", answer.box, reason=f"box {list(answer.box)} has no area "
+                                       "inside the image", note=answer.note)
+        if line is not None and line.get("score") is not None:
+            score, source = float(line["score"]), "file"
+        else:
+            score, source = ev.score_for(answer.status)
+        preds[s["sample_id"]] = ev.prediction_record(s, answer, box, raw=raw, score=score, score_source=source)
+    return preds
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def run_eval(export_dir: str | Path, *, model: str | None = None, base_url: str | None = None,
+             api_key_env: str | None = "OPENAI_API_KEY", dialect: str = "groundingme", coords: str = "pixels",
+             split: str = "test", concurrency: int = 8, limit: int | None = None, logprobs: bool = False,
+             predictions: str | Path | None = None, out: str | Path | None = None,
+             image_longest_side: int = 1024, timeout_s: float = 60, max_retries: int = 5,
+             max_tokens: int | None = None, chunk_size: int = 256,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Evaluate a model (or a predictions file) on one split of an export; returns metrics.json's
+    content plus ``"out"`` (the output folder). See the module doc for the files and the policies."""
+    root = Path(export_dir)
+    try:
+        ev.check_dialect(dialect, coords)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if predictions is None and (not model or not base_url):
+        raise EvalError("give --model and --base-url to run a model, or --predictions FILE to score predictions")
+    if concurrency < 1:
+        raise EvalError("--concurrency must be at least 1")
+    if chunk_size < 1:
+        raise EvalError("chunk_size must be at least 1")
+    samples, split_ids = _load_samples(root, split, limit)
+    given = read_predictions(predictions) if predictions is not None else None
+    name = model or (Path(predictions).stem if predictions is not None else "model")
+    # one folder per model and dialect: a second dialect does not overwrite the first
+    out_dir = Path(out) if out is not None else root / "eval" / (
+        model_slug(name) if predictions is not None else f"{model_slug(name)}-{model_slug(dialect)}")
+    from refforge import __version__
+
+    meta: dict[str, Any] = {
+        "refforge": __version__, "export": str(root), "split": split, "limit": limit, "model": model,
+        "dialect": dialect, "coords": coords, "prompt_version": ev.prompt_version(dialect),
+        "prompt_hash": ev.prompt_hash(dialect),
+    }
+    if given is not None:
+        preds = score_predictions(samples, given, coords, where=str(predictions), split_ids=split_ids)
+        sources = {p["score_source"] for p in preds.values()}
+        meta.update(source="predictions", predictions_file=str(predictions), base_url=None, requests=None,
+                    logprobs_requested=False,
+                    score_note="scores from the file" if sources == {"file"} else
+                    "binary: 1 = answered a box, 0 = rejected or failed" if sources == {"binary"} else
+                    "scores from the file where given, else binary")
+        return _write_outputs(out_dir, samples, preds, meta)
+
+    missing_images = sorted({str(s["image"]) for s in samples if not (root / str(s["image"])).is_file()})
+    if missing_images:
+        raise EvalError(f"{len(missing_images)} image(s) of split {split!r} are missing under {root}: "
+                        f"{', '.join(missing_images[:3])}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client = _make_client(model, base_url, api_key_env, concurrency, timeout_s, max_retries, image_longest_side,
+                          out_dir / "cache" / "llm.sqlite")
+    try:
+        preds = _run_model(samples, root, client, dialect, coords, logprobs, max_tokens, chunk_size, progress)
+        usage = client.usage().get(STAGE, {})
+    finally:
+        cache = client.cache
+        client.close()
+        if cache is not None:
+            cache.close()
+    sources = {p["score_source"] for p in preds.values()}
+    if sources == {"logprobs"}:
+        note = "logprobs: c = exp(mean token logprob); a box scores c, a rejection 1 - c"
+    elif logprobs:
+        note = ("binary: logprobs were requested but not returned for every answer (1 = answered a box, "
+                "0 = rejected or failed)")
+    else:
+        note = "binary: 1 = answered a box, 0 = rejected or failed (no logprobs requested)"
+    meta.update(source="model", base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+                image_longest_side=image_longest_side, max_tokens=max_tokens, logprobs_requested=logprobs,
+                score_note=note, requests=usage,
+                tokens={"prompt": usage.get("prompt_tokens", 0), "completion": usage.get("completion_tokens", 0)})
+    return _write_outputs(out_dir, samples, preds, meta)

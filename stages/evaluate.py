@@ -1,0 +1,545 @@
+"""`refforge eval` logic: prompts per answer dialect, robust answer parsing, scoring, metric tables.
+
+Pure functions only; the run (client, images, files) is :mod:`refforge.flows.evaluate`.
+
+Dialects (:data:`EVAL_DIALECTS`, templates ``prompts/eval/*.j2``):
+
+* ``groundingme``  -- GroundingME style: one box ``[x1, y1, x2, y2]`` or "no such object".
+* ``refbench-pro`` -- RefBench-PRO style: brief reasoning, then ``<answer>[x1, y1, x2, y2]</answer>``
+  or ``<answer>[]</answer>`` when nothing matches.
+* ``qwen-json``    -- Qwen2.5-VL grounding JSON, ``[{"bbox_2d": [x1, y1, x2, y2], "label": ...}]`` in
+  absolute pixels of the image the model saw; ``[]`` = not present.
+
+The first two also take ``coords="grid1000"`` (0-1000 grid, Qwen2-VL / InternVL style); Qwen JSON is
+always pixels. Every prediction stores ``prompt_version = "eval/<dialect>.j2@<sha256 of the template>"``.
+
+Parsing (:func:`parse_prediction`) accepts every dialect whatever was asked, because models drift:
+
+1. ``<think>...</think>`` is dropped; the last ``<answer>`` element is used when there is one;
+2. JSON (fenced or bare): ``[]`` / ``{}`` / ``{"bbox_2d": null}`` = rejection; a list of detections
+   ``{"bbox_2d"|"bbox"|"box": [...]}`` takes the **highest-scored** one when every detection has a
+   ``score`` / ``confidence``, else **the first** (the note says which and how many there were); a
+   list of four numbers, or a list of such lists (first taken), is a box;
+3. otherwise :func:`refforge.stages.cot.parse_answer` (``[x1, y1, x2, y2]``, ``(x1,y1),(x2,y2)``,
+   Qwen2-VL ``<|box_start|>``, "none" / "no object" ...); several *identical* boxes count as one,
+   several different plain-text boxes are ``unparseable`` ("ambiguous");
+4. rejection phrases ("there is no ...", "does not exist", "not present in the image", "cannot find")
+   when no box is given; refusals ("I'm sorry, I can't ...") are status ``refusal``.
+
+Statuses (:data:`STATUSES`): ``box`` and ``rejection`` are answers; ``unparseable``, ``invalid_box``
+(zero area, or nothing left inside the image), ``refusal``, ``empty``, ``truncated`` (the client's
+output errors), ``request_error`` (the request failed) and ``missing`` (no prediction for the sample,
+``--predictions``) are failures: they are **wrong on positives and on negatives** (a failure is not a
+rejection). In the metric records a failure carries :data:`FAILED_BOX`, a box that is not a
+rejection and overlaps nothing.
+
+Scores for AUROC / AUPR / FPR95 / Recall@k (:func:`score_for`): with token logprobs, the model's
+confidence ``c = exp(mean token logprob)`` of its answer gives ``c`` for a box and ``1 - c`` for a
+rejection (the probability that an object is there); without them a binary score: 1 for a box, 0 for
+anything else. ``score_source`` says which, per prediction and in metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from refforge.stages import cot
+from refforge.stages.boxes import from_grid
+from refforge.stages.metrics import METRIC_COLUMNS, metric_table, paired_iou
+from refforge.stages.templates import load_template, template_hash
+
+__all__ = [
+    "ANSWER_STATUSES",
+    "COORDS",
+    "EVAL_DIALECTS",
+    "FAILED_BOX",
+    "PROMPTS",
+    "STATUSES",
+    "EvalAnswer",
+    "build_messages",
+    "check_dialect",
+    "check_records",
+    "evaluation_records",
+    "map_box",
+    "metrics_markdown",
+    "parse_prediction",
+    "prediction_record",
+    "prompt_hash",
+    "prompt_version",
+    "score_for",
+    "score_from_logprobs",
+    "summarise",
+]
+
+Box = tuple[float, float, float, float]
+EvalDialect = Literal["groundingme", "refbench-pro", "qwen-json"]
+EVAL_DIALECTS: tuple[str, ...] = ("groundingme", "refbench-pro", "qwen-json")
+COORDS: tuple[str, ...] = ("pixels", "grid1000")
+PROMPTS: dict[str, str] = {
+    "groundingme": "eval/groundingme.j2",
+    "refbench-pro": "eval/refbench_pro.j2",
+    "qwen-json": "eval/qwen_json.j2",
+}
+ANSWER_STATUSES: tuple[str, ...] = ("box", "rejection")
+STATUSES: tuple[str, ...] = ("box", "rejection", "unparseable", "invalid_box", "refusal", "empty", "truncated",
+                             "request_error", "missing")
+FAILED_BOX: Box = (-1.0, -1.0, -1.0, -1.0)
+"""The metric-record box of a failed prediction: not a rejection (so wrong on negatives), IoU 0 with
+every box (so wrong on positives)."""
+
+REQUIRED_FIELDS: tuple[str, ...] = ("sample_id", "image", "width", "height", "expression", "polarity", "bbox")
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+
+def check_dialect(dialect: str, coords: str = "pixels") -> None:
+    if dialect not in PROMPTS:
+        raise ValueError(f"unknown dialect {dialect!r}; allowed: {', '.join(EVAL_DIALECTS)}")
+    if coords not in COORDS:
+        raise ValueError(f"unknown coords {coords!r}; allowed: {', '.join(COORDS)}")
+    if dialect == "qwen-json" and coords != "pixels":
+        raise ValueError("the qwen-json dialect answers in pixels of the image the model saw: use coords 'pixels'")
+
+
+def prompt_hash(dialect: str) -> str:
+    """sha256 of the dialect's template source."""
+    check_dialect(dialect)
+    return template_hash(PROMPTS[dialect])
+
+
+def prompt_version(dialect: str) -> str:
+    """``"eval/<dialect>.j2@<sha256>"``: stored with every prediction, part of the response-cache key."""
+    return f"{PROMPTS[dialect]}@{prompt_hash(dialect)}"
+
+
+def build_messages(dialect: str, expression: str, image_part: Mapping[str, Any], width: int, height: int,
+                   coords: str = "pixels") -> list[dict[str, Any]]:
+    """The chat messages for one sample: the dialect's system prompt, then the image and the question.
+
+    ``width`` x ``height`` is the size of the image *as sent* (the pixel space of a pixel answer).
+
+    >>> m = build_messages("qwen-json", "the red cup", {"type": "image_url", "image_url": {"url": "u"}}, 504, 392)
+    >>> m[1]["content"][1]["text"][:26]
+    'Locate "the red cup" in th'
+    """
+    check_dialect(dialect, coords)
+    if not isinstance(expression, str) or not expression.strip():
+        raise ValueError("the expression is empty")
+    macros = load_template(PROMPTS[dialect]).module
+    system = str(macros.system()).strip()
+    user = str(macros.user(expression.strip(), coords, int(width), int(height))).strip()
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": [dict(image_part), {"type": "text", "text": user}]}]
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class EvalAnswer:
+    """A parsed answer. ``box`` is in the coordinates the model answered in (see :func:`map_box`)."""
+
+    status: str  # "box", "rejection", or a failure (see STATUSES)
+    box: Box | None = None
+    reason: str | None = None  # why a failure failed
+    note: str | None = None  # e.g. "3 boxes in the answer; took the first"
+
+
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
+_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
+_NUM = r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
+_LIST4 = re.compile(rf"\[\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\]")
+_PAIRS = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,?\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)")
+_BBOX_KEY = re.compile(r'"(?:bbox_2d|bbox|box)"\s*:\s*\[([^\]]*)\]')
+_REJECT = re.compile(
+    r"\b(there (is|are) no|no such|does not exist|doesn't exist|do not exist|not (present|visible|found|"
+    r"shown|in the image|exist)|cannot (be )?(find|found|locate|see)|can't (find|locate|see)|"
+    r"could not (find|locate)|unable to (find|locate)|no (matching|corresponding) object|nothing matches)\b")
+_NONE = re.compile(r"^(none|null|no objects?|no such objects?|no match(es)?|nothing|not found|not present|n/?a|"
+                   r"\[\s*\]|\{\s*\})$")
+_BOX_KEYS = ("bbox_2d", "bbox", "box", "bbox2d")
+_SCORE_KEYS = ("score", "confidence", "conf", "prob")
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _as_box(v: Any) -> Box | None:
+    if isinstance(v, list | tuple) and len(v) == 4:
+        nums = [_number(x) for x in v]
+        if all(n is not None for n in nums):
+            return tuple(nums)  # type: ignore[return-value]
+    return None
+
+
+def _box_or_rejection(box: Box, note: str | None = None) -> EvalAnswer:
+    return EvalAnswer("rejection") if all(v == 0 for v in box) else EvalAnswer("box", box, note=note)
+
+
+def _json_candidates(text: str) -> list[Any]:
+    out = []
+    chunks = [m.group(1) for m in _FENCE.finditer(text)] or [text]
+    for chunk in chunks:
+        s = chunk.strip()
+        if not s or s[0] not in "[{":
+            continue
+        try:
+            out.append(json.loads(s))
+        except ValueError:
+            continue
+    return out
+
+
+def _from_json(data: Any) -> EvalAnswer | None:
+    """An answer from decoded JSON, or None when the JSON is not a grounding answer."""
+    if isinstance(data, dict):
+        if not data:
+            return EvalAnswer("rejection")
+        for k in _BOX_KEYS:
+            if k in data:
+                v = data[k]
+                if v is None or v == []:
+                    return EvalAnswer("rejection")
+                box = _as_box(v)
+                if box is None:
+                    return EvalAnswer("unparseable", reason=f"{k} is not four numbers: {json.dumps(v)[:80]}")
+                return _box_or_rejection(box)
+        return None
+    if isinstance(data, list):
+        if not data:
+            return EvalAnswer("rejection")
+        box = _as_box(data)
+        if box is not None:
+            return _box_or_rejection(box)
+        if all(isinstance(d, dict) for d in data):
+            dets = []
+            for d in data:
+                key = next((k for k in _BOX_KEYS if k in d), None)
+                if key is None:
+                    continue
+                b = _as_box(d[key])
+                if b is None:
+                    if d[key] in (None, []):
+                        continue
+                    return EvalAnswer("unparseable", reason=f"{key} is not four numbers: {json.dumps(d[key])[:80]}")
+                score = next((_number(d[k]) for k in _SCORE_KEYS if k in d), None)
+                dets.append((b, score))
+            if not dets:  # detections with a null / [] box say "nothing"; dicts without a box key say nothing
+                return EvalAnswer("rejection") if any(k in d for d in data for k in _BOX_KEYS) else None
+            if len(dets) == 1:
+                return _box_or_rejection(dets[0][0])
+            if all(s is not None for _, s in dets):
+                best = max(range(len(dets)), key=lambda i: (dets[i][1], -i))
+                return EvalAnswer("box", dets[best][0],
+                                  note=f"{len(dets)} boxes in the answer; took the highest-scored (#{best + 1})")
+            return EvalAnswer("box", dets[0][0], note=f"{len(dets)} boxes in the answer; took the first")
+        if all(_as_box(d) is not None for d in data):
+            boxes = [_as_box(d) for d in data]
+            note = None if len(set(boxes)) == 1 else f"{len(boxes)} boxes in the answer; took the first"
+            return EvalAnswer("box", boxes[0], note=note)
+    return None
+
+
+def parse_prediction(text: str | None) -> EvalAnswer:
+    """Parse a model's answer in any of the eval dialects (see the module doc). Never raises.
+
+    >>> parse_prediction('```json\\n[{"bbox_2d": [10, 20, 30, 40], "label": "cup"}]\\n```')
+    EvalAnswer(status='box', box=(10.0, 20.0, 30.0, 40.0), reason=None, note=None)
+    >>> parse_prediction("<think>hm</think><answer>[]</answer>").status
+    'rejection'
+    >>> parse_prediction("The cup does not exist in this image.").status
+    'rejection'
+    >>> parse_prediction("I'm sorry, but I can't help with that.").status
+    'refusal'
+    """
+    if text is None or not str(text).strip():
+        return EvalAnswer("empty", reason="the answer was empty")
+    full = str(text)
+    body = _THINK.sub(" ", full).strip() or full
+    found = _ANSWER.findall(body)
+    raw = (found[-1] if found else body).strip()
+    if not raw:
+        return EvalAnswer("empty", reason="the <answer> element is empty")
+    for data in _json_candidates(raw):
+        ans = _from_json(data)
+        if ans is not None:
+            return ans
+    # JSON-ish detections that do not decode (cut off, single quotes): the bbox keys by regex
+    keyed = [_as_box([float(x) for x in re.findall(_NUM, m)]) for m in _BBOX_KEY.findall(raw)]
+    if keyed and all(b is not None for b in keyed):
+        note = None if len(set(keyed)) == 1 else f"{len(keyed)} boxes in the answer; took the first"
+        return EvalAnswer("box", keyed[0], note=note)
+    norm = re.sub(r"\s+", " ", raw.lower()).strip(" .!\"'`")
+    parsed = cot.parse_answer(f"<answer>{raw}</answer>")
+    if parsed.kind == "box":
+        return EvalAnswer("box", parsed.box)
+    # cot.parse_answer also reads any answer opening with "not "/"no " as a rejection ("not sure ..."):
+    # here a rejection must say so (a "none" word, [], a zero box, or a rejection phrase)
+    if parsed.kind == "none" and (_NONE.match(norm) or _REJECT.search(norm) or _LIST4.search(raw)
+                                    or _PAIRS.search(raw)):
+        return EvalAnswer("rejection")
+    boxes = [tuple(float(v) for v in m) for m in _LIST4.findall(raw)] or \
+            [tuple(float(v) for v in m) for m in _PAIRS.findall(raw)]
+    if boxes:
+        if len(set(boxes)) == 1:
+            box = boxes[0]
+            return EvalAnswer("rejection") if all(v == 0 for v in box) else EvalAnswer("box", box)  # type: ignore[arg-type]
+        return EvalAnswer("unparseable", reason=f"ambiguous: {len(set(boxes))} different boxes in the answer")
+    if _REJECT.search(norm):  # before the refusal check: "I'm sorry, there is no green ball" is an answer
+        return EvalAnswer("rejection")
+    from refforge.llm.structured import looks_like_refusal
+
+    if looks_like_refusal(raw.strip()):
+        return EvalAnswer("refusal", reason="the model declined in text")
+    return EvalAnswer("unparseable", reason=parsed.reason or "no box and no rejection in the answer")
+
+
+def map_box(box: Sequence[float], coords: str, sent_size: tuple[int, int], original_size: tuple[int, int]
+            ) -> Box | None:
+    """A box the model answered, in pixels of the original image, clipped to it; None when nothing of
+    a positive-area box is left (a zero-area or inverted box, or one entirely outside the image).
+
+    ``coords`` "pixels": pixels of the image as sent (``sent_size`` = (width, height)), scaled to
+    ``original_size``; "grid1000": a 0-1000 grid of each side.
+
+    >>> map_box((10, 10, 50, 30), "pixels", (256, 192), (512, 384))
+    (20.0, 20.0, 100.0, 60.0)
+    >>> map_box((0, 0, 500, 1000), "grid1000", (256, 192), (512, 384))
+    (0.0, 0.0, 256.0, 384.0)
+    >>> map_box((10, 10, 5, 30), "pixels", (256, 192), (512, 384)) is None
+    True
+    """
+    ow, oh = original_size
+    if coords == "grid1000":
+        x1, y1, x2, y2 = (float(v) for v in from_grid(tuple(box), ow, oh))
+    elif coords == "pixels":
+        sw, sh = sent_size
+        sx, sy = ow / sw, oh / sh
+        x1, y1, x2, y2 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+    else:
+        raise ValueError(f"unknown coords {coords!r}; allowed: {', '.join(COORDS)}")
+    if not (x2 > x1 and y2 > y1):
+        return None
+    x1, x2 = min(max(x1, 0.0), ow), min(max(x2, 0.0), ow)
+    y1, y2 = min(max(y1, 0.0), oh), min(max(y2, 0.0), oh)
+    if not (x2 > x1 and y2 > y1):
+        return None
+    return (float(x1), float(y1), float(x2), float(y2))
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+
+def score_from_logprobs(status: str, logprobs: Sequence[Any] | Mapping[str, Any] | None) -> float | None:
+    """The confidence that an object is there, from the answer's token logprobs; None without them.
+
+    ``logprobs``: floats, or OpenAI's ``[{"token": ..., "logprob": ...}, ...]`` (``choices[0].logprobs
+    .content``). ``c = exp(mean logprob)`` (the geometric-mean token probability); a box scores ``c``, a
+    rejection ``1 - c``, a failure 0.
+
+    >>> round(score_from_logprobs("box", [math.log(0.9), math.log(0.9)]), 6)
+    0.9
+    >>> round(score_from_logprobs("rejection", [{"token": "[]", "logprob": math.log(0.8)}]), 6)
+    0.2
+    """
+    if isinstance(logprobs, Mapping):  # choices[0].logprobs as a whole: {"content": [...]}
+        logprobs = logprobs.get("content")
+    if not logprobs:
+        return None
+    vals = []
+    for t in logprobs:
+        v = t.get("logprob") if isinstance(t, Mapping) else t
+        n = _number(v)
+        if n is None:
+            return None
+        vals.append(min(n, 0.0))
+    c = math.exp(sum(vals) / len(vals))
+    if status == "box":
+        return c
+    if status == "rejection":
+        return 1.0 - c
+    return 0.0
+
+
+def score_for(status: str, logprobs: Sequence[Any] | Mapping[str, Any] | None = None) -> tuple[float, str]:
+    """``(score, source)``: from the logprobs when there are some ("logprobs"), else binary ("binary":
+    1 for a box, 0 for anything else)."""
+    s = score_from_logprobs(status, logprobs)
+    if s is not None:
+        return s, "logprobs"
+    return (1.0 if status == "box" else 0.0), "binary"
+
+
+# --------------------------------------------------------------------------------------------- records
+
+
+def check_records(records: Sequence[Mapping[str, Any]], split: str) -> None:
+    """Raise ValueError naming the problem when canonical records cannot be evaluated."""
+    if not records:
+        raise ValueError(f"split {split!r} has no records")
+    seen: set[str] = set()
+    for i, r in enumerate(records):
+        missing = [f for f in REQUIRED_FIELDS if f not in r]
+        if missing:
+            raise ValueError(f"record {i} of split {split!r} lacks {', '.join(missing)}")
+        sid = r["sample_id"]
+        if sid in seen:
+            raise ValueError(f"sample_id {sid!r} appears twice in split {split!r}")
+        seen.add(sid)
+        if r["polarity"] not in ("positive", "negative"):
+            raise ValueError(f"sample {sid!r}: polarity must be 'positive' or 'negative', not {r['polarity']!r}")
+        if r["polarity"] == "positive" and _as_box(list(r["bbox"] or [])) is None:
+            raise ValueError(f"positive sample {sid!r} has no bbox [x1, y1, x2, y2]")
+
+
+def prediction_record(sample: Mapping[str, Any], answer: EvalAnswer, box: Box | None, *, raw: str | None,
+                      score: float, score_source: str, **extra: Any) -> dict[str, Any]:
+    """One line of predictions.jsonl: the sample, the raw answer, ``bbox`` the parsed box in pixels of
+    the exported image (None unless ``status == "box"``), status/reason/note, score, IoU and
+    correctness. The file can be scored again with ``--predictions`` (statuses are kept).
+
+    ``correct``: positives IoU >= 0.5 (``iou`` with the ground truth, 0 for a rejection or a
+    failure); negatives a rejection (``iou`` None).
+    """
+    status = answer.status
+    if status == "box" and box is None:
+        raise ValueError("a box answer needs its mapped box")
+    pos = sample["polarity"] == "positive"
+    iou: float | None = None
+    if pos:
+        iou = float(paired_iou([box if status == "box" else None], [sample["bbox"]])[0])
+        correct = iou >= 0.5 - 1e-9
+    else:
+        correct = status == "rejection"
+    return {
+        "sample_id": sample["sample_id"], "polarity": sample["polarity"], "expression": sample.get("expression"),
+        "raw_answer": raw, "status": status, "reason": answer.reason, "note": answer.note,
+        "bbox": list(box) if status == "box" and box is not None else None,
+        "score": score, "score_source": score_source, "iou": iou, "correct@0.5": bool(correct), **extra,
+    }
+
+
+def _taxonomies(samples: Iterable[Mapping[str, Any]]) -> list[str]:
+    names: set[str] = set()
+    for s in samples:
+        if isinstance(s.get("tasks"), Mapping):
+            names.update(str(k) for k in s["tasks"])
+    return sorted(names)
+
+
+def evaluation_records(samples: Sequence[Mapping[str, Any]], predictions: Mapping[str, Mapping[str, Any]]
+                       ) -> list[dict[str, Any]]:
+    """The records :func:`refforge.stages.metrics.metric_table` reads, one per sample: ``pred_box`` the
+    box, None for a rejection, :data:`FAILED_BOX` for a failure; ``task:<taxonomy>`` fields for each
+    taxonomy of ``tasks``."""
+    taxes = _taxonomies(samples)
+    out = []
+    for s in samples:
+        p = predictions[s["sample_id"]]
+        status = p["status"]
+        pred = tuple(p["bbox"]) if status == "box" else (None if status == "rejection" else FAILED_BOX)
+        rec = {"sample_id": s["sample_id"], "polarity": s["polarity"],
+               "gt_box": tuple(s["bbox"]) if s["polarity"] == "positive" else None,
+               "pred_box": pred, "score": p.get("score"), "difficulty": s.get("level"), "task": s.get("task"),
+               "negative_type": s.get("negative_type") if s["polarity"] == "negative" else None,
+               "positive_id": s.get("positive_id")}
+        tasks = s.get("tasks") if isinstance(s.get("tasks"), Mapping) else {}
+        for t in taxes:
+            rec[f"task:{t}"] = tasks.get(t)
+        out.append(rec)
+    return out
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def summarise(samples: Sequence[Mapping[str, Any]], predictions: Mapping[str, Mapping[str, Any]]
+              ) -> dict[str, Any]:
+    """The metric tables: ``{"overall": row, "by_task": rows, "by_level": rows, "by_negative_type":
+    rows, "by_task:<taxonomy>": rows..., "statuses": counts, "score_source": ...}``. NaN (undefined,
+    e.g. AUROC with one class) becomes None (JSON null)."""
+    recs = evaluation_records(samples, predictions)
+    taxes = _taxonomies(samples)
+    by = ("task", "difficulty", "negative_type", *(f"task:{t}" for t in taxes))
+    rows = metric_table(recs, by=by)
+    tables: dict[str, list[dict[str, Any]]] = {}
+    overall = None
+    names = {"difficulty": "level"}
+    for row in rows:
+        clean = {k: _clean(v) for k, v in row.items()}
+        if row["group"] == "overall":
+            overall = {k: v for k, v in clean.items() if k not in ("group", "value")}
+            continue
+        g = names.get(row["group"], row["group"])
+        tables.setdefault(f"by_{g}", []).append({g: row["value"], **{k: clean[k] for k in METRIC_COLUMNS}})
+    statuses = Counter(predictions[s["sample_id"]]["status"] for s in samples)
+    sources = Counter(predictions[s["sample_id"]].get("score_source") for s in samples)
+    source = next(iter(sources)) if len(sources) == 1 else "mixed"
+    return {"overall": overall, **tables, "statuses": {k: statuses.get(k, 0) for k in STATUSES},
+            "score_source": source, "score_sources": dict(sources)}
+
+
+# -------------------------------------------------------------------------------------------- markdown
+
+_MD_COLUMNS = ("n", "n_positive", "n_negative", "acc@0.5", "acc@0.75", "acc@0.9", "macc", "rejection_acc",
+               "false_rejection_rate", "recall@1", "auroc", "aupr", "fpr95")
+_MD_HEAD = {"n_positive": "pos", "n_negative": "neg", "false_rejection_rate": "false rej.",
+            "rejection_acc": "rejection acc", "n": "n"}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _md_table(first: str, rows: list[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    head = [first, *(_MD_HEAD.get(c, c) for c in _MD_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(_MD_COLUMNS)) + "|"]
+    for name, row in rows:
+        lines.append("| " + " | ".join([name, *(_fmt(row.get(c)) for c in _MD_COLUMNS)]) + " |")
+    return lines
+
+
+def metrics_markdown(metrics: Mapping[str, Any]) -> str:
+    """metrics.md: the run's facts, then one table overall and one per grouping."""
+    m = metrics
+    lines = [f"# refforge eval: {m.get('model') or m.get('source')}", ""]
+    facts = [("export", m.get("export")), ("split", m.get("split")), ("dialect", m.get("dialect")),
+             ("coords", m.get("coords")), ("prompt", m.get("prompt_version")), ("base_url", m.get("base_url")),
+             ("predictions file", m.get("predictions_file")),
+             ("samples", m.get("n_samples")), ("requests sent", (m.get("requests") or {}).get("http_requests")),
+             ("score", m.get("score_note") or m.get("score_source"))]
+    lines += [f"- {k}: {v}" for k, v in facts if v is not None]
+    statuses = {k: v for k, v in (m.get("statuses") or {}).items() if v}
+    lines.append("- answers: " + ", ".join(f"{k} {v}" for k, v in statuses.items()))
+    lines += ["", "Failures (unparseable, refusals, invalid boxes, failed requests, missing predictions) are "
+              "wrong on positives and on negatives. – = undefined (e.g. AUROC without both classes).", ""]
+    lines += ["## Overall", "", *_md_table("", [("all", m["overall"])]), ""]
+    levels = m.get("by_level") or []
+    if levels:
+        lines += ["Precision@1 per level (FineCops-Ref; = Acc@0.5 on the level's positives): "
+                  + ", ".join(f"L{r['level']} {_fmt(r.get('precision@1'))}" for r in levels), ""]
+    for key, rows in m.items():
+        if not key.startswith("by_") or not isinstance(rows, list):
+            continue
+        g = key[3:]
+        lines += [f"## By {g}", "", *_md_table(g, [(str(r[g]), r) for r in rows]), ""]
+    return "\n".join(lines)
