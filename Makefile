@@ -27,12 +27,16 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,models]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import refforge.flows.build, pytest, hypothesis, torch"
+	# headless Chromium for the report tests (Debian's package; tests drive it with playwright)
+	command -v chromium >/dev/null || (S=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$S apt-get update -qq && $$S apt-get install -y -qq chromium)
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core
 	$(BIN)/refforge build --config configs/demo.toml --out $(DEMO)
 	$(BIN)/refforge stats $(DEMO)
 	@echo "demo build: $(CURDIR)/$(DEMO)"
+	$(BIN)/refforge report $(DEMO)
+	@echo "demo report: $(CURDIR)/$(DEMO)/report/index.html"
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

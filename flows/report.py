@@ -1,0 +1,398 @@
+"""`refforge report`: one self-contained HTML page about a build.
+
+Reads the build (DuckDB catalog over its tables, the run files, the image store), turns it into
+plain values and hands them to :mod:`refforge.stages.report` for the HTML pieces; the page itself is
+``prompts/report/report.html.j2``. The page needs nothing but itself: CSS inline, charts as inline
+SVG, gallery thumbnails as base64 data URIs, no script at all, and a Content-Security-Policy that
+forbids any fetch that is not a ``data:`` URI. Only core dependencies (Pillow, numpy, jinja2, duckdb).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+
+from refforge.schemas import TABLES
+from refforge.stages import report as R
+from refforge.storage import Catalog, ImageStore
+from refforge.storage.atomic import atomic_write_bytes
+
+TEMPLATE = "report.html.j2"
+THUMB_LONGEST = 320
+TOP_CATEGORIES = 15
+
+
+def _rows(cat: Catalog, query: str, params: list | None = None) -> list[dict[str, Any]]:
+    cur = cat.con.execute(query, params or [])
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def _pairs(cat: Catalog, query: str, params: list | None = None) -> list[tuple[Any, int]]:
+    return [(r[0], int(r[1])) for r in cat.con.execute(query, params or []).fetchall()]
+
+
+def _column(cat: Catalog, query: str):
+    import numpy as np
+
+    vals = [r[0] for r in cat.con.execute(query).fetchall() if r[0] is not None]
+    return np.asarray(vals, dtype=float)
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+class Thumbs:
+    """Thumbnails as data URIs, made once per image and report."""
+
+    def __init__(self, cat: Catalog, root: Path, longest: int = THUMB_LONGEST):
+        self.cat, self.store, self.longest = cat, ImageStore(root), longest
+        self._info: dict[str, dict | None] = {}
+        self._uri: dict[str, str | None] = {}
+
+    def info(self, image_id: str) -> dict | None:
+        if image_id not in self._info:
+            rows = _rows(self.cat, "SELECT image_id, path, width, height, parent_image_id, edit FROM images "
+                         "WHERE image_id = ? LIMIT 1", [image_id])
+            self._info[image_id] = rows[0] if rows else None
+        return self._info[image_id]
+
+    def uri(self, image_id: str) -> str | None:
+        if image_id not in self._uri:
+            self._uri[image_id] = self._make(image_id)
+        return self._uri[image_id]
+
+    def _make(self, image_id: str) -> str | None:
+        from PIL import Image, UnidentifiedImageError
+
+        info = self.info(image_id)
+        if info is None:
+            return None
+        try:
+            with Image.open(self.store.resolve(info["path"])) as im:
+                im.load()
+                size = R.thumb_size(int(info["width"]), int(info["height"]), self.longest)
+                im = im.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=82, optimize=True)
+        except (OSError, ValueError, UnidentifiedImageError):
+            return None
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+    def shot(self, image_id: str, box=None, **kw) -> R.Shot:
+        info = self.info(image_id) or {"width": 1, "height": 1}
+        w, h = int(info["width"]), int(info["height"])
+        return R.Shot(image_id=image_id, width=w, height=h, data_uri=self.uri(image_id),
+                      thumb=R.thumb_size(w, h, self.longest), box=None if box is None else list(box), **kw)
+
+
+# ---------------------------------------------------------------------------------------- sections
+
+
+def _summary(cat: Catalog) -> dict[str, Any]:
+    counts = {t: cat.count(t) for t in TABLES}
+    row = _rows(cat, """SELECT count(*) FILTER (polarity = 'positive') AS positives,
+                               count(*) FILTER (polarity = 'negative') AS negatives,
+                               count(*) FILTER (negative_source = 'image') AS image_negatives,
+                               count(*) FILTER (needs_review) AS needs_review FROM expressions""")[0]
+    img = _rows(cat, "SELECT count(*) FILTER (parent_image_id IS NULL) AS originals, "
+                     "count(*) FILTER (parent_image_id IS NOT NULL) AS derived FROM images")[0]
+    key = [("images (originals)", img["originals"]), ("images (derived: edits)", img["derived"]),
+           ("positive expressions", row["positives"]), ("negative expressions", row["negatives"]),
+           ("negatives on edited images", row["image_negatives"]), ("negatives marked needs_review", row["needs_review"]),
+           ("reasoning traces", counts["cot_traces"])]
+    return {"key": key, "tables": list(counts.items())}
+
+
+def _distributions(cat: Catalog) -> list[str]:
+    q = {
+        "task": ("expressions by task", "SELECT coalesce(task, '(none)'), count(*) FROM expressions "
+                 "GROUP BY ALL ORDER BY 2 DESC, 1"),
+        "level": ("positive expressions by level", "SELECT 'L' || difficulty, count(*) FROM expressions "
+                  "WHERE polarity = 'positive' GROUP BY ALL ORDER BY 1"),
+        "polarity": ("expressions by polarity", "SELECT polarity, count(*) FROM expressions GROUP BY ALL ORDER BY 2 DESC, 1"),
+        "negative_type": ("negatives by type", "SELECT negative_type, count(*) FROM expressions "
+                          "WHERE polarity = 'negative' GROUP BY ALL ORDER BY 2 DESC, 1"),
+        "negative_type_level": ("negatives by type and level", "SELECT negative_type || ' ' || "
+                                "coalesce(negative_level, '-') || ' (' || coalesce(negative_source, '-') || ')', "
+                                "count(*) FROM expressions WHERE polarity = 'negative' GROUP BY ALL ORDER BY 2 DESC, 1"),
+        "category": (f"positive targets by category (top {TOP_CATEGORIES})",
+                     "SELECT o.name, count(*) FROM expressions e JOIN objects o ON o.image_id = e.image_id AND "
+                     "o.object_id = e.target_object_id WHERE e.polarity = 'positive' GROUP BY ALL "
+                     f"ORDER BY 2 DESC, 1 LIMIT {TOP_CATEGORIES}"),
+    }
+    out = []
+    for i, (chart, (title, sql)) in enumerate(q.items()):
+        out.append(R.bar_chart(_pairs(cat, sql), chart=chart, title=title, color=R.PALETTE[i % len(R.PALETTE)]))
+    n_cat = cat.con.execute("SELECT count(DISTINCT o.name) FROM expressions e JOIN objects o ON o.image_id = "
+                            "e.image_id AND o.object_id = e.target_object_id WHERE e.polarity = 'positive'"
+                            ).fetchall()[0][0]
+    if n_cat > TOP_CATEGORIES:
+        out[-1] += f'<p class="note">{n_cat - TOP_CATEGORIES} more categories not shown.</p>'
+    return out
+
+
+def _histograms(cat: Catalog) -> list[str]:
+    area = _column(cat, "SELECT (e.gt_box[3] - e.gt_box[1]) * (e.gt_box[4] - e.gt_box[2]) / (i.width * i.height) "
+                        "FROM expressions e JOIN images i USING (image_id) WHERE e.polarity = 'positive' "
+                        "AND e.gt_box IS NOT NULL")
+    edges = R.even_edges(area, bins=20)
+    out = [R.histogram(edges.tolist(), [R.Series("positives", R.bin_counts(area, edges))], chart="box_area",
+                       title="box size of positive targets", xlabel="box area / image area")]
+    words = "len(regexp_split_to_array(trim(text), '\\s+'))"
+    pos = _column(cat, f"SELECT {words} FROM expressions WHERE polarity = 'positive'")
+    neg = _column(cat, f"SELECT {words} FROM expressions WHERE polarity = 'negative'")
+    import numpy as np
+
+    edges = R.integer_edges(np.concatenate([pos, neg]))
+    out.append(R.histogram(edges.tolist(), [R.Series("positive", R.bin_counts(pos, edges), R.PALETTE[0]),
+                                            R.Series("negative", R.bin_counts(neg, edges), R.PALETTE[1])],
+                           chart="expression_words", title="expression length", xlabel="words",
+                           integer_bins=True))
+    return out
+
+
+def _scores(cat: Catalog) -> dict[str, Any]:
+    import numpy as np
+
+    stats = _rows(cat, "SELECT filter, count(*) AS n, count(*) FILTER (passed) AS passed, min(value) AS lo, "
+                       "max(value) AS hi, avg(value) AS mean FROM scores GROUP BY ALL ORDER BY filter")
+    charts = []
+    for s in stats:
+        rows = cat.con.execute("SELECT value, passed FROM scores WHERE filter = ?", [s["filter"]]).fetchall()
+        vals = np.asarray([r[0] for r in rows], dtype=float)
+        ok = np.asarray([bool(r[1]) for r in rows])
+        lo, hi = float(vals.min()), float(vals.max())
+        if hi <= lo:
+            hi = lo + 1.0
+        edges = np.linspace(lo, hi, 21)
+        charts.append(R.histogram(edges.tolist(), [R.Series("passed", R.bin_counts(vals[ok], edges), R.PALETTE[2]),
+                                                   R.Series("failed", R.bin_counts(vals[~ok], edges), R.PALETTE[3])],
+                                  chart=f"scores:{s['filter']}", title=f"filter {s['filter']}", xlabel="value"))
+    table = R.html_table(["filter", "rows", "passed", "pass rate", "min", "max", "mean"],
+                         [(s["filter"], int(s["n"]), int(s["passed"]), f"{100 * s['passed'] / s['n']:.1f}%",
+                           R.fmt_float(s["lo"]), R.fmt_float(s["hi"]), R.fmt_float(s["mean"])) for s in stats],
+                         numeric=[False, True, True, True, True, True, True]) if stats else ""
+    return {"charts": charts, "table": table}
+
+
+def _run_files(root: Path) -> list[dict]:
+    runs = []
+    for p in sorted((root / "runs").glob("*.json")):
+        try:
+            runs.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue
+    return runs
+
+
+def _blind(runs: list[dict]) -> dict[str, Any] | None:
+    """The blind-text AUROC of the latest run file that records one."""
+    for run in reversed(runs):
+        blind = (run.get("stages") or {}).get("refine", {}).get("blind_text")
+        if blind and "auroc_before" in blind:
+            target = ((run.get("config") or {}).get("negatives_text") or {}).get("target_auroc")
+            return {"run_id": run.get("run_id"), "latest": run is runs[-1], "before": blind.get("auroc_before"),
+                    "after": blind.get("auroc_after"), "kept": blind.get("kept"), "rejected": blind.get("rejected"),
+                    "rounds": blind.get("rounds"), "target": target}
+    return None
+
+
+def _reviews(cat: Catalog) -> dict[str, Any] | None:
+    rows = _rows(cat, "SELECT sample_id, annotator, decision, time FROM reviews")
+    if not rows:
+        return None
+    ag = R.review_agreement(rows)
+    pairs = R.html_table(["annotator A", "annotator B", "shared samples", "percent agreement", "Cohen's kappa"],
+                         [(p["a"], p["b"], p["n"], _pct(p["agreement"]), R.fmt_float(p["kappa"])) for p in ag.pairs],
+                         cls="data pairs", numeric=[False, False, True, True, True]) if ag.pairs else ""
+    chart = R.bar_chart(sorted(ag.decisions.items()), chart="review_decision", title="decisions (latest per "
+                        "annotator and sample)", color=R.PALETTE[4])
+    return {"ag": ag, "pairs": Markup(pairs), "chart": Markup(chart),
+            "unanimous": _pct(ag.unanimous), "kappa": [R.fmt_float(p["kappa"]) for p in ag.pairs]}
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _drops(cat: Catalog) -> dict[str, Any]:
+    rows = _rows(cat, "SELECT stage, reason, count(*) AS n FROM drops GROUP BY ALL ORDER BY n DESC, stage, reason")
+    if not rows:
+        return {"chart": "", "table": ""}
+    chart = R.bar_chart([(f"{r['stage']}: {r['reason']}", int(r["n"])) for r in rows], chart="drops",
+                        title="drops by stage and reason", color=R.PALETTE[3], label_width=300, width=680)
+    table = R.html_table(["stage", "reason", "rows"], [(r["stage"], r["reason"], int(r["n"])) for r in rows],
+                         numeric=[False, False, True])
+    return {"chart": chart, "table": table}
+
+
+# ---------------------------------------------------------------------------------------- gallery
+
+
+def _gallery(cat: Catalog, thumbs: Thumbs, n: int) -> list[dict[str, Any]]:
+    sections = []
+    levels = [r[0] for r in cat.con.execute("SELECT DISTINCT difficulty FROM expressions WHERE polarity = 'positive' "
+                                            "ORDER BY 1").fetchall()]
+    for level in levels:
+        rows = _rows(cat, """
+            WITH c AS (SELECT e.*, o.name AS target_name,
+                              row_number() OVER (PARTITION BY e.image_id ORDER BY e.sample_id) AS per_image
+                       FROM expressions e LEFT JOIN objects o
+                         ON o.image_id = e.image_id AND o.object_id = e.target_object_id
+                       WHERE e.polarity = 'positive' AND e.difficulty = ? AND e.gt_box IS NOT NULL)
+            SELECT * FROM c WHERE per_image = 1 ORDER BY sample_id LIMIT ?""", [level, n])
+        cards = []
+        for r in rows:
+            shot = thumbs.shot(r["image_id"], r["gt_box"], box_kind="gt_box", label=r["target_name"] or "target",
+                               sample_id=r["sample_id"])
+            cards.append(R.card([shot], [("task", r["task"]), ("template", r["template_name"] or "-"),
+                                         ("sample", r["sample_id"])],
+                                kind=f"positive L{level}", sample_id=r["sample_id"], headline=r["text"]))
+        sections.append({"title": f"Positives, level L{level}", "note": "solid box: the expression's gt_box.",
+                         "cards": Markup("".join(cards))})
+    types = [r[0] for r in cat.con.execute("SELECT DISTINCT negative_type FROM expressions WHERE polarity = "
+                                           "'negative' ORDER BY 1").fetchall()]
+    for ntype in types:
+        rows = _rows(cat, """
+            WITH c AS (SELECT n.sample_id, n.image_id, n.text, n.negative_type, n.negative_level, n.negative_source,
+                              n.path, n.needs_review, p.sample_id AS pid, p.text AS ptext, p.image_id AS pimage,
+                              p.gt_box AS pbox, p.target_object_id AS ptarget,
+                              row_number() OVER (PARTITION BY n.negative_level, n.image_id ORDER BY n.sample_id)
+                                AS per_image
+                       FROM expressions n LEFT JOIN expressions p ON p.sample_id = n.positive_id
+                       WHERE n.polarity = 'negative' AND n.negative_type = ?),
+                 d AS (SELECT *, row_number() OVER (PARTITION BY negative_level ORDER BY sample_id) AS rk
+                       FROM c WHERE per_image = 1)
+            SELECT * FROM d ORDER BY rk, negative_level LIMIT ?""", [ntype, n])
+        cards = [_negative_card(cat, thumbs, r) for r in rows]
+        sections.append({"title": f"Negatives: {ntype}",
+                         "note": "the negative expression refers to nothing in its image; dashed box: the target "
+                                 "of the positive it was made from (context).",
+                         "cards": Markup("".join(cards))})
+    rows = _rows(cat, """
+        WITH c AS (SELECT image_id, parent_image_id, edit,
+                          row_number() OVER (PARTITION BY edit.type ORDER BY image_id) AS rk
+                   FROM images WHERE parent_image_id IS NOT NULL)
+        SELECT * FROM c WHERE rk <= ? ORDER BY edit.type, image_id""", [n])
+    if rows:
+        cards = [_edit_card(cat, thumbs, r) for r in rows]
+        sections.append({"title": "Edited images beside their originals",
+                         "note": "left: the original; right: the derived image. The box is the edit's box, or "
+                                 "else the largest object present in both (same object id).",
+                         "cards": Markup("".join(cards))})
+    return sections
+
+
+def _negative_card(cat: Catalog, thumbs: Thumbs, r: dict) -> str:
+    lines = [("type", f"{r['negative_type']} {r['negative_level'] or ''} ({r['negative_source'] or '-'})"),
+             ("positive", r["ptext"] or "(positive not found)")]
+    edit = None
+    try:
+        edit = (json.loads(r["path"]) or {}).get("edit") if r["path"] else None
+    except ValueError:
+        edit = None
+    if edit:
+        lines.append(("edit", edit))
+    if r["needs_review"]:
+        lines.append(("needs review", "the scene graph cannot decide this negative"))
+    lines.append(("sample", r["sample_id"]))
+    shots = []
+    if r["pimage"] and r["pimage"] != r["image_id"]:
+        shots.append(thumbs.shot(r["pimage"], r["pbox"], box_kind="positive gt_box", label="positive's target",
+                                 sample_id=r["pid"], caption="original image: the positive's target"))
+        box = None
+        if r["ptarget"]:
+            found = _rows(cat, "SELECT box FROM objects WHERE image_id = ? AND object_id = ?",
+                          [r["image_id"], r["ptarget"]])
+            box = found[0]["box"] if found else None
+        shots.append(thumbs.shot(r["image_id"], box, box_kind="objects.box", label="same object", dashed=True,
+                                 sample_id=r["sample_id"], caption="edited image: the negative refers to nothing"))
+    else:
+        shots.append(thumbs.shot(r["image_id"], r["pbox"], box_kind="positive gt_box", label="positive's target",
+                                 dashed=True, sample_id=r["sample_id"]))
+    return R.card(shots, lines, kind=f"negative {r['negative_type']}", sample_id=r["sample_id"],
+                  headline=r["text"])
+
+
+def _edit_card(cat: Catalog, thumbs: Thumbs, r: dict) -> str:
+    edit = r["edit"] or {}
+    pbox = dbox = edit.get("box")
+    label, kind = "edit box", "edit.box"
+    if pbox is None:
+        found = _rows(cat, """SELECT o.object_id, o.name, o.box AS pbox, d.box AS dbox FROM objects o
+                              JOIN objects d ON d.image_id = ? AND d.object_id = o.object_id
+                              WHERE o.image_id = ?
+                              ORDER BY (o.box[3] - o.box[1]) * (o.box[4] - o.box[2]) DESC, o.object_id LIMIT 1""",
+                      [r["image_id"], r["parent_image_id"]])
+        if found:
+            pbox, dbox = found[0]["pbox"], found[0]["dbox"]
+            label, kind = f"{found[0]['name']} ({found[0]['object_id']})", "objects.box"
+    shots = [thumbs.shot(r["parent_image_id"], pbox, box_kind=kind, label=label, caption="original"),
+             thumbs.shot(r["image_id"], dbox, box_kind=kind, label=label, caption=f"edit: {edit.get('type')}")]
+    lines = [("edit", edit.get("type") or "-")]
+    if edit.get("prompt"):
+        lines.append(("prompt", edit["prompt"]))
+    lines.append(("image", r["image_id"][:16]))
+    return R.card(shots, lines, kind=f"edit {edit.get('type')}")
+
+
+# ---------------------------------------------------------------------------------------- the page
+
+
+def _template() -> jinja2.Template:
+    source = resources.files("refforge.prompts.report").joinpath(TEMPLATE).read_text("utf-8")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
+    env.filters["int"] = R.fmt_int
+    env.filters["f3"] = R.fmt_float
+    return env.from_string(source)
+
+
+def render_report(build_dir: Path, examples: int = 4) -> str:
+    """The report of ``build_dir`` as one HTML string."""
+    root = Path(build_dir)
+    with Catalog(root) as cat:
+        runs = _run_files(root)
+        thumbs = Thumbs(cat, root)
+        latest = runs[-1] if runs else {}
+        summary = _summary(cat)
+        ctx = {
+            "build": latest.get("build") or root.name,
+            "root": str(root.resolve()),
+            "generated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "runs": [(r.get("run_id"), r.get("started"), r.get("resumed")) for r in runs],
+            "config_hash": latest.get("config_hash"),
+            "summary_key": Markup(R.html_table(["", "rows"], summary["key"], cls="data key", numeric=[False, True])),
+            "summary_tables": Markup(R.html_table(["table", "rows"], summary["tables"], numeric=[False, True])),
+            "distributions": [Markup(s) for s in _distributions(cat)],
+            "histograms": [Markup(s) for s in _histograms(cat)],
+            "scores": {k: Markup(v) if isinstance(v, str) else [Markup(c) for c in v] for k, v in _scores(cat).items()},
+            "blind": _blind(runs),
+            "reviews": _reviews(cat),
+            "drops": {k: Markup(v) for k, v in _drops(cat).items()},
+            "gallery": _gallery(cat, thumbs, max(0, int(examples))),
+            "examples": examples,
+        }
+    return _template().render(**ctx)
+
+
+def write_report(build_dir: Path | str, out: Path | str | None = None, *, examples: int = 4) -> Path:
+    """Write the report of ``build_dir`` (default ``<build>/report/index.html``) atomically; returns its path."""
+    root = Path(build_dir)
+    page = render_report(root, examples=examples)
+    target = Path(out) if out is not None else root / "report" / "index.html"
+    atomic_write_bytes(target, page.encode("utf-8"))
+    return target
+
+
+__all__ = ["render_report", "write_report"]

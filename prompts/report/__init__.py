@@ -1,0 +1,1 @@
+"""The HTML page of `refforge report` (package data)."""

@@ -1,0 +1,425 @@
+"""The build report's pieces: pure data -> HTML (inline SVG charts, gallery figures, tables, agreement).
+
+Nothing here reads a build; :mod:`refforge.flows.report` queries the tables, makes the thumbnails and
+hands plain Python values to these functions. Every string that comes from a table is escaped here
+(:func:`esc`), so an expression such as ``<script>`` shows as text and never becomes markup.
+
+Charts are SVG drawn as strings (no JavaScript, no fonts or files from anywhere): every bar carries
+``data-chart``, ``data-label`` and ``data-count`` attributes, so a test or a script reading the page
+can check the numbers behind a chart without parsing pixels. A gallery figure is one ``<svg>`` with
+the thumbnail as an ``<image>`` and the box as a ``<rect>`` in thumbnail pixels; the ``<figure>``
+carries the box in the table's pixels (``data-box``) and the size of the stored image
+(``data-width``, ``data-height``).
+
+>>> esc('<b class="x">&</b>')
+'&lt;b class=&quot;x&quot;&gt;&amp;&lt;/b&gt;'
+>>> round(cohen_kappa(["a", "a", "r", "r"], ["a", "r", "r", "r"]), 3)
+0.5
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "Shot",
+    "bar_chart",
+    "cohen_kappa",
+    "esc",
+    "fmt_float",
+    "fmt_int",
+    "histogram",
+    "html_table",
+    "percent_agreement",
+    "review_agreement",
+    "scale_box",
+    "shot_figure",
+    "thumb_size",
+]
+
+PALETTE = ("#3b6ea5", "#d9822b", "#3a9b6c", "#b5485d", "#7d5ba6", "#8c7b45", "#4a9bb5", "#a55f3b")
+
+
+# ----------------------------------------------------------------------------------------- text
+
+
+def esc(value: object) -> str:
+    """HTML-escape any value for text and for double-quoted attributes."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def fmt_int(n: int | float) -> str:
+    """``12345`` -> ``'12,345'``."""
+    return f"{int(n):,}"
+
+
+def fmt_float(x: float | None, digits: int = 3) -> str:
+    """A float with ``digits`` decimals; ``None`` and NaN read ``'n/a'``.
+
+    >>> fmt_float(0.59580187), fmt_float(None), fmt_float(float("nan"))
+    ('0.596', 'n/a', 'n/a')
+    """
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _num(x: float) -> str:
+    """Compact SVG coordinate."""
+    return f"{x:.2f}".rstrip("0").rstrip(".") if x != int(x) else str(int(x))
+
+
+def html_table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, cls: str = "data",
+               numeric: Sequence[bool] | None = None) -> str:
+    """A plain ``<table>``; every cell escaped; ints formatted with thousands separators."""
+    numeric = numeric or [False] * len(headers)
+    head = "".join(f"<th{' class=num' if n else ''}>{esc(h)}</th>" for h, n in zip(headers, numeric, strict=True))
+    body = []
+    for row in rows:
+        cells = []
+        for v, n in zip(row, numeric, strict=True):
+            text = fmt_int(v) if isinstance(v, int) and not isinstance(v, bool) else esc(v)
+            cells.append(f"<td{' class=num' if n else ''}>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="{esc(cls)}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+# ---------------------------------------------------------------------------------------- charts
+
+
+def bar_chart(items: Sequence[tuple[object, int]], *, chart: str, title: str, width: int = 520,
+              color: str = PALETTE[0], label_width: int = 190) -> str:
+    """Horizontal bar chart of ``(label, count)`` pairs as inline SVG.
+
+    Every bar is a ``<g class="bar" data-chart=.. data-label=.. data-count=..>``.
+
+    >>> svg = bar_chart([("relation", 3), ("<x>", 1)], chart="task", title="by task")
+    >>> 'data-label="&lt;x&gt;" data-count="1"' in svg, svg.count('class="bar"')
+    (True, 2)
+    """
+    if not items:
+        return f'<p class="empty">{esc(title)}: no rows.</p>'
+    row_h, top = 22, 26
+    height = top + row_h * len(items) + 8
+    plot_w = width - label_width - 70
+    vmax = max(c for _, c in items) or 1
+    total = sum(c for _, c in items)
+    parts = [f'<svg class="chart bars" data-chart="{esc(chart)}" data-total="{total}" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
+             f'<text class="title" x="0" y="16">{esc(title)}</text>']
+    for i, (label, count) in enumerate(items):
+        y = top + i * row_h
+        w = max(plot_w * count / vmax, 1.0 if count else 0.0)
+        share = 100.0 * count / total if total else 0.0
+        lab = "(none)" if label is None else str(label)
+        parts.append(
+            f'<g class="bar" data-chart="{esc(chart)}" data-label="{esc(lab)}" data-count="{int(count)}">'
+            f'<title>{esc(lab)}: {fmt_int(count)} ({share:.1f}%)</title>'
+            f'<text class="label" x="{label_width - 6}" y="{y + 15}" text-anchor="end">{esc(_clip(lab, 28))}</text>'
+            f'<rect x="{label_width}" y="{y + 3}" width="{_num(w)}" height="{row_h - 6}" fill="{esc(color)}"/>'
+            f'<text class="count" x="{_num(label_width + w + 5)}" y="{y + 15}">{fmt_int(count)}</text></g>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _clip(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "\u2026"
+
+
+@dataclass
+class Series:
+    name: str
+    counts: Sequence[int]
+    color: str = PALETTE[0]
+
+
+def histogram(edges: Sequence[float], series: Sequence[Series], *, chart: str, title: str, xlabel: str,
+              width: int = 520, height: int = 220, stacked: bool = True, integer_bins: bool = False) -> str:
+    """Vertical histogram over ``edges`` (len = bins + 1), one or more stacked series, as inline SVG.
+
+    Every bar segment is a ``<rect class="bin" data-series=.. data-lo=.. data-hi=.. data-count=..>``.
+
+    >>> svg = histogram([0, 1, 2], [Series("all", [3, 0])], chart="h", title="t", xlabel="x")
+    >>> svg.count('class="bin"'), 'data-count="3"' in svg
+    (2, True)
+    """
+    n_bins = len(edges) - 1
+    if n_bins <= 0 or not series:
+        return f'<p class="empty">{esc(title)}: no values.</p>'
+    left, right, top, bottom = 44, 10, 26, 44
+    pw, ph = width - left - right, height - top - bottom
+    totals = [sum(s.counts[i] for s in series) for i in range(n_bins)]
+    vmax = (max(totals) if stacked else max(max(s.counts) for s in series)) or 1
+    bw = pw / n_bins
+    n_total = sum(totals)
+    parts = [f'<svg class="chart hist" data-chart="{esc(chart)}" data-total="{n_total}" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
+             f'<text class="title" x="0" y="16">{esc(title)}</text>',
+             f'<line class="axis" x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}"/>',
+             f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>',
+             f'<text class="tick" x="{left - 4}" y="{top + 8}" text-anchor="end">{fmt_int(vmax)}</text>',
+             f'<text class="tick" x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>']
+    for i in range(n_bins):
+        lo, hi = edges[i], edges[i + 1]
+        base = 0
+        for s in series:
+            c = int(s.counts[i])
+            h = ph * c / vmax
+            y = top + ph - h - (ph * base / vmax if stacked else 0)
+            rng = f"{lo:g}" if integer_bins else f"[{lo:.3g}, {hi:.3g})"
+            parts.append(
+                f'<rect class="bin" data-chart="{esc(chart)}" data-series="{esc(s.name)}" data-lo="{lo:g}" '
+                f'data-hi="{hi:g}" data-count="{c}" x="{_num(left + i * bw + 0.5)}" y="{_num(y)}" '
+                f'width="{_num(max(bw - 1, 0.5))}" height="{_num(h)}" fill="{esc(s.color)}">'
+                f'<title>{esc(s.name)} {esc(rng)}: {fmt_int(c)}</title></rect>')
+            if stacked:
+                base += c
+    step = max(1, math.ceil(n_bins / 8))
+    for i in range(0, n_bins + 1, step):
+        x = left + i * bw
+        v = edges[i]
+        label = f"{v:g}" if integer_bins else f"{v:.3g}"
+        parts.append(f'<text class="tick" x="{_num(x)}" y="{top + ph + 14}" text-anchor="middle">{esc(label)}</text>')
+    parts.append(f'<text class="xlabel" x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{esc(xlabel)}</text>')
+    if len(series) > 1:
+        x = left + pw
+        for s in reversed(series):
+            label = f"{s.name} ({fmt_int(sum(s.counts))})"
+            x -= 14 + 7 * len(label)
+            parts.append(f'<rect x="{_num(x)}" y="6" width="10" height="10" fill="{esc(s.color)}"/>'
+                         f'<text class="legend" x="{_num(x + 13)}" y="15">{esc(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def even_edges(values: np.ndarray, bins: int = 20, lo: float = 0.0, hi: float | None = None) -> np.ndarray:
+    """``bins + 1`` even edges from ``lo`` to a rounded-up maximum of ``values``.
+
+    >>> even_edges(np.array([0.2, 0.61]), bins=4).round(6).tolist()
+    [0.0, 0.175, 0.35, 0.525, 0.7]
+    """
+    if hi is None:
+        top = float(np.max(values)) if len(values) else 1.0
+        mag = 10 ** math.floor(math.log10(top)) if top > 0 else 1.0
+        hi = round(math.ceil(top / mag) * mag, 12) if top > 0 else 1.0
+        if hi <= lo:
+            hi = lo + 1.0
+    return np.linspace(lo, hi, bins + 1)
+
+
+def integer_edges(values: np.ndarray, max_bins: int = 40) -> np.ndarray:
+    """Edges for integer data, one bin per value from min to max (capped at ``max_bins`` bins).
+
+    >>> integer_edges(np.array([2, 5])).tolist()
+    [2.0, 3.0, 4.0, 5.0, 6.0]
+    """
+    if not len(values):
+        return np.array([0.0, 1.0])
+    lo, hi = int(np.min(values)), int(np.max(values))
+    width = max(1, math.ceil((hi - lo + 1) / max_bins))
+    return np.arange(lo, hi + width + 1, width, dtype=float)
+
+
+def bin_counts(values: np.ndarray, edges: np.ndarray) -> list[int]:
+    """Counts per bin; the last bin includes its upper edge (numpy's convention)."""
+    counts, _ = np.histogram(np.asarray(values, dtype=float), bins=edges)
+    return [int(c) for c in counts]
+
+
+# ---------------------------------------------------------------------------------------- reviews
+
+
+def percent_agreement(a: Sequence[str], b: Sequence[str]) -> float:
+    """Share of items on which two annotators made the same decision.
+
+    >>> percent_agreement(["accept", "reject"], ["accept", "accept"])
+    0.5
+    """
+    if len(a) != len(b):
+        raise ValueError("both annotators need a decision for every item")
+    if not a:
+        return math.nan
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float:
+    """Cohen's kappa of two annotators over the same items: (p_o - p_e) / (1 - p_e).
+
+    NaN when it is undefined (no items, or both annotators used one and the same category only).
+
+    >>> cohen_kappa(["a", "a"], ["a", "a"])
+    nan
+    """
+    po = percent_agreement(a, b)
+    if math.isnan(po):
+        return math.nan
+    n = len(a)
+    ca, cb = Counter(a), Counter(b)
+    pe = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / (n * n)
+    if pe >= 1.0:
+        return math.nan
+    return (po - pe) / (1.0 - pe)
+
+
+@dataclass
+class Agreement:
+    n_reviews: int = 0
+    n_samples: int = 0
+    annotators: list[str] = field(default_factory=list)
+    decisions: dict[str, int] = field(default_factory=dict)
+    multi: int = 0
+    """samples with decisions from two or more annotators"""
+    unanimous: float = math.nan
+    """share of those samples on which every annotator made the same decision"""
+    pairs: list[dict] = field(default_factory=list)
+    """per pair of annotators with shared samples: a, b, n, agreement, kappa"""
+
+
+def review_agreement(rows: Iterable[Mapping]) -> Agreement:
+    """Agreement between annotators from ``reviews`` rows (sample_id, annotator, decision, time).
+
+    An annotator's latest decision on a sample counts (a re-review replaces the earlier one).
+    Percent agreement and Cohen's kappa are computed per pair of annotators over their shared samples.
+
+    >>> import datetime as dt
+    >>> t = dt.datetime(2025, 1, 1)
+    >>> r = [dict(sample_id=s, annotator=a, decision=d, time=t) for s, a, d in
+    ...      [("1", "x", "accept"), ("1", "y", "accept"), ("2", "x", "reject"), ("2", "y", "accept")]]
+    >>> ag = review_agreement(r)
+    >>> ag.multi, ag.unanimous, ag.pairs[0]["agreement"]
+    (2, 0.5, 0.5)
+    """
+    rows = list(rows)
+    latest: dict[tuple[str, str], tuple] = {}
+    for r in rows:
+        k = (r["sample_id"], r["annotator"])
+        if k not in latest or (r["time"], r["decision"]) >= latest[k]:
+            latest[k] = (r["time"], r["decision"])
+    by_sample: dict[str, dict[str, str]] = defaultdict(dict)
+    for (sid, ann), (_, dec) in latest.items():
+        by_sample[sid][ann] = dec
+    annotators = sorted({ann for _, ann in latest})
+    ag = Agreement(n_reviews=len(rows), n_samples=len(by_sample), annotators=annotators,
+                   decisions=dict(Counter(dec for _, dec in latest.values()).most_common()))
+    multi = [d for d in by_sample.values() if len(d) >= 2]
+    ag.multi = len(multi)
+    if multi:
+        ag.unanimous = sum(len(set(d.values())) == 1 for d in multi) / len(multi)
+    for i, a in enumerate(annotators):
+        for b in annotators[i + 1:]:
+            shared = sorted(s for s, d in by_sample.items() if a in d and b in d)
+            if not shared:
+                continue
+            da = [by_sample[s][a] for s in shared]
+            db = [by_sample[s][b] for s in shared]
+            ag.pairs.append({"a": a, "b": b, "n": len(shared), "agreement": percent_agreement(da, db),
+                             "kappa": cohen_kappa(da, db)})
+    return ag
+
+
+# ---------------------------------------------------------------------------------------- gallery
+
+
+def thumb_size(width: int, height: int, longest: int = 320) -> tuple[int, int]:
+    """Thumbnail size keeping the aspect ratio, longest side ``longest`` (never upscaled).
+
+    >>> thumb_size(512, 384), thumb_size(100, 50)
+    ((320, 240), (100, 50))
+    """
+    scale = min(1.0, longest / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def scale_box(box: Sequence[float], orig: tuple[int, int], thumb: tuple[int, int]) -> tuple[float, ...]:
+    """A box in pixels of the stored image, in pixels of its thumbnail.
+
+    >>> scale_box((10, 20, 110, 220), (512, 384), (256, 192))
+    (5.0, 10.0, 55.0, 110.0)
+    """
+    sx, sy = thumb[0] / orig[0], thumb[1] / orig[1]
+    x1, y1, x2, y2 = box
+    return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+
+
+@dataclass
+class Shot:
+    """One picture of a gallery card: an image (as a data URI thumbnail) with at most one box."""
+
+    image_id: str
+    width: int
+    height: int
+    data_uri: str | None
+    thumb: tuple[int, int]
+    box: Sequence[float] | None = None
+    box_kind: str = ""
+    """where the box comes from, e.g. ``gt_box``, ``positive gt_box``, ``objects.box``"""
+    label: str = ""
+    dashed: bool = False
+    sample_id: str | None = None
+    caption: str = ""
+
+
+def shot_figure(shot: Shot) -> str:
+    """``<figure>`` with an SVG holding the thumbnail and the box (in thumbnail pixels).
+
+    >>> f = shot_figure(Shot("img", 512, 384, "data:image/png;base64,AA", (320, 240), (64, 48, 128, 96),
+    ...                      "gt_box", "target", sample_id="s1"))
+    >>> 'data-box="[64.0, 48.0, 128.0, 96.0]"' in f, 'x="40" y="30" width="40" height="30"' in f
+    (True, True)
+    """
+    tw, th = shot.thumb
+    attrs = ['class="shot"', f'data-image-id="{esc(shot.image_id)}"', f'data-width="{int(shot.width)}"',
+             f'data-height="{int(shot.height)}"']
+    if shot.sample_id:
+        attrs.append(f'data-sample-id="{esc(shot.sample_id)}"')
+    if shot.box is not None and shot.data_uri:
+        attrs.append(f'data-box="{esc(json.dumps([float(v) for v in shot.box]))}"')
+        attrs.append(f'data-box-kind="{esc(shot.box_kind)}"')
+    aria = shot.caption or shot.label or "image"
+    parts = [f"<figure {' '.join(attrs)}>"]
+    if shot.data_uri is None:
+        parts.append(f'<div class="missing" style="width:{tw}px;height:{th}px">image not readable</div>')
+    else:
+        parts.append(f'<svg class="frame" width="{tw}" height="{th}" viewBox="0 0 {tw} {th}" role="img" '
+                     f'aria-label="{esc(aria)}">'
+                     f'<image class="thumb" href="{esc(shot.data_uri)}" x="0" y="0" width="{tw}" height="{th}" '
+                     f'preserveAspectRatio="none"/>')
+        if shot.box is not None:
+            x1, y1, x2, y2 = scale_box(shot.box, (shot.width, shot.height), shot.thumb)
+            cls = "box dashed" if shot.dashed else "box"
+            parts.append(f'<rect class="{cls}" x="{_num(x1)}" y="{_num(y1)}" width="{_num(x2 - x1)}" '
+                         f'height="{_num(y2 - y1)}"/>')
+            if shot.label:
+                ly = y1 - 4 if y1 > 16 else y2 + 13
+                if ly > th - 2:
+                    ly = y1 + 13
+                lx = min(max(x1, 2), max(tw - 7 * len(shot.label) - 4, 2))
+                parts.append(f'<text class="boxlabel" x="{_num(lx)}" y="{_num(ly)}">{esc(shot.label)}</text>')
+        parts.append("</svg>")
+    if shot.caption:
+        parts.append(f"<figcaption>{esc(shot.caption)}</figcaption>")
+    parts.append("</figure>")
+    return "".join(parts)
+
+
+def card(shots: Sequence[Shot], lines: Sequence[tuple[str, str]], *, kind: str, sample_id: str | None = None,
+         headline: str | None = None) -> str:
+    """A gallery card: the shots side by side, a headline (the expression) and ``(key, value)`` lines."""
+    attrs = f'class="card" data-kind="{esc(kind)}"'
+    if sample_id:
+        attrs += f' data-sample-id="{esc(sample_id)}"'
+    parts = [f"<div {attrs}>", '<div class="shots">', *(shot_figure(s) for s in shots), "</div>"]
+    if headline is not None:
+        parts.append(f'<p class="expr">{esc(headline)}</p>')
+    if lines:
+        parts.append('<dl class="meta">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in lines)
+                     + "</dl>")
+    parts.append("</div>")
+    return "".join(parts)
