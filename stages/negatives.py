@@ -734,7 +734,7 @@ def _set_predicate(j: int, pred: str):
 
 
 class _Flat:
-    __slots__ = ("nodes", "paths", "parent", "cats", "preds", "phrases")
+    __slots__ = ("nodes", "paths", "parent", "cats", "distinct", "preds", "phrases")
 
     def __init__(self, root: Node) -> None:
         self.nodes: list[Node] = []
@@ -751,6 +751,7 @@ class _Flat:
 
         walk(root, (), -1)
         self.cats = [n.category for n in self.nodes]
+        self.distinct = len(set(self.cats)) == len(self.cats)
         # preds[i]: the predicate of the relation that leads to node i ("" for the target)
         self.preds = [""] + [self.nodes[self.parent[i]].relations[self.paths[i][-1]][0]
                              for i in range(1, len(self.nodes))]
@@ -1004,9 +1005,12 @@ def _apply(kind: str, payload: tuple, flat: _Flat, query: Node, template_text: s
     if kind == "replace_object":
         i, c = payload
         edited = _replace_at(query, paths[i], _set_category(c))
-        after = list(cats)
-        after[i] = c
-        tt = _adjust_other(template_text, cats, after, flat.parent)
+        if flat.distinct and c not in cats:  # no category repeats before or after: no "other" changes
+            tt = template_text
+        else:
+            after = list(cats)
+            after[i] = c
+            tt = _adjust_other(template_text, cats, after, flat.parent)
         return (edited, tt, f"{cats[i]}->{c} on node {i + 1}", (i + 1,), None,
                 _node_items(i, c, nodes[i].attributes))
     if kind == "replace_relation":
