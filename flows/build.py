@@ -1,4 +1,4 @@
-"""The build flow: ingest -> paths -> negatives_text (+ refine) -> negatives_image -> cot.
+"""The build flow: ingest -> proposals -> paths -> describe -> negatives_text (+ refine) -> negatives_image -> cot.
 
 Every stage runs as shard-sized Prefect tasks. A unit of work is one shard of images; its work key
 is a hash of the stage, the stage's config and the unit's inputs (the scene index range, or the
@@ -135,18 +135,31 @@ def _run_stage(stage: str, futures: list, results: list[UnitResult], total: int 
 
 
 def plan(cfg: Config, root: Path) -> list[dict[str, Any]]:
-    """The units of work of every stage, per shard, with their work keys and inputs."""
+    """The units of work of every stage, per shard, with their work keys and inputs.
+
+    ``graph`` lists the keys whose tables make the shard's scene graphs (ingest, and proposals when
+    the build runs it); ``described`` the describe unit's key when it runs. Builds without those
+    stages keep the keys they always had."""
     h = {s: cfg.stage_hash(s) for s in STAGES}
+    stages = cfg.build.stages
     shards = []
     for start, stop in U.shard_ranges(cfg, root):
         ik = stable_key("ingest", h["ingest"], start, stop)
-        pk = stable_key("paths", h["paths"], ik)
-        nk = stable_key("negatives_text", h["negatives_text"], pk)
+        unit: dict[str, Any] = {"start": start, "stop": stop, "ingest": ik, "graph": [ik], "described": []}
+        if "proposals" in stages:
+            unit["proposals"] = stable_key("proposals", h["proposals"], ik)
+            unit["graph"] = [ik, unit["proposals"]]
+        g = unit["graph"][1:]
+        pk = stable_key("paths", h["paths"], ik, *g)
+        if "describe" in stages:
+            unit["describe"] = stable_key("describe", h["describe"], *unit["graph"])
+            unit["described"] = [unit["describe"]]
+        d = unit["described"]
+        nk = stable_key("negatives_text", h["negatives_text"], pk, *d)
         rk = stable_key("refine", h["negatives_text"], nk)
         fk = stable_key("negatives_image", h["negatives_image"], pk)
-        ck = stable_key("cot", h["cot"], pk, rk, fk)
-        shards.append({"start": start, "stop": stop, "ingest": ik, "paths": pk, "negatives_text": nk,
-                       "refine": rk, "negatives_image": fk, "cot": ck})
+        ck = stable_key("cot", h["cot"], pk, rk, fk, *d)
+        shards.append({**unit, "paths": pk, "negatives_text": nk, "refine": rk, "negatives_image": fk, "cot": ck})
     return shards
 
 
@@ -164,18 +177,23 @@ def build_flow(root: str, config: dict, run_id: str) -> dict[str, list[UnitResul
         _run_stage(stage, futs, results[stage])
 
     submit("ingest", lambda s: {"start": s["start"], "stop": s["stop"]})
+    if "proposals" in stages:
+        submit("proposals", lambda s: {"ingest": s["ingest"]})
     if "paths" in stages:
-        submit("paths", lambda s: {"ingest": s["ingest"]})
+        submit("paths", lambda s: {"ingest": s["ingest"], "graph": s["graph"]})
+    if "describe" in stages:
+        submit("describe", lambda s: {"ingest": s["ingest"], "graph": s["graph"], "proposals": s["proposals"]})
     if "negatives_text" in stages:
-        submit("negatives_text", lambda s: {"ingest": s["ingest"], "paths": s["paths"]})
+        submit("negatives_text", lambda s: {"ingest": s["ingest"], "graph": s["graph"], "paths": s["paths"],
+                                            "described": s["described"]})
         units = [{"key": s["refine"], "negatives_text": s["negatives_text"], "paths": s["paths"],
                   "ingest": s["ingest"]} for s in shards]
         _run_stage("refine", [refine_task.submit(root, run_id, config, units)], results["refine"], len(units))
     if "negatives_image" in stages:
-        submit("negatives_image", lambda s: {"ingest": s["ingest"], "paths": s["paths"]})
+        submit("negatives_image", lambda s: {"ingest": s["ingest"], "graph": s["graph"], "paths": s["paths"]})
     if "cot" in stages:
-        submit("cot", lambda s: {"ingest": s["ingest"], "negatives_image": s["negatives_image"],
-                                 "expressions": [s["paths"], s["refine"], s["negatives_image"]]})
+        submit("cot", lambda s: {"ingest": s["ingest"], "graph": s["graph"], "negatives_image": s["negatives_image"],
+                                 "expressions": [s["paths"], s["refine"], s["negatives_image"], *s["described"]]})
     return dict(results)
 
 
@@ -242,6 +260,7 @@ def run_build(config: Config, out: Path, *, force: bool = False, progress: Progr
         "versions": _versions(),
         "prompt_hashes": all_template_hashes(),
         "models": U.model_ids(config),
+        "model_prompts": U.model_prompts(config),
         "stages": {stage: summarise(stage, units) for stage, units in results.items()},
         "model_usage": usage,
     }

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refforge.config import CocoSource, Config, GqaSource, GraphsSource, SyntheticSource
-from refforge.schemas import CotTrace, Drop, Edit, Expression, Image, Record, Score
+from refforge.config import CocoSource, Config, FolderSource, GqaSource, GraphsSource, SyntheticSource
+from refforge.schemas import CotTrace, Drop, Edit, Expression, Image, Object, Record, Relation, Score
 from refforge.stages import ingest as ingest_stage
 from refforge.stages.graph import SceneGraph
 from refforge.stages.keys import stable_key
@@ -74,9 +74,22 @@ def _prepared(b: BuildDir, cfg: Config) -> Path:
     return b.root / "sources" / f"{cfg.source.kind}.jsonl"
 
 
+def _folder_listing(b: BuildDir, cfg: Config) -> Path:
+    return b.root / "sources" / "folder.json"
+
+
 def prepare_source(b: BuildDir, cfg: Config) -> None:
-    """GQA and COCO files are converted once, streaming, into the build's own scene-graph JSON Lines."""
+    """GQA and COCO files are converted once, streaming, into the build's own scene-graph JSON Lines;
+    a folder is listed once into ``sources/folder.json`` (a resumed build sees the same images, in
+    the same shards, even when files were added to the folder since)."""
     src = cfg.source
+    if isinstance(src, FolderSource):
+        listing = _folder_listing(b, cfg)
+        if not listing.exists():
+            files = ingest_stage.list_folder(src.path, src.extensions, src.recursive)
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(listing, json.dumps(files).encode())
+        return
     if not isinstance(src, GqaSource | CocoSource):
         return
     out = _prepared(b, cfg)
@@ -117,12 +130,19 @@ def _offsets(b: BuildDir, cfg: Config) -> list[int]:
     return _cached(str(index), lambda: json.loads(index.read_text()))
 
 
+def _folder_files(b: BuildDir, cfg: Config) -> list[str]:
+    listing = _folder_listing(b, cfg)
+    return _cached(str(listing), lambda: json.loads(listing.read_text()))
+
+
 def shard_ranges(cfg: Config, root: Path) -> list[tuple[int, int]]:
     src = cfg.source
     if isinstance(src, SyntheticSource):
         n = src.images
     elif isinstance(src, GraphsSource):
         n = len(_graph_records(src.path))
+    elif isinstance(src, FolderSource):
+        n = len(_folder_files(BuildDir(root), cfg))
     else:
         n = len(_offsets(BuildDir(root), cfg))
     return [(r.start, r.stop) for r in ingest_stage.iter_shards(n, cfg.build.shard_size)]
@@ -138,6 +158,8 @@ def ingest_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     elif isinstance(src, GraphsSource):
         out = ingest_stage.ingest_graphs(_graph_records(src.path), range(start, stop), images_dir=src.images_dir,
                                          relations_from_geometry=src.relations_from_geometry)
+    elif isinstance(src, FolderSource):
+        out = ingest_stage.ingest_folder(_folder_files(b, cfg), range(start, stop), root=src.path)
     else:
         from refforge.stages.sources import read_lines
 
@@ -188,11 +210,190 @@ def _ref_expressions(cfg: Config, out) -> list[Expression]:
     return rows
 
 
+def graph_keys(inputs: dict) -> list[str]:
+    """The work keys whose images/objects/relations make a shard's scene graphs: ingest, plus the
+    proposals unit when the build runs that stage."""
+    return list(inputs.get("graph") or [inputs["ingest"]])
+
+
 def read_graphs(b: BuildDir, keys: list[str]) -> tuple[dict[str, SceneGraph], dict[str, dict]]:
     """Scene graphs and image rows (by image_id) of the units with these work keys."""
     images = b.reader.read("images", keys)
     graphs = graphs_from_tables(images, b.reader.read("objects", keys), b.reader.read("relations", keys))
     return graphs, {r["image_id"]: r for r in images.to_pylist()}
+
+
+# -- proposals ----------------------------------------------------------------------------------
+
+_MODELS: dict[str, Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def proposal_models(cfg: Config) -> tuple[Any, Any]:
+    """(tagger, detector) of the ``[proposals]`` config, loaded once per process and config (not per
+    shard): model weights are the expensive part of the stage."""
+    from refforge.stages import proposals as prop
+
+    p = cfg.proposals
+    key = json.dumps(p.model_dump(mode="json"), sort_keys=True)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            topts: dict[str, Any] = {}
+            if p.tagger == "vocabulary":
+                topts = {"vocabulary": p.vocabulary}
+            elif p.tagger == "open_clip":
+                topts = {"vocabulary": p.vocabulary, "model": p.tagger_model, "pretrained": p.tagger_pretrained,
+                         "device": p.device}
+            dopts: dict[str, Any] = {}
+            if p.detector == "grounding_dino":
+                dopts = {"model": p.detector_model, "device": p.device, "box_threshold": p.box_threshold,
+                         "text_threshold": p.text_threshold, "batch_size": p.batch_size}
+            _MODELS[key] = (prop.make_tagger(p.tagger, **topts), prop.make_detector(p.detector, **dopts))
+        return _MODELS[key]
+
+
+def proposals_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
+    """Detector objects for the shard's images without a scene graph (every image with
+    ``all_images``); relations between them computed from their boxes (``relations_from_geometry``)."""
+    from PIL import Image as PILImage
+
+    from refforge.stages import proposals as prop
+    from refforge.stages.geometry import compute_relations
+    from refforge.stages.graph import GObject
+
+    p = cfg.proposals
+    images = b.reader.read("images", [inputs["ingest"]]).to_pylist()
+    with_objects = set(b.reader.read("objects", [inputs["ingest"]], columns=["image_id"]).column(0).to_pylist())
+    todo = [r for r in images if p.all_images or r["image_id"] not in with_objects]
+    out = UnitOutput(items_in=len(todo))
+    if not todo:
+        return out
+    tagger, detector = proposal_models(cfg)
+    params = prop.ProposalParams(
+        box_threshold=p.box_threshold, text_threshold=p.text_threshold, max_tags=p.max_tags,
+        tag_threshold=p.tag_threshold, nms_iou=p.nms_iou, nms_ios=p.nms_ios, min_area_frac=p.min_area_frac,
+        max_area_frac=p.max_area_frac, max_per_image=p.max_per_image, class_agnostic=p.class_agnostic)
+    objects: list[Object] = []
+    relations: list[Relation] = []
+    for start in range(0, len(todo), p.batch_size):
+        batch = todo[start:start + p.batch_size]
+        pils = []
+        for r in batch:
+            with PILImage.open(b.images.resolve(r["path"])) as im:
+                pils.append(im.convert("RGB"))
+        found = prop.propose(pils, tagger, detector, params, vocabulary=p.vocabulary)
+        for r, props in zip(batch, found, strict=True):
+            if not props:
+                out.drops.append(Drop(stage="proposals", key=r["image_id"], reason="no proposals",
+                                      detail=r["source_ref"]))
+                continue
+            gobjs = [GObject(f"det{i}", q.name, tuple(q.box), (), q.origin, q.score) for i, q in enumerate(props)]
+            objs, _, drops = ingest_stage.graph_records(r["image_id"], SceneGraph(r["width"], r["height"], gobjs),
+                                                        f"proposals:{r['image_id']}")
+            out.drops += [d.model_copy(update={"stage": "proposals"}) for d in drops]
+            objects += objs
+            if p.relations_from_geometry:
+                kept = {o.object_id for o in objs}
+                relations += [Relation(image_id=r["image_id"], subject_id=g.subject, predicate=g.predicate,
+                                       object_id=g.object)
+                              for g in compute_relations([g for g in gobjs if g.id in kept], r["width"], r["height"])]
+    out.tables = {"objects": objects, "relations": relations}
+    out.extra = {"images": len(todo), "proposals": len(objects)}
+    return out
+
+
+# -- describe -------------------------------------------------------------------------------------
+
+_RELATION_TASKS = ("relation", "interaction", "spatial/relationship")
+
+
+def describe_difficulty(task: str, label_unique: bool) -> int:
+    """The level of a described expression (there is no path to count constraints on): L1 when the
+    proposal's label is unique among the image's objects (its category alone could refer to it), L2
+    when it is not (the description must add what tells it apart), L3 when it is not and the task
+    asks for a relation to another object (an anchor plus the target's own words)."""
+    if label_unique:
+        return 1
+    return 3 if task in _RELATION_TASKS else 2
+
+
+def describe_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
+    """Set-of-Mark descriptions of the shard's detector boxes by the VLM, one per requested task,
+    kept when the round trip grounds them back on the box (IoU >= ``[describe] iou``)."""
+    out = UnitOutput()
+    d = cfg.describe
+    if d.backend == "offline":
+        return out
+    from refforge.stages.llm_stages import describe_boxes, vlm_grounder
+
+    graphs, images = read_graphs(b, graph_keys(inputs))
+    dets = [o for o in b.reader.read("objects", [inputs["proposals"]]).to_pylist() if o["origin"] == "detector"]
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for o in dets:
+        by_image[o["image_id"]].append(o)
+    client = model_client(b, cfg, "vlm")
+    grounder = vlm_grounder(client, dialect=d.ground_dialect, stage="describe_ground")
+    stage_hash = cfg.stage_hash("describe")
+    taxonomy = cfg.paths.taxonomy
+    rows: list[Expression] = []
+    seen: dict[str, set[str]] = defaultdict(set)
+    for image_id, objs in by_image.items():
+        img = images[image_id]
+        objs = sorted(objs, key=lambda o: (-(o["score"] or 0.0), o["object_id"]))[: d.max_boxes]
+        out.items_in += len(objs) * len(d.tasks)
+        names = Counter(o.name for o in graphs[image_id].objects)
+        boxes = {o["object_id"]: o for o in objs}
+        outcomes = describe_boxes(client, b.images.resolve(img["path"]), [(o["object_id"], o["box"]) for o in objs],
+                                  d.tasks, width=img["width"], height=img["height"], grounder=grounder,
+                                  iou_threshold=d.iou, temperature=d.temperature)
+        for oc in outcomes:
+            key = f"{image_id}/{oc.box_id}/{oc.category}"
+            if not oc.kept:
+                out.drops.append(oc.drop.model_copy(update={"key": key}))  # type: ignore[union-attr]
+                continue
+            norm = " ".join(oc.text.lower().split())  # type: ignore[union-attr]
+            if norm in seen[image_id]:
+                out.drops.append(Drop(stage="describe", key=key, reason="duplicate description", detail=oc.text))
+                continue
+            seen[image_id].add(norm)
+            o = boxes[oc.box_id]
+            path = {"source": "describe", "label": o["name"], "model": oc.model, "prompt": oc.prompt_version,
+                    "round_trip_iou": round(oc.iou or 0.0, 4), "grounded_box": list(oc.grounded_box or ())}
+            rows.append(Expression(
+                sample_id=stable_key("describe", image_id, oc.box_id, oc.category, oc.text, stage_hash),
+                image_id=image_id, text=oc.text, polarity="positive", target_object_id=oc.box_id,
+                gt_box=tuple(o["box"]), task=oc.category, tasks={taxonomy: oc.category},
+                difficulty=describe_difficulty(oc.category, names[o["name"]] == 1),
+                path=json.dumps(path, sort_keys=True)))
+    out.tables["expressions"] = rows
+    out.extra = {"described": len(rows)}
+    return out
+
+
+# -- rewrite (inside the units that write expressions) ----------------------------------------------
+
+def rewrite_rows(b: BuildDir, cfg: Config, rows: list[Expression], queries: list[Node],
+                 edits: list[tuple[str, str] | None] | None = None) -> tuple[list[Expression], list[Drop]]:
+    """With ``[rewrite] backend = "llm"``: each row's template text rewritten by the LLM and checked
+    against the row's own path (``queries``; for a text negative its edited path and ``edits``). A kept
+    rewrite replaces ``text``; a rejected one leaves the template text and becomes a drop (stage
+    "rewrite", the reason). ``template_text`` always keeps the template. Offline: rows unchanged."""
+    if cfg.rewrite.backend == "offline" or not rows:
+        return rows, []
+    from refforge.stages.llm_stages import RewriteItem, rewrite_expressions
+
+    edits = edits or [None] * len(rows)
+    items = [RewriteItem(r.sample_id, r.text, q, e) for r, q, e in zip(rows, queries, edits, strict=True)]
+    outcomes = rewrite_expressions(model_client(b, cfg, "llm"), items, seed=cfg.build.seed,
+                                   temperature=cfg.rewrite.temperature)
+    out, drops = [], []
+    for row, o in zip(rows, outcomes, strict=True):
+        if o.kept and o.text != row.text:
+            row = row.model_copy(update={"text": o.text})
+        elif o.drop is not None:
+            drops.append(o.drop)
+        out.append(row)
+    return out, drops
 
 
 # -- paths --------------------------------------------------------------------------------------
@@ -203,7 +404,7 @@ def paths_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     from refforge.stages.records import expressions_for_graph
 
     p = cfg.paths
-    graphs, _ = read_graphs(b, [inputs["ingest"]])
+    graphs, _ = read_graphs(b, graph_keys(inputs))
     stage_hash = cfg.stage_hash("paths")
     selection = paths_stage.TargetSelection(min_area_frac=p.min_area_frac, max_area_frac=p.max_area_frac,
                                             blocklist=tuple(p.blocklist), drop_border_cut=p.drop_border_cut)
@@ -225,7 +426,10 @@ def paths_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
                     d = descriptive_variant(graph, path, seed=seed)
                     if d is not None:
                         chosen.append(d)
-        expressions += expressions_for_graph(image_id, graph, chosen, stage_hash, primary=p.taxonomy)
+        rows = expressions_for_graph(image_id, graph, chosen, stage_hash, primary=p.taxonomy)
+        rows, rewrite_drops = rewrite_rows(b, cfg, rows, [c.query for c in chosen])
+        expressions += rows
+        out.drops += rewrite_drops
         out.drops += [Drop(stage="paths", key=f"{image_id}/{oid}", reason=reason) for oid, reason in res.drops]
         for kind, counter in res.counts_before.items():
             before[kind].update(counter)
@@ -248,20 +452,26 @@ def negatives_text_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     from refforge.stages import negatives as neg
     from refforge.stages.taxonomy import tasks_for
 
-    graphs, _ = read_graphs(b, [inputs["ingest"]])
-    positives = b.reader.read("expressions", [inputs["paths"]]).to_pylist()
+    graphs, _ = read_graphs(b, graph_keys(inputs))
+    positives = b.reader.read("expressions", [inputs["paths"], *inputs.get("described", ())]).to_pylist()
     stage_hash = cfg.stage_hash("negatives_text")
     primary = cfg.paths.taxonomy
     rows: list[Expression] = []
+    queries: list[Node] = []
+    edits: list[tuple[str, str]] = []
     counts: Counter = Counter()
+    skipped = 0
     indexes: dict[str, Any] = {}
     backend = neg.DEFAULT_BACKEND
     if cfg.negatives_text.backend == "llm":
         from refforge.stages.llm_stages import negative_backend
 
         backend = negative_backend(model_client(b, cfg, "llm"))
-        backend.prefetch([Node.from_json(json.loads(p["path"])) for p in positives])
+        backend.prefetch([Node.from_json(json.loads(p["path"])) for p in positives if _has_query(p)])
     for pos in positives:
+        if not _has_query(pos):
+            skipped += 1  # a described or human expression: no path to edit
+            continue
         graph = graphs[pos["image_id"]]
         if pos["image_id"] not in indexes:
             indexes[pos["image_id"]] = neg.NegativeIndex(graph)
@@ -281,9 +491,22 @@ def negatives_text_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
                 difficulty=pos["difficulty"], hops=c.query.hops, path=json.dumps(path, sort_keys=True),
                 negative_type=c.negative_type, negative_level=c.negative_level, negative_source="text",
                 positive_id=pos["sample_id"], needs_review=c.needs_review))
+            queries.append(c.query)
+            edits.append((c.negative_type, c.detail))
             counts[f"{c.negative_type}/{c.negative_level}"] += 1
     drops = backend.take_drops() if hasattr(backend, "take_drops") else []
-    return UnitOutput({"negative_candidates": rows}, drops, len(positives), {"candidates": dict(counts)})
+    rows, rewrite_drops = rewrite_rows(b, cfg, rows, queries, edits)
+    extra: dict[str, Any] = {"candidates": dict(counts)}
+    if skipped:
+        extra["skipped_without_path"] = skipped
+    return UnitOutput({"negative_candidates": rows}, drops + rewrite_drops, len(positives), extra)
+
+
+def _has_query(row: dict) -> bool:
+    """Whether an expression row carries a referring path (described expressions do not)."""
+    if not row.get("path"):
+        return False
+    return "category" in json.loads(row["path"])
 
 
 def refine_all(b: BuildDir, cfg: Config, shards: list[dict[str, str]]) -> dict[str, UnitOutput]:
@@ -330,7 +553,7 @@ def negatives_image_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     out = UnitOutput()
     if not cfg.negatives_image.flip:
         return out
-    graphs, images = read_graphs(b, [inputs["ingest"]])
+    graphs, images = read_graphs(b, graph_keys(inputs))
     positives = b.reader.read("expressions", [inputs["paths"]]).to_pylist()
     out.items_in = len(positives)
     by_image: dict[str, list[tuple[dict, Node, str]]] = defaultdict(list)
@@ -377,7 +600,7 @@ def negatives_image_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
 def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     from refforge.stages import cot
 
-    graphs, images = read_graphs(b, [inputs["ingest"], inputs["negatives_image"]])
+    graphs, images = read_graphs(b, [*graph_keys(inputs), inputs["negatives_image"]])
     samples = b.reader.read("expressions", inputs["expressions"]).to_pylist()
     out = UnitOutput(items_in=len(samples))
     traces: list[CotTrace] = []
@@ -387,6 +610,10 @@ def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
         graph = graphs.get(s["image_id"])
         if graph is None or not s["path"]:
             out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no scene graph for the sample"))
+            continue
+        if not _has_query(s):
+            out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no referring path for the offline trace",
+                                  detail="described or human expressions need cot.backend = 'vlm'"))
             continue
         query = Node.from_json(json.loads(s["path"]))
         for t in cot.traces_for_sample(graph, query, s["polarity"], s["target_object_id"], s["gt_box"],
@@ -408,7 +635,7 @@ def _vlm_cot(b: BuildDir, cfg: Config, samples: list[dict], graphs, images, out:
         if img is None:
             out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no image row for the sample"))
             continue
-        query = Node.from_json(json.loads(s["path"])) if s["path"] else None
+        query = Node.from_json(json.loads(s["path"])) if _has_query(s) else None
         batch.append(CotSample(sample_id=s["sample_id"], text=s["text"], polarity=s["polarity"],
                                gt_box=s["gt_box"], image=b.images.resolve(img["path"]), width=img["width"],
                                height=img["height"], graph=graphs.get(s["image_id"]), query=query,
@@ -428,7 +655,9 @@ def _vlm_cot(b: BuildDir, cfg: Config, samples: list[dict], graphs, images, out:
 
 UNIT_FUNCTIONS: dict[str, Callable[[BuildDir, Config, dict], UnitOutput]] = {
     "ingest": ingest_unit,
+    "proposals": proposals_unit,
     "paths": paths_unit,
+    "describe": describe_unit,
     "negatives_text": negatives_text_unit,
     "negatives_image": negatives_image_unit,
     "cot": cot_unit,
@@ -448,7 +677,8 @@ def summarise_extra(stage: str, extras: list[dict[str, Any]]) -> dict[str, Any]:
             out[when.replace("counts", "entropy_bits")] = {k: round(entropy(v), 4) for k, v in merged.items()}
         return out
     if stage == "negatives_text":
-        return {"candidates": dict(sum((Counter(e.get("candidates", {})) for e in extras), Counter()))}
+        return {"candidates": dict(sum((Counter(e.get("candidates", {})) for e in extras), Counter())),
+                "skipped_without_path": sum(e.get("skipped_without_path", 0) for e in extras)}
     if stage == "refine":
         return {"blind_text": next((e for e in extras if e), {})}
     return {}
@@ -457,5 +687,29 @@ def summarise_extra(stage: str, extras: list[dict[str, Any]]) -> dict[str, Any]:
 def model_ids(cfg: Config) -> dict[str, str]:
     neg = cfg.llm.model if cfg.negatives_text.backend == "llm" and cfg.llm else "offline-lexicon"
     cot = cfg.vlm.model if cfg.cot.backend == "vlm" and cfg.vlm else "offline-graph-walk"
-    return {"ingest": cfg.source.kind, "paths": cfg.paths.backend, "negatives_text": neg,
-            "blind_text_classifier": "bag-of-ngrams logistic regression (numpy)", "cot": cot}
+    out = {"ingest": cfg.source.kind, "paths": cfg.paths.backend, "negatives_text": neg,
+           "blind_text_classifier": "bag-of-ngrams logistic regression (numpy)", "cot": cot,
+           "rewrite": cfg.llm.model if cfg.rewrite.backend == "llm" and cfg.llm else "template"}
+    stages = cfg.build.stages
+    if "proposals" in stages:
+        p = cfg.proposals
+        out["proposals"] = f"detector={p.detector_model or p.detector}, tagger={p.tagger_model or p.tagger}"
+    if "describe" in stages:
+        out["describe"] = cfg.vlm.model if cfg.describe.backend == "vlm" and cfg.vlm else "offline (none)"
+    return out
+
+
+def model_prompts(cfg: Config) -> dict[str, str]:
+    """``{stage: "<template>@<sha256>"}`` of the prompts the build's model stages send (run provenance)."""
+    stages = cfg.build.stages
+    used = {"rewrite": cfg.rewrite.backend == "llm" and ("paths" in stages),
+            "negatives": cfg.negatives_text.backend == "llm" and "negatives_text" in stages,
+            "describe": cfg.describe.backend == "vlm" and "describe" in stages,
+            "ground": cfg.describe.backend == "vlm" and "describe" in stages,
+            "cot": cfg.cot.backend == "vlm" and "cot" in stages,
+            "judge": cfg.cot.judge == "llm" and "cot" in stages}
+    if not any(used.values()):
+        return {}
+    from refforge.stages.llm_stages import prompt_version
+
+    return {name: prompt_version(name) for name, on in used.items() if on}

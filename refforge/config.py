@@ -18,15 +18,20 @@ from typing import Annotated, Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES: tuple[str, ...] = ("ingest", "paths", "negatives_text", "negatives_image", "cot")
-StageName = Literal["ingest", "paths", "negatives_text", "negatives_image", "cot"]
+STAGES: tuple[str, ...] = ("ingest", "proposals", "paths", "describe", "negatives_text", "negatives_image", "cot")
+StageName = Literal["ingest", "proposals", "paths", "describe", "negatives_text", "negatives_image", "cot"]
 REQUIRES: dict[str, tuple[str, ...]] = {
-    "paths": ("ingest",), "negatives_text": ("paths",), "negatives_image": ("paths",), "cot": ("paths",),
+    "proposals": ("ingest",), "paths": ("ingest",), "describe": ("proposals",), "negatives_text": ("paths",),
+    "negatives_image": ("paths",), "cot": ("paths",),
 }
+# what ``[build] stages`` is when a config does not list them; "proposals" is added for a folder source
+# (or ``[proposals] all_images = true``) and "describe" when ``[describe] backend`` is not offline
+DEFAULT_STAGES: tuple[str, ...] = ("ingest", "paths", "negatives_text", "negatives_image", "cot")
 
 # Bump a stage's version when its code changes what it writes: the version is part of the config hash
 # and of the stage's work keys, so an old build is not silently mixed with the new stage's output.
-STAGE_VERSIONS: dict[str, int] = {"ingest": 1, "paths": 2, "negatives_text": 1, "negatives_image": 1, "cot": 1}
+STAGE_VERSIONS: dict[str, int] = {"ingest": 1, "proposals": 1, "paths": 2, "describe": 1, "negatives_text": 1,
+                                  "negatives_image": 1, "cot": 1}
 
 
 class ConfigError(ValueError):
@@ -42,10 +47,14 @@ class BuildSection(_Strict):
     seed: int = 0
     shard_size: int = Field(default=40, ge=1, le=100_000,
                             description="images per unit of work (one Prefect task per shard and stage)")
-    stages: list[StageName] = Field(default_factory=lambda: list(STAGES))
+    stages: list[StageName] = Field(default=None, validate_default=False, description=(  # type: ignore[assignment]
+        "default: DEFAULT_STAGES, plus proposals/describe where the config needs them (Config._default_stages)"))
 
     @model_validator(mode="after")
     def _order(self):
+        if self.stages is None:
+            return self  # completed by Config._default_stages, which sees the whole config
+        self.stages = list(dict.fromkeys(self.stages))
         if "ingest" not in self.stages:
             raise ValueError("stages must include 'ingest' (every build starts from a source)")
         for stage in self.stages:
@@ -102,8 +111,26 @@ class CocoSource(_Strict):
     refs: Path | None = None
 
 
-Source = Annotated[SyntheticSource | GraphsSource | GqaSource | CocoSource, Field(discriminator="kind")]
-SOURCE_KINDS = {"synthetic": SyntheticSource, "graphs": GraphsSource, "gqa": GqaSource, "coco": CocoSource}
+class FolderSource(_Strict):
+    """A folder of images, searched recursively; no objects (the proposals stage finds them)."""
+
+    kind: Literal["folder"] = "folder"
+    path: Path
+    extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp"])
+    recursive: bool = True
+
+    @model_validator(mode="after")
+    def _exts(self):
+        self.extensions = sorted({e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions})
+        if not self.extensions:
+            raise ValueError("extensions must name at least one file extension")
+        return self
+
+
+Source = Annotated[SyntheticSource | GraphsSource | GqaSource | CocoSource | FolderSource,
+                   Field(discriminator="kind")]
+SOURCE_KINDS = {"synthetic": SyntheticSource, "graphs": GraphsSource, "gqa": GqaSource, "coco": CocoSource,
+                "folder": FolderSource}
 
 DEFAULT_BLOCKLIST = ["sky", "wall", "ground", "floor", "ceiling", "road", "grass", "water", "field", "sand",
                      "snow", "street", "sidewalk", "background"]
@@ -146,6 +173,65 @@ class ModelEndpoint(_Strict):
     price_per_1k_output: float | None = None
 
 
+class RewriteStage(_Strict):
+    """Template expressions -> natural language by an LLM (``[llm]``), checked against each expression's
+    own path; ``offline`` keeps the template text."""
+
+    backend: Literal["offline", "llm"] = "offline"
+    temperature: float = Field(default=0.7, ge=0)
+
+
+class ProposalsStage(_Strict):
+    """Object proposals for images without complete scene graphs: tagger -> detector -> NMS rule
+    (``refforge.stages.proposals``). The fields from ``box_threshold`` on are ``ProposalParams``."""
+
+    detector: Literal["offline", "grounding_dino"] = "offline"
+    detector_model: str | None = None
+    tagger: Literal["none", "vocabulary", "open_clip"] = "none"
+    tagger_model: str | None = None
+    tagger_pretrained: str | None = None
+    vocabulary: list[str] | None = None
+    all_images: bool = False
+    device: str = "cpu"
+    batch_size: int = Field(default=4, ge=1)
+    box_threshold: float = Field(default=0.35, ge=0, le=1)
+    text_threshold: float = Field(default=0.25, ge=0, le=1)
+    max_tags: int = Field(default=20, ge=1)
+    tag_threshold: float = Field(default=0.0, ge=0, le=1)
+    nms_iou: float = Field(default=0.5, ge=0, le=1)
+    nms_ios: float = Field(default=0.8, ge=0, le=1)
+    min_area_frac: float = Field(default=0.001, ge=0, le=1)
+    max_area_frac: float = Field(default=0.95, gt=0, le=1)
+    max_per_image: int = Field(default=50, ge=1)
+    class_agnostic: bool = False
+    relations_from_geometry: bool = True
+
+    @model_validator(mode="after")
+    def _models(self):
+        if self.detector == "grounding_dino" and not self.detector_model:
+            raise ValueError("detector = 'grounding_dino' needs detector_model (a local path or a hub id)")
+        if self.tagger == "open_clip" and not self.tagger_model:
+            raise ValueError("tagger = 'open_clip' needs tagger_model (an open_clip model name)")
+        if self.tagger in ("vocabulary", "open_clip") and not self.vocabulary:
+            raise ValueError(f"tagger = {self.tagger!r} needs a vocabulary (a list of category names)")
+        if self.detector == "grounding_dino" and self.tagger == "none" and not self.vocabulary:
+            raise ValueError("detector = 'grounding_dino' needs words to look for: a tagger or a vocabulary")
+        return self
+
+
+class DescribeStage(_Strict):
+    """Set-of-Mark descriptions of proposal boxes by a VLM (``[vlm]``), one per task category, kept when
+    grounding the description again finds the box (IoU >= ``iou``); ``offline`` writes nothing."""
+
+    backend: Literal["offline", "vlm"] = "offline"
+    tasks: list[str] = Field(default_factory=lambda: ["attribute", "position", "relation"])
+    ground: Literal["vlm"] = "vlm"
+    ground_dialect: Literal["pixels", "grid1000"] = "pixels"
+    iou: float = Field(default=0.5, gt=0, le=1)
+    max_boxes: int = Field(default=20, ge=1, description="proposal boxes described per image (highest score)")
+    temperature: float = Field(default=0, ge=0)
+
+
 class NegativesTextStage(_Strict):
     backend: Literal["offline", "llm"] = "offline"
     per_type: int = Field(default=1, ge=1, description="candidates per (type, level) and positive")
@@ -174,7 +260,10 @@ class RunnerSection(_Strict):
 class Config(_Strict):
     build: BuildSection = Field(default_factory=BuildSection)
     source: Source = Field(default_factory=SyntheticSource)
+    proposals: ProposalsStage = Field(default_factory=ProposalsStage)
     paths: PathsStage = Field(default_factory=PathsStage)
+    rewrite: RewriteStage = Field(default_factory=RewriteStage)
+    describe: DescribeStage = Field(default_factory=DescribeStage)
     negatives_text: NegativesTextStage = Field(default_factory=NegativesTextStage)
     negatives_image: NegativesImageStage = Field(default_factory=NegativesImageStage)
     cot: CotStage = Field(default_factory=CotStage)
@@ -190,7 +279,31 @@ class Config(_Strict):
         return data
 
     @model_validator(mode="after")
+    def _default_stages(self):
+        if self.build.stages is None:
+            extra = []
+            if isinstance(self.source, FolderSource) or self.proposals.all_images:
+                extra.append("proposals")
+                if self.describe.backend != "offline":
+                    extra.append("describe")
+            self.build.stages = [s for s in STAGES if s in (*DEFAULT_STAGES, *extra)]
+        return self
+
+    @model_validator(mode="after")
     def _endpoints(self):
+        if self.rewrite.backend == "llm" and self.llm is None:
+            raise ValueError("rewrite.backend = 'llm' needs an [llm] section (base_url, model)")
+        if self.describe.backend == "vlm" and self.vlm is None:
+            raise ValueError("describe.backend = 'vlm' needs a [vlm] section (base_url, model)")
+        if self.describe.backend == "vlm":
+            from refforge.stages.taxonomy import GROUNDINGME_LABELS, REFBENCH_PRO_LABELS
+
+            labels = {"refbench_pro": REFBENCH_PRO_LABELS, "groundingme": GROUNDINGME_LABELS}[self.paths.taxonomy]
+            allowed = [t for t in labels if not t.startswith(("reject", "rejection"))]
+            bad = [t for t in self.describe.tasks if t not in allowed]
+            if bad or not self.describe.tasks:
+                raise ValueError(f"describe.tasks: unknown task {', '.join(map(repr, bad)) or '(none given)'} for "
+                                 f"the {self.paths.taxonomy} taxonomy; allowed: {', '.join(allowed)}")
         if self.negatives_text.backend == "llm" and self.llm is None:
             raise ValueError("negatives_text.backend = 'llm' needs an [llm] section (base_url, model)")
         if self.cot.backend == "vlm" and self.vlm is None:
@@ -203,6 +316,13 @@ class Config(_Strict):
         """Everything that changes the data (the runner and where models are served do not), with the
         stage code versions."""
         d = self.model_dump(mode="json", exclude={"runner"})
+        # sections that cannot change this build's data are left out, so adding a stage to refforge does
+        # not change the hash (and the identity) of existing builds that do not use it
+        for name in ("proposals", "describe"):
+            if name not in self.build.stages:
+                d.pop(name)
+        if self.rewrite.backend == "offline":
+            d.pop("rewrite")
         for name in ("llm", "vlm"):
             if d.get(name):
                 d[name] = {k: v for k, v in d[name].items() if k not in OPERATIONAL_ENDPOINT_KEYS}
@@ -218,6 +338,12 @@ class Config(_Strict):
         d = self.data_dict()
         part = {"source": d["source"], "seed": d["build"]["seed"], "shard_size": d["build"]["shard_size"],
                 "stage": d.get(stage, {}), "version": STAGE_VERSIONS[stage]}
+        # the stages that write expressions rewrite them with the LLM before they write them
+        if stage in ("paths", "negatives_text") and "rewrite" in d:
+            part["rewrite"] = {**d["rewrite"], "llm": d.get("llm")}
+        if stage == "describe" and self.describe.backend != "offline":
+            part["vlm"] = d.get("vlm")
+            part["taxonomy"] = d["paths"]["taxonomy"]
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_toml(self) -> str:
@@ -254,7 +380,8 @@ def _format(err: ValidationError, origin: str) -> str:
             lines.append(f"  unknown key '{where}'; allowed keys here: {', '.join(allowed)}")
         elif kind == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
-            what = "stage" if "stages" in loc else "backend" if loc[-1] == "backend" else "value"
+            what = ("stage" if "stages" in loc else "backend" if loc[-1] in ("backend", "detector", "tagger", "ground")
+                    else "value")
             lines.append(f"  {where}: unknown {what} {e['input']!r}; allowed: {expected}")
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             lines.append(f"  {where}.kind: unknown source kind {e.get('ctx', {}).get('tag', '')!r}; "

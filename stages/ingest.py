@@ -210,3 +210,39 @@ def ingest_graphs(records: list[dict[str, Any]], indices: range, *, images_dir: 
 def iter_shards(n: int, shard_size: int) -> Iterator[range]:
     for start in range(0, n, shard_size):
         yield range(start, min(n, start + shard_size))
+
+
+# -- image folders (no objects: the proposals stage finds them) ----------------------------------
+
+def list_folder(root: Path, extensions: list[str] | tuple[str, ...], recursive: bool = True) -> list[str]:
+    """Image files under ``root`` (relative POSIX paths, sorted) whose suffix is one of ``extensions``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    exts = {e.lower() for e in extensions}
+    found = root.rglob("*") if recursive else root.iterdir()
+    return sorted(p.relative_to(root).as_posix() for p in found if p.is_file() and p.suffix.lower() in exts)
+
+
+def ingest_folder(files: list[str], indices: range, *, root: Path) -> IngestOutput:
+    """Images only: one ``images`` row per readable file (source "folder", ``source_ref`` = the path
+    relative to the folder); unreadable or truncated files become drops."""
+    out = IngestOutput()
+    for i in indices:
+        out.scenes_in += 1
+        name = files[i]
+        key = f"folder:{name}"
+        try:
+            data, ext, w, h = _load_image(Path(root) / name)
+        except FileNotFoundError:
+            out.drops.append(Drop(stage=STAGE, key=key, reason="image file missing"))
+            continue
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            reason = "truncated image" if "truncated" in str(e).lower() else "unreadable image"
+            out.drops.append(Drop(stage=STAGE, key=key, reason=reason, detail=str(e)[:300]))
+            continue
+        image_id = hashlib.sha256(data).hexdigest()
+        out.images.append(StoredImage(data, ext, Image(image_id=image_id, source="folder",
+                                                       path=image_relpath(image_id, ext), width=w, height=h,
+                                                       source_ref=name)))
+    return out

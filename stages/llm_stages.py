@@ -74,6 +74,7 @@ __all__ = [
     "RewriteItem",
     "RewriteOutcome",
     "VLMGrounder",
+    "check_negative_rewrite",
     "check_rewrite",
     "describe_boxes",
     "draw_mark",
@@ -391,11 +392,75 @@ class RewriteOut(pydantic.BaseModel):
 
 @dataclass(frozen=True)
 class RewriteItem:
-    """One expression to rewrite: its sample, its (template-rendered) text and its referring path."""
+    """One expression to rewrite: its sample, its (template-rendered) text and its referring path.
+
+    For a text negative, ``query`` is the edited path and ``edit`` is ``(negative_type, detail)`` as
+    :class:`~refforge.stages.negatives.NegativeCandidate` has them: the rewrite is then also checked
+    with :func:`check_negative_rewrite` (the replaced word not restored, a swap not undone).
+    """
 
     sample_id: str
     text: str
     query: Node
+    edit: tuple[str, str] | None = None
+
+
+_EDIT_RX = re.compile(r"^(?P<a>.+?)(?P<op><->|->)(?P<b>.+?) (?:on|between) ")
+_EDIT_KIND = {"replace_attribute": "attribute", "swap_attribute": "attribute", "replace_object": "category",
+              "swap_object": "category", "replace_relation": "relation"}
+
+
+def _word_req(kind: str, word: str) -> _Req:
+    if kind == "attribute":
+        return _attribute_req(word)
+    if kind == "relation":
+        return _relation_req(word)
+    return _category_req(word, CATEGORY_SYNONYMS)
+
+
+def _mentions(req: _Req, text: str) -> list[tuple[int, int]]:
+    """The maximal spans of ``text`` (normalised) that mention ``req``, in order."""
+    found = {m.span() for rx in req.patterns for m in rx.finditer(text)}
+    return sorted(s for s in found if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in found))
+
+
+def check_negative_rewrite(negative_type: str, detail: str, template_text: str, text: str) -> str | None:
+    """Why a rewrite of a text negative undoes its edit (None: it does not).
+
+    ``detail`` is the negative's edit as ``text_negatives`` writes it (``"red->blue on node 1"``,
+    ``"left of->right of on R1 (...)"``, ``"ball<->box between node 1 and node 2"``) and
+    ``template_text`` the negative's own template text. :func:`check_rewrite` against the edited path
+    already requires the new word; this adds what word presence cannot see:
+
+    * replace: the original word (or a synonym/paraphrase) must not be mentioned more often than in
+      the template text -> ``"rewrite restored: red"``;
+    * swap: the two swapped words must come in the template's order -> ``"rewrite reordered swap: a, b"``
+      (conservative: a rewrite that moves whole clauses around is refused too, and keeps the template).
+
+    >>> check_negative_rewrite("replace_attribute", "red->blue on node 1", "the blue ball", "a blue ball, not red")
+    'rewrite restored: red'
+    >>> check_negative_rewrite("swap_attribute", "red<->blue between node 1 and node 2",
+    ...                        "the blue ball next to the red box", "a red ball beside a blue box")
+    'rewrite reordered swap: red, blue'
+    """
+    kind = _EDIT_KIND.get(negative_type)
+    m = _EDIT_RX.match(detail or "")
+    if kind is None or m is None:
+        return None
+    a, b = m.group("a").strip(), m.group("b").strip()
+    tt, rt = _norm(template_text), _norm(text)
+    if m.group("op") == "->":
+        req = _word_req(kind, a)
+        if len(_mentions(req, rt)) > len(_mentions(req, tt)):
+            return f"rewrite restored: {a}"
+        return None
+    ra, rb = _word_req(kind, a), _word_req(kind, b)
+    ta, tb, wa, wb = _mentions(ra, tt), _mentions(rb, tt), _mentions(ra, rt), _mentions(rb, rt)
+    if not (ta and tb and wa and wb):
+        return None  # a missing word is check_rewrite's finding
+    if (ta[0][0] < tb[0][0]) != (wa[0][0] < wb[0][0]):
+        return f"rewrite reordered swap: {a}, {b}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -498,6 +563,11 @@ def rewrite_expressions(
             reason = f"rewrite lost: {', '.join(missing)}" if missing else f"rewrite added: {', '.join(added)}"
             out.append(RewriteOutcome(it.sample_id, it.text, None, _drop(stage, it.sample_id, reason, text), pv,
                                       model, tuple(missing or added), res.cached))
+            continue
+        undone = check_negative_rewrite(it.edit[0], it.edit[1], it.text, text) if it.edit else None
+        if undone:
+            out.append(RewriteOutcome(it.sample_id, it.text, None, _drop(stage, it.sample_id, undone, text), pv,
+                                      model, cached=res.cached))
             continue
         out.append(RewriteOutcome(it.sample_id, it.text, text, None, pv, model, cached=res.cached))
     return out

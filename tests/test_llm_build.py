@@ -4,6 +4,8 @@ local test server speaking the OpenAI chat-completions protocol; a resumed build
 import json
 import re
 import shutil
+import zlib
+from collections import Counter
 
 import pytest
 
@@ -11,7 +13,7 @@ from refforge.config import parse_config
 from refforge.flows.build import run_build
 from refforge.stages.lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, INVERSE
 from refforge.storage import Catalog
-from refforge.testing import OpenAITestServer
+from refforge.testing import OpenAITestServer, refusal
 
 from .conftest import small_config
 from .helpers import snapshot
@@ -109,3 +111,201 @@ def test_a_model_backend_without_its_endpoint_fails_before_any_work():
         parse_config({"negatives_text": {"backend": "llm"}})
     with pytest.raises(ConfigError, match=r"needs a \[vlm\] section"):
         parse_config({"cot": {"backend": "vlm"}})
+
+
+# -- rewrite: positives and text negatives rewritten by the same model, checked, resumable ---------------
+
+def _reworded(text: str) -> str:
+    return f"look at {text}"
+
+
+def _without_target(text: str, category: str) -> str:
+    return " ".join(re.sub(rf"\b{re.escape(category)}(?:e?s)?\b", "", text).split())
+
+
+def _rewrite_model(req):
+    """Rewords every expression (a prefix); for about one in four it also leaves out the target's
+    category, which the checker must refuse."""
+    if not req.messages[0]["content"].startswith("You rewrite template-generated"):
+        return model(req)
+    user = _user_text(req)
+    expr = re.search(r'Expression: "(.*?)"', user).group(1)
+    text = _reworded(expr)
+    if zlib.crc32(expr.encode()) % 4 == 0:
+        text = _without_target(text, re.search(r"the target object: ([a-z ]+)", user).group(1).strip())
+    return json.dumps({"expression": text})
+
+
+def _rewrite_config(server, backend="llm"):
+    cfg = small_config(images=6, shard_size=3)
+    cfg["rewrite"] = {"backend": backend}
+    cfg["llm"] = {"base_url": server.base_url, "model": "test-rewriter", "api_key_env": None, "concurrency": 8}
+    return parse_config(cfg)
+
+
+def test_rewrite_build_rewrites_positives_and_negatives_checks_them_and_resumes_for_free(tmp_path, prefect_api):
+    with OpenAITestServer(handler=_rewrite_model) as server:
+        out = tmp_path / "build"
+        record = run_build(_rewrite_config(server), out)
+        sent = len(server.requests)
+        assert sent > 0
+        assert all(r.messages[0]["content"].startswith("You rewrite") for r in server.requests)
+        assert record["models"]["rewrite"] == "test-rewriter"
+        assert record["model_prompts"]["rewrite"].startswith("llm/rewrite.j2@")
+        assert record["model_usage"]["llm"]["rewrite"]["requests"] > 0
+        with Catalog(out) as cat:
+            drops = {d["key"]: d for d in cat.sql("SELECT * FROM drops WHERE stage = 'rewrite'").to_pylist()}
+            pos = cat.sql("SELECT sample_id, text, template_text FROM expressions "
+                          "WHERE polarity = 'positive'").to_pylist()
+            cands = cat.sql("SELECT sample_id, text, template_text FROM negative_candidates").to_pylist()
+            flips = cat.sql("SELECT e.text, p.text AS pos_text FROM expressions e JOIN expressions p "
+                            "ON p.sample_id = e.positive_id WHERE e.negative_type = 'flip'").to_pylist()
+        assert drops and all(d["reason"].startswith("rewrite lost: ") for d in drops.values())
+        for rows in (pos, cands):
+            kept = [r for r in rows if r["sample_id"] not in drops]
+            refused = [r for r in rows if r["sample_id"] in drops]
+            assert kept and refused
+            # a kept rewrite replaced the text; the template stays in template_text
+            assert all(r["text"].startswith("look at ") and r["template_text"] for r in kept)
+            assert [r["text"] for r in kept if not zlib.crc32(r["text"].removeprefix("look at ").encode()) % 4] == []
+            assert any(r["text"] != r["template_text"] for r in kept)
+            # a refused rewrite left the template text, and its drop row holds the refused rewrite
+            for r in refused:
+                assert not r["text"].startswith("look at ") and not zlib.crc32(r["text"].encode()) % 4
+                detail = drops[r["sample_id"]]["detail"]
+                assert detail.startswith("look at ") and detail != _reworded(r["text"])
+        assert flips and all(f["text"] == f["pos_text"] for f in flips)
+
+        # a resumed build: every model answer comes from the cache
+        before = snapshot(out)
+        for stage in ("paths", "negatives_text", "refine", "negatives_image", "cot"):
+            shutil.rmtree(out / "state" / stage)
+        for table in ("expressions", "negative_candidates", "scores", "cot_traces", "drops"):
+            shutil.rmtree(out / "tables" / table)
+        run_build(_rewrite_config(server), out)
+        assert len(server.requests) == sent
+        assert snapshot(out) == before
+
+
+def test_rewrite_config_changes_the_work_keys_of_the_stages_that_write_expressions(tmp_path):
+    from refforge.flows.build import plan
+    from refforge.testing import OpenAITestServer as _Srv
+
+    with _Srv() as server:
+        off, on = _rewrite_config(server, "offline"), _rewrite_config(server, "llm")
+    a, b = plan(off, tmp_path)[0], plan(on, tmp_path)[0]
+    assert a["ingest"] == b["ingest"]
+    assert a["paths"] != b["paths"] and a["negatives_text"] != b["negatives_text"] and a["cot"] != b["cot"]
+    # the offline default leaves the config hash of a build without a [rewrite] section as it was
+    assert "rewrite" not in off.data_dict() and "rewrite" in on.data_dict()
+    plain = small_config(images=6, shard_size=3)
+    assert parse_config(plain).config_hash() == parse_config({**plain, "rewrite": {}}).config_hash()
+    with pytest.raises(Exception, match=r"rewrite.backend = 'llm' needs an \[llm\] section"):
+        parse_config({"rewrite": {"backend": "llm"}})
+
+
+# -- describe: Set-of-Mark descriptions of proposal boxes, round-trip grounded -------------------------
+
+def _rectangles() -> list[tuple[float, float, float, float]]:
+    from .test_proposals_build import drawn_boxes
+
+    return [b for boxes in drawn_boxes().values() for b in boxes]
+
+
+def _marked_rectangle(url: str) -> int | None:
+    """Which drawn rectangle the image has outlined in the mark colour (its left edge, half-way down)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from refforge.stages.llm_stages import MARK_COLOUR
+
+    img = Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))).convert("RGB")
+    for k, (x1, y1, _x2, y2) in enumerate(_rectangles()):
+        x, y = round(x1), round((y1 + y2) / 2)
+        if x < img.width and y < img.height and img.getpixel((x, y)) == MARK_COLOUR:
+            return k
+    return None
+
+
+def _describe_model(req):
+    """Describes the marked rectangle k as "shape k" for every category, except that the relation
+    description repeats the attribute one (a duplicate); grounds "shape k (attribute)" on rectangle k
+    and "shape k (position)" far away from it."""
+    system = req.messages[0]["content"]
+    text = _user_text(req)
+    if system.startswith("You write referring expressions"):
+        k = _marked_rectangle(req.image_urls()[0])
+        if k is None:
+            return refusal()
+        cats = re.findall(r"^- (\w+):", text, re.M)
+        return json.dumps({"descriptions": [{"category": c, "text": f"shape {k} ({'attribute' if c == 'relation' else c})"}
+                                            for c in cats]})
+    if system.startswith("You are a visual grounding model: given"):
+        m = re.search(r"shape (\d+) \((\w+)\)", text)
+        x1, y1, x2, y2 = _rectangles()[int(m.group(1))]
+        if m.group(2) == "position":
+            x1, y1, x2, y2 = (0, 0, 12, 12) if x1 > 30 else (230, 200, 250, 220)
+        return json.dumps({"bbox_2d": [x1, y1, x2, y2]})
+    return None
+
+
+def _describe_config(server, images):
+    from .test_proposals_build import folder_config
+
+    cfg = folder_config(images)
+    cfg["describe"] = {"backend": "vlm", "tasks": ["attribute", "position", "relation"]}
+    cfg["vlm"] = {"base_url": server.base_url, "model": "test-vlm", "api_key_env": None, "concurrency": 8,
+                  "image_longest_side": 256}
+    return parse_config(cfg)
+
+
+def test_describe_build_keeps_round_tripped_descriptions_and_resumes_for_free(tmp_path, prefect_api):
+    from .test_proposals_build import draw_folder
+
+    images = draw_folder(tmp_path)
+    with OpenAITestServer(handler=_describe_model) as server:
+        cfg = _describe_config(server, images)
+        assert cfg.build.stages == ["ingest", "proposals", "paths", "describe", "negatives_text",
+                                    "negatives_image", "cot"]
+        out = tmp_path / "build"
+        record = run_build(cfg, out)
+        sent = len(server.requests)
+        assert record["models"]["describe"] == "test-vlm"
+        assert set(record["model_prompts"]) == {"describe", "ground"}
+        assert record["model_usage"]["vlm"]["describe"]["requests"] > 0
+        with Catalog(out) as cat:
+            boxes = cat.sql("SELECT o.image_id, o.object_id, o.box FROM objects o JOIN images i USING (image_id) "
+                            "WHERE o.origin = 'detector' AND i.parent_image_id IS NULL").to_pylist()
+            described = cat.sql("SELECT * FROM expressions WHERE path LIKE '%\"source\": \"describe\"%'").to_pylist()
+            drops = cat.sql("SELECT key, reason FROM drops WHERE stage = 'describe'").to_pylist()
+            cot_drops = cat.sql("SELECT key, reason FROM drops WHERE stage = 'cot'").to_pylist()
+        n = len(boxes)
+        assert n == len(_rectangles())
+        # attribute descriptions kept, one per box, on their own boxes
+        assert len(described) == n
+        by_box = {(b["image_id"], b["object_id"]): b["box"] for b in boxes}
+        for e in described:
+            assert e["polarity"] == "positive" and e["task"] == "attribute" and e["template_text"] is None
+            assert dict(e["tasks"]) == {"refbench_pro": "attribute"}
+            assert e["gt_box"] == by_box[(e["image_id"], e["target_object_id"])]
+            assert json.loads(e["path"])["round_trip_iou"] >= 0.5
+        # the single rectangle of c.png is the only "object" of its image: L1; the others L2
+        assert sorted(e["difficulty"] for e in described) == [1] + [2] * (n - 1)
+        reasons = Counter(d["reason"] for d in drops)
+        assert reasons["duplicate description"] == n
+        assert sum(v for r, v in reasons.items() if r.startswith("round trip IoU 0.00 < 0.5")) == n
+        # downstream: no text negatives from described expressions (counted), no offline traces (dropped)
+        assert record["stages"]["negatives_text"]["skipped_without_path"] == n
+        ids = {e["sample_id"] for e in described}
+        assert {d["key"] for d in cot_drops if d["reason"] == "no referring path for the offline trace"} == ids
+
+        before = snapshot(out)
+        for stage in ("paths", "describe", "negatives_text", "refine", "negatives_image", "cot"):
+            shutil.rmtree(out / "state" / stage)
+        for table in ("expressions", "negative_candidates", "scores", "cot_traces"):
+            shutil.rmtree(out / "tables" / table, ignore_errors=True)
+        run_build(_describe_config(server, images), out)
+        assert len(server.requests) == sent
+        assert snapshot(out) == before

@@ -71,6 +71,10 @@ REWRITES = {
     "the red ball to the left of the box": "the red ball on the left side of the box",
     "the red cup next to the table": "the cup beside the table",
     "the blue kite": "the big blue kite",
+    # text negatives: the edit kept, the replaced word restored, the swap undone
+    "the blue ball left of the box": "the blue ball on the left side of the box",
+    "the kite left of the box": "the kite, not the ball, on the left of the box",
+    "the blue ball next to the red box": "the red ball beside the blue box",
 }
 
 WORDS = {
@@ -270,6 +274,36 @@ def test_rewrite_kept_dropped_and_refused(client):
     # offline: the text stays as it is
     offline = rewrite_expressions(None, items[:1], seed=3)
     assert offline[0].kept and offline[0].text == items[0].text and offline[0].model == "template"
+
+
+def test_rewrite_of_a_text_negative_must_not_undo_its_edit(client):
+    from refforge.stages.llm_stages import check_negative_rewrite
+
+    items = [
+        RewriteItem("n1", "the blue ball left of the box", Node("ball", ("blue",), (("left of", Node("box")),)),
+                    ("replace_attribute", "red->blue on node 1")),
+        RewriteItem("n2", "the kite left of the box", Node("kite", (), (("left of", Node("box")),)),
+                    ("replace_object", "ball->kite on node 1")),
+        RewriteItem("n3", "the blue ball next to the red box",
+                    Node("ball", ("blue",), (("next to", Node("box", ("red",))),)),
+                    ("swap_attribute", "red<->blue between node 1 and node 2")),
+    ]
+    kept, restored, unswapped = rewrite_expressions(client, items, seed=3)
+    assert kept.kept and kept.text == "the blue ball on the left side of the box"
+    assert restored.drop.reason == "rewrite restored: ball" and restored.drop.key == "n2"
+    assert unswapped.drop.reason == "rewrite reordered swap: red, blue"
+    assert unswapped.drop.detail == "the red ball beside the blue box"
+    # the original word may stay where the template itself has it (another node keeps it)
+    assert check_negative_rewrite("replace_attribute", "red->blue on node 1", "the blue ball next to the red box",
+                                  "a blue ball beside a red box") is None
+    assert check_negative_rewrite("replace_object", "ball->kite on node 1", "the kite", "the kite, not a ball") \
+        == "rewrite restored: ball"
+    assert check_negative_rewrite("replace_relation", "left of->right of on R1 (node 1 -> node 2)",
+                                  "the ball right of the box", "the ball to the left of the box") \
+        == "rewrite restored: left of"
+    assert check_negative_rewrite("swap_object", "ball<->box between node 1 and node 2",
+                                  "the box next to the ball", "a box beside a ball") is None
+    assert check_negative_rewrite("flip", "", "x", "y") is None
 
 
 def test_request_failures_propagate(srv, client):
