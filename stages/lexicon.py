@@ -14,6 +14,7 @@ ATTRIBUTE_FAMILIES: dict[str, tuple[str, ...]] = {
     "material": ("wooden", "metal", "glass", "plastic", "paper", "fabric"),
 }
 FAMILY_ORDER: tuple[str, ...] = ("size", "colour", "pattern", "material")
+_FAMILY_RANK: dict[str, int] = {fam: i for i, fam in enumerate(FAMILY_ORDER)}
 
 ATTRIBUTE_FAMILY: dict[str, str] = {a: fam for fam, values in ATTRIBUTE_FAMILIES.items() for a in values}
 
@@ -124,8 +125,10 @@ def indefinite_article(phrase: str) -> str:
 
 def order_attributes(attributes: tuple[str, ...] | list[str]) -> list[str]:
     """Attributes in spoken order (size, colour, pattern, material, then unknown ones as given)."""
-    rank = {fam: i for i, fam in enumerate(FAMILY_ORDER)}
-    return sorted(attributes, key=lambda a: rank.get(ATTRIBUTE_FAMILY.get(a, ""), len(rank)))
+    if len(attributes) < 2:
+        return list(attributes)
+    rank, family, last = _FAMILY_RANK, ATTRIBUTE_FAMILY, len(_FAMILY_RANK)
+    return sorted(attributes, key=lambda a: rank.get(family.get(a, ""), last))
 
 
 # ------------------------------------------------------------------------------ text negatives
