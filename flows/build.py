@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from refforge import _env  # noqa: F401  (environment defaults before Prefect loads)
 from refforge.config import STAGES, Config, parse_config
@@ -237,6 +237,8 @@ def run_build(config: Config, out: Path, *, force: bool = False, progress: Progr
         except ImportError as e:
             raise RuntimeError("runner.kind = 'dask' needs prefect-dask: pip install 'refforge[dask]'") from e
         task_runner = DaskTaskRunner(cluster_kwargs={"n_workers": runner.workers, "processes": False})
+    elif runner.kind == "process":
+        task_runner = ProcessPoolTaskRunner(max_workers=runner.workers)
     else:
         task_runner = ThreadPoolTaskRunner(max_workers=runner.workers)
     _progress = progress

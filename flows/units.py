@@ -606,6 +606,7 @@ def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     traces: list[CotTrace] = []
     if cfg.cot.backend == "vlm":
         return _vlm_cot(b, cfg, samples, graphs, images, out)
+    contexts: dict[str, Any] = {}  # one TraceContext per image (samples come image by image)
     for s in samples:
         graph = graphs.get(s["image_id"])
         if graph is None or not s["path"]:
@@ -616,8 +617,12 @@ def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
                                   detail="described or human expressions need cot.backend = 'vlm'"))
             continue
         query = Node.from_json(json.loads(s["path"]))
+        ctx = contexts.get(s["image_id"])
+        if ctx is None:
+            ctx = contexts[s["image_id"]] = cot.TraceContext(graph)
         for t in cot.traces_for_sample(graph, query, s["polarity"], s["target_object_id"], s["gt_box"],
-                                       k=cfg.cot.k, seed=int(stable_key(cfg.build.seed, s["sample_id"], length=8), 16)):
+                                       k=cfg.cot.k, seed=int(stable_key(cfg.build.seed, s["sample_id"], length=8), 16),
+                                       ctx=ctx, steps=False):
             traces.append(CotTrace(sample_id=s["sample_id"], trace=t.text, answer_box=t.answer_box, iou=t.iou,
                                    verdict=t.verdict, selected=t.selected, model=cot.MODEL))
     out.tables["cot_traces"] = traces

@@ -253,7 +253,7 @@ class CotStage(_Strict):
 
 
 class RunnerSection(_Strict):
-    kind: Literal["thread", "dask"] = "thread"
+    kind: Literal["thread", "process", "dask"] = "thread"
     workers: int = Field(default=2, ge=1)
 
 

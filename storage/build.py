@@ -3,7 +3,7 @@
 ```
 <build>/
   build.toml          the resolved config (its hash identifies the build)
-  tables/<table>/part-<run>-<seq>.parquet
+  tables/<table>/part-<run>-<writer>-<seq>.parquet
   images/<ab>/<sha256>.<ext>
   state/<stage>/<work_key>.json   one per finished unit of work (the resume ledger)
   runs/<run_id>.json  provenance of each run

@@ -1,4 +1,4 @@
-"""Parquet shards: one folder per table, files ``part-<run>-<seq>.parquet`` that appear atomically.
+"""Parquet shards: one folder per table, files ``part-<run>-<writer>-<seq>.parquet`` that appear atomically.
 
 Every shard carries in its footer metadata the schema version, the table, the run that wrote it and
 the *work key* of the unit of work that produced it. Stages read their inputs by work key and a
@@ -8,6 +8,8 @@ resumed build skips a unit whose shard is already there, so a unit's rows are ne
 from __future__ import annotations
 
 import itertools
+import os
+import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,6 +35,9 @@ META_WORK_KEY = b"refforge.work_key"
 META_RUN = b"refforge.run_id"
 _SEQ = itertools.count()
 _SEQ_LOCK = threading.Lock()
+# Writers in several processes (the process and dask runners) share a run id: the writer's name holds
+# a token drawn at import (a spawned process imports anew) and the pid (a forked one copies the token).
+_TOKEN = secrets.token_hex(3)
 
 
 class ShardWriter:
@@ -50,9 +55,9 @@ class ShardWriter:
         self.stage = stage
 
     def _next_path(self, table: str) -> Path:
-        with _SEQ_LOCK:  # one counter per process: writers of the same run never pick the same name
+        with _SEQ_LOCK:  # one counter per process, and the process in the name: names never collide
             seq = next(_SEQ)
-        return self.tables_dir / table / f"part-{self.run_id}-{seq:06d}.parquet"
+        return self.tables_dir / table / f"part-{self.run_id}-{_TOKEN}{os.getpid()}-{seq:06d}.parquet"
 
     def write(self, table: str, rows: pa.Table | Sequence[Record | dict], *, work_key: str,
               stage: str | None = None, context: dict | None = None) -> tuple[Path | None, list[Drop]]:

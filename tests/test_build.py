@@ -90,6 +90,19 @@ def test_same_seed_same_tables_other_seed_other_images(tmp_path, prefect_api):
     assert a["config_hash"] == b["config_hash"] != c["config_hash"]
 
 
+def test_process_runner_writes_the_same_tables_as_the_thread_runner(tmp_path, prefect_api):
+    """Worker processes share a run id: their shard names must not collide (they did once, and shards
+    were silently overwritten)."""
+    cfg = small_config(images=6, shard_size=2)
+    run_build(parse_config(cfg), tmp_path / "threads")
+    proc = run_build(parse_config({**cfg, "runner": {"kind": "process", "workers": 2}}), tmp_path / "processes")
+    assert proc["runner"]["kind"] == "process"
+    assert snapshot(tmp_path / "processes") == snapshot(tmp_path / "threads")
+    shards = list((tmp_path / "processes" / "tables").glob("*/part-*.parquet"))
+    writers = {p.name.split("-")[-2] for p in shards}
+    assert len(writers) >= 2  # written by more than one process, none lost
+
+
 def _png(w, h, colour):
     buf = io.BytesIO()
     PILImage.new("RGB", (w, h), colour).save(buf, format="PNG")
