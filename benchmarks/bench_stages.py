@@ -1,7 +1,8 @@
 """Paths, negatives and traces for 75,000 GQA-shaped graphs on 2 cores (the per-graph stage work of a build).
 
 Uses the GQA-shaped random graphs of ``bench_paths.make_graph`` (about 16 objects, 2-3 attributes each,
-~2 relations per object over 30 predicates). Per graph, in each of 2 worker processes:
+~2 relations per object over 30 predicates). In each of 2 worker processes, shard by shard (``--shard``
+graphs, default 200), each step over the whole shard before the next, as a build's stage units run:
 
 1. ``referring_paths`` (``max_hops=2``, positions on, target selection on);
 2. ``text_negatives`` for every positive (``complete_graph=False``, as for GQA: candidates that the
@@ -33,46 +34,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_paths import make_graph  # noqa: E402
 
+from refforge.flows.build import tune_gc  # noqa: E402
 from refforge.stages.cot import TraceContext, traces_for_sample  # noqa: E402
 from refforge.stages.negatives import NegativeIndex, text_negatives  # noqa: E402
 from refforge.stages.paths import TargetSelection, referring_paths  # noqa: E402
 
 
-def _work(args: tuple[int, int, int]) -> dict:
-    start, stop, seed = args
+def _work(args: tuple[int, int, int, int]) -> dict:
+    start, stop, seed, shard = args
     graphs = [make_graph(k, seed) for k in range(start, stop)]
     gc.collect()
     gc.freeze()
+    tune_gc()  # the collector thresholds a build runs with
     sel = TargetSelection()
     t = {"paths": 0.0, "negatives": 0.0, "traces": 0.0}  # CPU seconds of this worker (process_time)
     w = {"paths": 0.0, "negatives": 0.0, "traces": 0.0}  # wall seconds
     n = {"graphs": len(graphs), "positives": 0, "negatives": 0, "needs_review": 0, "traces": 0, "correct": 0}
-    for k, g in enumerate(graphs):
-        w0, t0 = time.perf_counter(), time.process_time()
-        res = referring_paths(g, max_hops=2, positions=True, selection=sel, seed=k)
-        w1, t1 = time.perf_counter(), time.process_time()
-        boxes = {o.id: o.box for o in g.objects}
-        index = NegativeIndex(g)
-        negs = []
-        for p in res.paths:
-            negs += text_negatives(g, p.query, p.template_text, target_id=p.target_id, seed=k,
-                                   complete_graph=False, index=index)
-        w2, t2 = time.perf_counter(), time.process_time()
-        ctx = TraceContext(g)
-        traces = [traces_for_sample(g, p.query, "positive", p.target_id, boxes[p.target_id], k=1, seed=k, ctx=ctx,
-                                    steps=False) for p in res.paths]
-        traces += [traces_for_sample(g, c.query, "negative", None, None, k=1, seed=k, ctx=ctx, steps=False)
-                   for c in negs]
-        w3, t3 = time.perf_counter(), time.process_time()
-        w["paths"] += w1 - w0
-        w["negatives"] += w2 - w1
-        w["traces"] += w3 - w2
-        t["paths"] += t1 - t0
-        t["negatives"] += t2 - t1
-        t["traces"] += t3 - t2
-        n["positives"] += len(res.paths)
-        n["negatives"] += len(negs)
-        n["needs_review"] += sum(c.needs_review for c in negs)
+
+    def clock() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def add(step: str, a: tuple[float, float], b: tuple[float, float]) -> None:
+        w[step] += b[0] - a[0]
+        t[step] += b[1] - a[1]
+
+    # as a build runs them: each stage over a whole shard of graphs before the next stage
+    for s0 in range(0, len(graphs), shard):
+        part = list(enumerate(graphs[s0:s0 + shard], start=start + s0))
+        c0 = clock()
+        results = [referring_paths(g, max_hops=2, positions=True, selection=sel, seed=k) for k, g in part]
+        c1 = clock()
+        negatives = []
+        for (k, g), res in zip(part, results, strict=True):
+            index = NegativeIndex(g)
+            negs = []
+            for p in res.paths:
+                negs += text_negatives(g, p.query, p.template_text, target_id=p.target_id, seed=k,
+                                       complete_graph=False, index=index)
+            negatives.append(negs)
+        c2 = clock()
+        traces = []
+        for (k, g), res, negs in zip(part, results, negatives, strict=True):
+            ctx = TraceContext(g)
+            boxes = {o.id: o.box for o in g.objects}
+            traces += [traces_for_sample(g, p.query, "positive", p.target_id, boxes[p.target_id], k=1, seed=k,
+                                         ctx=ctx, steps=False) for p in res.paths]
+            traces += [traces_for_sample(g, c.query, "negative", None, None, k=1, seed=k, ctx=ctx, steps=False)
+                       for c in negs]
+        c3 = clock()
+        add("paths", c0, c1)
+        add("negatives", c1, c2)
+        add("traces", c2, c3)
+        n["positives"] += sum(len(r.paths) for r in results)
+        n["negatives"] += sum(len(x) for x in negatives)
+        n["needs_review"] += sum(c.needs_review for x in negatives for c in x)
         n["traces"] += sum(len(x) for x in traces)
         n["correct"] += sum(x[0].verdict in ("correct", "correct_rejection") for x in traces if x)
     return {"times": t, "wall": w, "counts": n}
@@ -83,9 +98,10 @@ def main() -> None:
     ap.add_argument("--graphs", type=int, default=75_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard", type=int, default=200, help="graphs per shard (a build unit)")
     args = ap.parse_args()
     step = -(-args.graphs // args.workers)
-    chunks = [(i, min(args.graphs, i + step), args.seed) for i in range(0, args.graphs, step)]
+    chunks = [(i, min(args.graphs, i + step), args.seed, args.shard) for i in range(0, args.graphs, step)]
     wall0 = time.perf_counter()
     with mp.get_context("fork").Pool(len(chunks)) as pool:
         results = pool.map(_work, chunks)

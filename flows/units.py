@@ -49,6 +49,36 @@ def model_client(b: BuildDir, cfg: Config, which: str):
         return _CLIENTS[key]
 
 
+def client_usage(root: Path) -> dict[str, Any]:
+    """Usage of this process's clients of a build so far (endpoint -> stage -> counters)."""
+    with _CLIENTS_LOCK:
+        clients = [(w, c) for (r, w), c in _CLIENTS.items() if r == str(Path(root).resolve())]
+    return {which: c.usage() for which, c in clients}
+
+
+def usage_delta(after: Any, before: Any) -> Any:
+    """``after - before`` of nested usage counters (numbers subtract, dicts recurse, the rest is kept)."""
+    if isinstance(after, dict):
+        b = before if isinstance(before, dict) else {}
+        out = {k: usage_delta(v, b.get(k)) for k, v in after.items()}
+        return {k: v for k, v in out.items() if v not in (0, 0.0, {}, None)}
+    if isinstance(after, (int, float)) and not isinstance(after, bool):
+        return after - (before if isinstance(before, (int, float)) else 0)
+    return after
+
+
+def usage_sum(a: Any, b: Any) -> Any:
+    """``a + b`` of nested usage counters (the inverse of :func:`usage_delta`)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        a, b = a or {}, b or {}
+        return {k: usage_sum(a.get(k), b.get(k)) for k in {**a, **b}}
+    if a is None or b is None:
+        return b if a is None else a
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return round(a + b, 6) if isinstance(a, float) or isinstance(b, float) else a + b
+    return b
+
+
 def close_clients(root: Path) -> dict[str, Any]:
     """Close this build's clients; returns their usage per endpoint and stage for the run file."""
     usage = {}
