@@ -7,12 +7,16 @@
    limits the share on a small machine). The server runs in its own process by default
    (``--server thread`` puts it in this process, sharing the interpreter lock with the client).
    A row runs concurrency 64 with the response cache on (every call a miss plus a write), and the
-   last rows spread the latency (100 +/- 50 ms, uniform, same mean) as real servers do: with a
-   fixed latency the answers of a wave arrive together and queue for the client's one thread;
-   spread latencies overlap that work with the waiting. The ceiling is the client's CPU per request
+   last rows spread the latency (100 +/- 50 ms, uniform, same mean) as real servers do. What the
+   client must avoid with a fixed latency is lockstep: answers that arrive together are processed
+   one after the other on the client's one thread, and if the follow-up requests left only after
+   the whole group was processed (aiohttp's body writer on Python 3.11 without refforge's eager
+   start, see refforge.llm.client._eager_body_writes) they would come back together again, every
+   wave waiting for the previous one. The ceiling is the client's CPU per request
    (the openai SDK's request building and its HTTP transport): concurrency / latency * CPU/request
    is the number of cores the client would need for the ideal rate ("client cores busy" is what
-   it used).
+   it used). Each run uses a fresh client (as a build's stage does), warmed up with one wave of
+   requests; a full garbage collection before the timed part keeps the warm-up's garbage out of it.
 2. Cache. A ResponseCache of 100,000 entries: ``get`` hits and misses per second, ``request_key``
    per second, and fully cached ``run_many`` calls per second (what a resumed build pays per call).
 
@@ -25,6 +29,7 @@ Prints the median of ``--repeats`` runs. CPU times come from /proc (Linux); else
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import subprocess
@@ -90,6 +95,7 @@ def throughput(server: _Server, concurrency: int, latency_s: float, rounds: int,
         client.run_many(_requests(concurrency, f"warm{random.random()}"))  # connections, imports
         n = max(concurrency * rounds, 10)
         reqs = _requests(n, f"run{random.random()}")
+        gc.collect()
         c0, s0 = time.process_time(), server.cpu()
         t0 = time.perf_counter()
         results = client.run_many(reqs)
@@ -164,8 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     latency = args.latency_ms / 1000
 
-    print(f"cores: {os.cpu_count()}, python {sys.version.split()[0]}, server in a {args.server}, "
-          f"{args.latency_ms:g} ms injected latency, median of {args.repeats}")
+    import openai
+
+    from refforge.llm.client import _aiohttp_available
+
+    load0 = _loadavg()
+    backend = args.backend if args.backend != "auto" else "aiohttp" if _aiohttp_available() else "httpx"
+    print(f"setup: client = refforge LLMClient -> openai {openai.__version__} AsyncOpenAI.post -> {backend} HTTP "
+          f"transport{' (bodies written eagerly)' if backend == 'aiohttp' else ''}, on one event loop thread; server = refforge.testing.openai_server "
+          f"({'a separate process' if args.server == 'process' else 'a thread of this process'}, asyncio protocol, "
+          f"{args.latency_ms:g} ms injected latency); {os.cpu_count()} cores, python {sys.version.split()[0]}, "
+          f"median of {args.repeats} runs of concurrency x {args.rounds} requests")
     configs = [(c, 0.0, False) for c in args.concurrency]
     if 64 in args.concurrency:
         configs.append((64, 0.0, True))
@@ -200,15 +215,34 @@ def main(argv: list[str] | None = None) -> int:
         busy = r["rate"] * r["client_cpu_ms"] / 1000  # CPU seconds per second of the client process
         print(f"| {label} | {lat} | {r['n']:,} | {r['rate']:,.0f} | {c / latency:,.0f} | {r['share']:.0%} "
               f"({', '.join(f'{s:.0%}' for s in shares)}) | {r['client_cpu_ms']:.2f} ms | {busy:.2f} | {server_cpu} |")
-    print(f"\nHTTP backend: {rows[0][3]['backend'] if rows else '?'}")
+    print(f"\nHTTP backend: {rows[0][3]['backend'] if rows else '?'}; load average before/after: {load0} / "
+          f"{_loadavg()} (other processes on the machine make the shares noisy: see the runs)")
 
+    cache_rows = []
     if not args.skip_cache:
         print()
         print("| cache operation | per second |")
         print("|---|---|")
-        for label, rate in cache_bench(args.cache_entries, args.cache_probes):
+        cache_rows = cache_bench(args.cache_entries, args.cache_probes)
+        for label, rate in cache_rows:
             print(f"| {label} | {rate:,.0f} |")
+
+    # The summary: share of ideal per concurrency (fixed latency, no cache), and the cache figure.
+    plain = {c: shares for c, j, with_cache, _, shares in rows if not j and not with_cache}
+    print()
+    print("| summary | " + " | ".join(f"concurrency {c}" for c in plain) + " | cache get (hit) /s |")
+    print("|---|" + "---|" * (len(plain) + 1))
+    cells = [f"{sorted(v)[len(v) // 2]:.0%} ({min(v):.0%}-{max(v):.0%})" for v in plain.values()]
+    hit = next((f"{rate:,.0f}" for label, rate in cache_rows if label.startswith("get, hit")), "")
+    print("| share of ideal, median (min-max) | " + " | ".join(cells) + f" | {hit} |")
     return 0
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 if __name__ == "__main__":

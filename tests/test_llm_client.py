@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import pickle
+import sys
 import threading
 import traceback
 import uuid
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel, Field
 
+import refforge.llm.client as client_mod
 from refforge.llm import (
     ChatRequest,
     LLMClient,
@@ -432,6 +434,88 @@ def test_concurrency_bound_is_respected(srv, make):
         outs = list(pool.map(client.run_many, [reqs[:6], reqs[6:]]))
     assert sum(len(o) for o in outs) == 12
     assert 2 <= srv.max_in_flight <= 3  # the bound holds across threads (and is used)
+
+
+def test_the_client_loop_starts_aiohttps_body_writer_at_once(srv, make):
+    client = make(srv)
+    expected = client_mod._eager_body_writes if sys.version_info < (3, 12) else None  # 3.12+: aiohttp does it
+    assert client._loop().get_task_factory() is expected
+    # The factory recognises aiohttp's writer by its code object: if aiohttp renames it, this fails
+    # (and requests of a burst would again reach the server only after the whole burst was processed).
+    from aiohttp.client_reqrep import ClientRequest
+
+    assert client_mod._aiohttp_body_writer() is ClientRequest.write_bytes.__code__
+
+
+def test_eager_task_factory_finishes_continues_cancels_and_fails_like_a_task(monkeypatch):
+    events: list[str] = []
+    gate: dict[str, asyncio.Future] = {}
+
+    async def writer(mode: str) -> str:
+        events.append(f"{mode}: started")
+        if mode == "quick":
+            return "written"
+        try:
+            value = await gate[mode]
+        except asyncio.CancelledError:
+            events.append(f"{mode}: cancelled")
+            raise
+        if mode == "broken":
+            raise OSError("connection reset")
+        await asyncio.sleep(0)
+        return f"written after {value}"
+
+    async def other() -> str:
+        events.append("other: started")
+        return "other"
+
+    monkeypatch.setattr(client_mod, "_aiohttp_body_writer", lambda: writer.__code__)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(client_mod._eager_body_writes)
+        for mode in ("slow", "broken", "cancelled"):
+            gate[mode] = loop.create_future()
+        quick = asyncio.create_task(writer("quick"))
+        slow = asyncio.create_task(writer("slow"))
+        broken = asyncio.create_task(writer("broken"))
+        cancelled = asyncio.create_task(writer("cancelled"))
+        plain = asyncio.create_task(other())
+        # The writers ran their first step inside create_task; other coroutines did not.
+        assert events == ["quick: started", "slow: started", "broken: started", "cancelled: started"]
+        assert quick.done() and quick.result() == "written"
+        assert not slow.done() and isinstance(slow, asyncio.Task)
+        gate["slow"].set_result("the drain")
+        gate["broken"].set_result(None)
+        cancelled.cancel()
+        assert await slow == "written after the drain"
+        with pytest.raises(OSError, match="connection reset"):
+            await broken
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert await plain == "other"
+        assert "cancelled: cancelled" in events
+
+    asyncio.run(main())
+
+
+def test_a_body_larger_than_the_socket_buffers_is_sent_whole(srv, make, monkeypatch):
+    # Several MB do not fit the socket buffers: aiohttp's writer must wait for the server to read
+    # (the factory's "continue as a task" path).
+    continued = []
+
+    class Spy(client_mod._Started):
+        def __init__(self, coro, yielded):
+            continued.append(coro.cr_code.co_name)
+            super().__init__(coro, yielded)
+
+    monkeypatch.setattr(client_mod, "_Started", Spy)
+    big = "x" * 24_000_000
+    client = make(srv, http_backend="aiohttp", timeout_s=30)
+    out = call(client, messages=[{"role": "user", "content": big}])
+    assert out.text == "ok"
+    assert srv.requests[-1].body["messages"][0]["content"] == big
+    assert continued == (["write_bytes"] if sys.version_info < (3, 12) else [])
 
 
 def test_run_many_inside_a_running_event_loop_and_chat_from_another_loop(srv, make):

@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections.abc
 import concurrent.futures
+import contextvars
 import dataclasses
 import email.utils
 import functools
@@ -52,6 +54,7 @@ import logging
 import math
 import os
 import random
+import sys
 import threading
 import time
 import weakref
@@ -363,6 +366,16 @@ def _import_openai() -> Any:
 
 
 @functools.cache
+def _http_response_class() -> type:
+    """The HTTP library's response class the SDK returns as is for ``cast_to`` (httpx2 in openai 3, httpx before)."""
+    import importlib
+
+    base = importlib.import_module("openai._base_client")
+    module = getattr(base, "httpx2", None) or base.httpx
+    return module.Response
+
+
+@functools.cache
 def _aiohttp_available() -> bool:
     import importlib.util
 
@@ -412,11 +425,95 @@ class _Resources:
         runner.stop()
 
 
+_NOTHING = object()
+
+
+class _Started(collections.abc.Coroutine):
+    """A coroutine that has already run its first step (which yielded ``yielded``), as a coroutine
+    a task can drive: the task's first ``send`` gets that yield back, everything after (values,
+    cancellation thrown in, close) goes to the coroutine where it stopped."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Any, yielded: Any) -> None:
+        self._coro = coro
+        self._first = yielded
+
+    def send(self, value: Any) -> Any:
+        first, self._first = self._first, _NOTHING
+        return self._coro.send(value) if first is _NOTHING else first
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._first = _NOTHING
+        return self._coro.throw(typ) if val is None and tb is None else self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._first = _NOTHING
+        self._coro.close()
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def __iter__(self) -> _Started:
+        return self
+
+    def __await__(self) -> _Started:  # an iterator with send/throw: awaiting it delegates like yield from
+        return self
+
+
+@functools.cache
+def _aiohttp_body_writer() -> Any:
+    try:
+        from aiohttp.client_reqrep import ClientRequest
+    except ImportError:
+        return None
+    fn = getattr(ClientRequest, "write_bytes", None)
+    return getattr(fn, "__code__", None)
+
+
+def _eager_body_writes(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future:
+    """Task factory of the client's loop on Python < 3.12: aiohttp's request-body writer starts at once.
+
+    aiohttp sends a request's body from a task of its own. On Python 3.12+ it starts that task
+    eagerly (the body is written before ``send`` returns); on 3.11 the task waits for the next turn
+    of the event loop, after every callback already queued. When a burst of answers arrives
+    together, the loop first builds all the follow-up requests and only then writes their bodies,
+    so they reach the server as one burst again, and the client's requests move in lockstep waves:
+    each wave waits for the whole previous one to be processed (at concurrency 64, about a third of
+    the throughput). This factory does what 3.12's ``eager_start`` does, for that one coroutine: run
+    its first step now, in a copy of the context; if it finishes (a body that fits the socket
+    buffer) a done future stands in for the task, else a task continues it from where it stopped.
+    Every other coroutine gets a plain task.
+    """
+    code = getattr(coro, "cr_code", None)
+    if code is None or code is not _aiohttp_body_writer():
+        return asyncio.Task(coro, loop=loop, **kwargs)
+    context = kwargs.get("context") or contextvars.copy_context()
+    try:
+        yielded = context.run(coro.send, None)
+    except StopIteration as stop:
+        done = loop.create_future()
+        done.set_result(stop.value)
+        return done
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the writer, as a task would
+        failed = loop.create_future()
+        if isinstance(exc, asyncio.CancelledError):
+            failed.cancel()
+        else:
+            failed.set_exception(exc)
+        return failed
+    return asyncio.Task(_Started(coro, yielded), loop=loop, context=context)
+
+
 class _LoopThread:
     """An asyncio event loop running forever in a daemon thread."""
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
+        if sys.version_info < (3, 12):
+            self.loop.set_task_factory(_eager_body_writes)
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -525,6 +622,8 @@ class LLMClient:
         self._pending: dict[str, asyncio.Future] = {}
         self._stages: dict[str, _StageUsage] = {}
         self._secret: str | None = None
+        self._response_cls: type | None = None  # the SDK's HTTP response class (set with the SDK clients)
+        self._request_options: dict[str, Any] = {}
         weakref.finalize(self, self._res.close)
 
     # -- identity, pickling, context manager
@@ -588,6 +687,12 @@ class LLMClient:
             )
             for _ in range(lanes)
         ]
+        self._response_cls = _http_response_class()
+        # What chat.completions.create passes for every call: the per-request timeout, and the bearer
+        # token (the SDK sends the Authorization header only to operations that ask for it).
+        self._request_options = {"timeout": self.timeout_s}
+        if "security" in getattr(openai.RequestOptions, "__annotations__", {}):  # openai >= 3
+            self._request_options["security"] = {"bearer_auth": True}
         self._slots = asyncio.Queue()
         for slot in range(self.concurrency):
             self._slots.put_nowait(slot)
@@ -863,11 +968,13 @@ class LLMClient:
                     sdk: Any) -> tuple[_Answer, int]:
         """One chat completion over HTTP with refforge's retry policy. Returns (answer, attempts).
 
-        The request goes through the SDK (base URL, auth, headers, timeout, error mapping), with the
-        body given as ``extra_body`` (which the SDK merges over its typed parameters) and the
-        response read raw (``with_raw_response``) and decoded here: refforge's messages are plain
-        JSON already, and skipping the SDK's typed transform and model construction halves the
-        client's CPU per request (see benchmarks/bench_llm.py).
+        The request goes through the SDK's own request path (``AsyncOpenAI.post``, the SDK's documented
+        way to call an endpoint with a plain JSON body: base URL, auth, default headers, timeout,
+        error mapping to ``openai.APIStatusError`` and friends) and the response comes back as the
+        raw HTTP response, decoded here. ``chat.completions.create`` would first walk the body
+        through the SDK's typed transform (tens of ``typing`` hashes per call) and wrap the answer in
+        pydantic models; refforge's messages are plain JSON already and it reads four fields, so
+        skipping both saves about a fifth of the SDK's CPU per request (benchmarks/bench_llm.py).
         """
         import openai
 
@@ -876,7 +983,7 @@ class LLMClient:
         rate_limited = 0
         waited_on_429 = 0.0
         while True:
-            body: dict[str, Any] = dict(req.extra or {})
+            body: dict[str, Any] = {"model": self.model, **(req.extra or {})}
             body["messages"] = conversation
             if req.response_schema is not None:
                 if self._mode == "json_schema":
@@ -893,9 +1000,9 @@ class LLMClient:
             # refforge exception chains the SDK's (whose request object holds the auth header).
             outcome: tuple[str, str, int | None, float | None] | None = None
             try:
-                raw = await sdk.chat.completions.with_raw_response.create(
-                    model=self.model, messages=[], extra_body=body, timeout=self.timeout_s)
-                answer = _decode(raw.http_response.content)
+                response = await sdk.post("/chat/completions", cast_to=self._response_cls, body=body,
+                                          options=self._request_options)
+                answer = _decode(response.content)
                 if answer is None:
                     outcome = ("bad_response", "the response body is not a chat completion", 200, None)
                 else:
