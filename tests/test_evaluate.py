@@ -23,7 +23,7 @@ import refforge.stages.evaluate as ev
 from refforge.cli import app
 from refforge.flows.evaluate import EvalError, read_predictions, run_eval
 from refforge.stages.metrics import metric_table
-from refforge.testing import OpenAITestServer, empty, fail, refusal
+from refforge.testing import OpenAITestServer, empty, fail, refusal, reply
 
 KEY_ENV = "REFFORGE_EVAL_TEST_KEY"
 SECRET = "sk-eval-test-9f8e7d6c5b4a"
@@ -408,6 +408,33 @@ def test_logprobs_are_requested_and_the_score_source_is_documented(export, srv, 
     # the test server (like many) returns no logprobs: the binary score is used, and said so
     assert m["score_source"] == "binary" and m["logprobs_requested"] is True
     assert "requested but not returned" in m["score_note"]
+
+
+def test_token_logprobs_become_the_scores_of_auroc(export, srv, tmp_path):
+    """With --logprobs and a server that returns them, c = exp(mean token logprob) is the score of a box
+    and 1 - c of a rejection; AUROC then ranks by confidence instead of by answered / rejected."""
+    lp = math.log
+    scripted(srv, {
+        "the red ball": reply("[40, 30, 120, 90]", logprobs=[lp(0.9)] * 4),          # 0.9
+        "the cup left of the box": reply("[200, 100, 300, 200]", logprobs=[lp(0.8)]),  # 0.8
+        "the second star from the left": reply("[10, 10, 60, 60]", logprobs=[lp(0.3)] * 2),  # 0.3
+        "the blue kite": reply("no such object", logprobs=[lp(0.6)] * 3),             # 1 - 0.6
+        "the green ball": reply("no such object", logprobs=[lp(0.9)] * 3),            # 1 - 0.9
+        "the cup right of the box": reply("[200, 100, 300, 200]", logprobs=[lp(0.5)]),  # 0.5
+        "the second hat from the left": reply("no such object", logprobs=[lp(0.65)]),  # 1 - 0.65
+    })
+    out = tmp_path / "lp-scores"
+    m = _run(export, srv, "groundingme", out, logprobs=True)
+    assert m["score_source"] == "logprobs" and m["score_note"].startswith("logprobs")
+    p = _preds(out)
+    want = {"p1": 0.9, "p2": 0.8, "p3": 0.3, "p4": 0.4, "n1": 0.1, "n2": 0.5, "n3": 0.35}
+    assert {k: round(p[k]["score"], 6) for k in want} == want
+    # positives 0.9, 0.8, 0.3, 0.4 against negatives 0.1, 0.5, 0.35: 9 of 12 pairs ordered right
+    assert m["overall"]["auroc"] == pytest.approx(9 / 12)
+    # the logprobs are cached with the answers: a re-run sends nothing and scores the same
+    n = len(srv.chat_requests())
+    again = _run(export, srv, "groundingme", out, logprobs=True)
+    assert len(srv.chat_requests()) == n and again["overall"]["auroc"] == pytest.approx(9 / 12)
 
 
 def test_failed_requests_are_recorded_and_retried_on_the_next_run(export, srv, tmp_path):

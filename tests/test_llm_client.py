@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 import refforge.llm.client as client_mod
 from refforge.llm import (
+    CachedResponse,
     ChatRequest,
     LLMClient,
     LLMError,
@@ -118,6 +119,37 @@ def test_plain_call_sends_the_openai_request(srv, make):
     assert (body["temperature"], body["max_tokens"], body["top_p"]) == (0, 20, 0.5)
     assert "response_format" not in body
     assert srv.requests[0].authorized
+
+
+def test_token_logprobs_come_back_only_when_asked_and_are_cached(srv, make, tmp_path):
+    srv.handler = lambda req: reply("[1, 2, 3, 4]", logprobs=[-0.1, -0.2, -0.3, -0.4])
+    client = make(srv, cache=ResponseCache(tmp_path / "c.sqlite"))
+    plain = call(client)
+    assert plain.logprobs is None  # not asked for: the server sends none, as OpenAI does
+    asked = call(client, extra={"logprobs": True})
+    assert asked.logprobs == (-0.1, -0.2, -0.3, -0.4) and not asked.cached
+    again = call(client, extra={"logprobs": True})
+    assert again.cached and again.logprobs == (-0.1, -0.2, -0.3, -0.4)
+    assert len(srv.requests) == 2
+
+
+def test_a_cache_file_from_before_logprobs_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, model TEXT NOT NULL, stage TEXT NOT NULL, "
+                "prompt_version TEXT NOT NULL, text TEXT, finish_reason TEXT, error TEXT, prompt_tokens INTEGER "
+                "NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL) "
+                "WITHOUT ROWID")
+    con.execute("INSERT INTO responses VALUES ('k', 'm', 's', 'v', 'old answer', 'stop', NULL, 3, 2, 0)")
+    con.commit()
+    con.close()
+    cache = ResponseCache(path)
+    old = cache.get("k")
+    assert old.text == "old answer" and old.logprobs is None and old.completion_tokens == 2
+    cache.put("k2", CachedResponse("new", logprobs=(-1.0,)))
+    assert cache.get("k2").logprobs == (-1.0,) and len(cache) == 2
 
 
 # ------------------------------------------------------------------------------------- transport faults

@@ -41,9 +41,14 @@ CREATE TABLE IF NOT EXISTS responses (
     error TEXT,
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    logprobs TEXT
 ) WITHOUT ROWID
 """
+
+
+def _lp(logprobs: tuple[float, ...] | None) -> str | None:
+    return None if logprobs is None else json.dumps(list(logprobs))
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class CachedResponse:
     model: str = ""
     stage: str = ""
     prompt_version: str = ""
+    logprobs: tuple[float, ...] | None = None  # the answer's token logprobs, when they were asked for
 
 
 def _canonical_messages(messages: Any) -> Any:
@@ -139,6 +145,9 @@ class ResponseCache:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+            if "logprobs" not in columns:  # a cache file written before logprobs were kept
+                conn.execute("ALTER TABLE responses ADD COLUMN logprobs TEXT")
             self._local.conn = conn
         return conn
 
@@ -150,8 +159,8 @@ class ResponseCache:
 
     def get(self, key: str) -> CachedResponse | None:
         row = self._conn().execute(
-            "SELECT text, finish_reason, error, prompt_tokens, completion_tokens, model, stage, prompt_version "
-            "FROM responses WHERE key = ?",
+            "SELECT text, finish_reason, error, prompt_tokens, completion_tokens, model, stage, prompt_version, "
+            "logprobs FROM responses WHERE key = ?",
             (key,),
         ).fetchone()
         with self._stats.lock:
@@ -159,15 +168,18 @@ class ResponseCache:
                 self._stats.misses += 1
             else:
                 self._stats.hits += 1
-        return None if row is None else CachedResponse(*row)
+        if row is None:
+            return None
+        lp = row[8]
+        return CachedResponse(*row[:8], logprobs=None if lp is None else tuple(json.loads(lp)))
 
     def put(self, key: str, response: CachedResponse) -> None:
         self._conn().execute(
-            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key, response.model, response.stage, response.prompt_version, response.text,
                 response.finish_reason, response.error, int(response.prompt_tokens),
-                int(response.completion_tokens), time.time(),
+                int(response.completion_tokens), time.time(), _lp(response.logprobs),
             ),
         )
         with self._stats.lock:
@@ -180,10 +192,10 @@ class ResponseCache:
         conn.execute("BEGIN")
         try:
             conn.executemany(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (k, r.model, r.stage, r.prompt_version, r.text, r.finish_reason, r.error,
-                     int(r.prompt_tokens), int(r.completion_tokens), now)
+                     int(r.prompt_tokens), int(r.completion_tokens), now, _lp(r.logprobs))
                     for k, r in items
                 ],
             )

@@ -182,6 +182,7 @@ class ChatResult:
     finish_reason: str | None = "stop"
     model: str = ""
     key: str = ""
+    logprobs: tuple[float, ...] | None = None  # token logprobs, when the request asked for them
 
 
 @dataclass
@@ -905,7 +906,7 @@ class LLMClient:
                 parsed = parse_model(hit.text or "", req.response_schema)
             except OutputParseError:
                 return None
-        return ChatResult(hit.text or "", parsed, Usage(), True, 0, hit.finish_reason, hit.model, key)
+        return ChatResult(hit.text or "", parsed, Usage(), True, 0, hit.finish_reason, hit.model, key, hit.logprobs)
 
     async def _answer(self, req: ChatRequest, key: str, stats: _StageUsage, sdk: Any) -> ChatResult:
         schema = req.response_schema
@@ -940,8 +941,8 @@ class LLMClient:
                 if self.cache is not None:
                     self.cache.put(key, CachedResponse(text, finish, None, usage.prompt_tokens,
                                                        usage.completion_tokens, served_model, req.stage,
-                                                       req.prompt_version))
-                return ChatResult(text, parsed, usage, False, attempts, finish, served_model, key)
+                                                       req.prompt_version, answer.logprobs))
+                return ChatResult(text, parsed, usage, False, attempts, finish, served_model, key, answer.logprobs)
             reason, detail = problem
             last_turn = turn == (self.repair_retries if schema is not None else 0)
             if reason == "refusal" or last_turn:
@@ -1082,6 +1083,17 @@ class _Answer:
     finish_reason: str | None
     model: str
     usage: Usage
+    logprobs: tuple[float, ...] | None = None
+
+
+def _token_logprobs(choice: dict) -> tuple[float, ...] | None:
+    """``choices[0].logprobs.content[*].logprob``, or None when the server sent none."""
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if not isinstance(content, list):
+        return None
+    out = [t.get("logprob") for t in content if isinstance(t, dict)]
+    return tuple(float(x) for x in out if isinstance(x, (int, float))) or None
 
 
 def _decode(content: bytes) -> _Answer | None:
@@ -1107,7 +1119,7 @@ def _decode(content: bytes) -> _Answer | None:
     if isinstance(text, list):  # some servers answer with content parts
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
     return _Answer(text if isinstance(text, str) else None, message.get("refusal") or None,
-                   choice.get("finish_reason"), model, tokens)
+                   choice.get("finish_reason"), model, tokens, _token_logprobs(choice))
 
 
 def _copy_error(exc: BaseException) -> BaseException:

@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -87,6 +87,9 @@ class Reply:
     prompt_tokens: int | None = None  # None: estimated from the request size
     completion_tokens: int | None = None  # None: estimated from the answer size
     delay_s: float = 0.0
+    # token log probabilities, sent as choices[0].logprobs.content only when the request asks for
+    # ``logprobs: true`` (as OpenAI does); the tokens are the answer's whitespace-separated words
+    logprobs: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,10 @@ Behaviour = Reply | Fail | Stall | Drop | Malformed
 
 
 def reply(content: str | None = "ok", *, finish_reason: str = "stop", prompt_tokens: int | None = None,
-          completion_tokens: int | None = None, delay_s: float = 0.0) -> Reply:
-    return Reply(content, finish_reason, None, prompt_tokens, completion_tokens, delay_s)
+          completion_tokens: int | None = None, delay_s: float = 0.0,
+          logprobs: Sequence[float] | None = None) -> Reply:
+    return Reply(content, finish_reason, None, prompt_tokens, completion_tokens, delay_s,
+                 None if logprobs is None else tuple(float(x) for x in logprobs))
 
 
 def fail(status: int, message: str | None = None, *, type: str | None = None, code: str | None = None,
@@ -389,6 +394,15 @@ def _error(fail: Fail) -> tuple[int, bytes, list[tuple[str, str]]]:
     return fail.status, json.dumps(body).encode(), extra
 
 
+def _logprobs(body: dict[str, Any], r: Reply) -> dict[str, Any] | None:
+    if not body.get("logprobs") or r.logprobs is None:
+        return None
+    words = (r.content or "").split() or [""]
+    tokens = [words[k] if k < len(words) else "" for k in range(len(r.logprobs))]
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                        for t, lp in zip(tokens, r.logprobs, strict=True)], "refusal": None}
+
+
 def _completion(srv: OpenAITestServer, body: dict[str, Any], r: Reply) -> dict[str, Any]:
     n = next(srv._ids)
     prompt = r.prompt_tokens if r.prompt_tokens is not None else _estimate_tokens(body.get("messages"))
@@ -402,7 +416,7 @@ def _completion(srv: OpenAITestServer, body: dict[str, Any], r: Reply) -> dict[s
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": r.content, "refusal": r.refusal},
-            "logprobs": None,
+            "logprobs": _logprobs(body, r),
             "finish_reason": r.finish_reason,
         }],
         "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
