@@ -104,6 +104,20 @@ def test_model_backed_build_and_a_resume_that_sends_zero_requests(tmp_path, pref
     assert snapshot(out) == before
 
 
+def test_process_runner_reports_the_model_usage_of_its_worker_processes(tmp_path, prefect_api, server):
+    """Clients live in the worker processes: their usage comes back with each unit's result."""
+    cfg = _config(server).model_dump(mode="json")
+    cfg["runner"] = {"kind": "process", "workers": 2}
+    first = len(server.requests)
+    record = run_build(parse_config(cfg), tmp_path / "build")
+    sent = len(server.requests) - first
+    assert sent > 0
+    usage = record["model_usage"]
+    http = sum(s["http_requests"] for ep in usage.values() for s in ep.values())
+    assert http == sent
+    assert usage["llm"]["negatives_text"]["requests"] > 0 and usage["vlm"]["cot"]["requests"] > 0
+
+
 def test_a_model_backend_without_its_endpoint_fails_before_any_work():
     from refforge.config import ConfigError
 
