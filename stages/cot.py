@@ -234,7 +234,7 @@ class TraceContext:
     """
 
     __slots__ = ("graph", "_key", "objs", "objects", "ids", "attrs", "idbit", "rel", "by_cat", "cell", "near",
-                 "where", "cellw", "plain", "cx", "cy", "crowded", "_box")
+                 "where", "cellw", "plain", "cx", "cy", "crowded", "_box", "said", "desc", "silent")
 
     def __init__(self, graph: SceneGraph):
         self.graph = graph
@@ -276,6 +276,10 @@ class TraceContext:
         self.cx = [_center(o, "x") for o in objects]
         self.cy = [_center(o, "y") for o in objects]
         self._box: list[str | None] = [None] * len(objects)
+        self.said: dict[tuple, str] = {}  # category lines by (category, at depth 0, boxes, terse)
+        # id(node) -> (node, value): the entry holds the node, so its id cannot be reused meanwhile
+        self.desc: dict[int, tuple[Node, str]] = {}  # describe(node)
+        self.silent: dict[int, tuple[Node, tuple[list[int], bool]]] = {}  # silent walks
 
     def current(self) -> bool:
         """Is the graph still what this context was built from?"""
@@ -323,16 +327,16 @@ class _Walker:
         self.steps: list[Step] = []
         self.lines: list[str] = []  # sentences, or terse clauses when ``tersely``
         self._silent = 0
-        self._desc: dict[int, tuple[Node, str]] = {}
 
     # -- words about objects ------------------------------------------------------------------------
 
     def describe(self, node: Node) -> str:
-        hit = self._desc.get(id(node))
+        desc = self.c.desc
+        hit = desc.get(id(node))
         if hit is not None and hit[0] is node:
             return hit[1]
         s = describe(node)
-        self._desc[id(node)] = (node, s)
+        desc[id(node)] = (node, s)
         return s
 
     def needs_box(self, i: int) -> bool:
@@ -375,6 +379,10 @@ class _Walker:
         """The objects ``node`` refers to (graph order) and whether geometry made it a close call."""
         c = self.c
         loud = not self._silent
+        if not loud:  # a silent walk says nothing: its result is the graph's, kept in the context
+            hit = c.silent.get(id(node))
+            if hit is not None and hit[0] is node:
+                return hit[1]
         ambiguous = False
         cat = node.category
         cands = c.by_cat.get(cat, _EMPTY)
@@ -426,6 +434,8 @@ class _Walker:
             if record:
                 self.steps.append(Step("position", depth, _position_phrase(node.position, cat), c.tids(before),
                                        c.tids(cands), ambiguous=amb))
+        if not loud:
+            c.silent[id(node)] = (node, (cands, ambiguous))
         return cands, ambiguous
 
     def _position(self, pos: Position, cat: str, cands: list[int], loud: bool) -> tuple[list[int], bool]:
@@ -490,18 +500,25 @@ class _Walker:
     # -- sentences ----------------------------------------------------------------------------------
 
     def _say_category(self, cat: str, cands: list[int], depth: int) -> None:
-        n = len(cands)
-        pl = _plural(cat)
-        if self.tersely:
-            self.lines.append(f"{pl}: {self.terse(cands)}")
-            return
-        lead = "I look for" if depth == 0 else "For that I look for"
-        if n == 0:
-            s = f"{lead} {pl}: there is no {cat} in the image."
-        elif n == 1:
-            s = f"{lead} {pl}: there is one, {self.obj(cands[0])}."
-        else:
-            s = f"{lead} {pl}: there are {_num(n)}, {self.listing(cands)}."
+        # ``cands`` is every object of the category: the line depends on the graph and the style only,
+        # so the graph's context keeps it for the next trace
+        key = (cat, depth == 0, self.boxes, self.tersely)
+        said = self.c.said
+        s = said.get(key)
+        if s is None:
+            n = len(cands)
+            pl = _plural(cat)
+            if self.tersely:
+                s = f"{pl}: {self.terse(cands)}"
+            else:
+                lead = "I look for" if depth == 0 else "For that I look for"
+                if n == 0:
+                    s = f"{lead} {pl}: there is no {cat} in the image."
+                elif n == 1:
+                    s = f"{lead} {pl}: there is one, {self.obj(cands[0])}."
+                else:
+                    s = f"{lead} {pl}: there are {_num(n)}, {self.listing(cands)}."
+            said[key] = s
         self.lines.append(s)
 
     def _say_attribute(self, attr: str, before: list[int], after: list[int]) -> None:

@@ -400,6 +400,9 @@ class NegativeIndex:
         self._orders: dict[str, list[int]] = {}
         self._centres: dict[str, list[float]] | None = None
         self._regions: tuple[dict[str, int], int] | None = None
+        # evaluation caches, id(node) -> (node, result): the entry holds the node, so its id stays its own
+        self._rel_cache: dict[int, tuple[Node, tuple[int, bool]]] = {}
+        self._closed_cache: dict[int, tuple[Node, tuple[int, bool]]] = {}
 
     # --- lazily built parts ---------------------------------------------------------------------
 
@@ -803,7 +806,7 @@ def text_negatives(
     if per_type <= 0:
         return []
     exact = index.exact
-    cache: dict = {}
+    cache = index._rel_cache  # shared by the graph's positives: their anchor nodes are often the same objects
     if exact:
         m, amb = index._eval(query, cache, index.rel)
         t = index._pos.get(target_id)
@@ -827,7 +830,7 @@ def text_negatives(
             c = ctx_cache[i] = ReplacementContext(i + 1, cats[i], index.categories, index.attributes, salt, limit)
         return c
 
-    closed_cache: dict = {}
+    closed_cache = index._closed_cache
     has_rel = bool(query.relations)
     out: list[NegativeCandidate] = []
     texts = {orig_text}
