@@ -567,7 +567,7 @@ class NegativeIndex:
                     m &= self.attr.get(a, 0)
             for pred, child in n.relations:
                 ck = counter[0] + 1
-                ym = walk(child)
+                ym = walk(child)  # noqa: F821 (deleted after use, see below)
                 rows = closed.get(pred)
                 if ck in rels:
                     ex = self.exclusions(pred)
@@ -595,7 +595,10 @@ class NegativeIndex:
                         m = 0
             return m
 
-        return bool(walk(node))
+        try:
+            return bool(walk(node))
+        finally:
+            del walk  # the recursive closure refers to itself: break the cycle for refcounting
 
 
 # ------------------------------------------------------------------------------------------ filling
@@ -750,9 +753,10 @@ class _Flat:
             self.paths.append(path)
             self.parent.append(parent)
             for j, (_p, c) in enumerate(n.relations):
-                walk(c, path + (j,), me)
+                walk(c, path + (j,), me)  # noqa: F821 (deleted after use, see below)
 
         walk(root, (), -1)
+        del walk  # the recursive closure refers to itself: break the cycle for refcounting
         self.cats = [n.category for n in self.nodes]
         self.distinct = len(set(self.cats)) == len(self.cats)
         # preds[i]: the predicate of the relation that leads to node i ("" for the target)

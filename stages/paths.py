@@ -785,9 +785,12 @@ class _Search:
                 if cj == rem:
                     out.append((chosen + (j,), s2))
                 elif s2 != goal:
-                    rec(j + 1, rem - cj, s2, chosen + (j,))
+                    rec(j + 1, rem - cj, s2, chosen + (j,))  # noqa: F821 (deleted after use)
 
-        rec(0, c, self.base, ())
+        try:
+            rec(0, c, self.base, ())
+        finally:
+            del rec  # the recursive closure refers to itself: break the cycle for refcounting
         return out
 
     def reducible_plain(self, combo: tuple[int, ...]) -> bool:
@@ -1052,11 +1055,12 @@ def template_context(variant: int, shape: tuple, words: Mapping[str, str] | None
         ctx = {"R": val(rname), "O": val(prefix), "attrs": attrs, "np": phrase([*attrs, val(prefix)]),
                "det": det, "sub": []}
         if sub is not None:
-            ctx["sub"] = [anchor(sub)]
+            ctx["sub"] = [anchor(sub)]  # noqa: F821 (deleted after use)
         return ctx
 
     attrs = [val(f"A{j + 1}") for j in range(n_attrs)]
     rels = [anchor(a) for a in anchors]
+    del anchor  # the recursive closure refers to itself: break the cycle for refcounting
     return {
         "variant": variant,
         "O": val("O"),
