@@ -42,14 +42,13 @@ from refforge.stages.paths import TargetSelection, referring_paths  # noqa: E402
 
 def _work(args: tuple[int, int, int, int]) -> dict:
     start, stop, seed, shard = args
-    graphs = [make_graph(k, seed) for k in range(start, stop)]
     gc.collect()
     gc.freeze()
     tune_gc()  # the collector thresholds a build runs with
     sel = TargetSelection()
     t = {"paths": 0.0, "negatives": 0.0, "traces": 0.0}  # CPU seconds of this worker (process_time)
     w = {"paths": 0.0, "negatives": 0.0, "traces": 0.0}  # wall seconds
-    n = {"graphs": len(graphs), "positives": 0, "negatives": 0, "needs_review": 0, "traces": 0, "correct": 0}
+    n = {"graphs": stop - start, "positives": 0, "negatives": 0, "needs_review": 0, "traces": 0, "correct": 0}
 
     def clock() -> tuple[float, float]:
         return time.perf_counter(), time.process_time()
@@ -58,9 +57,10 @@ def _work(args: tuple[int, int, int, int]) -> dict:
         w[step] += b[0] - a[0]
         t[step] += b[1] - a[1]
 
-    # as a build runs them: each stage over a whole shard of graphs before the next stage
-    for s0 in range(0, len(graphs), shard):
-        part = list(enumerate(graphs[s0:s0 + shard], start=start + s0))
+    # as a build runs them: a shard's graphs are made (a build reads them), then each stage runs over the
+    # whole shard before the next stage
+    for s0 in range(start, stop, shard):
+        part = [(k, make_graph(k, seed)) for k in range(s0, min(stop, s0 + shard))]
         c0 = clock()
         results = [referring_paths(g, max_hops=2, positions=True, selection=sel, seed=k) for k, g in part]
         c1 = clock()

@@ -762,6 +762,10 @@ def traces_for_sample(graph: SceneGraph, query: Node, polarity: str, target_id: 
     best marked ``selected``. Distinct texts keep the ``cot_traces`` key (sample, model, trace) unique.
     ``ctx``: the graph's :class:`TraceContext` (see there); ``steps``: as for :func:`trace_for`."""
     c = _context(graph, ctx)
+    if k <= 1:  # one trace, in the first style
+        t = _trace(c, query, polarity, target_id, seed % N_STYLES, gt_box, iou_threshold, steps)
+        t.selected = True
+        return [t]
     traces: list[Trace] = []
     seen: set[str] = set()
     for i in range(N_STYLES):

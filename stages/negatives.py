@@ -865,7 +865,7 @@ def text_negatives(
         kept: dict[str, list[NegativeCandidate]] = {"L1": [], "L2": []}
         for _key, level, payload in options:
             if len(kept[level]) >= per_type:
-                if all(len(v) >= per_type for v in kept.values()):
+                if len(kept["L1"]) >= per_type and len(kept["L2"]) >= per_type:
                     break
                 continue
             edit = _apply(kind, payload, flat, query, template_text)
