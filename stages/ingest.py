@@ -141,6 +141,18 @@ def _load_image(path: Path) -> tuple[bytes, str, int, int]:
     return data, ext, w, h
 
 
+def _load_or_drop(path: Path, key: str, drops: list[Drop]) -> tuple[bytes, str, int, int] | None:
+    """:func:`_load_image`, or None with a drops row saying why the file could not be used."""
+    try:
+        return _load_image(path)
+    except FileNotFoundError:
+        drops.append(Drop(stage=STAGE, key=key, reason="image file missing"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        reason = "truncated image" if "truncated" in str(e).lower() else "unreadable image"
+        drops.append(Drop(stage=STAGE, key=key, reason=reason, detail=str(e)[:300]))
+    return None
+
+
 def _iter_graph(rec: dict[str, Any], width: int, height: int, from_geometry: bool) -> SceneGraph:
     objects = []
     for o in rec.get("objects", []):
@@ -170,15 +182,10 @@ def ingest_graphs(records: list[dict[str, Any]], indices: range, *, images_dir: 
             out.drops.append(Drop(stage=STAGE, key=key, reason="scene graph without an image"))
             continue
         key = f"graphs:{name}"
-        try:
-            data, ext, w, h = _load_image(Path(images_dir) / name)
-        except FileNotFoundError:
-            out.drops.append(Drop(stage=STAGE, key=key, reason="image file missing"))
+        loaded = _load_or_drop(Path(images_dir) / name, key, out.drops)
+        if loaded is None:
             continue
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            reason = "truncated image" if "truncated" in str(e).lower() else "unreadable image"
-            out.drops.append(Drop(stage=STAGE, key=key, reason=reason, detail=str(e)[:300]))
-            continue
+        data, ext, w, h = loaded
         try:
             graph = _iter_graph(rec, w, h, relations_from_geometry)
         except (KeyError, TypeError, ValueError) as e:
@@ -232,15 +239,10 @@ def ingest_folder(files: list[str], indices: range, *, root: Path) -> IngestOutp
         out.scenes_in += 1
         name = files[i]
         key = f"folder:{name}"
-        try:
-            data, ext, w, h = _load_image(Path(root) / name)
-        except FileNotFoundError:
-            out.drops.append(Drop(stage=STAGE, key=key, reason="image file missing"))
+        loaded = _load_or_drop(Path(root) / name, key, out.drops)
+        if loaded is None:
             continue
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            reason = "truncated image" if "truncated" in str(e).lower() else "unreadable image"
-            out.drops.append(Drop(stage=STAGE, key=key, reason=reason, detail=str(e)[:300]))
-            continue
+        data, ext, w, h = loaded
         image_id = hashlib.sha256(data).hexdigest()
         out.images.append(StoredImage(data, ext, Image(image_id=image_id, source="folder",
                                                        path=image_relpath(image_id, ext), width=w, height=h,
