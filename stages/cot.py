@@ -101,7 +101,7 @@ _MOST = {"left": "leftmost", "right": "rightmost", "top": "topmost", "bottom": "
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Step:
     """One constraint applied during the walk."""
 
@@ -114,7 +114,7 @@ class Step:
     ambiguous: bool = False       # position steps: the geometry makes the selection a close call
 
 
-@dataclass
+@dataclass(slots=True)
 class Trace:
     """A reasoning trace and its verification.
 
@@ -134,7 +134,7 @@ class Trace:
     model: str = MODEL
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParsedAnswer:
     """``kind``: "box" (``box`` set), "none" (the answer says there is no such object) or "unparseable"."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 Box = tuple[float, float, float, float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GObject:
     id: str
     name: str
@@ -34,7 +34,7 @@ class GObject:
         return (x1 + x2) / 2.0, (y1 + y2) / 2.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GRelation:
     subject: str
     predicate: str

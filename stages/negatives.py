@@ -160,7 +160,7 @@ NEGATIVE_TYPES: tuple[str, ...] = (
 NEGATIVE_LEVELS: tuple[str, ...] = ("L1", "L2")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NegativeCandidate:
     """A verified text negative of one positive.
 

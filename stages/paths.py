@@ -248,7 +248,7 @@ def _fmt_frac(x: float) -> str:
     return f"{x:.2g}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReferringPath:
     target_id: str
     query: Node  # the canonical path; target attributes in spoken order

@@ -32,7 +32,7 @@ right. Fast matchers (``paths.GraphIndex``) are tested against it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from .graph import GObject, SceneGraph
@@ -46,7 +46,7 @@ MIRROR_START = {"left": "right", "right": "left", "top": "top", "bottom": "botto
 MIRROR_REGION = {r: r.replace("left", "@").replace("right", "left").replace("@", "right") for r in REGIONS}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Position:
     kind: Literal["order", "region"]
     start: str | None = None      # order: "left" | "right" | "top" | "bottom"
@@ -67,7 +67,7 @@ class Position:
         return self.region is not None and MIRROR_REGION[self.region] != self.region
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     category: str
     attributes: tuple[str, ...] = ()
@@ -94,7 +94,8 @@ class Node:
         d: dict = {"category": self.category, "attributes": list(self.attributes),
                    "relations": [[p, c.to_json()] for p, c in self.relations]}
         if self.position is not None:
-            d["position"] = {k: v for k, v in self.position.__dict__.items() if v is not None}
+            d["position"] = {f.name: v for f in fields(self.position)
+                             if (v := getattr(self.position, f.name)) is not None}
         return d
 
     @classmethod
