@@ -682,9 +682,22 @@ def _why_none(w: _Walker, query: Node) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=4096)
+_OWN_BOX = re.compile(r"\[(-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\]")
+
+
 def _parse_own(answer: str) -> ParsedAnswer:
-    """``parse_answer`` of a trace whose text has no "<" outside its tags (frozen, so it can be shared)."""
+    """``parse_answer`` of a trace whose text has no "<" outside its tags: the pixel list the walk writes
+    is read by one pattern (what ``parse_answer`` makes of it), anything else by ``parse_answer``."""
+    m = _OWN_BOX.fullmatch(answer)
+    if m is not None:
+        box = (float(m[1]), float(m[2]), float(m[3]), float(m[4]))
+        if box != (0.0, 0.0, 0.0, 0.0):
+            return ParsedAnswer("box", box=box, raw=answer)
+    return _parse_own_other(answer)
+
+
+@lru_cache(maxsize=4096)
+def _parse_own_other(answer: str) -> ParsedAnswer:
     return parse_answer(f"<answer>{answer}</answer>")
 
 

@@ -309,3 +309,19 @@ def test_walk_final_set_equals_evaluate(g, q, style):
     else:
         assert t.answer_box is None
         assert t.verdict == "correct_rejection"
+
+
+def test_own_answers_parse_as_parse_answer_reads_them():
+    """The traces' own answers take a one-pattern path; it must agree with parse_answer everywhere."""
+    import random as _random
+
+    from refforge.stages.boxes import format_box
+
+    rng = _random.Random(3)
+    answers = ["none", "[0, 0, 0, 0]", "[1, 2, 3]", "[10, 20, 30, 40] [1, 2, 3, 4]", "[-5, 2, 30, 40]",
+               "[1.5, 2, 30.25, 40]", "[ 1, 2, 3, 4 ]"]
+    for _ in range(300):
+        x1, y1 = rng.uniform(0, 500), rng.uniform(0, 400)
+        answers.append(format_box((x1, y1, x1 + rng.uniform(1, 100), y1 + rng.uniform(1, 100))))
+    for a in answers:
+        assert cot._parse_own(a) == cot.parse_answer(f"<answer>{a}</answer>"), a
