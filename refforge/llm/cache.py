@@ -47,10 +47,6 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
-def _lp(logprobs: tuple[float, ...] | None) -> str | None:
-    return None if logprobs is None else json.dumps(list(logprobs))
-
-
 @dataclass(frozen=True)
 class CachedResponse:
     """What the cache keeps of one answered request."""
@@ -64,6 +60,16 @@ class CachedResponse:
     stage: str = ""
     prompt_version: str = ""
     logprobs: tuple[float, ...] | None = None  # the answer's token logprobs, when they were asked for
+
+
+_INSERT = "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _row(key: str, r: CachedResponse, created: float) -> tuple:
+    """``r`` as a row of ``responses``, in the table's column order."""
+    logprobs = None if r.logprobs is None else json.dumps(list(r.logprobs))
+    return (key, r.model, r.stage, r.prompt_version, r.text, r.finish_reason, r.error, int(r.prompt_tokens),
+            int(r.completion_tokens), created, logprobs)
 
 
 def _canonical_messages(messages: Any) -> Any:
@@ -174,14 +180,7 @@ class ResponseCache:
         return CachedResponse(*row[:8], logprobs=None if lp is None else tuple(json.loads(lp)))
 
     def put(self, key: str, response: CachedResponse) -> None:
-        self._conn().execute(
-            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key, response.model, response.stage, response.prompt_version, response.text,
-                response.finish_reason, response.error, int(response.prompt_tokens),
-                int(response.completion_tokens), time.time(), _lp(response.logprobs),
-            ),
-        )
+        self._conn().execute(_INSERT, _row(key, response, time.time()))
         with self._stats.lock:
             self._stats.puts += 1
 
@@ -191,14 +190,7 @@ class ResponseCache:
         now = time.time()
         conn.execute("BEGIN")
         try:
-            conn.executemany(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (k, r.model, r.stage, r.prompt_version, r.text, r.finish_reason, r.error,
-                     int(r.prompt_tokens), int(r.completion_tokens), now, _lp(r.logprobs))
-                    for k, r in items
-                ],
-            )
+            conn.executemany(_INSERT, [_row(k, r, now) for k, r in items])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

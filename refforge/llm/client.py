@@ -48,6 +48,7 @@ import contextvars
 import dataclasses
 import email.utils
 import functools
+import inspect
 import io
 import json
 import logging
@@ -91,7 +92,6 @@ __all__ = [
 
 log = logging.getLogger("refforge.llm")
 
-OUTPUT_REASONS = ("refusal", "empty", "unparseable", "schema_mismatch", "truncated")
 StructuredMode = Literal["auto", "json_schema", "instructions"]
 LANE_WIDTH = 16  # connections per SDK client (see LLMClient._ensure_sdk)
 
@@ -100,7 +100,11 @@ LANE_WIDTH = 16  # connections per SDK client (see LLMClient._ensure_sdk)
 
 
 class LLMError(Exception):
-    """Base of the errors a model call ends in."""
+    """Base of the errors a model call ends in.
+
+    Subclasses keep their fields as plain attributes, so the default exception pickling (message,
+    then the attribute dict) carries them to other processes whole.
+    """
 
 
 class LLMOutputError(LLMError):
@@ -121,14 +125,6 @@ class LLMOutputError(LLMError):
         self.attempts = attempts
         self.cached = cached
 
-    def __reduce__(self):
-        return (_rebuild_output_error, (self.reason, self.detail, self.text, self.stage, self.key,
-                                        self.attempts, self.cached))
-
-
-def _rebuild_output_error(reason, detail, text, stage, key, attempts, cached) -> LLMOutputError:
-    return LLMOutputError(reason, detail, text=text, stage=stage, key=key, attempts=attempts, cached=cached)
-
 
 class LLMRequestError(LLMError):
     """The request itself failed: retries exhausted, or an error that retrying cannot fix.
@@ -145,13 +141,6 @@ class LLMRequestError(LLMError):
         self.status = status
         self.stage = stage
         self.attempts = attempts
-
-    def __reduce__(self):
-        return (_rebuild_request_error, (self.reason, self.detail, self.status, self.stage, self.attempts))
-
-
-def _rebuild_request_error(reason, detail, status, stage, attempts) -> LLMRequestError:
-    return LLMRequestError(reason, detail, status=status, stage=stage, attempts=attempts)
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -585,14 +574,6 @@ class LLMClient:
             raise ValueError(f"structured_output must be 'auto', 'json_schema' or 'instructions', not {structured_output!r}")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self._config = dict(
-            base_url=base_url, model=model, api_key_env=api_key_env, concurrency=concurrency, timeout_s=timeout_s,
-            max_retries=max_retries, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
-            max_rate_limit_wait_s=max_rate_limit_wait_s, image_longest_side=image_longest_side,
-            structured_output=structured_output, repair_retries=repair_retries, http_backend=http_backend, cache=cache,
-            cache_failures=cache_failures, price_per_1k_input=price_per_1k_input,
-            price_per_1k_output=price_per_1k_output,
-        )
         self.base_url = base_url
         self.model = model
         self.api_key_env = api_key_env
@@ -631,8 +612,9 @@ class LLMClient:
     def __repr__(self) -> str:
         return f"LLMClient(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
-    def __reduce__(self):
-        return (_rebuild_client, (self._config,))
+    def __reduce__(self):  # every constructor argument is kept as the attribute of the same name
+        config = {name: getattr(self, name) for name in inspect.signature(LLMClient).parameters}
+        return (_rebuild_client, (config,))
 
     def __enter__(self) -> LLMClient:
         return self
@@ -896,8 +878,9 @@ class LLMClient:
     def _replay(self, hit: CachedResponse, req: ChatRequest, key: str) -> ChatResult | None:
         """The cached outcome; None when a cached answer no longer validates (a validator changed)."""
         if hit.error:
-            self._stage(req.stage).output_errors[hit.error] += 1
-            self._stage(req.stage).cached += 1
+            stats = self._stage(req.stage)
+            stats.output_errors[hit.error] += 1
+            stats.cached += 1
             raise LLMOutputError(hit.error, "cached outcome", text=hit.text, stage=req.stage, key=key,
                                  cached=True)
         parsed = None
@@ -913,7 +896,8 @@ class LLMClient:
         conversation = list(req.messages)
         usage = Usage()
         attempts = 0
-        for turn in range(self.repair_retries + 1 if schema is not None else 1):
+        turns = self.repair_retries + 1 if schema is not None else 1
+        for turn in range(turns):
             answer, n = await self._send(req, conversation, stats, sdk)
             attempts += n
             usage = usage + answer.usage
@@ -935,34 +919,32 @@ class LLMClient:
                         problem = ("refusal", "the model declined in text")
                     else:
                         problem = (exc.reason, exc.message)
-            if problem is None:
-                stats.prompt_tokens += usage.prompt_tokens
-                stats.completion_tokens += usage.completion_tokens
+            reason, detail = problem or (None, "")
+            if reason not in (None, "refusal") and turn < turns - 1:  # a repair turn
+                stats.repairs += 1
+                hint = " Answer more briefly." if reason == "truncated" else ""
+                conversation = [
+                    *conversation,
+                    {"role": "assistant", "content": text or ""},
+                    {"role": "user", "content": f"Your previous answer was rejected ({detail}). Answer again "
+                                                f"with only one JSON object that matches the schema.{hint}"},
+                ]
+                continue
+            stats.prompt_tokens += usage.prompt_tokens
+            stats.completion_tokens += usage.completion_tokens
+            if reason is None:
                 if self.cache is not None:
                     self.cache.put(key, CachedResponse(text, finish, None, usage.prompt_tokens,
                                                        usage.completion_tokens, served_model, req.stage,
                                                        req.prompt_version, answer.logprobs))
                 return ChatResult(text, parsed, usage, False, attempts, finish, served_model, key, answer.logprobs)
-            reason, detail = problem
-            last_turn = turn == (self.repair_retries if schema is not None else 0)
-            if reason == "refusal" or last_turn:
-                stats.prompt_tokens += usage.prompt_tokens
-                stats.completion_tokens += usage.completion_tokens
-                shown = refusal or text
-                if self.cache is not None and self.cache_failures:
-                    self.cache.put(key, CachedResponse(shown, finish, reason, usage.prompt_tokens,
-                                                       usage.completion_tokens, served_model, req.stage,
-                                                       req.prompt_version))
-                log.info("stage=%s: unusable answer (%s) after %d request(s)", req.stage, reason, attempts)
-                raise LLMOutputError(reason, detail, text=shown, stage=req.stage, key=key, attempts=attempts)
-            stats.repairs += 1
-            hint = " Answer more briefly." if reason == "truncated" else ""
-            conversation = [
-                *conversation,
-                {"role": "assistant", "content": text or ""},
-                {"role": "user", "content": f"Your previous answer was rejected ({detail}). Answer again with "
-                                            f"only one JSON object that matches the schema.{hint}"},
-            ]
+            shown = refusal or text
+            if self.cache is not None and self.cache_failures:
+                self.cache.put(key, CachedResponse(shown, finish, reason, usage.prompt_tokens,
+                                                   usage.completion_tokens, served_model, req.stage,
+                                                   req.prompt_version))
+            log.info("stage=%s: unusable answer (%s) after %d request(s)", req.stage, reason, attempts)
+            raise LLMOutputError(reason, detail, text=shown, stage=req.stage, key=key, attempts=attempts)
         raise AssertionError("unreachable")
 
     async def _send(self, req: ChatRequest, conversation: list[dict[str, Any]], stats: _StageUsage,

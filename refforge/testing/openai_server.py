@@ -303,10 +303,7 @@ class _Connection(asyncio.Protocol):
     def _send(self, status: int, body: bytes, extra: list[tuple[str, str]] = (), keep_alive: bool = True) -> None:
         if self.closed or self.transport is None:
             return
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
-                 f"content-length: {len(body)}", "connection: " + ("keep-alive" if keep_alive else "close")]
-        lines += [f"{k}: {v}" for k, v in extra]
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        self.transport.write(_head(status, len(body), extra, keep_alive) + body)
         if not keep_alive:
             self.transport.close()
 
@@ -376,13 +373,19 @@ class _Connection(asyncio.Protocol):
             return 200, behaviour.body, []
         if isinstance(behaviour, Drop):
             full = json.dumps(_completion(srv, body, Reply())).encode()
-            head = (f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(full)}\r\n"
-                    "connection: keep-alive\r\n\r\n").encode()
             if self.transport is not None and not self.closed:
-                self.transport.write(head + full[: behaviour.partial_bytes])
+                self.transport.write(_head(200, len(full)) + full[: behaviour.partial_bytes])
                 self.transport.abort()
             return 200, None, []
         return 200, json.dumps(_completion(srv, body, behaviour)).encode(), []
+
+
+def _head(status: int, length: int, extra: Sequence[tuple[str, str]] = (), keep_alive: bool = True) -> bytes:
+    """A JSON response's status line and headers, up to the blank line."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
+             f"content-length: {length}", "connection: " + ("keep-alive" if keep_alive else "close")]
+    lines += [f"{k}: {v}" for k, v in extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def _error(fail: Fail) -> tuple[int, bytes, list[tuple[str, str]]]:
