@@ -56,9 +56,10 @@ def main() -> None:
             out.append(time.perf_counter() - t)
         return statistics.median(out)
 
-    same = ours().tolist() == theirs().tolist()
+    kept = ours()
+    same = kept.tolist() == theirs().tolist()
     a, b = timed(ours), timed(theirs)
-    print(f"boxes {args.boxes}  labels {args.labels}  iou {args.iou}  kept {len(ours())}  same kept indices: {same}")
+    print(f"boxes {args.boxes}  labels {args.labels}  iou {args.iou}  kept {len(kept)}  same kept indices: {same}")
     print(f"refforge nms  {a * 1000:9.1f} ms")
     print(f"torchvision   {b * 1000:9.1f} ms")
     print(f"ratio refforge / torchvision: {a / b:.1f}")

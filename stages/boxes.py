@@ -300,19 +300,16 @@ def format_box(box: BoxLike, dialect: Dialect = "pixels", width: float | None = 
     >>> format_box(b, "qwen_json")
     '{"bbox_2d": [64, 48, 320, 241]}'
     """
-    v = _round_single(box) if dialect != "grid1000" else None
-    if v is not None:
-        x1, y1, x2, y2 = v
-        if dialect == "pixels":
-            return f"[{x1}, {y1}, {x2}, {y2}]"
-    elif np.ndim(box) != 1:
-        raise ValueError("format_box takes one box")
-    elif dialect == "grid1000":
-        if width is None or height is None:
-            raise ValueError("the grid1000 dialect needs the image width and height")
-        v = to_grid(box, width, height, 1000)
-    else:
-        v = round_box(box)
+    v = _round_single(box) if dialect != "grid1000" else None  # the common case, without numpy
+    if v is None:
+        if np.ndim(box) != 1:
+            raise ValueError("format_box takes one box")
+        if dialect == "grid1000":
+            if width is None or height is None:
+                raise ValueError("the grid1000 dialect needs the image width and height")
+            v = to_grid(box, width, height, 1000)
+        else:
+            v = round_box(box)
     x1, y1, x2, y2 = v
     if dialect in ("pixels", "grid1000"):
         return f"[{x1}, {y1}, {x2}, {y2}]"

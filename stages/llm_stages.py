@@ -45,7 +45,7 @@ import pydantic
 from refforge.llm import ChatRequest, ChatResult, LLMClient, LLMOutputError
 from refforge.schemas import Drop
 from refforge.stages import cot
-from refforge.stages.boxes import DIALECTS, format_box, from_grid, iou
+from refforge.stages.boxes import DIALECTS, clip_boxes, format_box, from_grid, iou
 from refforge.stages.cot import ParsedAnswer, Trace
 from refforge.stages.lexicon import (
     ATTRIBUTE_FAMILIES,
@@ -89,7 +89,6 @@ __all__ = [
 ]
 
 Box = tuple[float, float, float, float]
-Dialect = Literal["pixels", "grid1000", "pairs", "qwen_json"]
 
 PROMPTS: dict[str, str] = {
     "rewrite": "llm/rewrite.j2",
@@ -242,13 +241,18 @@ def _relation_req(pred: str) -> _Req:
     return _Req(pred, [_phrase_rx(w) for w in sorted(words, key=len, reverse=True)])
 
 
+def _ordinal(k: int) -> str:
+    """The ordinal word of rank ``k`` (0 = "first")."""
+    return _ORDINAL_WORDS[k] if k < len(_ORDINAL_WORDS) else f"{k + 1}th"
+
+
 def _position_label(pos: Position) -> str:
     if pos.kind == "region":
         return str(pos.region)
     start = pos.start or "left"
     k = pos.rank or 0
     most = {"left": "leftmost", "right": "rightmost", "top": "topmost", "bottom": "bottommost"}[start]
-    head = most if k == 0 else f"{_ORDINAL_WORDS[k] if k < len(_ORDINAL_WORDS) else f'{k + 1}th'} from the {start}"
+    head = most if k == 0 else f"{_ordinal(k)} from the {start}"
     return head + (f" of {pos.count}" if pos.count is not None else "")
 
 
@@ -267,7 +271,7 @@ def _position_reqs(pos: Position) -> list[_Req]:
               rf"\b(?:first|1st)\b.*\bfrom (?:the )?{side}\b|\b(?:closest|nearest) to (?:the )?{side}\b|"
               rf"\b{side}est\b")
     else:
-        ordinal = _ORDINAL_WORDS[k] if k < len(_ORDINAL_WORDS) else f"{k + 1}th"
+        ordinal = _ordinal(k)
         suffix = {1: "nd", 2: "rd"}.get(k, "th")
         rx = rf"\b(?:{ordinal}|{k + 1}{suffix})\b.*\b{side}\b|\b{side}\b.*\b(?:{ordinal}|{k + 1}{suffix})\b"
     reqs = [_Req(label, [re.compile(rx)], consume=False)]
@@ -296,11 +300,8 @@ def _requirements(query: Node, synonyms: Mapping[str, Sequence[str]]) -> list[_R
 def _satisfied(reqs: list[_Req], text: str, budget: int = 20000) -> list[bool]:
     """Which requirements the text meets, with consuming ones matched to disjoint mentions
     (the assignment that meets the most, found by a bounded backtracking search)."""
-    spans = []
-    for r in reqs:
-        found = {m.span() for rx in r.patterns for m in rx.finditer(text)}
-        # a mention is claimed whole: "on the left of" is one mention of "left of", not also an "on"
-        spans.append(sorted(s for s in found if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in found)))
+    # a mention is claimed whole: "on the left of" is one mention of "left of", not also an "on"
+    spans = [_mentions(r, text) for r in reqs]
     ok = [bool(s) for s in spans]
     consuming = sorted((i for i, r in enumerate(reqs) if r.consume and spans[i]), key=lambda i: len(spans[i]))
     best: dict[str, Any] = {"n": -1, "set": set()}
@@ -783,9 +784,6 @@ def negative_backend(client: LLMClient | None, **kwargs: Any) -> NegativeBackend
 
 # ================================================================================== answer parsing
 
-_ANSWER_RX = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
-
-
 def _json_null_box(raw: str) -> bool:
     """``{"bbox_2d": null}`` / ``{"bbox_2d": []}`` (or a list of such objects): a rejection."""
     m = re.search(r"[\[{].*[\]}]", raw, re.S)
@@ -823,11 +821,9 @@ def parse_answer(text: str, dialect: str = "pixels", *, width: float | None = No
     """
     if dialect not in DIALECTS:
         raise ValueError(f"unknown box dialect {dialect!r}; expected one of {DIALECTS}")
-    found = _ANSWER_RX.findall(text)
-    raw = (found[-1] if found else text).strip()
-    if _json_null_box(raw):
-        return ParsedAnswer("none", raw=raw)
-    parsed = cot.parse_answer(text)
+    parsed = cot.parse_answer(text)  # its raw is the last <answer> element (or the text), stripped
+    if _json_null_box(parsed.raw):
+        return ParsedAnswer("none", raw=parsed.raw)
     if parsed.kind != "box" or parsed.box is None:
         return parsed
     box = parsed.box
@@ -839,8 +835,7 @@ def parse_answer(text: str, dialect: str = "pixels", *, width: float | None = No
         sx, sy = width / sent_size[0], height / sent_size[1]
         box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     if width is not None and height is not None:
-        box = (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
-               min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
+        box = clip_boxes(box, width, height)
     if not (box[0] < box[2] and box[1] < box[3]):
         return ParsedAnswer("unparseable", raw=parsed.raw, reason=f"degenerate box {list(parsed.box)}")
     return ParsedAnswer("box", box=tuple(float(v) for v in box), raw=parsed.raw)  # type: ignore[arg-type]
@@ -1270,7 +1265,7 @@ def llm_traces(
     macros = _macros("cot")
     system = macros.system()
     reqs: list[ChatRequest] = []
-    plan: list[tuple[int, int, str, Any]] = []  # (sample index, candidate, dialect, encoded image)
+    plan: list[tuple[int, int, str]] = []  # (sample index, candidate, dialect)
     encoded = []
     for si, s in enumerate(samples):
         if s.polarity == "positive" and s.gt_box is None:
@@ -1284,13 +1279,13 @@ def llm_traces(
                                                                    enc.width, enc.height).strip()}]
             reqs.append(ChatRequest(_messages(system, user), pv, stage, temperature, None, None,
                                     _extra(None if seed is None else seed + i), i))
-            plan.append((si, i, d, enc))
+            plan.append((si, i, d))
     results = client.run_many(reqs)
 
     out = [CotCandidates(s.sample_id) for s in samples]
     seen: list[set[str]] = [set() for _ in samples]
-    for (si, i, d, enc), res in zip(plan, results, strict=True):
-        s = samples[si]
+    for (si, i, d), res in zip(plan, results, strict=True):
+        s, enc = samples[si], encoded[si]
         key = f"{s.sample_id}/{i}"
         if isinstance(res, LLMOutputError):
             out[si].drops.append(_drop(stage, key, res.reason, res.detail))

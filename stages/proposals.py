@@ -41,7 +41,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from PIL import Image, ImageFilter
 
-from refforge.stages.boxes import box_area
+from refforge.stages.boxes import box_area, clip_boxes
 from refforge.stages.nms import nms
 
 __all__ = [
@@ -148,9 +148,7 @@ def filter_proposals(proposals: Sequence[Proposal], width: int, height: int,
     """
     if not proposals:
         return []
-    boxes = np.array([p.box for p in proposals], dtype=np.float64)
-    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
-    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    boxes = clip_boxes(np.array([p.box for p in proposals], dtype=np.float64), width, height)
     scores = np.array([p.score for p in proposals], dtype=np.float64)
     frac = box_area(boxes) / float(width * height)
     ok = np.isfinite(scores) & (scores >= params.box_threshold)
@@ -433,8 +431,8 @@ class ColourRegionDetector:
             out.extend(self._score_regions(comp, pix, integral, sx, sy))
             if self.foreground:
                 fg = ~_background_mask(comp, self.background_frac)
-                blobs = np.where(fg, _components(fg), -1)
                 if fg.any():
+                    blobs = np.where(fg, _components(fg), -1)
                     out.extend(self._score_regions(np.unique(blobs, return_inverse=True)[1].reshape(h, w),
                                                    pix, integral, sx, sy, skip_first=not fg.all()))
         return out
@@ -595,7 +593,6 @@ class GroundingDinoDetector:
                 label = match_label(phrase, ls)
                 if label is None:
                     continue
-                x1, y1, x2, y2 = (min(max(v, 0.0), lim) for v, lim in zip(box, (im.width, im.height) * 2, strict=True))
-                dets.append(Proposal(label, (x1, y1, x2, y2), float(score)))
+                dets.append(Proposal(label, clip_boxes(box, im.width, im.height), float(score)))
             out.append(dets)
         return out

@@ -143,7 +143,7 @@ def _is_text_attribute(a: str) -> bool:
 def _features(node: Node, config: TaxonomyConfig) -> dict[str, bool]:
     f = {"spatial": False, "interaction": False, "part": False, "state": False, "text": False}
 
-    def walk(n: Node, depth: int) -> None:
+    def walk(n: Node) -> None:
         for a in n.attributes:
             if _is_text_attribute(a):
                 f["text"] = True
@@ -151,9 +151,9 @@ def _features(node: Node, config: TaxonomyConfig) -> dict[str, bool]:
                 f["state"] = True
         for p, c in n.relations:
             f[predicate_class(p, config)] = True
-            walk(c, depth + 1)
+            walk(c)
 
-    walk(node, 0)
+    walk(node)
     return f
 
 
