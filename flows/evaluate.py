@@ -160,6 +160,19 @@ def _encode(client: Any, path: Path, dialect: str) -> Any:
         return client.encode_image(path)
 
 
+def _mapped(answer: ev.EvalAnswer, coords: str, sent_size: tuple[int, int], original_size: tuple[int, int]
+            ) -> tuple[ev.EvalAnswer, ev.Box | None]:
+    """(answer, box in pixels of the original image); a box with no area inside the image becomes
+    an ``invalid_box`` answer."""
+    if answer.status != "box":
+        return answer, None
+    box = ev.map_box(answer.box, coords, sent_size, original_size)
+    if box is None:
+        answer = ev.EvalAnswer("invalid_box", answer.box, reason=f"box {list(answer.box)} has no area "
+                               "inside the image", note=answer.note)
+    return answer, box
+
+
 # ------------------------------------------------------------------------------------------- model path
 
 
@@ -201,12 +214,7 @@ def _run_model(samples: list[dict[str, Any]], root: Path, client: Any, dialect: 
         for s, res in zip(chunk, results, strict=True):
             enc = encoded[str(s["image"])]
             answer, raw, lp = _answer_from_result(res)
-            box = None
-            if answer.status == "box":
-                box = ev.map_box(answer.box, coords, (enc.width, enc.height), (int(s["width"]), int(s["height"])))
-                if box is None:
-                    answer = ev.EvalAnswer("invalid_box", answer.box, reason=f"box {list(answer.box)} has no area "
-                                           "inside the image", note=answer.note)
+            answer, box = _mapped(answer, coords, (enc.width, enc.height), (int(s["width"]), int(s["height"])))
             score, source = ev.score_for(answer.status, lp)
             preds[s["sample_id"]] = ev.prediction_record(
                 s, answer, box, raw=raw, score=score, score_source=source,
@@ -317,13 +325,7 @@ def score_predictions(samples: Sequence[Mapping[str, Any]], given: Mapping[str, 
         else:
             raw = line["answer"] if line["answer"] is None else str(line["answer"])
             answer = ev.parse_prediction(raw)
-        box = None
-        if answer.status == "box":
-            box_coords = coords if line is not None and "bbox" not in line else "pixels"
-            box = ev.map_box(answer.box, box_coords, size, size)
-            if box is None:
-                answer = ev.EvalAnswer("invalid_box", answer.box, reason=f"box {list(answer.box)} has no area "
-                                       "inside the image", note=answer.note)
+        answer, box = _mapped(answer, coords if line is not None and "bbox" not in line else "pixels", size, size)
         if line is not None and line.get("score") is not None:
             score, source = float(line["score"]), "file"
         else:

@@ -216,6 +216,11 @@ def _write_formats(tmp: Path, formats: Sequence[str], by_split: Mapping[str, lis
                    all_exprs: Sequence[Mapping[str, Any]], objects: Mapping[tuple[str, str], str]) -> None:
     records = [r for s in by_split for r in by_split[s]]
     by_id = {r["sample_id"]: r for r in records}
+    cats: dict[str, str] = {}
+    categories: dict[str, int] = {}
+    if "finecops" in formats or "coco" in formats:
+        cats = _category_of(records, objects, by_id)
+        categories = {name: i for i, name in enumerate(sorted(set(cats.values())), start=1)}
     for fmt in formats:
         d = tmp / fmt
         d.mkdir(parents=True, exist_ok=True)
@@ -234,8 +239,6 @@ def _write_formats(tmp: Path, formats: Sequence[str], by_split: Mapping[str, lis
                     negs[e["positive_id"]].append(e["sample_id"])
             index = {sid: i for lst in negs.values() for i, sid in enumerate(sorted(lst))}
             exprs = {e["sample_id"]: e for e in all_exprs}
-            cats = _category_of(records, objects, by_id)
-            categories = {name: i for i, name in enumerate(sorted(set(cats.values())), start=1)}
             (d / "coco").mkdir(exist_ok=True)
             for s, rows in by_split.items():
                 out = []
@@ -269,8 +272,6 @@ def _write_formats(tmp: Path, formats: Sequence[str], by_split: Mapping[str, lis
                 _write_jsonl(d / f"{s}.jsonl", [to_r1(r, "pixels") for r in rows])
             _write_json(d / "refforge.json", {"dialect": "pixels", "image_root": ".."}, indent=2)
         elif fmt == "coco":
-            cats = _category_of(records, objects, by_id)
-            categories = {name: i for i, name in enumerate(sorted(set(cats.values())), start=1)}
             refs, instances = refcoco(records, categories, cats)
             _write_json(d / "instances.json", instances)
             _write_json(d / "refs.json", refs)
@@ -502,7 +503,8 @@ def export_build(
         cot = None if s["sample_id"] in fixed else data["cot"].get(s["sample_id"])
         by_split.setdefault(sp, []).append(canonical_record(s, images[s["image_id"]], split=sp, cot=cot))
 
-    digest = hashlib.sha256(_json_bytes([build.config_hash(), sorted(splits.items())])).hexdigest()
+    config_hash = build.config_hash()
+    digest = hashlib.sha256(_json_bytes([config_hash, sorted(splits.items())])).hexdigest()
     export_id = f"export-{digest[:16]}"
     counts = {s: {"samples": len(rows), "positives": sum(r["polarity"] == "positive" for r in rows),
                   "negatives": sum(r["polarity"] == "negative" for r in rows)} for s, rows in by_split.items()}
@@ -512,7 +514,7 @@ def export_build(
     meta: dict[str, Any] = {
         "export_id": export_id,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "build": {"path": str(build.root.resolve()), "name": cfg_name, "config_hash": build.config_hash(),
+        "build": {"path": str(build.root.resolve()), "name": cfg_name, "config_hash": config_hash,
                   "run_ids": [r.get("run_id") for r in build.runs() if r.get("run_id")]},
         "seed": seed,
         **({"test_size": int(test_size)} if test_size is not None and assignment is None
@@ -533,11 +535,11 @@ def export_build(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     tmp.mkdir()
     try:
-        link_mode = _copy_images(build, tmp, {r["image"] for rows in by_split.values() for r in rows})
+        used = {r["image"] for rows in by_split.values() for r in rows}
+        link_mode = _copy_images(build, tmp, used)
         _write_formats(tmp, formats, by_split, dialect=dialect, all_exprs=samples, objects=data["objects"])
         card = {"meta": meta, "splits": list(by_split), "stats": _stats(by_split), "link_mode": link_mode,
-                "formats": [(f, FORMAT_HELP[f]) for f in formats], "n_images": len(
-                    {r["image"] for rows in by_split.values() for r in rows})}
+                "formats": [(f, FORMAT_HELP[f]) for f in formats], "n_images": len(used)}
         atomic_write_bytes(tmp / "README.md", _render_card(card).encode("utf-8"))
         _write_json(tmp / "export.json", meta, indent=2)
         _place(tmp, out)

@@ -294,8 +294,7 @@ def parse_prediction(text: str | None) -> EvalAnswer:
             [tuple(float(v) for v in m) for m in _PAIRS.findall(raw)]
     if boxes:
         if len(set(boxes)) == 1:
-            box = boxes[0]
-            return EvalAnswer("rejection") if all(v == 0 for v in box) else EvalAnswer("box", box)  # type: ignore[arg-type]
+            return _box_or_rejection(boxes[0])  # type: ignore[arg-type]
         return EvalAnswer("unparseable", reason=f"ambiguous: {len(set(boxes))} different boxes in the answer")
     if _REJECT.search(norm):  # before the refusal check: "I'm sorry, there is no green ball" is an answer
         return EvalAnswer("rejection")

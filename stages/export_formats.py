@@ -369,6 +369,9 @@ def _check_dialect(dialect: str) -> None:
         raise ValueError(f"unknown box dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
 
 
+_PROBLEM = re.compile(r'Locate the object that "(.*)" refers to\.', re.S)  # the expression back from problem_text
+
+
 def problem_text(expression: str, dialect: str = "pixels", image_token: str = "") -> str:
     _check_dialect(dialect)
     return (f'{image_token}Locate the object that "{expression}" refers to. Think step by step inside '
@@ -427,7 +430,7 @@ def _box_back(text: str, dialect: str, width: float, height: float) -> list[floa
 
 def from_sft(d: Mapping[str, Any], dialect: str, width: float, height: float) -> dict[str, Any]:
     user, assistant = d["messages"][0]["content"], d["messages"][1]["content"]
-    m = re.search(r'Locate the object that "(.*)" refers to\.', user, re.S)
+    m = _PROBLEM.search(user)
     box = _box_back(assistant, dialect, width, height)
     return {"sample_id": d["id"], "image": d["images"][0], "expression": m.group(1) if m else None,
             "polarity": "negative" if box is None else "positive", "bbox": box}
@@ -441,7 +444,7 @@ def to_r1(rec: Mapping[str, Any], dialect: str = "pixels") -> dict[str, Any]:
 
 
 def from_r1(d: Mapping[str, Any], dialect: str = "pixels") -> dict[str, Any]:
-    m = re.search(r'Locate the object that "(.*)" refers to\.', d["problem"], re.S)
+    m = _PROBLEM.search(d["problem"])
     box = _box_back(d["solution"], dialect, d["width"], d["height"])
     return {"sample_id": d["id"], "image": d["image"], "expression": m.group(1) if m else None,
             "polarity": "negative" if box is None else "positive", "bbox": box}

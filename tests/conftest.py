@@ -44,3 +44,13 @@ def small_config(images: int = 24, shard_size: int = 6, seed: int = 0, **paths) 
         "paths": {"max_hops": 1, **paths},
         "runner": {"kind": "thread", "workers": 2},
     }
+
+
+def small_build(tmp_path_factory, folder: str, name: str):
+    """A built 16-image synthetic build (two shards) at ``<fresh tmp folder>/<name>``; returns its path."""
+    from refforge.config import parse_config
+    from refforge.flows.build import run_build
+
+    out = tmp_path_factory.mktemp(folder) / name
+    run_build(parse_config(small_config(images=16, shard_size=8)), out)
+    return out

@@ -14,8 +14,6 @@ from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
 from refforge.cli import app
-from refforge.config import parse_config
-from refforge.flows.build import run_build
 from refforge.flows.export import ExportError, export_build, parse_formats, parse_ratios
 from refforge.schemas import Review
 from refforge.stages.boxes import format_box
@@ -32,16 +30,14 @@ from refforge.stages.export_records import CANONICAL_FIELDS, read_canonical
 from refforge.stages.splits import LeakageError
 from refforge.storage import BuildDir, Catalog, TableReader
 
-from .conftest import small_config
+from . import conftest
 
 ALL = list(FORMATS)
 
 
 @pytest.fixture(scope="module")
 def small_build(tmp_path_factory, prefect_api) -> Path:
-    out = tmp_path_factory.mktemp("export-build") / "b"
-    run_build(parse_config(small_config(images=16, shard_size=8)), out)
-    return out
+    return conftest.small_build(tmp_path_factory, "export-build", "b")
 
 
 @pytest.fixture(scope="module")

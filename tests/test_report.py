@@ -16,14 +16,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from refforge.config import parse_config
-from refforge.flows.build import run_build
 from refforge.flows.report import write_report
 from refforge.schemas import Expression, Review, Score
 from refforge.stages import report as R
 from refforge.storage import BuildDir, Catalog, new_run_id
 
-from .conftest import small_config
+from .conftest import small_build
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -38,9 +36,7 @@ T0 = dt.datetime(2025, 5, 1, 12, 0, tzinfo=dt.UTC)
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory, prefect_api) -> Path:
-    out = tmp_path_factory.mktemp("report") / "build"
-    run_build(parse_config(small_config(images=16, shard_size=8)), out)
-    return out
+    return small_build(tmp_path_factory, "report", "build")
 
 
 @pytest.fixture(scope="module")
