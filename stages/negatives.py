@@ -350,6 +350,17 @@ def _bits(m: int) -> Iterable[int]:
         m ^= low
 
 
+def _subjects_of(m: int, rows: list[int], ym: int) -> int:
+    """The objects ``i`` of ``m`` with ``rows[i] & ym`` (subjects of a relation to any of ``ym``)."""
+    keep = 0
+    while m:
+        low = m & -m
+        if rows[low.bit_length() - 1] & ym:
+            keep |= low
+        m ^= low
+    return keep
+
+
 class NegativeIndex:
     """Bitmask indexes over one graph: the fast verifier of text negatives.
 
@@ -503,14 +514,7 @@ class NegativeIndex:
             amb |= ya
             if m:
                 rows = rel.get(pred)
-                if rows is None or not ym:
-                    m = 0
-                else:
-                    keep = 0
-                    for i in _bits(m):
-                        if rows[i] & ym:
-                            keep |= 1 << i
-                    m = keep
+                m = 0 if rows is None or not ym else _subjects_of(m, rows, ym)
         if node.position is not None:
             m, pa = self._select(m, node.position)
             amb |= pa
@@ -550,55 +554,45 @@ class NegativeIndex:
         are as in the module docstring; everything else is the closed graph. Conservative: a superset
         of what any completion of the graph could match.
         """
-        closed = self.closed()
-        counter = [0]
+        return bool(self._could(node, attrs, rels, self.closed(), [0]))
 
-        def walk(n: Node) -> int:
-            counter[0] += 1
-            k = counter[0]
-            m = self.cat.get(n.category, 0)
-            relaxed = attrs.get(k, ())
-            for a in n.attributes:
-                if relaxed is None or a in relaxed:
-                    f = ATTRIBUTE_FAMILY.get(a)
-                    if f is not None:
-                        m &= self.attr.get(a, 0) | (self.full & ~self.fam.get(f, 0))
-                else:
-                    m &= self.attr.get(a, 0)
-            for pred, child in n.relations:
-                ck = counter[0] + 1
-                ym = walk(child)  # noqa: F821 (deleted after use, see below)
-                rows = closed.get(pred)
-                if ck in rels:
-                    ex = self.exclusions(pred)
-                    keep = 0
-                    for i in _bits(m):
-                        if (rows is not None and rows[i] & ym) or (ym & ~ex[i] & ~(1 << i)):
-                            keep |= 1 << i
-                    m = keep
-                elif rows is None:
+    def _could(self, n: Node, attrs: dict[int, Collection[str] | None], rels: Collection[int],
+               closed: dict[str, list[int]], counter: list[int]) -> int:
+        """:meth:`could_match`'s mask of ``n``; ``counter[0]``: the depth-first number of the last node seen."""
+        counter[0] += 1
+        k = counter[0]
+        m = self.cat.get(n.category, 0)
+        relaxed = attrs.get(k, ())
+        for a in n.attributes:
+            if relaxed is None or a in relaxed:
+                f = ATTRIBUTE_FAMILY.get(a)
+                if f is not None:
+                    m &= self.attr.get(a, 0) | (self.full & ~self.fam.get(f, 0))
+            else:
+                m &= self.attr.get(a, 0)
+        for pred, child in n.relations:
+            ck = counter[0] + 1
+            ym = self._could(child, attrs, rels, closed, counter)
+            rows = closed.get(pred)
+            if ck in rels:
+                ex = self.exclusions(pred)
+                keep = 0
+                for i in _bits(m):
+                    if (rows is not None and rows[i] & ym) or (ym & ~ex[i] & ~(1 << i)):
+                        keep |= 1 << i
+                m = keep
+            else:
+                m = 0 if rows is None else _subjects_of(m, rows, ym)
+        pos = n.position
+        if pos is not None:
+            if pos.kind == "region":
+                masks, near = self.regions()
+                m &= masks.get(pos.region, 0) | near
+            else:
+                nc = m.bit_count()
+                if pos.rank is None or pos.rank >= nc or (pos.count is not None and nc < pos.count):
                     m = 0
-                else:
-                    keep = 0
-                    for i in _bits(m):
-                        if rows[i] & ym:
-                            keep |= 1 << i
-                    m = keep
-            pos = n.position
-            if pos is not None:
-                if pos.kind == "region":
-                    masks, near = self.regions()
-                    m &= masks.get(pos.region, 0) | near
-                else:
-                    nc = m.bit_count()
-                    if pos.rank is None or pos.rank >= nc or (pos.count is not None and nc < pos.count):
-                        m = 0
-            return m
-
-        try:
-            return bool(walk(node))
-        finally:
-            del walk  # the recursive closure refers to itself: break the cycle for refcounting
+        return m
 
 
 # ------------------------------------------------------------------------------------------ filling
@@ -746,23 +740,22 @@ class _Flat:
         self.nodes: list[Node] = []
         self.paths: list[tuple[int, ...]] = []
         self.parent: list[int] = []
-
-        def walk(n: Node, path: tuple[int, ...], parent: int) -> None:
-            me = len(self.nodes)
-            self.nodes.append(n)
-            self.paths.append(path)
-            self.parent.append(parent)
-            for j, (_p, c) in enumerate(n.relations):
-                walk(c, path + (j,), me)  # noqa: F821 (deleted after use, see below)
-
-        walk(root, (), -1)
-        del walk  # the recursive closure refers to itself: break the cycle for refcounting
+        self._add(root, (), -1)
         self.cats = [n.category for n in self.nodes]
         self.distinct = len(set(self.cats)) == len(self.cats)
         # preds[i]: the predicate of the relation that leads to node i ("" for the target)
         self.preds = [""] + [self.nodes[self.parent[i]].relations[self.paths[i][-1]][0]
                              for i in range(1, len(self.nodes))]
         self.phrases = [RELATIONS.get(p, p) for p in self.preds[1:]]
+
+    def _add(self, n: Node, path: tuple[int, ...], parent: int) -> None:
+        """Append ``n`` and its descendants, depth first."""
+        me = len(self.nodes)
+        self.nodes.append(n)
+        self.paths.append(path)
+        self.parent.append(parent)
+        for j, (_p, c) in enumerate(n.relations):
+            self._add(c, path + (j,), me)
 
 
 def query_slots(query: Node) -> dict[str, str]:

@@ -687,6 +687,20 @@ def _weaker_dkeys(d: DKey) -> list[DKey]:
     return [(cat, aa, ss) for aa in a_opts for ss in s_opts if (aa, ss) != (a, sub)]
 
 
+def _combos(atoms: list, goal: int, out: list, start: int, rem: int, s: int, chosen: tuple[int, ...]) -> None:
+    """:meth:`_Search.combos` from atom ``start`` on, cost ``rem`` left, candidate mask ``s``."""
+    for j in range(start, len(atoms)):
+        at = atoms[j]
+        cj = at[0]
+        if cj > rem:
+            continue
+        s2 = s & at[1]
+        if cj == rem:
+            out.append((chosen + (j,), s2))
+        elif s2 != goal:
+            _combos(atoms, goal, out, j + 1, rem - cj, s2, chosen + (j,))
+
+
 class _Search:
     """The search for one target (see the module docstring for the space it covers)."""
 
@@ -770,27 +784,8 @@ class _Search:
     def combos(self, c: int) -> list[tuple[tuple[int, ...], int]]:
         """(atom indexes, candidate mask) of every atom set of total cost exactly ``c`` that does not
         extend a unique set (those are never irreducible)."""
-        atoms = self.atoms
-        n = len(atoms)
-        goal = self.goal
         out: list[tuple[tuple[int, ...], int]] = []
-
-        def rec(start: int, rem: int, s: int, chosen: tuple[int, ...]) -> None:
-            for j in range(start, n):
-                at = atoms[j]
-                cj = at[0]
-                if cj > rem:
-                    continue
-                s2 = s & at[1]
-                if cj == rem:
-                    out.append((chosen + (j,), s2))
-                elif s2 != goal:
-                    rec(j + 1, rem - cj, s2, chosen + (j,))  # noqa: F821 (deleted after use)
-
-        try:
-            rec(0, c, self.base, ())
-        finally:
-            del rec  # the recursive closure refers to itself: break the cycle for refcounting
+        _combos(self.atoms, self.goal, out, 0, c, self.base, ())
         return out
 
     def reducible_plain(self, combo: tuple[int, ...]) -> bool:
@@ -1024,6 +1019,31 @@ def _pos_context(pk: PKey | None) -> dict | None:
     }
 
 
+def _val(name: str, words: Mapping[str, str] | None) -> str:
+    return Slot("{" + name + "}") if words is None else words[name]
+
+
+def _phrase(parts: list[str], words: Mapping[str, str] | None) -> str:
+    text = " ".join(parts)
+    return Slot(text) if words is None else text
+
+
+def _anchor_context(ash: tuple, counter: dict[str, int], words: Mapping[str, str] | None) -> dict:
+    """:func:`template_context` of one anchor (and its sub-anchor); ``counter`` numbers the nodes and
+    relations as they are visited."""
+    det, n_a, sub = ash
+    counter["rel"] += 1
+    counter["node"] += 1
+    prefix = f"O{counter['node']}"
+    rname = f"R{counter['rel']}"
+    attrs = [_val(f"{prefix}_A{j + 1}", words) for j in range(n_a)]
+    ctx = {"R": _val(rname, words), "O": _val(prefix, words), "attrs": attrs,
+           "np": _phrase([*attrs, _val(prefix, words)], words), "det": det, "sub": []}
+    if sub is not None:
+        ctx["sub"] = [_anchor_context(sub, counter, words)]
+    return ctx
+
+
 def template_context(variant: int, shape: tuple, words: Mapping[str, str] | None = None) -> dict:
     """The context the ``paths/*.j2`` templates take for a path of the given shape.
 
@@ -1035,38 +1055,16 @@ def template_context(variant: int, shape: tuple, words: Mapping[str, str] | None
     the same names (for direct rendering).
     """
 
-    def val(name: str) -> str:
-        return Slot("{" + name + "}") if words is None else words[name]
-
-    def phrase(parts: list[str]) -> str:
-        text = " ".join(parts)
-        return Slot(text) if words is None else text
-
     counter = {"node": 1, "rel": 0}
     n_attrs, anchors, pk = shape
-
-    def anchor(ash: tuple) -> dict:
-        det, n_a, sub = ash
-        counter["rel"] += 1
-        counter["node"] += 1
-        prefix = f"O{counter['node']}"
-        rname = f"R{counter['rel']}"
-        attrs = [val(f"{prefix}_A{j + 1}") for j in range(n_a)]
-        ctx = {"R": val(rname), "O": val(prefix), "attrs": attrs, "np": phrase([*attrs, val(prefix)]),
-               "det": det, "sub": []}
-        if sub is not None:
-            ctx["sub"] = [anchor(sub)]  # noqa: F821 (deleted after use)
-        return ctx
-
-    attrs = [val(f"A{j + 1}") for j in range(n_attrs)]
-    rels = [anchor(a) for a in anchors]
-    del anchor  # the recursive closure refers to itself: break the cycle for refcounting
+    attrs = [_val(f"A{j + 1}", words) for j in range(n_attrs)]
+    rels = [_anchor_context(a, counter, words) for a in anchors]
     return {
         "variant": variant,
-        "O": val("O"),
+        "O": _val("O", words),
         "attrs": attrs,
-        "adj": phrase(attrs),
-        "np": phrase([*attrs, val("O")]),
+        "adj": _phrase(attrs, words),
+        "np": _phrase([*attrs, _val("O", words)], words),
         "rels": rels,
         "pos": _pos_context(pk),
     }
