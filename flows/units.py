@@ -104,7 +104,7 @@ def _prepared(b: BuildDir, cfg: Config) -> Path:
     return b.root / "sources" / f"{cfg.source.kind}.jsonl"
 
 
-def _folder_listing(b: BuildDir, cfg: Config) -> Path:
+def _folder_listing(b: BuildDir) -> Path:
     return b.root / "sources" / "folder.json"
 
 
@@ -114,7 +114,7 @@ def prepare_source(b: BuildDir, cfg: Config) -> None:
     the same shards, even when files were added to the folder since)."""
     src = cfg.source
     if isinstance(src, FolderSource):
-        listing = _folder_listing(b, cfg)
+        listing = _folder_listing(b)
         if not listing.exists():
             files = ingest_stage.list_folder(src.path, src.extensions, src.recursive)
             listing.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def _offsets(b: BuildDir, cfg: Config) -> list[int]:
 
 
 def _folder_files(b: BuildDir, cfg: Config) -> list[str]:
-    listing = _folder_listing(b, cfg)
+    listing = _folder_listing(b)
     return _cached(str(listing), lambda: json.loads(listing.read_text()))
 
 
@@ -493,19 +493,19 @@ def negatives_text_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     skipped = 0
     indexes: dict[str, Any] = {}
     backend = neg.DEFAULT_BACKEND
+    pos_queries = [_query_of(p) for p in positives]
     if cfg.negatives_text.backend == "llm":
         from refforge.stages.llm_stages import negative_backend
 
         backend = negative_backend(model_client(b, cfg, "llm"))
-        backend.prefetch([Node.from_json(json.loads(p["path"])) for p in positives if _has_query(p)])
-    for pos in positives:
-        if not _has_query(pos):
+        backend.prefetch([q for q in pos_queries if q is not None])
+    for pos, query in zip(positives, pos_queries, strict=True):
+        if query is None:
             skipped += 1  # a described or human expression: no path to edit
             continue
         graph = graphs[pos["image_id"]]
         if pos["image_id"] not in indexes:
             indexes[pos["image_id"]] = neg.NegativeIndex(graph)
-        query = Node.from_json(json.loads(pos["path"]))
         cands = neg.text_negatives(graph, query, pos["template_text"], target_id=pos["target_object_id"],
                                    seed=int(stable_key(cfg.build.seed, pos["sample_id"], length=8), 16),
                                    per_type=cfg.negatives_text.per_type, complete_graph=_is_complete(cfg),
@@ -532,11 +532,12 @@ def negatives_text_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     return UnitOutput({"negative_candidates": rows}, drops + rewrite_drops, len(positives), extra)
 
 
-def _has_query(row: dict) -> bool:
-    """Whether an expression row carries a referring path (described expressions do not)."""
+def _query_of(row: dict) -> Node | None:
+    """The referring path of an expression row; None when it has none (described or human expressions)."""
     if not row.get("path"):
-        return False
-    return "category" in json.loads(row["path"])
+        return None
+    path = json.loads(row["path"])
+    return Node.from_json(path) if "category" in path else None
 
 
 def refine_all(b: BuildDir, cfg: Config, shards: list[dict[str, str]]) -> dict[str, UnitOutput]:
@@ -633,20 +634,20 @@ def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     graphs, images = read_graphs(b, [*graph_keys(inputs), inputs["negatives_image"]])
     samples = b.reader.read("expressions", inputs["expressions"]).to_pylist()
     out = UnitOutput(items_in=len(samples))
-    traces: list[CotTrace] = []
     if cfg.cot.backend == "vlm":
         return _vlm_cot(b, cfg, samples, graphs, images, out)
+    traces: list[CotTrace] = []
     contexts: dict[str, Any] = {}  # one TraceContext per image (samples come image by image)
     for s in samples:
         graph = graphs.get(s["image_id"])
         if graph is None or not s["path"]:
             out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no scene graph for the sample"))
             continue
-        if not _has_query(s):
+        query = _query_of(s)
+        if query is None:
             out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no referring path for the offline trace",
                                   detail="described or human expressions need cot.backend = 'vlm'"))
             continue
-        query = Node.from_json(json.loads(s["path"]))
         ctx = contexts.get(s["image_id"])
         if ctx is None:
             ctx = contexts[s["image_id"]] = cot.TraceContext(graph)
@@ -670,7 +671,7 @@ def _vlm_cot(b: BuildDir, cfg: Config, samples: list[dict], graphs, images, out:
         if img is None:
             out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no image row for the sample"))
             continue
-        query = Node.from_json(json.loads(s["path"])) if _has_query(s) else None
+        query = _query_of(s)
         batch.append(CotSample(sample_id=s["sample_id"], text=s["text"], polarity=s["polarity"],
                                gt_box=s["gt_box"], image=b.images.resolve(img["path"]), width=img["width"],
                                height=img["height"], graph=graphs.get(s["image_id"]), query=query,

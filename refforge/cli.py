@@ -181,12 +181,10 @@ def show_config(config: Annotated[Path | None, typer.Argument(help="TOML config;
 
 
 def _register_commands() -> None:
-    import importlib
+    from refforge.commands import evaluate, export, report
 
-    from refforge.commands import COMMAND_MODULES
-
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"refforge.commands.{name}").register(app)
+    for module in (export, evaluate, report):
+        module.register(app)
 
 
 _register_commands()

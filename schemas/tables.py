@@ -7,9 +7,17 @@ from these classes (see :mod:`refforge.schemas._arrow` and :data:`TABLES`).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal, get_origin
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ._arrow import BOX_MARKER, field_is_box
 
@@ -17,6 +25,8 @@ SCHEMA_VERSION = "1"
 
 Box = Annotated[tuple[float, float, float, float], BOX_MARKER]
 """(x1, y1, x2, y2) in pixels of the stored image; x1 < x2, y1 < y2, inside the image."""
+# a dict field is an Arrow map column, which reads back as a list of (key, value) pairs: accept those
+StrMap = Annotated[dict[str, str], BeforeValidator(lambda v: dict(v) if isinstance(v, list) else v)]
 
 
 def check_box(box: tuple[float, float, float, float], size: tuple[int, int] | None = None,
@@ -55,14 +65,6 @@ class Record(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _maps_from_arrow(cls, value, info: ValidationInfo):
-        """Arrow map columns read back as lists of (key, value) pairs; accept them for dict fields."""
-        if isinstance(value, list) and get_origin(cls.model_fields[info.field_name].annotation) is dict:
-            return dict(value)
-        return value
 
     @field_validator("*", mode="after")
     @classmethod
@@ -121,7 +123,7 @@ class Expression(Record):
     target_object_id: str | None = None
     gt_box: Box | None = None
     task: str | None = Field(default=None, description="the task in the build's primary taxonomy")
-    tasks: dict[str, str] = Field(default_factory=dict, description="taxonomy -> task, for every taxonomy")
+    tasks: StrMap = Field(default_factory=dict, description="taxonomy -> task, for every taxonomy")
     difficulty: Literal[1, 2, 3]
     hops: int | None = None
     path: str | None = Field(default=None, description="JSON of the referring path")

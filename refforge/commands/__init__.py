@@ -2,5 +2,3 @@
 
 Modules import their heavy dependencies inside the command function so ``refforge --help`` stays fast.
 """
-
-COMMAND_MODULES = ("export", "evaluate", "report")
