@@ -237,6 +237,8 @@ def summarise(stage: str, units: list[UnitResult]) -> dict[str, Any]:
 # run often and take about 10% of the stage time (benchmarks/bench_stages.py, 1,000 graphs: 3.40 s with
 # the defaults, 3.03 s with these, 2.88 s with no collection at all). A much larger first threshold is
 # slower (3.84 s at 10,000): each young collection then walks a generation too big for the CPU caches.
+# The paths, negatives_text and cot units go further and pause the collector for their loops
+# (refforge.gcpause: they make no reference cycles); these thresholds hold for everything else.
 GC_THRESHOLDS = (1_000, 20, 1_000)
 
 

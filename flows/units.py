@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from refforge.config import CocoSource, Config, FolderSource, GqaSource, GraphsSource, SyntheticSource
+from refforge.gcpause import gc_paused
 from refforge.schemas import CotTrace, Drop, Edit, Expression, Image, Object, Record, Relation, Score
 from refforge.stages import ingest as ingest_stage
 from refforge.stages.graph import SceneGraph
@@ -442,29 +443,30 @@ def paths_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     expressions: list[Expression] = []
     before: dict[str, Counter] = defaultdict(Counter)
     after: dict[str, Counter] = defaultdict(Counter)
-    for image_id, graph in graphs.items():
-        out.items_in += len(graph.objects)
-        seed = int(stable_key(cfg.build.seed, image_id, length=8), 16)
-        res = paths_stage.referring_paths(
-            graph, max_hops=p.max_hops, max_constraints=p.max_constraints, max_per_target=p.max_per_target,
-            seed=seed, positions=p.positions, selection=selection)
-        chosen = list(res.paths)
-        if p.descriptive_share > 0:
-            for path in res.paths:
-                pick = int(stable_key("descriptive", seed, path.target_id, path.text, length=8), 16) / 16**8
-                if path.query.relations and pick < p.descriptive_share:
-                    d = descriptive_variant(graph, path, seed=seed)
-                    if d is not None:
-                        chosen.append(d)
-        rows = expressions_for_graph(image_id, graph, chosen, stage_hash, primary=p.taxonomy)
-        rows, rewrite_drops = rewrite_rows(b, cfg, rows, [c.query for c in chosen])
-        expressions += rows
-        out.drops += rewrite_drops
-        out.drops += [Drop(stage="paths", key=f"{image_id}/{oid}", reason=reason) for oid, reason in res.drops]
-        for kind, counter in res.counts_before.items():
-            before[kind].update(counter)
-        for kind, counter in res.counts_after.items():
-            after[kind].update(counter)
+    with gc_paused():  # pure stage code, no reference cycles: see refforge.gcpause
+        for image_id, graph in graphs.items():
+            out.items_in += len(graph.objects)
+            seed = int(stable_key(cfg.build.seed, image_id, length=8), 16)
+            res = paths_stage.referring_paths(
+                graph, max_hops=p.max_hops, max_constraints=p.max_constraints, max_per_target=p.max_per_target,
+                seed=seed, positions=p.positions, selection=selection)
+            chosen = list(res.paths)
+            if p.descriptive_share > 0:
+                for path in res.paths:
+                    pick = int(stable_key("descriptive", seed, path.target_id, path.text, length=8), 16) / 16**8
+                    if path.query.relations and pick < p.descriptive_share:
+                        d = descriptive_variant(graph, path, seed=seed)
+                        if d is not None:
+                            chosen.append(d)
+            rows = expressions_for_graph(image_id, graph, chosen, stage_hash, primary=p.taxonomy)
+            rows, rewrite_drops = rewrite_rows(b, cfg, rows, [c.query for c in chosen])
+            expressions += rows
+            out.drops += rewrite_drops
+            out.drops += [Drop(stage="paths", key=f"{image_id}/{oid}", reason=reason) for oid, reason in res.drops]
+            for kind, counter in res.counts_before.items():
+                before[kind].update(counter)
+            for kind, counter in res.counts_after.items():
+                after[kind].update(counter)
     out.tables["expressions"] = expressions
     out.extra = {"counts_before": {k: dict(v) for k, v in before.items()},
                  "counts_after": {k: dict(v) for k, v in after.items()}}
@@ -499,31 +501,32 @@ def negatives_text_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
 
         backend = negative_backend(model_client(b, cfg, "llm"))
         backend.prefetch([q for q in pos_queries if q is not None])
-    for pos, query in zip(positives, pos_queries, strict=True):
-        if query is None:
-            skipped += 1  # a described or human expression: no path to edit
-            continue
-        graph = graphs[pos["image_id"]]
-        if pos["image_id"] not in indexes:
-            indexes[pos["image_id"]] = neg.NegativeIndex(graph)
-        cands = neg.text_negatives(graph, query, pos["template_text"], target_id=pos["target_object_id"],
-                                   seed=int(stable_key(cfg.build.seed, pos["sample_id"], length=8), 16),
-                                   per_type=cfg.negatives_text.per_type, complete_graph=_is_complete(cfg),
-                                   index=indexes[pos["image_id"]], backend=backend)
-        for c in cands:
-            tasks = tasks_for(c.query, graph, polarity="negative", negative_type=c.negative_type)
-            path = {**c.query.to_json(), "hops": c.query.hops, "constraints": c.query.constraint_count,
-                    "edit": c.detail}
-            rows.append(Expression(
-                sample_id=stable_key("neg", pos["sample_id"], c.text, c.negative_type, stage_hash),
-                image_id=pos["image_id"], text=c.text, template_text=c.template_text,
-                template_name=pos["template_name"], polarity="negative", task=tasks.get(primary), tasks=tasks,
-                difficulty=pos["difficulty"], hops=c.query.hops, path=json.dumps(path, sort_keys=True),
-                negative_type=c.negative_type, negative_level=c.negative_level, negative_source="text",
-                positive_id=pos["sample_id"], needs_review=c.needs_review))
-            queries.append(c.query)
-            edits.append((c.negative_type, c.detail))
-            counts[f"{c.negative_type}/{c.negative_level}"] += 1
+    with gc_paused():  # as in paths_unit
+        for pos, query in zip(positives, pos_queries, strict=True):
+            if query is None:
+                skipped += 1  # a described or human expression: no path to edit
+                continue
+            graph = graphs[pos["image_id"]]
+            if pos["image_id"] not in indexes:
+                indexes[pos["image_id"]] = neg.NegativeIndex(graph)
+            cands = neg.text_negatives(graph, query, pos["template_text"], target_id=pos["target_object_id"],
+                                       seed=int(stable_key(cfg.build.seed, pos["sample_id"], length=8), 16),
+                                       per_type=cfg.negatives_text.per_type, complete_graph=_is_complete(cfg),
+                                       index=indexes[pos["image_id"]], backend=backend)
+            for c in cands:
+                tasks = tasks_for(c.query, graph, polarity="negative", negative_type=c.negative_type)
+                path = {**c.query.to_json(), "hops": c.query.hops, "constraints": c.query.constraint_count,
+                        "edit": c.detail}
+                rows.append(Expression(
+                    sample_id=stable_key("neg", pos["sample_id"], c.text, c.negative_type, stage_hash),
+                    image_id=pos["image_id"], text=c.text, template_text=c.template_text,
+                    template_name=pos["template_name"], polarity="negative", task=tasks.get(primary), tasks=tasks,
+                    difficulty=pos["difficulty"], hops=c.query.hops, path=json.dumps(path, sort_keys=True),
+                    negative_type=c.negative_type, negative_level=c.negative_level, negative_source="text",
+                    positive_id=pos["sample_id"], needs_review=c.needs_review))
+                queries.append(c.query)
+                edits.append((c.negative_type, c.detail))
+                counts[f"{c.negative_type}/{c.negative_level}"] += 1
     drops = backend.take_drops() if hasattr(backend, "take_drops") else []
     rows, rewrite_drops = rewrite_rows(b, cfg, rows, queries, edits)
     extra: dict[str, Any] = {"candidates": dict(counts)}
@@ -638,24 +641,25 @@ def cot_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
         return _vlm_cot(b, cfg, samples, graphs, images, out)
     traces: list[CotTrace] = []
     contexts: dict[str, Any] = {}  # one TraceContext per image (samples come image by image)
-    for s in samples:
-        graph = graphs.get(s["image_id"])
-        if graph is None or not s["path"]:
-            out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no scene graph for the sample"))
-            continue
-        query = _query_of(s)
-        if query is None:
-            out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no referring path for the offline trace",
-                                  detail="described or human expressions need cot.backend = 'vlm'"))
-            continue
-        ctx = contexts.get(s["image_id"])
-        if ctx is None:
-            ctx = contexts[s["image_id"]] = cot.TraceContext(graph)
-        for t in cot.traces_for_sample(graph, query, s["polarity"], s["target_object_id"], s["gt_box"],
-                                       k=cfg.cot.k, seed=int(stable_key(cfg.build.seed, s["sample_id"], length=8), 16),
-                                       ctx=ctx, steps=False):
-            traces.append(CotTrace(sample_id=s["sample_id"], trace=t.text, answer_box=t.answer_box, iou=t.iou,
-                                   verdict=t.verdict, selected=t.selected, model=cot.MODEL))
+    with gc_paused():  # as in paths_unit
+        for s in samples:
+            graph = graphs.get(s["image_id"])
+            if graph is None or not s["path"]:
+                out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no scene graph for the sample"))
+                continue
+            query = _query_of(s)
+            if query is None:
+                out.drops.append(Drop(stage="cot", key=s["sample_id"], reason="no referring path for the offline trace",
+                                      detail="described or human expressions need cot.backend = 'vlm'"))
+                continue
+            ctx = contexts.get(s["image_id"])
+            if ctx is None:
+                ctx = contexts[s["image_id"]] = cot.TraceContext(graph)
+            for t in cot.traces_for_sample(graph, query, s["polarity"], s["target_object_id"], s["gt_box"],
+                                           k=cfg.cot.k, seed=int(stable_key(cfg.build.seed, s["sample_id"], length=8), 16),
+                                           ctx=ctx, steps=False):
+                traces.append(CotTrace(sample_id=s["sample_id"], trace=t.text, answer_box=t.answer_box, iou=t.iou,
+                                       verdict=t.verdict, selected=t.selected, model=cot.MODEL))
     out.tables["cot_traces"] = traces
     return out
 

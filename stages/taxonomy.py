@@ -142,19 +142,21 @@ def _is_text_attribute(a: str) -> bool:
 
 def _features(node: Node, config: TaxonomyConfig) -> dict[str, bool]:
     f = {"spatial": False, "interaction": False, "part": False, "state": False, "text": False}
-
-    def walk(n: Node) -> None:
-        for a in n.attributes:
-            if _is_text_attribute(a):
-                f["text"] = True
-            elif a.strip().lower() in config.state_attributes:
-                f["state"] = True
-        for p, c in n.relations:
-            f[predicate_class(p, config)] = True
-            walk(c)
-
-    walk(node)
+    _add_features(node, config, f)
     return f
+
+
+def _add_features(n: Node, config: TaxonomyConfig, f: dict[str, bool]) -> None:
+    """Set the features of ``n`` and its anchors in ``f`` (a module function: a recursive closure would
+    be a reference cycle per call)."""
+    for a in n.attributes:
+        if _is_text_attribute(a):
+            f["text"] = True
+        elif a.strip().lower() in config.state_attributes:
+            f["state"] = True
+    for p, c in n.relations:
+        f[predicate_class(p, config)] = True
+        _add_features(c, config, f)
 
 
 def _discriminative_l2(f: Mapping[str, bool]) -> str:

@@ -175,3 +175,54 @@ def test_a_stage_code_version_change_is_a_different_build(tmp_path, prefect_api,
     monkeypatch.setitem(config_mod.STAGE_VERSIONS, "paths", config_mod.STAGE_VERSIONS["paths"] + 1)
     with pytest.raises(BuildConflict, match="stage versions"):
         run_build(parse_config(small_config(images=2, shard_size=2)), tmp_path / "b")
+
+
+def test_stage_units_pause_the_collector_and_make_no_cyclic_garbage(small_build, monkeypatch):
+    """The paths, negatives_text and cot units run their stage loops inside refforge.gcpause.gc_paused,
+    which is sound only because those loops make no reference cycles: the units of one shard, run again
+    on the finished build with the collector saving everything it finds, leave no garbage, and the stage
+    functions were called with the collector paused and it is enabled again afterwards."""
+    import gc
+
+    from refforge.flows import units as U
+    from refforge.flows.build import _build, plan
+    from refforge.stages import cot, negatives, paths
+
+    out, _ = small_build
+    cfg = parse_config(small_config())
+    b = _build(str(out))
+    s = plan(cfg, out)[0]
+    calls: list[tuple[str, bool]] = []
+    for mod, name in ((paths, "referring_paths"), (negatives, "text_negatives"), (cot, "traces_for_sample")):
+        def recorder(*args, _fn=getattr(mod, name), _name=name, **kwargs):
+            calls.append((_name, gc.isenabled()))
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, recorder)
+
+    def run_units():
+        return [
+            U.paths_unit(b, cfg, {"ingest": s["ingest"], "graph": s["graph"]}),
+            U.negatives_text_unit(b, cfg, {"ingest": s["ingest"], "graph": s["graph"], "paths": s["paths"],
+                                           "described": s["described"]}),
+            U.cot_unit(b, cfg, {"ingest": s["ingest"], "graph": s["graph"], "negatives_image": s["negatives_image"],
+                                "expressions": [s["paths"], s["refine"], s["negatives_image"], *s["described"]]}),
+        ]
+
+    assert gc.isenabled()
+    run_units()  # first-use caches (templates, readers) are not garbage
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        outputs = run_units()
+        gc.collect()
+        garbage = list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert gc.isenabled()
+    assert [len(o.tables[t]) > 0 for o, t in zip(outputs, ("expressions", "negative_candidates", "cot_traces"),
+                                                   strict=True)] == [True, True, True]
+    assert {name for name, _ in calls} == {"referring_paths", "text_negatives", "traces_for_sample"}
+    assert not any(enabled for _, enabled in calls)
+    assert garbage == [], sorted({type(o).__name__ for o in garbage})
