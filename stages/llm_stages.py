@@ -281,19 +281,18 @@ def _position_reqs(pos: Position) -> list[_Req]:
     return reqs
 
 
-def _requirements(query: Node, synonyms: Mapping[str, Sequence[str]]) -> list[_Req]:
-    reqs: list[_Req] = []
-
-    def walk(n: Node) -> None:
-        reqs.append(_category_req(n.category, synonyms))
-        reqs.extend(_attribute_req(a) for a in order_attributes(list(n.attributes)))
-        if n.position is not None:
-            reqs.extend(_position_reqs(n.position))
-        for pred, child in n.relations:
-            reqs.append(_relation_req(pred))
-            walk(child)
-
-    walk(query)
+def _requirements(query: Node, synonyms: Mapping[str, Sequence[str]], reqs: list[_Req] | None = None
+                  ) -> list[_Req]:
+    """The requirements of ``query`` and its anchors, depth first, appended to ``reqs``."""
+    if reqs is None:
+        reqs = []
+    reqs.append(_category_req(query.category, synonyms))
+    reqs.extend(_attribute_req(a) for a in order_attributes(list(query.attributes)))
+    if query.position is not None:
+        reqs.extend(_position_reqs(query.position))
+    for pred, child in query.relations:
+        reqs.append(_relation_req(pred))
+        _requirements(child, synonyms, reqs)
     return reqs
 
 
@@ -304,33 +303,44 @@ def _satisfied(reqs: list[_Req], text: str, budget: int = 20000) -> list[bool]:
     spans = [_mentions(r, text) for r in reqs]
     ok = [bool(s) for s in spans]
     consuming = sorted((i for i, r in enumerate(reqs) if r.consume and spans[i]), key=lambda i: len(spans[i]))
-    best: dict[str, Any] = {"n": -1, "set": set()}
-    steps = [0]
+    search = _Assignment(spans, consuming, budget)
+    search.dfs(0, [], set())
+    for i in consuming:
+        ok[i] = i in search.best
+    return ok
 
-    def free(span: tuple[int, int], used: list[tuple[int, int]]) -> bool:
-        return all(span[1] <= a or span[0] >= b for a, b in used)
 
-    def dfs(j: int, used: list[tuple[int, int]], met: set[int]) -> None:
-        steps[0] += 1
-        if len(met) + (len(consuming) - j) <= best["n"] or steps[0] > budget:
+class _Assignment:
+    """The bounded backtracking search of :func:`_satisfied` (a class, not recursive closures: those
+    would make a reference cycle per call)."""
+
+    __slots__ = ("spans", "consuming", "budget", "steps", "best_n", "best")
+
+    def __init__(self, spans: list[list[tuple[int, int]]], consuming: list[int], budget: int) -> None:
+        self.spans = spans
+        self.consuming = consuming
+        self.budget = budget
+        self.steps = 0
+        self.best_n = -1
+        self.best: set[int] = set()
+
+    def dfs(self, j: int, used: list[tuple[int, int]], met: set[int]) -> None:
+        self.steps += 1
+        consuming = self.consuming
+        if len(met) + (len(consuming) - j) <= self.best_n or self.steps > self.budget:
             return
         if j == len(consuming):
-            best["n"], best["set"] = len(met), set(met)
+            self.best_n, self.best = len(met), set(met)
             return
         i = consuming[j]
-        for span in spans[i]:
-            if free(span, used):
+        for span in self.spans[i]:
+            if all(span[1] <= a or span[0] >= b for a, b in used):
                 used.append(span)
                 met.add(i)
-                dfs(j + 1, used, met)
+                self.dfs(j + 1, used, met)
                 met.discard(i)
                 used.pop()
-        dfs(j + 1, used, met)
-
-    dfs(0, [], set())
-    for i in consuming:
-        ok[i] = i in best["set"]
-    return ok
+        self.dfs(j + 1, used, met)
 
 
 def check_rewrite(query: Node, text: str, *, synonyms: Mapping[str, Sequence[str]] | None = None) -> list[str]:
@@ -490,20 +500,18 @@ REWRITE_STYLES: tuple[str, ...] = (
 )
 
 
-def _keep_list(query: Node) -> list[str]:
-    out: list[str] = []
-
-    def walk(n: Node, depth: int) -> None:
-        who = "the target object" if depth == 0 else "another object"
-        attrs = order_attributes(list(n.attributes))
-        out.append(f"{who}: {n.category}" + (f" ({', '.join(attrs)})" if attrs else ""))
-        if n.position is not None:
-            out.append(f"the position of the {n.category}: {_position_label(n.position)}")
-        for pred, child in n.relations:
-            out.append(f"the relation: {n.category} {RELATIONS.get(pred, pred)} {child.category}")
-            walk(child, depth + 1)
-
-    walk(query, 0)
+def _keep_list(query: Node, depth: int = 0, out: list[str] | None = None) -> list[str]:
+    """What a rewrite must keep of ``query`` and its anchors, depth first, appended to ``out``."""
+    if out is None:
+        out = []
+    who = "the target object" if depth == 0 else "another object"
+    attrs = order_attributes(list(query.attributes))
+    out.append(f"{who}: {query.category}" + (f" ({', '.join(attrs)})" if attrs else ""))
+    if query.position is not None:
+        out.append(f"the position of the {query.category}: {_position_label(query.position)}")
+    for pred, child in query.relations:
+        out.append(f"the relation: {query.category} {RELATIONS.get(pred, pred)} {child.category}")
+        _keep_list(child, depth + 1, out)
     return out
 
 
