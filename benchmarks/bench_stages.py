@@ -11,11 +11,13 @@ graphs, default 200), each step over the whole shard before the next, as a build
    ``TraceContext`` per graph and no step records, as the build's cot stage runs it. (A build traces
    only the negatives that refinement keeps, so this step does more work than a build does.)
 
-Each step is timed separately inside the workers (graph generation is not timed), in CPU seconds
-(``time.process_time``; the wall time is printed beside it, since other load on the machine inflates
-wall time but not the work itself). Reported: graphs/s of
-the two workers together for each step and in total, the projected time for 75,000 graphs on 2 cores
-against the 2-minute target, and counts. The paths step alone is the in-run baseline the other steps
+Each step runs with the cyclic collector paused (``refforge.gcpause.gc_paused``), as a build's
+paths, negatives_text and cot units run their loops; the pause ends with one young-generation
+collection, which is timed. Each step is timed separately inside the workers (graph generation is not
+timed), in CPU seconds (``time.process_time``; the wall time is printed beside it, since other load on
+the machine inflates wall time but not the work itself). Reported: graphs/s of the two workers together
+for each step and in total, the projected time for 75,000 graphs on 2 cores against the 2-minute
+target, and counts. The paths step alone is the in-run baseline the other steps
 are compared with.
 
     .venv/bin/python benchmarks/bench_stages.py [--graphs 75000] [--workers 2]
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_paths import make_graph  # noqa: E402
 
 from refforge.flows.build import tune_gc  # noqa: E402
+from refforge.gcpause import gc_paused  # noqa: E402
 from refforge.stages.cot import TraceContext, traces_for_sample  # noqa: E402
 from refforge.stages.negatives import NegativeIndex, text_negatives  # noqa: E402
 from refforge.stages.paths import TargetSelection, referring_paths  # noqa: E402
@@ -44,7 +47,7 @@ def _work(args: tuple[int, int, int, int]) -> dict:
     start, stop, seed, shard = args
     gc.collect()
     gc.freeze()
-    tune_gc()  # the collector thresholds a build runs with
+    tune_gc()  # the collector thresholds a build runs with; its stage units pause the collector (gc_paused)
     sel = TargetSelection()
     t = {"paths": 0.0, "negatives": 0.0, "traces": 0.0}  # CPU seconds of this worker (process_time)
     w = {"paths": 0.0, "negatives": 0.0, "traces": 0.0}  # wall seconds
@@ -62,25 +65,28 @@ def _work(args: tuple[int, int, int, int]) -> dict:
     for s0 in range(start, stop, shard):
         part = [(k, make_graph(k, seed)) for k in range(s0, min(stop, s0 + shard))]
         c0 = clock()
-        results = [referring_paths(g, max_hops=2, positions=True, selection=sel, seed=k) for k, g in part]
+        with gc_paused():
+            results = [referring_paths(g, max_hops=2, positions=True, selection=sel, seed=k) for k, g in part]
         c1 = clock()
         negatives = []
-        for (k, g), res in zip(part, results, strict=True):
-            index = NegativeIndex(g)
-            negs = []
-            for p in res.paths:
-                negs += text_negatives(g, p.query, p.template_text, target_id=p.target_id, seed=k,
-                                       complete_graph=False, index=index)
-            negatives.append(negs)
+        with gc_paused():
+            for (k, g), res in zip(part, results, strict=True):
+                index = NegativeIndex(g)
+                negs = []
+                for p in res.paths:
+                    negs += text_negatives(g, p.query, p.template_text, target_id=p.target_id, seed=k,
+                                           complete_graph=False, index=index)
+                negatives.append(negs)
         c2 = clock()
         traces = []
-        for (k, g), res, negs in zip(part, results, negatives, strict=True):
-            ctx = TraceContext(g)
-            boxes = {o.id: o.box for o in g.objects}
-            traces += [traces_for_sample(g, p.query, "positive", p.target_id, boxes[p.target_id], k=1, seed=k,
-                                         ctx=ctx, steps=False) for p in res.paths]
-            traces += [traces_for_sample(g, c.query, "negative", None, None, k=1, seed=k, ctx=ctx, steps=False)
-                       for c in negs]
+        with gc_paused():
+            for (k, g), res, negs in zip(part, results, negatives, strict=True):
+                ctx = TraceContext(g)
+                boxes = {o.id: o.box for o in g.objects}
+                traces += [traces_for_sample(g, p.query, "positive", p.target_id, boxes[p.target_id], k=1, seed=k,
+                                             ctx=ctx, steps=False) for p in res.paths]
+                traces += [traces_for_sample(g, c.query, "negative", None, None, k=1, seed=k, ctx=ctx, steps=False)
+                           for c in negs]
         c3 = clock()
         add("paths", c0, c1)
         add("negatives", c1, c2)
