@@ -54,7 +54,7 @@ from typing import Literal
 
 from refforge.stages.boxes import format_box
 from refforge.stages.boxes import iou as box_iou_scalar
-from refforge.stages.graph import GObject, SceneGraph
+from refforge.stages.graph import SceneGraph
 from refforge.stages.lexicon import ATTRIBUTE_FAMILY, RELATIONS, indefinite_article, order_attributes, plural
 from refforge.stages.query import ORDER_MARGIN, Node, Position, region_of
 
@@ -91,6 +91,7 @@ _WHERE = {
     "left": "on the left", "center": "in the center", "right": "on the right",
     "bottom-left": "at the bottom left", "bottom": "at the bottom", "bottom-right": "at the bottom right",
 }
+_CELL_WORDS = {cell: cell.replace("-", " ") for cell in _WHERE}  # terse position words
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 _MOST = {"left": "leftmost", "right": "rightmost", "top": "topmost", "bottom": "bottommost"}
@@ -165,6 +166,7 @@ def _spoken(attributes) -> tuple[str, ...]:
 
 
 _plural = lru_cache(maxsize=8192)(plural)
+_article = lru_cache(maxsize=8192)(indefinite_article)
 
 
 def _num(n: int) -> str:
@@ -209,11 +211,12 @@ def describe(node: Node, definite: bool = False) -> str:
     >>> describe(Node("cup", position=Position("order", start="left", rank=1)))
     'the second cup from the left'
     """
-    head = " ".join([*_spoken(node.attributes), node.category])
+    attributes = node.attributes
+    head = " ".join([*_spoken(attributes), node.category]) if attributes else node.category
     if node.position is not None:
         np_ = _position_phrase(node.position, head)
     else:
-        np_ = f"the {head}" if definite else f"{indefinite_article(head)} {head}"
+        np_ = f"the {head}" if definite else f"{_article(head)} {head}"
     for pred, child in node.relations:
         np_ += f" {_rel(pred)} {describe(child)}"
     return np_
@@ -225,7 +228,9 @@ def describe(node: Node, definite: bool = False) -> str:
 
 
 class TraceContext:
-    """Per-graph facts the walk reads: object words and cells, centres, relation masks, box texts.
+    """Per-graph facts the walk reads: object words and cells, centres, relation masks, box texts; and
+    what traces of the graph have worked out for the next ones (category lines, descriptions, anchors of
+    silent walks, parsed answers).
 
     Samples come graph by graph, so build one per graph and pass it as ``ctx=`` to :func:`trace_for`
     and :func:`traces_for_sample`. Without it the context of the last graph (per thread) is reused
@@ -233,15 +238,17 @@ class TraceContext:
     built anew otherwise.
     """
 
-    __slots__ = ("graph", "_key", "objs", "objects", "ids", "attrs", "idbit", "rel", "by_cat", "cell", "near",
-                 "where", "cellw", "plain", "cx", "cy", "crowded", "_box", "said", "desc", "silent")
+    __slots__ = ("graph", "_seen", "objs", "objects", "ids", "attrs", "idbit", "rel", "by_cat", "cell", "near",
+                 "where", "cellw", "plain", "cx", "cy", "crowded", "_box", "said", "desc", "definite", "silent",
+                 "parsed")
 
     def __init__(self, graph: SceneGraph):
         self.graph = graph
         objects = tuple(graph.objects)
-        relations = tuple(graph.relations)
+        relations = list(graph.relations)
         width, height = graph.width, graph.height
-        self._key = (objects, relations, width, height)
+        # what current() compares the graph with: lists, so that the comparison needs no copy
+        self._seen = (list(objects), relations, width, height)
         self.objects = objects
         self.objs = objs = {o.id: o for o in objects}
         self.ids = [o.id for o in objects]
@@ -256,35 +263,47 @@ class TraceContext:
                 key = (s, r.predicate)
                 rel[key] = rel.get(key, 0) | bit_of[t]
         self.rel = rel
+        names = [o.name for o in objects]
         by_cat: dict[str, list[int]] = {}
-        cells: dict[tuple[str, str], int] = {}
-        self.cell, self.near, self.where, self.cellw, self.plain = [], [], [], [], []
-        for i, o in enumerate(objects):
-            by_cat.setdefault(o.name, []).append(i)
-            cell, near = region_of(o, width, height)
-            self.cell.append(cell)
-            self.near.append(near)
-            where = _WHERE[cell]
-            self.where.append(where)
-            self.cellw.append(cell.replace("-", " "))
-            self.plain.append(f"the {o.name} {where}")
-            key2 = (o.name, cell)
-            cells[key2] = cells.get(key2, 0) + 1
+        for i, name in enumerate(names):
+            by_cat.setdefault(name, []).append(i)
         self.by_cat = by_cat
+        regions = [region_of(o, width, height) for o in objects]
+        self.cell = cell = [r[0] for r in regions]
+        self.near = [r[1] for r in regions]
+        self.where = where = [_WHERE[c] for c in cell]
+        self.cellw = [_CELL_WORDS[c] for c in cell]
+        self.plain = [f"the {name} {w}" for name, w in zip(names, where, strict=True)]
         # objects whose position word is shared with another object of their category carry their box
-        self.crowded = [cells[(o.name, c)] > 1 for o, c in zip(objects, self.cell, strict=True)]
-        self.cx = [_center(o, "x") for o in objects]
-        self.cy = [_center(o, "y") for o in objects]
+        shared = list(zip(names, cell, strict=True))
+        cells: dict[tuple[str, str], int] = {}
+        for key in shared:
+            cells[key] = cells.get(key, 0) + 1
+        self.crowded = [cells[key] > 1 for key in shared]
+        boxes = [o.box for o in objects]
+        self.cx = [(x1 + x2) / 2 for x1, _, x2, _ in boxes]
+        self.cy = [(y1 + y2) / 2 for _, y1, _, y2 in boxes]
         self._box: list[str | None] = [None] * len(objects)
-        self.said: dict[tuple, str] = {}  # category lines by (category, at depth 0, boxes, terse)
+        # category lines by category, for each (boxes, terse) in turn: (the dict for anchors, for targets)
+        said: list[tuple[dict[str, str], dict[str, str]]] = []
+        for _boxes in (False, True):
+            said.append(({}, {}))
+            terse: dict[str, str] = {}
+            said.append((terse, terse))  # a terse clause does not depend on the depth
+        self.said = tuple(said)
+        self.parsed: dict[str, ParsedAnswer] = {}  # _parse_own(answer) by answer text
         # id(node) -> (node, value): the entry holds the node, so its id cannot be reused meanwhile
         self.desc: dict[int, tuple[Node, str]] = {}  # describe(node)
+        self.definite: dict[int, tuple[Node, str]] = {}  # describe(node, definite=True)
         self.silent: dict[int, tuple[Node, tuple[list[int], bool]]] = {}  # silent walks
 
     def current(self) -> bool:
         """Is the graph still what this context was built from?"""
         g = self.graph
-        return self._key == (tuple(g.objects), tuple(g.relations), g.width, g.height)
+        objects, relations, width, height = self._seen
+        o, r = g.objects, g.relations
+        return (g.width == width and g.height == height and (o if type(o) is list else list(o)) == objects
+                and (r if type(r) is list else list(r)) == relations)
 
     def box(self, i: int) -> str:
         b = self._box[i]
@@ -295,6 +314,14 @@ class TraceContext:
     def tids(self, idx: list[int]) -> tuple[str, ...]:
         ids = self.ids
         return tuple([ids[i] for i in idx])
+
+    def bits(self, idx: list[int]) -> int:
+        """The objects ``idx`` as a bit set of their ids (the bits of :attr:`rel`)."""
+        idbit = self.idbit
+        ys = 0
+        for i in idx:
+            ys |= idbit[i]
+        return ys
 
 
 _LOCAL = threading.local()
@@ -319,23 +346,30 @@ class _Walker:
 
     Candidates are indexes into the graph's objects (graph order)."""
 
+    __slots__ = ("c", "boxes", "record", "tersely", "steps", "lines", "_silent", "_said", "anchor_bits")
+
     def __init__(self, ctx: TraceContext, style: int = 0, record_steps: bool = True):
         self.c = ctx
-        self.boxes = style // 3 % 2 == 1
+        self.boxes = boxes = style // 3 % 2 == 1
         self.record = record_steps
-        self.tersely = style % 3 == 2  # the terse phrasing: clauses instead of sentences
+        self.tersely = tersely = style % 3 == 2  # the terse phrasing: clauses instead of sentences
         self.steps: list[Step] = []
         self.lines: list[str] = []  # sentences, or terse clauses when ``tersely``
         self._silent = 0
+        # the context's category lines in this walker's words: [deeper, at depth 0]
+        self._said = ctx.said[2 * boxes + tersely]
+        # the anchors of each relation of the query (a bit set each), filled by the walk at depth 0
+        self.anchor_bits: list[int] = []
 
     # -- words about objects ------------------------------------------------------------------------
 
-    def describe(self, node: Node) -> str:
-        desc = self.c.desc
+    def describe(self, node: Node, definite: bool = False) -> str:
+        """``describe(node, definite)``, kept in the context."""
+        desc = self.c.definite if definite else self.c.desc
         hit = desc.get(id(node))
         if hit is not None and hit[0] is node:
             return hit[1]
-        s = describe(node)
+        s = describe(node, definite)
         desc[id(node)] = (node, s)
         return s
 
@@ -390,23 +424,31 @@ class _Walker:
         if loud:
             if record:
                 self.steps.append(Step("category", depth, cat, (), c.tids(cands)))
-            self._say_category(cat, cands, depth)
+            # the line depends on the graph and the style only, so the graph's context keeps it
+            said = self._said[depth == 0]
+            s = said.get(cat)
+            if s is None:
+                s = said[cat] = self._say_category(cat, cands, depth)
+            self.lines.append(s)
 
-        attrs = c.attrs
-        for attr in _spoken(node.attributes):
-            before = cands
-            cands = [i for i in before if attr in attrs[i]]
-            if before and loud:
-                if record:
-                    self.steps.append(Step("attribute", depth, attr, c.tids(before), c.tids(cands)))
-                self._say_attribute(attr, before, cands)
+        if node.attributes:
+            attrs = c.attrs
+            for attr in _spoken(node.attributes):
+                before = cands
+                cands = [i for i in before if attr in attrs[i]]
+                if before and loud:
+                    if record:
+                        self.steps.append(Step("attribute", depth, attr, c.tids(before), c.tids(cands)))
+                    self._say_attribute(attr, before, cands)
 
         for pred, child in node.relations:
             if not cands:  # nothing left to check; evaluate the anchor silently (its ambiguity counts)
                 self._silent += 1
-                _, amb = self.walk(child, depth + 1)
+                anchors, amb = self.walk(child, depth + 1)
                 self._silent -= 1
                 ambiguous |= amb
+                if depth == 0:
+                    self.anchor_bits.append(c.bits(anchors))
                 continue
             if loud:
                 phrase = f"{_rel(pred)} {self.describe(child)}"
@@ -414,10 +456,9 @@ class _Walker:
                                   if len(cands) > 1 else f"Next, is it {phrase}?")
             anchors, amb = self.walk(child, depth + 1)
             ambiguous |= amb
-            ys = 0
-            idbit = c.idbit
-            for a in anchors:
-                ys |= idbit[a]
+            ys = c.bits(anchors)
+            if depth == 0:
+                self.anchor_bits.append(ys)
             before = cands
             rel, ids = c.rel, c.ids
             cands = [i for i in before if rel.get((ids[i], pred), 0) & ys]
@@ -425,7 +466,7 @@ class _Walker:
                 if record:
                     self.steps.append(Step("relation", depth, phrase, c.tids(before), c.tids(cands),
                                            anchors=c.tids(anchors)))
-                self._say_relation(pred, child, cat, before, cands, anchors)
+                self._say_relation(phrase, child, cat, before, cands, anchors)
 
         if node.position is not None:
             before = cands
@@ -499,27 +540,19 @@ class _Walker:
 
     # -- sentences ----------------------------------------------------------------------------------
 
-    def _say_category(self, cat: str, cands: list[int], depth: int) -> None:
-        # ``cands`` is every object of the category: the line depends on the graph and the style only,
-        # so the graph's context keeps it for the next trace
-        key = (cat, depth == 0, self.boxes, self.tersely)
-        said = self.c.said
-        s = said.get(key)
-        if s is None:
-            n = len(cands)
-            pl = _plural(cat)
-            if self.tersely:
-                s = f"{pl}: {self.terse(cands)}"
-            else:
-                lead = "I look for" if depth == 0 else "For that I look for"
-                if n == 0:
-                    s = f"{lead} {pl}: there is no {cat} in the image."
-                elif n == 1:
-                    s = f"{lead} {pl}: there is one, {self.obj(cands[0])}."
-                else:
-                    s = f"{lead} {pl}: there are {_num(n)}, {self.listing(cands)}."
-            said[key] = s
-        self.lines.append(s)
+    def _say_category(self, cat: str, cands: list[int], depth: int) -> str:
+        """The line for the candidates of a category (every object of it), kept by the caller in
+        ``self._said[depth == 0]``: it depends on the graph and the style only."""
+        n = len(cands)
+        pl = _plural(cat)
+        if self.tersely:
+            return f"{pl}: {self.terse(cands)}"
+        lead = "I look for" if depth == 0 else "For that I look for"
+        if n == 0:
+            return f"{lead} {pl}: there is no {cat} in the image."
+        if n == 1:
+            return f"{lead} {pl}: there is one, {self.obj(cands[0])}."
+        return f"{lead} {pl}: there are {_num(n)}, {self.listing(cands)}."
 
     def _say_attribute(self, attr: str, before: list[int], after: list[int]) -> None:
         # equal objects share id and attributes, so they are kept or dropped together: indexes stand in
@@ -548,9 +581,9 @@ class _Walker:
                 s += f" The other {_num(len(dropped))} are not."
         self.lines.append(s)
 
-    def _say_relation(self, pred: str, child: Node, cat: str, before: list[int], after: list[int],
+    def _say_relation(self, phrase: str, child: Node, cat: str, before: list[int], after: list[int],
                       anchors: list[int]) -> None:
-        phrase = f"{_rel(pred)} {self.describe(child)}"
+        """``phrase``: the relation and its anchor ("to the left of a box")."""
         if self.tersely:
             self.lines.append(f"-> {_plural(cat)} {phrase}: {self.terse(after)}")
             return
@@ -578,11 +611,6 @@ _EMPTY: list[int] = []
 
 def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
-
-
-def _center(o: GObject, axis: str) -> float:
-    x1, y1, x2, y2 = o.box
-    return (x1 + x2) / 2 if axis == "x" else (y1 + y2) / 2
 
 
 def walk(graph: SceneGraph, query: Node) -> tuple[list[str], bool, list[Step]]:
@@ -619,53 +647,43 @@ def _why_position(query: Node, n: int) -> str:
 
 
 def _why_none(w: _Walker, query: Node) -> str:
-    """The sentence that says which constraint eliminates the last candidates of the target."""
+    """The sentence that says which constraint eliminates the last candidates of the target (``w`` has
+    walked ``query``)."""
     c = w.c
     cat = query.category
     cands = c.by_cat.get(cat, _EMPTY)
     if not cands:
         return f"There is no {cat} at all"
-    idbit = c.idbit
-    w._silent += 1
-    try:
-        anchor_sets = []
-        for _, child in query.relations:
-            ys = 0
-            for a in w.walk(child, 1)[0]:
-                ys |= idbit[a]
-            anchor_sets.append(ys)
-    finally:
-        w._silent -= 1
+    anchor_sets = w.anchor_bits
     attrs = _spoken(query.attributes)
     rel, ids, oattrs = c.rel, c.ids, c.attrs
-    preds = [p for p, _ in query.relations]
-
-    def failures(i: int) -> tuple[list[str], list[int]]:
-        have = oattrs[i]
-        fa = [a for a in attrs if a not in have]
-        oid = ids[i]
-        fr = [k for k, (p, ys) in enumerate(zip(preds, anchor_sets, strict=True)) if not (rel.get((oid, p), 0) & ys)]
-        return fa, fr
-
-    best = None
-    n_left = 0
+    checks = [(p, ys) for (p, _), ys in zip(query.relations, anchor_sets, strict=True)]
+    # the first candidate with the fewest failed constraints, and how many fail none
+    best_n, o, n_left = -1, -1, 0
     for i in cands:
-        fa, fr = failures(i)
-        n = len(fa) + len(fr)
+        have, oid = oattrs[i], ids[i]
+        n = 0
+        for a in attrs:
+            if a not in have:
+                n += 1
+        for p, ys in checks:
+            if not (rel.get((oid, p), 0) & ys):
+                n += 1
         if n == 0:
             n_left += 1
-        if best is None or n < best[0]:
-            best = (n, i, fa, fr)
-    assert best is not None
-    best_n, o, fa, fr = best
+        if best_n < 0 or n < best_n:
+            best_n, o = n, i
     if best_n == 0:  # attributes and relations leave candidates: the position removes them
         if query.position is None:  # cannot happen: the walk would have kept them
             return f"Nothing is {describe(query)}"
         return _why_position(query, n_left)
+    have, oid = oattrs[o], ids[o]
+    fa = [a for a in attrs if a not in have]
+    fr = [k for k, (p, ys) in enumerate(checks) if not (rel.get((oid, p), 0) & ys)]
     ok_attrs = [a for a in attrs if a not in fa]
     ok_rels = [f"{_rel(p)} {w.describe(ch)}" for k, (p, ch) in enumerate(query.relations) if k not in fr]
     head = " ".join([*ok_attrs, cat])
-    there = f"There is {indefinite_article(head)} {head}" + "".join(f" {r}" for r in ok_rels) + f" ({w.obj(o)})"
+    there = " ".join([f"There is {_article(head)} {head}", *ok_rels, f"({w.obj(o)})"])
     if best_n == 1:
         if fa:
             return f"{there}, but it is {w.what_instead(o, fa[0])}"
@@ -723,7 +741,7 @@ def _trace(c: TraceContext, query: Node, polarity: str, target_id: str | None, s
         box_text = c.box(i)
         plain = c.plain[i]
         concl = (f"answer: {plain} {box_text}" if terse else
-                 f"So {describe(query, definite=True)} is {plain}, at {box_text}.")
+                 f"So {w.describe(query, definite=True)} is {plain}, at {box_text}.")
         answer = box_text
     elif not final:
         concl = "-> none" if terse else f"{_why_none(w, query)}: no object matches."
@@ -745,11 +763,16 @@ def _trace(c: TraceContext, query: Node, polarity: str, target_id: str | None, s
 
     if gt_box is None and polarity == "positive" and target_id is not None and target_id in c.objs:
         gt_box = c.objs[target_id].box
-    # the answer is the only "<answer>" of a text without another "<" (the common case)
-    parsed = parse_answer(text) if "<" in think or "<" in answer else _parse_own(answer)
+    if "<" in think or "<" in answer:
+        parsed = parse_answer(text)
+    else:  # the answer is the only "<answer>" of the text: parsed from it (once per graph and answer text)
+        parsed = c.parsed.get(answer)
+        if parsed is None:
+            parsed = c.parsed[answer] = _parse_own(answer)
     verdict, score = verify(parsed, polarity, gt_box, iou_threshold)
-    return Trace(text=text, answer_box=parsed.box, verdict=verdict, steps=w.steps, iou=score, style=style,
-                 final_ids=c.tids(final), ambiguous=ambiguous)
+    final_ids = () if not final else (c.ids[final[0]],) if len(final) == 1 else c.tids(final)
+    # positional: text, answer_box, verdict, steps, iou, selected, style, final_ids, ambiguous
+    return Trace(text, parsed.box, verdict, w.steps, score, False, style, final_ids, ambiguous)
 
 
 def select_best(traces: list[Trace]) -> list[Trace]:
@@ -837,6 +860,9 @@ def parse_answer(text: str) -> ParsedAnswer:
     return ParsedAnswer("unparseable", raw=raw, reason="no box and no rejection in the answer")
 
 
+_SEQUENCES = (tuple, list)
+
+
 def verify(parsed: ParsedAnswer, polarity: str, gt_box=None, iou_threshold: float = 0.5) -> tuple[str, float | None]:
     """``(verdict, iou)`` of a parsed answer against the ground truth.
 
@@ -860,6 +886,11 @@ def verify(parsed: ParsedAnswer, polarity: str, gt_box=None, iou_threshold: floa
         raise ValueError("a positive sample needs its gt_box")
     if parsed.kind == "none":
         return "false_rejection", 0.0
-    score = box_iou_scalar(parsed.box, tuple(float(v) for v in gt_box))  # type: ignore[arg-type]
+    if type(gt_box) in _SEQUENCES and len(gt_box) == 4:  # what the generator below makes, made directly
+        a, b, c, d = gt_box
+        gt = (float(a), float(b), float(c), float(d))
+    else:
+        gt = tuple(float(v) for v in gt_box)
+    score = box_iou_scalar(parsed.box, gt)  # type: ignore[arg-type]
     return ("correct" if score >= iou_threshold else "wrong_box"), score
 

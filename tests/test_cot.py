@@ -325,3 +325,47 @@ def test_own_answers_parse_as_parse_answer_reads_them():
         answers.append(format_box((x1, y1, x1 + rng.uniform(1, 100), y1 + rng.uniform(1, 100))))
     for a in answers:
         assert cot._parse_own(a) == cot.parse_answer(f"<answer>{a}</answer>"), a
+
+
+@settings(max_examples=150, deadline=None)
+@given(graphs(), st.lists(st.tuples(queries(), st.integers(0, cot.N_STYLES - 1)), min_size=1, max_size=8))
+def test_a_shared_context_writes_what_a_fresh_one_writes(g, samples):
+    """The context keeps lines, descriptions and parsed answers between traces: reusing it changes nothing."""
+    shared = cot.TraceContext(g)
+    for q, style in samples:
+        ref = evaluate(g, q)
+        target = ref.ids[0] if len(ref.ids) == 1 else None
+        polarity = "positive" if target else "negative"
+        for k in (1, 3):
+            got = traces_for_sample(g, q, polarity, target, None, k=k, seed=style, ctx=shared)
+            fresh = traces_for_sample(g, q, polarity, target, None, k=k, seed=style, ctx=cot.TraceContext(g))
+            assert got == fresh
+
+
+def test_a_context_notices_a_changed_graph():
+    g = scene()
+    ctx = cot.TraceContext(g)
+    q = Node("cup")
+    assert traces_for_sample(g, q, "positive", "c0", None, ctx=ctx)[0].verdict == "correct"
+    g.objects[5] = GObject("c0", "cup", (10.0, 10.0, 40.0, 40.0), ("green",))  # replaced in place
+    t = traces_for_sample(g, q, "positive", "c0", None, ctx=ctx)[0]
+    assert t.answer_box == (10.0, 10.0, 40.0, 40.0) and t.verdict == "correct"
+    g.relations.append(GRelation("c0", "left of", "b1"))
+    t = traces_for_sample(g, Node("cup", (), (("left of", Node("ball")),)), "positive", "c0", None, ctx=ctx)[0]
+    assert t.final_ids == ("c0",)
+    # a graph holding tuples compares as the same graph
+    h = SceneGraph(W, H, tuple(g.objects), tuple(g.relations))  # type: ignore[arg-type]
+    ctx = cot.TraceContext(h)
+    assert ctx.current()
+    assert cot._context(h, ctx) is ctx
+
+
+def test_verify_reads_every_form_of_the_ground_truth_alike():
+    import numpy as np
+
+    box = ParsedAnswer("box", (0.0, 0.0, 10.0, 10.0))
+    want = verify(box, "positive", (0.0, 0.0, 10.0, 12.0))
+    for gt in ((0, 0, 10, 12), [0, 0, 10, 12], [0.0, 0.0, 10.0, 12.0], np.array([0.0, 0.0, 10.0, 12.0])):
+        assert verify(box, "positive", gt) == want
+    with pytest.raises(ValueError):
+        verify(box, "positive", (0.0, 0.0, 10.0))
