@@ -125,15 +125,21 @@ def _center(o: GObject, axis: str) -> float:
     return (x1 + x2) / 2 if axis == "x" else (y1 + y2) / 2
 
 
+_CELLS = (("top-left", "top", "top-right"), ("left", "center", "right"), ("bottom-left", "bottom", "bottom-right"))
+
+
 def region_of(o: GObject, width: float, height: float) -> tuple[str, bool]:
     """(3x3 cell of the box centre, whether the centre is within REGION_MARGIN of a grid line)."""
-    cx, cy = _center(o, "x"), _center(o, "y")
-    col = 0 if cx < width / 3 else 1 if cx < 2 * width / 3 else 2
-    row = 0 if cy < height / 3 else 1 if cy < 2 * height / 3 else 2
-    near = (min(abs(cx - width / 3), abs(cx - 2 * width / 3)) < REGION_MARGIN * width
-            or min(abs(cy - height / 3), abs(cy - 2 * height / 3)) < REGION_MARGIN * height)
-    names = [["top-left", "top", "top-right"], ["left", "center", "right"], ["bottom-left", "bottom", "bottom-right"]]
-    return names[row][col], near
+    x1, y1, x2, y2 = o.box
+    cx = (x1 + x2) / 2
+    cy = (y1 + y2) / 2
+    w1, w2 = width / 3, 2 * width / 3
+    h1, h2 = height / 3, 2 * height / 3
+    col = 0 if cx < w1 else 1 if cx < w2 else 2
+    row = 0 if cy < h1 else 1 if cy < h2 else 2
+    near = (min(abs(cx - w1), abs(cx - w2)) < REGION_MARGIN * width
+            or min(abs(cy - h1), abs(cy - h2)) < REGION_MARGIN * height)
+    return _CELLS[row][col], near
 
 
 def _select(graph: SceneGraph, cands: list[GObject], pos: Position) -> Result:
