@@ -100,19 +100,23 @@ Definite articles of anchors ("the {O2}") are kept as they were. ``text`` is
 ``fill_text(template_text, slots)``, which equals ``templates.fill_template(template_text,
 slots_of(query))`` (tested) and is compiled once per template; ``query_slots`` equals ``slots_of``.
 
-Performance (about 0.1 ms per positive on 16-object graphs, pure Python): :class:`NegativeIndex`
+Performance (about 0.03 ms per positive on 16-object graphs, pure Python): :class:`NegativeIndex`
 holds per-graph bitmask indexes (category, attribute, family,
 relation rows, centre orders, regions). Build it once per graph and pass it as ``index=`` for every
 positive of that graph; :meth:`NegativeIndex.evaluate` agrees with :func:`query.evaluate` (tested).
+Options are edited in rank order only while their level still needs candidates (usually the first
+one is kept); with the default :class:`LexiconBackend`, a node's later replacement categories are not
+even computed then.
 """
 
 from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
-from functools import cache, lru_cache
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, fields, is_dataclass
+from functools import cache, lru_cache, partial
+from operator import itemgetter
 from typing import Protocol, runtime_checkable
 
 from refforge.stages.graph import GRelation, SceneGraph
@@ -158,6 +162,7 @@ NEGATIVE_TYPES: tuple[str, ...] = (
     "swap_attribute",
 )
 NEGATIVE_LEVELS: tuple[str, ...] = ("L1", "L2")
+_TARGET_ONLY_TYPES = ("replace_object", "replace_attribute")  # the types a query without anchors has
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,11 +267,63 @@ def wordnet_siblings(category: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _rotated(seq: tuple[str, ...], salt: int) -> Iterable[str]:
-    if not seq:
-        return ()
-    k = salt % len(seq)
-    return seq[k:] + seq[:k]
+def _category_words(category: str, present: Collection[str], salt: int, limit: int,
+                    use_wordnet: bool | None) -> list[str]:
+    """:meth:`LexiconBackend.replacements_for_category`: at most ``limit`` words (the first ``limit``
+    of a longer call's)."""
+    sup = super_category(category)
+    if sup is not None:
+        groups = (*_same_super(sup), *_ALL_CATEGORIES)
+    elif use_wordnet is not False and wordnet_available():
+        groups = (wordnet_siblings(category), *_ALL_CATEGORIES)
+    else:
+        groups = _ALL_CATEGORIES
+    out: list[str] = []
+    for group in groups:
+        n = len(group)
+        k = salt % n if n else 0
+        for j in range(k - n, k):  # the group rotated to start at index k
+            c = group[j]
+            if c != category and c not in present and c not in out:
+                out.append(c)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+@cache
+def _encoded(words: tuple[str, ...]) -> tuple[tuple[int, str, bytes], ...]:
+    """(position, word, UTF-8 bytes) of ``words``: the pieces of :func:`_h` sort keys that do not
+    depend on the salt."""
+    return tuple((k, w, w.encode()) for k, w in enumerate(words))
+
+
+def _attribute_words(value: str, family: str, present: Collection[str], salt: int) -> list[str]:
+    """:meth:`LexiconBackend.replacements_for_attribute`: the family's other values, those present
+    first, each group by ``_h(v, salt)`` (ties in family order)."""
+    crc32 = zlib.crc32
+    keyed = [(v not in present, crc32(b, salt), k, v)
+             for k, v, b in _encoded(ATTRIBUTE_FAMILIES.get(family, ())) if v != value]
+    keyed.sort()
+    return [v for *_key, v in keyed]
+
+
+@cache
+def _relation_choices(predicate: str) -> tuple[tuple[str, ...], tuple[tuple[int, str, bytes], ...]]:
+    """The opposite of ``predicate`` among its alternatives (() or one word) and the others."""
+    opposite = RELATION_OPPOSITES.get(predicate)
+    alts = RELATION_ALTERNATIVES.get(predicate) or ((opposite,) if opposite else ())
+    head = tuple(a for a in alts if a == opposite)
+    return head, _encoded(tuple(a for a in alts if a != opposite and a != predicate))
+
+
+def _relation_words(predicate: str, salt: int) -> list[str]:
+    """:meth:`LexiconBackend.replacements_for_relation`: the opposite, then the other alternatives by
+    ``_h(a, salt)`` (ties in lexicon order)."""
+    head, others = _relation_choices(predicate)
+    crc32 = zlib.crc32
+    keyed = sorted([(crc32(b, salt), k, a) for k, a, b in others])
+    return [*head, *(a for _crc, _k, a in keyed)]
 
 
 class LexiconBackend:
@@ -279,6 +336,10 @@ class LexiconBackend:
     * relations: the opposite first, then the other alternatives in seeded order.
 
     ``use_wordnet``: None uses WordNet when importable, False never.
+
+    For an instance of exactly this class, :func:`text_negatives` computes the words of these methods
+    itself (lazily, without a :class:`ReplacementContext` per slot); every other backend, subclasses
+    included, is called through its methods.
     """
 
     def __init__(self, use_wordnet: bool | None = None) -> None:
@@ -288,36 +349,14 @@ class LexiconBackend:
         return f"LexiconBackend(use_wordnet={self.use_wordnet!r})"
 
     def replacements_for_attribute(self, value: str, family: str, context: ReplacementContext) -> list[str]:
-        present = context.image_attributes
-        salt = context.salt
-        return sorted((v for v in ATTRIBUTE_FAMILIES.get(family, ()) if v != value),
-                      key=lambda v: (v not in present, _h(v, salt)))
+        return _attribute_words(value, family, context.image_attributes, context.salt)
 
     def replacements_for_category(self, category: str, context: ReplacementContext) -> list[str]:
-        present = context.image_categories
-        limit = context.limit
-        out: list[str] = []
-        sup = super_category(category)
-        if sup is not None:
-            groups = [*_same_super(sup), *_ALL_CATEGORIES]
-        elif self.use_wordnet is not False and wordnet_available():
-            groups = [wordnet_siblings(category), *_ALL_CATEGORIES]
-        else:
-            groups = list(_ALL_CATEGORIES)
-        for group in groups:
-            for c in _rotated(group, context.salt):
-                if c != category and c not in present and c not in out:
-                    out.append(c)
-                    if len(out) >= limit:
-                        return out
-        return out
+        return _category_words(category, context.image_categories, context.salt, context.limit,
+                               self.use_wordnet)
 
     def replacements_for_relation(self, predicate: str, context: ReplacementContext) -> list[str]:
-        opposite = RELATION_OPPOSITES.get(predicate)
-        alts = RELATION_ALTERNATIVES.get(predicate) or ((opposite,) if opposite else ())
-        head = [a for a in alts if a == opposite]
-        rest = sorted((a for a in alts if a != opposite and a != predicate), key=lambda a: _h(a, context.salt))
-        return head + rest
+        return _relation_words(predicate, context.salt)
 
 
 DEFAULT_BACKEND = LexiconBackend()
@@ -377,35 +416,39 @@ class NegativeIndex:
         n = self.n = len(ids)
         self.full = (1 << n) - 1
         self.exact = len(set(ids)) == n
-        pos = self._pos = {oid: i for i, oid in enumerate(ids)}
+        pos = self._pos = dict(zip(ids, range(n), strict=True))  # an id: its last object
         cat: dict[str, int] = {}
         attr: dict[str, int] = {}
-        fam: dict[str, int] = {}
         for i, o in enumerate(objs):
             bit = 1 << i
             cat[o.name] = cat.get(o.name, 0) | bit
             for a in o.attributes:
                 attr[a] = attr.get(a, 0) | bit
-                f = ATTRIBUTE_FAMILY.get(a)
-                if f is not None:
-                    fam[f] = fam.get(f, 0) | bit
+        fam: dict[str, int] = {}
+        for a, mask in attr.items():
+            f = ATTRIBUTE_FAMILY.get(a)
+            if f is not None:
+                fam[f] = fam.get(f, 0) | mask
         self.cat, self.attr, self.fam = cat, attr, fam
         self.categories = frozenset(cat)
         self.attributes = frozenset(attr)
         rel: dict[str, list[int]] = {}
-        triples: list[tuple[int, int, str]] = []
+        pairs: dict[str, list[tuple[int, int]]] = {}  # predicate -> its (subject, object) facts
         for r in graph.relations:
             s = pos.get(r.subject)
             t = pos.get(r.object)
             if s is None or t is None or r.subject == r.object:
                 continue
-            rows = rel.get(r.predicate)
+            p = r.predicate
+            rows = rel.get(p)
             if rows is None:
-                rows = rel[r.predicate] = [0] * n
+                rows = rel[p] = [0] * n
+                pairs[p] = [(s, t)]
+            else:
+                pairs[p].append((s, t))
             rows[s] |= 1 << t
-            triples.append((s, t, r.predicate))
         self.rel = rel
-        self._triples = triples
+        self._pairs = pairs
         self._closed: dict[str, list[int]] | None = None
         self._excl: dict[str, list[int]] = {}
         self._orders: dict[str, list[int]] = {}
@@ -450,15 +493,17 @@ class NegativeIndex:
         if self._closed is None:
             n = self.n
             out: dict[str, list[int]] = {}
-            for s_, t, p in self._triples:
+            for p, pairs in self._pairs.items():
                 for flipped, q in _derived(p):
                     rows = out.get(q)
                     if rows is None:
                         rows = out[q] = [0] * n
                     if flipped:
-                        rows[t] |= 1 << s_
+                        for s_, t in pairs:
+                            rows[t] |= 1 << s_
                     else:
-                        rows[s_] |= 1 << t
+                        for s_, t in pairs:
+                            rows[s_] |= 1 << t
             self._closed = out
         return self._closed
 
@@ -481,12 +526,13 @@ class NegativeIndex:
         """Row ``x``: objects ``y`` for which a (closed) fact rules out ``(x, predicate, y)``."""
         ex = self._excl.get(predicate)
         if ex is None:
-            ex = [0] * self.n
             closed = self.closed()
             for q in RELATION_EXCLUSIVE.get(predicate, ()):
                 rows = closed.get(q)
                 if rows is not None:
-                    ex = [a | b for a, b in zip(ex, rows, strict=True)]
+                    ex = list(rows) if ex is None else [a | b for a, b in zip(ex, rows, strict=True)]
+            if ex is None:
+                ex = [0] * self.n
             self._excl[predicate] = ex
         return ex
 
@@ -507,15 +553,16 @@ class NegativeIndex:
             return hit[1]
         amb = False
         m = self.cat.get(node.category, 0)
-        for a in node.attributes:
-            m &= self.attr.get(a, 0)
+        if m:
+            for a in node.attributes:
+                m &= self.attr.get(a, 0)
         for pred, child in node.relations:
             ym, ya = self._eval(child, cache, rel)
             amb |= ya
             if m:
                 rows = rel.get(pred)
                 m = 0 if rows is None or not ym else _subjects_of(m, rows, ym)
-        if node.position is not None:
+        if m and node.position is not None:  # no candidate: nothing selected, nothing ambiguous
             m, pa = self._select(m, node.position)
             amb |= pa
         res = (m, amb)
@@ -540,7 +587,8 @@ class NegativeIndex:
         cen = self.centres(axis)
         c = cen[seq[k]]
         margin = ORDER_MARGIN * (self.graph.width if axis == "x" else self.graph.height)
-        amb = any(abs(cen[seq[j]] - c) < margin for j in (k - 1, k + 1) if 0 <= j < len(seq))
+        amb = ((k > 0 and abs(cen[seq[k - 1]] - c) < margin)
+               or (k + 1 < nc and abs(cen[seq[k + 1]] - c) < margin))
         return 1 << seq[k], amb
 
     # --- relaxed evaluation (incomplete graphs) -------------------------------------------------
@@ -577,9 +625,12 @@ class NegativeIndex:
             if ck in rels:
                 ex = self.exclusions(pred)
                 keep = 0
-                for i in _bits(m):
-                    if (rows is not None and rows[i] & ym) or (ym & ~ex[i] & ~(1 << i)):
-                        keep |= 1 << i
+                while m:
+                    low = m & -m
+                    i = low.bit_length() - 1
+                    if (rows is not None and rows[i] & ym) or (ym & ~ex[i] & ~low):
+                        keep |= low
+                    m ^= low
                 m = keep
             else:
                 m = 0 if rows is None else _subjects_of(m, rows, ym)
@@ -602,15 +653,24 @@ _FILL_RE = re.compile(r"(?:\b([Aa]n?) )?\{([A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*)\}
 
 
 @lru_cache(maxsize=4096)
-def _compiled(template_text: str) -> tuple[tuple[tuple[str, str, int], ...], str]:
-    """(literal, placeholder, article: 0 none / 1 "a" / 2 "A") ops and the tail of a template."""
+def _compiled(template_text: str) -> tuple[tuple[tuple[str, str, int], ...], str, str | None]:
+    """(literal, placeholder, article: 0 none / 1 "a" / 2 "A") ops and the tail of a template, and
+    for a template without articles the same as a ``str.format_map`` pattern (None otherwise)."""
     ops = []
     pos = 0
     for m in _FILL_RE.finditer(template_text):
         art = 0 if m.group(1) is None else 2 if m.group(1)[0] == "A" else 1
         ops.append((template_text[pos : m.start()], m.group(2), art))
         pos = m.end()
-    return tuple(ops), template_text[pos:]
+    tail = template_text[pos:]
+    pattern = None
+    if not any(art for _lit, _name, art in ops):
+        pattern = "".join(_braces(lit) + "{" + name + "}" for lit, name, _art in ops) + _braces(tail)
+    return tuple(ops), tail, pattern
+
+
+def _braces(literal: str) -> str:
+    return literal.replace("{", "{{").replace("}", "}}")
 
 
 def fill_text(template_text: str, values: dict[str, str]) -> str:
@@ -619,7 +679,12 @@ def fill_text(template_text: str, values: dict[str, str]) -> str:
     words substituted, "a"/"an" in front of a placeholder recomputed, a missing ``X_PL`` derived as
     ``plural(values[X])``, ``KeyError`` for a placeholder without a value. Equal to ``fill_template``
     whenever that fills every placeholder (tested)."""
-    ops, tail = _compiled(template_text)
+    ops, tail, pattern = _compiled(template_text)
+    if pattern is not None and type(values) is dict:  # (a dict subclass may define __missing__)
+        try:
+            return pattern.format_map(values)
+        except KeyError:
+            pass  # derive a missing X_PL, or raise for the first missing placeholder, as below
     out = []
     for lit, name, art in ops:
         w = values.get(name)
@@ -647,16 +712,19 @@ def _node_items(i: int, category: str, attributes: tuple[str, ...]) -> tuple[tup
     return tuple(items)
 
 
+@lru_cache(maxsize=65536)
+def _category_items(i: int, category: str) -> tuple[tuple[str, str], ...]:
+    """The category entries (``O2``, ``O2_PL``) of ``_node_items(i, category, ...)``."""
+    prefix = _prefix(i)
+    return (prefix, category), (f"{prefix}_PL", plural(category))
+
+
 @lru_cache(maxsize=4096)
-def _shown(template_text: str) -> frozenset[str]:
-    return frozenset(name for _lit, name, _art in _compiled(template_text)[0])
-
-
-def _shows(shown: frozenset[str], key: str) -> bool:
-    """Does a template with placeholders ``shown`` show slot ``key`` (a category in either number)?"""
-    if key in shown or key + "_PL" in shown:
-        return True
-    return key.endswith("_PL") and key[:-3] in shown
+def _visible(template_text: str) -> frozenset[str]:
+    """The slots the template shows: its placeholders, and a category in either number (``O2`` and
+    ``O2_PL`` when it has one of them)."""
+    shown = {name for _lit, name, _art in _compiled(template_text)[0]}
+    return frozenset(shown | {n + "_PL" for n in shown} | {n[:-3] for n in shown if n.endswith("_PL")})
 
 
 def _prefix(i: int) -> str:
@@ -670,6 +738,12 @@ def _with_relation_slot(template_text: str, phrase: str, r: int, phrases: list[s
         return template_text
     if phrases.count(phrase) != 1:
         return None
+    return _relation_slot(template_text, phrase, r)
+
+
+@lru_cache(maxsize=4096)
+def _relation_slot(template_text: str, phrase: str, r: int) -> str | None:
+    """:func:`_with_relation_slot` for a phrase that no other relation of the query has."""
     pat = re.compile(r"(?<![\w{])" + re.escape(phrase) + r"(?![\w}])")
     hits = pat.findall(template_text)
     if len(hits) != 1:
@@ -683,12 +757,21 @@ def _adjust_other(template_text: str, before: list[str], after: list[str], paren
     balls" when an anchor has its parent's category)."""
     if len(set(before)) == len(before) and len(set(after)) == len(after):
         return template_text  # no category repeats: no anchor is "other" before or after
-    t = template_text
+    changes = []
     for i in range(1, len(before)):
         p = parent[i]
         was, now = before[i] == before[p], after[i] == after[p]
-        if was == now:
-            continue
+        if was != now:
+            changes.append((i, was))
+    return _rewrite_other(template_text, tuple(changes)) if changes else template_text
+
+
+@lru_cache(maxsize=4096)
+def _rewrite_other(template_text: str, changes: tuple[tuple[int, bool], ...]) -> str:
+    """:func:`_adjust_other`'s rewrite: ``changes`` holds (anchor, was it "other") per anchor whose
+    status changed."""
+    t = template_text
+    for i, was in changes:
         o = _prefix(i)
         adj = r"((?:\{" + o + r"_A[0-9]+\} )*)"  # the anchor's attribute placeholders, if any
         one, many = r"\{" + o + r"\}", r"\{" + o + r"_PL\}"
@@ -704,58 +787,107 @@ def _adjust_other(template_text: str, before: list[str], after: list[str], paren
 
 
 # --------------------------------------------------------------------------------------------- edits
+#
+# Edited nodes and candidates are built without their dataclass __init__ (frozen, it sets every field
+# through object.__setattr__): about twice as fast, and the same object. That holds for a slotted
+# dataclass whose __init__ only sets its fields (no __post_init__), which is checked here; a class
+# that stops being one is built by its own constructor.
 
 
-def _replace_at(node: Node, path: tuple[int, ...], fn) -> Node:
+def _plain_dataclass(cls: type, names: tuple[str, ...]) -> bool:
+    """Is ``cls`` a slotted dataclass whose ``__init__`` just sets the fields ``names``?"""
+    return (is_dataclass(cls) and getattr(cls, "__slots__", None) == names
+            and not hasattr(cls, "__post_init__")
+            and tuple(f.name for f in fields(cls) if f.init) == names and len(fields(cls)) == len(names))
+
+
+_NODE_FIELDS = ("category", "attributes", "relations", "position")
+_CANDIDATE_FIELDS = ("query", "text", "template_text", "negative_type", "negative_level", "needs_review",
+                     "review_reason", "detail", "nodes")
+
+if _plain_dataclass(Node, _NODE_FIELDS):
+    _set_category, _set_attributes, _set_relations, _set_position = (
+        Node.__dict__[f].__set__ for f in _NODE_FIELDS)
+
+    def _node(category: str, attributes: tuple[str, ...], relations: tuple[tuple[str, Node], ...],
+              position: Position | None) -> Node:
+        """``Node(category, attributes, relations, position)``."""
+        n = object.__new__(Node)
+        _set_category(n, category)
+        _set_attributes(n, attributes)
+        _set_relations(n, relations)
+        _set_position(n, position)
+        return n
+else:  # pragma: no cover - Node changed shape
+    _node = Node
+
+if _plain_dataclass(NegativeCandidate, _CANDIDATE_FIELDS):
+    _set_query, _set_text, _set_template_text, _set_type, _set_level, _set_needs_review, _set_reason, \
+        _set_detail, _set_nodes = (NegativeCandidate.__dict__[f].__set__ for f in _CANDIDATE_FIELDS)
+
+    def _candidate(query: Node, text: str, template_text: str, negative_type: str, negative_level: str,
+                   needs_review: bool, review_reason: str | None, detail: str,
+                   nodes: tuple[int, ...]) -> NegativeCandidate:
+        """``NegativeCandidate(query, text, ..., nodes)``."""
+        c = object.__new__(NegativeCandidate)
+        _set_query(c, query)
+        _set_text(c, text)
+        _set_template_text(c, template_text)
+        _set_type(c, negative_type)
+        _set_level(c, negative_level)
+        _set_needs_review(c, needs_review)
+        _set_reason(c, review_reason)
+        _set_detail(c, detail)
+        _set_nodes(c, nodes)
+        return c
+else:  # pragma: no cover - NegativeCandidate changed shape
+    _candidate = NegativeCandidate
+
+
+def _put(node: Node, path: tuple[int, ...], new: Node) -> Node:
+    """``node`` with its descendant at ``path`` (relation indexes from ``node``) replaced by ``new``:
+    the ancestors are rebuilt, every other subtree is shared."""
     if not path:
-        return fn(node)
+        return new
     j = path[0]
     rels = list(node.relations)
     p, c = rels[j]
-    rels[j] = (p, _replace_at(c, path[1:], fn))
-    return Node(node.category, node.attributes, tuple(rels), node.position)
-
-
-def _set_category(cat: str):
-    return lambda n: Node(cat, n.attributes, n.relations, n.position)
-
-
-def _set_attributes(attrs: tuple[str, ...]):
-    return lambda n: Node(n.category, attrs, n.relations, n.position)
-
-
-def _set_predicate(j: int, pred: str):
-    def fn(n: Node) -> Node:
-        rels = list(n.relations)
-        rels[j] = (pred, rels[j][1])
-        return Node(n.category, n.attributes, tuple(rels), n.position)
-
-    return fn
+    rels[j] = (p, _put(c, path[1:], new))
+    return _node(node.category, node.attributes, tuple(rels), node.position)
 
 
 class _Flat:
+    """A query's nodes depth first (node ``i`` here is depth-first number ``i + 1``) with their paths
+    from the root, parents, categories and incoming predicates."""
+
     __slots__ = ("nodes", "paths", "parent", "cats", "distinct", "preds", "phrases")
 
     def __init__(self, root: Node) -> None:
-        self.nodes: list[Node] = []
-        self.paths: list[tuple[int, ...]] = []
-        self.parent: list[int] = []
-        self._add(root, (), -1)
-        self.cats = [n.category for n in self.nodes]
-        self.distinct = len(set(self.cats)) == len(self.cats)
+        self.nodes: list[Node] = [root]
+        self.paths: list[tuple[int, ...]] = [()]
+        self.parent: list[int] = [-1]
         # preds[i]: the predicate of the relation that leads to node i ("" for the target)
-        self.preds = [""] + [self.nodes[self.parent[i]].relations[self.paths[i][-1]][0]
-                             for i in range(1, len(self.nodes))]
-        self.phrases = [RELATIONS.get(p, p) for p in self.preds[1:]]
+        self.preds: list[str] = [""]
+        if root.relations:
+            self._add_children(root, (), 0)
+            self.cats = cats = [n.category for n in self.nodes]
+            self.distinct = len(set(cats)) == len(cats)
+            self.phrases = [RELATIONS.get(p, p) for p in self.preds[1:]]
+        else:
+            self.cats = [root.category]
+            self.distinct = True
+            self.phrases = []
 
-    def _add(self, n: Node, path: tuple[int, ...], parent: int) -> None:
-        """Append ``n`` and its descendants, depth first."""
-        me = len(self.nodes)
-        self.nodes.append(n)
-        self.paths.append(path)
-        self.parent.append(parent)
-        for j, (_p, c) in enumerate(n.relations):
-            self._add(c, path + (j,), me)
+    def _add_children(self, n: Node, path: tuple[int, ...], me: int) -> None:
+        """Append the descendants of ``n`` (node ``me``), depth first."""
+        for j, (p, c) in enumerate(n.relations):
+            k = len(self.nodes)
+            self.nodes.append(c)
+            self.paths.append(path + (j,))
+            self.parent.append(me)
+            self.preds.append(p)
+            if c.relations:
+                self._add_children(c, path + (j,), k)
 
 
 def query_slots(query: Node) -> dict[str, str]:
@@ -771,6 +903,59 @@ def _flat_slots(flat: _Flat) -> dict[str, str]:
             pred = flat.preds[i]
             slots[f"R{i}"] = RELATIONS.get(pred, pred)
     return slots
+
+
+class _Proposals:
+    """The backend's replacement words for the slots of one positive.
+
+    A :class:`LexiconBackend` (exactly that class) is read directly: the same words in the same order,
+    without a :class:`ReplacementContext`, and category words only as far as they are used. Every other
+    backend is called once per slot with the node's context.
+    """
+
+    __slots__ = ("backend", "lexicon", "index", "cats", "salt", "limit", "_contexts")
+
+    def __init__(self, backend: NegativeBackend, index: NegativeIndex, cats: list[str], salt: int,
+                 limit: int) -> None:
+        self.backend = backend
+        self.lexicon = type(backend) is LexiconBackend
+        self.index = index
+        self.cats = cats
+        self.salt = salt
+        self.limit = limit
+        self._contexts: dict[int, ReplacementContext] = {}
+
+    def context(self, i: int) -> ReplacementContext:
+        """The context of node ``i`` (0-based), one per node."""
+        c = self._contexts.get(i)
+        if c is None:
+            c = self._contexts[i] = ReplacementContext(i + 1, self.cats[i], self.index.categories,
+                                                       self.index.attributes, self.salt, self.limit)
+        return c
+
+    def attribute(self, i: int, value: str, family: str) -> list[str]:
+        if self.lexicon:
+            return _attribute_words(value, family, self.index.attributes, self.salt)
+        return self.backend.replacements_for_attribute(value, family, self.context(i))
+
+    def category(self, i: int) -> tuple[list[str | None], Callable[[], list[str | None]] | None]:
+        """Node ``i``'s replacement categories by rank, None where the driver ignores the backend's word
+        (the node's own category, one present in the image); and None, or a function that returns the
+        whole list when the first is only its beginning."""
+        cat, present = self.cats[i], self.index.categories
+        if self.lexicon:  # never proposes the category itself or a present one
+            use_wordnet = self.backend.use_wordnet
+            words = _category_words(cat, present, self.salt, 1, use_wordnet)
+            if words and self.limit > 1:
+                return words, partial(_category_words, cat, present, self.salt, self.limit, use_wordnet)
+            return words, None
+        words = self.backend.replacements_for_category(cat, self.context(i))
+        return [c if c != cat and c not in present else None for c in words], None
+
+    def relation(self, subject: int, predicate: str) -> list[str]:
+        if self.lexicon:
+            return _relation_words(predicate, self.salt)
+        return self.backend.replacements_for_relation(predicate, self.context(subject))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -817,16 +1002,7 @@ def text_negatives(
     orig_slots = _flat_slots(flat)
     orig_text = fill_text(template_text, orig_slots)
     salt = zlib.crc32(f"{seed}\x1f{target_id}\x1f{orig_text}".encode())
-    cats = flat.cats
-    limit = max(4, 2 * per_type)
-    ctx_cache: dict[int, ReplacementContext] = {}
-
-    def ctx(i: int) -> ReplacementContext:
-        c = ctx_cache.get(i)
-        if c is None:
-            c = ctx_cache[i] = ReplacementContext(i + 1, cats[i], index.categories, index.attributes, salt, limit)
-        return c
-
+    proposals = _Proposals(backend, index, flat.cats, salt, max(4, 2 * per_type))
     closed_cache = index._closed_cache
     has_rel = bool(query.relations)
     out: list[NegativeCandidate] = []
@@ -834,42 +1010,25 @@ def text_negatives(
     exhaustive = exhaustive_categories if isinstance(exhaustive_categories, (set, frozenset)) \
         else frozenset(exhaustive_categories)
 
-    def verify(edited: Node) -> bool:
-        if exact:
-            m, amb = index._eval(edited, cache, index.rel)
-            if m or amb:
-                return False
-            if has_rel:
-                m, amb = index._eval(edited, closed_cache, index.closed())
-                if m or amb:
-                    return False
-            return True
-        if not evaluate(graph, edited).empty:
-            return False
-        return not has_rel or evaluate(index.closed_graph(), edited).empty
-
-    for kind in NEGATIVE_TYPES:
+    for kind in NEGATIVE_TYPES if len(flat.nodes) > 1 else _TARGET_ONLY_TYPES:
         if kind not in types:
             continue
-        options = _OPTIONS[kind](flat, backend, ctx, salt, index)
-        if not options:
+        listed = _OPTIONS[kind](flat, proposals)
+        if not listed:
             continue
-        options.sort(key=lambda o: o[0])
         kept: dict[str, list[NegativeCandidate]] = {"L1": [], "L2": []}
-        for _key, level, payload in options:
-            if len(kept[level]) >= per_type:
-                if len(kept["L1"]) >= per_type and len(kept["L2"]) >= per_type:
-                    break
-                continue
-            edit = _apply(kind, payload, flat, query, template_text)
+        open_ = {"L1": True, "L2": True}  # levels with fewer than per_type candidates
+        apply = _APPLY[kind]
+        for level, payload in _ORDER[kind](listed, open_):
+            edit = apply(payload, flat, query, template_text)
             if edit is None:
                 continue
             edited, tt, detail, touched, relax, updates = edit
             # the text must show every word the edit changed
-            shown = _shown(tt)
+            visible = _visible(tt)
             hidden = False
             for k, v in updates:
-                if orig_slots.get(k) != v and not _shows(shown, k):
+                if k not in visible and orig_slots.get(k) != v:
                     hidden = True
                     break
             if hidden:
@@ -880,72 +1039,144 @@ def text_negatives(
                 text = fill_text(tt, new_slots)
             except KeyError:
                 continue
-            if text in texts or not verify(edited):
+            if text in texts:
+                continue
+            # verification: empty on the graph and on its closure
+            if exact:
+                # a replaced category is absent from the graph (present ones are never options): the
+                # edited node matches nothing there, nor do its ancestors, and nothing is ambiguous (the
+                # positive was not, and positions are ambiguous only among candidates)
+                if kind != "replace_object":
+                    m, amb = index._eval(edited, cache, index.rel)
+                    if m or amb:
+                        continue
+                if has_rel:
+                    m, amb = index._eval(edited, closed_cache, index.closed())
+                    if m or amb:
+                        continue
+            elif not evaluate(graph, edited).empty or (
+                    has_rel and not evaluate(index.closed_graph(), edited).empty):
                 continue
             review = None
             if not complete_graph:
                 review = _review(kind, payload, edited, relax, index, exhaustive)
             texts.add(text)
-            kept[level].append(NegativeCandidate(edited, text, tt, kind, level, review is not None, review,
-                                                 detail, touched))
+            cands = kept[level]
+            cands.append(_candidate(edited, text, tt, kind, level, review is not None, review, detail,
+                                    touched))
+            if len(cands) >= per_type:
+                open_[level] = False
         out += kept["L1"]
         out += kept["L2"]
     return out
 
 
-# --- options: (sort key, level, payload) per type ---------------------------------------------------
+# --- options ---------------------------------------------------------------------------------------
+#
+# Each type's options have a sort key; options with equal keys keep the order in which they are listed
+# (node by node, each slot in the backend's order). _OPTIONS[kind] lists them (empty or None when there
+# are none) and _ORDER[kind] yields (level, payload) in that order for the levels that are still open,
+# ending once both are full, so that a level's remaining options are never edited (and, for the
+# lexicon's categories, never even proposed).
 
 
-def _opt_replace_attribute(flat: _Flat, backend, ctx, salt, index) -> list:
-    opts = []
+def _ranked(slots: list[list], open_: dict[str, bool]) -> Iterator[tuple[str, tuple]]:
+    """The options of the replace types: sort key (rank, tie), rank being the index in the backend's
+    list.
+
+    ``slots`` (listing order): [tie, level, prefix, words, rest], the option of rank r being
+    ``prefix + (words[r],)`` (none where ``words[r]`` is None); ``rest``: None, or a function that
+    returns the whole list when ``words`` is only its beginning. Rank by rank, each rank's options by
+    tie, equal ties in listing order.
+    """
+    if len(slots) > 1:
+        slots = sorted(slots, key=itemgetter(0))  # stable
+    r = 0
+    while True:
+        more = False
+        for slot in slots:
+            _tie, level, prefix, words, rest = slot
+            if not open_[level]:
+                continue
+            if r >= len(words):
+                if rest is None:
+                    continue
+                words = slot[3] = rest()
+                slot[4] = None
+                if r >= len(words):
+                    continue
+            more = True
+            word = words[r]
+            if word is not None:
+                yield level, (*prefix, word)
+                if not (open_["L1"] or open_["L2"]):
+                    return
+        if not more:
+            return
+        r += 1
+
+
+def _with_ties(slots: list[list] | None, salt: int) -> list[list] | None:
+    """``slots`` with each tie name (``slot[0]``) replaced by its ``_h`` hash; ties only order slots,
+    so a single slot keeps its name."""
+    if slots is not None and len(slots) > 1:
+        for slot in slots:
+            slot[0] = _h(slot[0], salt)
+    return slots
+
+
+def _sorted(options: list[tuple[tuple, str, tuple]], open_: dict[str, bool]) -> Iterator[tuple[str, tuple]]:
+    """The options of the swap types, ((key, level, payload)), in the order of a stable sort by key."""
+    options.sort(key=itemgetter(0))
+    for _key, level, payload in options:
+        if open_[level]:
+            yield level, payload
+            if not (open_["L1"] or open_["L2"]):
+                return
+
+
+def _opt_replace_attribute(flat: _Flat, proposals: _Proposals) -> list[list] | None:
+    slots = None
     for i, n in enumerate(flat.nodes):
-        level = "L1" if i == 0 else "L2"
-        for a in n.attributes:
+        attrs = n.attributes
+        for a in attrs:
             fam = ATTRIBUTE_FAMILY.get(a)
             if fam is None:
                 continue
-            tie = _h(f"{i}|{a}", salt)
-            for rank, v in enumerate(backend.replacements_for_attribute(a, fam, ctx(i))):
-                if v == a or v in n.attributes or ATTRIBUTE_FAMILY.get(v, fam) != fam:
-                    continue
-                opts.append(((rank, tie), level, (i, a, v)))
-    return opts
+            words = [v if v != a and v not in attrs and ATTRIBUTE_FAMILY.get(v, fam) == fam else None
+                     for v in proposals.attribute(i, a, fam)]
+            if slots is None:
+                slots = []
+            slots.append([f"{i}|{a}", "L1" if i == 0 else "L2", (i, a), words, None])
+    return _with_ties(slots, proposals.salt)
 
 
-def _opt_replace_object(flat: _Flat, backend, ctx, salt, index) -> list:
-    opts = []
-    present = index.categories
-    for i, n in enumerate(flat.nodes):
-        level = "L1" if i == 0 else "L2"
-        tie = _h(str(i), salt)
-        for rank, c in enumerate(backend.replacements_for_category(n.category, ctx(i))):
-            if c == n.category or c in present:
-                continue
-            opts.append(((rank, tie), level, (i, c)))
-    return opts
+def _opt_replace_object(flat: _Flat, proposals: _Proposals) -> list[list]:
+    slots = []
+    for i in range(len(flat.cats)):
+        words, rest = proposals.category(i)
+        slots.append([str(i), "L1" if i == 0 else "L2", (i,), words, rest])
+    return _with_ties(slots, proposals.salt)
 
 
-def _opt_replace_relation(flat: _Flat, backend, ctx, salt, index) -> list:
-    opts = []
+def _opt_replace_relation(flat: _Flat, proposals: _Proposals) -> list[list]:
+    slots = []
     for i in range(1, len(flat.nodes)):
         p = flat.parent[i]
         pred = flat.preds[i]
-        level = "L1" if p == 0 else "L2"
-        tie = _h(f"R{i}", salt)
-        for rank, q in enumerate(backend.replacements_for_relation(pred, ctx(p))):
-            if q == pred:
-                continue
-            opts.append(((rank, tie), level, (i, pred, q)))
-    return opts
+        words = [q if q != pred else None for q in proposals.relation(p, pred)]
+        slots.append([f"R{i}", "L1" if p == 0 else "L2", (i, pred), words, None])
+    return _with_ties(slots, proposals.salt)
 
 
 def _related(flat: _Flat, i: int, j: int) -> bool:
     return flat.parent[j] == i or flat.parent[i] == j
 
 
-def _opt_swap_object(flat: _Flat, backend, ctx, salt, index) -> list:
-    opts = []
+def _opt_swap_object(flat: _Flat, proposals: _Proposals) -> list[tuple[tuple, str, tuple]]:
     cats = flat.cats
+    opts = []
+    salt = proposals.salt
     for i in range(len(cats)):
         for j in range(i + 1, len(cats)):
             if cats[i] == cats[j]:
@@ -955,9 +1186,10 @@ def _opt_swap_object(flat: _Flat, backend, ctx, salt, index) -> list:
     return opts
 
 
-def _opt_swap_attribute(flat: _Flat, backend, ctx, salt, index) -> list:
-    opts = []
+def _opt_swap_attribute(flat: _Flat, proposals: _Proposals) -> list[tuple[tuple, str, tuple]]:
     nodes = flat.nodes
+    opts = []
+    salt = proposals.salt
     for i in range(len(nodes)):
         ai = nodes[i].attributes
         if not ai:
@@ -990,63 +1222,100 @@ _OPTIONS = {
     "swap_object": _opt_swap_object,
     "swap_attribute": _opt_swap_attribute,
 }
+_ORDER = {
+    "replace_attribute": _ranked,
+    "replace_object": _ranked,
+    "replace_relation": _ranked,
+    "swap_object": _sorted,
+    "swap_attribute": _sorted,
+}
 
 
-def _apply(kind: str, payload: tuple, flat: _Flat, query: Node, template_text: str):
-    """(edited query, template_text, detail, touched nodes, relaxation, slot updates), or None when the
-    template cannot express the edit."""
-    paths, nodes, cats = flat.paths, flat.nodes, flat.cats
-    if kind == "replace_attribute":
-        i, a, v = payload
-        new_attrs = tuple(v if x == a else x for x in nodes[i].attributes)
-        edited = _replace_at(query, paths[i], _set_attributes(new_attrs))
-        return (edited, template_text, f"{a}->{v} on node {i + 1}", (i + 1,), ({i + 1: (v,)}, ()),
-                _node_items(i, cats[i], new_attrs))
-    if kind == "replace_object":
-        i, c = payload
-        edited = _replace_at(query, paths[i], _set_category(c))
-        if flat.distinct and c not in cats:  # no category repeats before or after: no "other" changes
-            tt = template_text
-        else:
-            after = list(cats)
-            after[i] = c
-            tt = _adjust_other(template_text, cats, after, flat.parent)
-        return (edited, tt, f"{cats[i]}->{c} on node {i + 1}", (i + 1,), None,
-                _node_items(i, c, nodes[i].attributes))
-    if kind == "replace_relation":
-        i, pred, q = payload
-        p = flat.parent[i]
-        tt = _with_relation_slot(template_text, RELATIONS.get(pred, pred), i, flat.phrases)
-        if tt is None:
-            return None
-        edited = _replace_at(query, paths[p], _set_predicate(paths[i][-1], q))
-        return (edited, tt, f"{pred}->{q} on R{i} (node {p + 1} -> node {i + 1})", (p + 1, i + 1),
-                ({}, (i + 1,)), ((f"R{i}", RELATIONS.get(q, q)),))
-    if kind == "swap_object":
-        i, j = payload
-        ci, cj = cats[i], cats[j]
-        edited = _replace_at(_replace_at(query, paths[i], _set_category(cj)), paths[j], _set_category(ci))
+# --- edits: (edited query, template_text, detail, touched nodes, relaxation, slot updates) per type, or
+# None when the template cannot express the edit. The slot updates hold at least every slot the edit
+# changes.
+
+
+def _apply_replace_attribute(payload: tuple, flat: _Flat, query: Node, template_text: str):
+    i, a, v = payload
+    n = flat.nodes[i]
+    new_attrs = tuple(v if x == a else x for x in n.attributes)
+    edited = _put(query, flat.paths[i], _node(n.category, new_attrs, n.relations, n.position))
+    return (edited, template_text, f"{a}->{v} on node {i + 1}", (i + 1,), ({i + 1: (v,)}, ()),
+            _node_items(i, n.category, new_attrs))
+
+
+def _apply_replace_object(payload: tuple, flat: _Flat, query: Node, template_text: str):
+    i, c = payload
+    n = flat.nodes[i]
+    cats = flat.cats
+    edited = _put(query, flat.paths[i], _node(c, n.attributes, n.relations, n.position))
+    if flat.distinct and c not in cats:  # no category repeats before or after: no "other" changes
+        tt = template_text
+    else:
         after = list(cats)
-        after[i], after[j] = cj, ci
+        after[i] = c
         tt = _adjust_other(template_text, cats, after, flat.parent)
-        touched_rels = {i + 1, j + 1}
-        for k in range(1, len(nodes)):
-            if flat.parent[k] in (i, j):
-                touched_rels.add(k + 1)
-        touched_rels.discard(1)
-        relax = ({i + 1: None, j + 1: None}, tuple(sorted(touched_rels)))
-        updates = _node_items(i, cj, nodes[i].attributes) + _node_items(j, ci, nodes[j].attributes)
-        return edited, tt, f"{ci}<->{cj} between node {i + 1} and node {j + 1}", (i + 1, j + 1), relax, updates
-    if kind == "swap_attribute":
-        i, a, j, b = payload
-        ai = tuple(b if x == a else x for x in nodes[i].attributes)
-        aj = tuple(a if x == b else x for x in nodes[j].attributes)
-        edited = _replace_at(_replace_at(query, paths[i], _set_attributes(ai)), paths[j], _set_attributes(aj))
-        relax = ({i + 1: (b,), j + 1: (a,)}, ())
-        updates = _node_items(i, cats[i], ai) + _node_items(j, cats[j], aj)
-        return (edited, template_text, f"{a}<->{b} between node {i + 1} and node {j + 1}", (i + 1, j + 1),
-                relax, updates)
-    raise ValueError(kind)
+    return edited, tt, f"{cats[i]}->{c} on node {i + 1}", (i + 1,), None, _category_items(i, c)
+
+
+def _apply_replace_relation(payload: tuple, flat: _Flat, query: Node, template_text: str):
+    i, pred, q = payload
+    p = flat.parent[i]
+    tt = _with_relation_slot(template_text, RELATIONS.get(pred, pred), i, flat.phrases)
+    if tt is None:
+        return None
+    n = flat.nodes[p]
+    rels = list(n.relations)
+    j = flat.paths[i][-1]
+    rels[j] = (q, rels[j][1])
+    edited = _put(query, flat.paths[p], _node(n.category, n.attributes, tuple(rels), n.position))
+    return (edited, tt, f"{pred}->{q} on R{i} (node {p + 1} -> node {i + 1})", (p + 1, i + 1),
+            ({}, (i + 1,)), ((f"R{i}", RELATIONS.get(q, q)),))
+
+
+def _apply_swap_object(payload: tuple, flat: _Flat, query: Node, template_text: str):
+    i, j = payload
+    nodes, cats, parent = flat.nodes, flat.cats, flat.parent
+    ci, cj = cats[i], cats[j]
+    ni, nj = nodes[i], nodes[j]
+    # j > i: node j is never an ancestor of node i, so the second edit keeps the first
+    edited = _put(_put(query, flat.paths[i], _node(cj, ni.attributes, ni.relations, ni.position)),
+                  flat.paths[j], _node(ci, nj.attributes, nj.relations, nj.position))
+    after = list(cats)
+    after[i], after[j] = cj, ci
+    tt = _adjust_other(template_text, cats, after, parent)
+    touched_rels = {i + 1, j + 1}
+    for k in range(1, len(nodes)):
+        if parent[k] in (i, j):
+            touched_rels.add(k + 1)
+    touched_rels.discard(1)
+    relax = ({i + 1: None, j + 1: None}, tuple(sorted(touched_rels)))
+    updates = _category_items(i, cj) + _category_items(j, ci)
+    return edited, tt, f"{ci}<->{cj} between node {i + 1} and node {j + 1}", (i + 1, j + 1), relax, updates
+
+
+def _apply_swap_attribute(payload: tuple, flat: _Flat, query: Node, template_text: str):
+    i, a, j, b = payload
+    ni, nj = flat.nodes[i], flat.nodes[j]
+    ai = tuple(b if x == a else x for x in ni.attributes)
+    aj = tuple(a if x == b else x for x in nj.attributes)
+    # j > i: node j is never an ancestor of node i, so the second edit keeps the first
+    edited = _put(_put(query, flat.paths[i], _node(ni.category, ai, ni.relations, ni.position)),
+                  flat.paths[j], _node(nj.category, aj, nj.relations, nj.position))
+    relax = ({i + 1: (b,), j + 1: (a,)}, ())
+    updates = _node_items(i, ni.category, ai) + _node_items(j, nj.category, aj)
+    return (edited, template_text, f"{a}<->{b} between node {i + 1} and node {j + 1}", (i + 1, j + 1),
+            relax, updates)
+
+
+_APPLY = {
+    "replace_attribute": _apply_replace_attribute,
+    "replace_object": _apply_replace_object,
+    "replace_relation": _apply_replace_relation,
+    "swap_object": _apply_swap_object,
+    "swap_attribute": _apply_swap_attribute,
+}
 
 
 def _review(kind: str, payload: tuple, edited: Node, relax, index: NegativeIndex,

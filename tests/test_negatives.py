@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sys
 import types
+import zlib
 from collections import Counter
 
 import pytest
@@ -602,6 +603,79 @@ def test_property_random_graphs_and_positives(seed, complete, neg_seed, per_type
             if complete:
                 assert not c.needs_review
             assert (c.review_reason is not None) == c.needs_review
+
+
+class _LexiconThroughMethods:
+    """A backend that is not a LexiconBackend but proposes its words: text_negatives calls its methods."""
+
+    def __init__(self, lexicon: LexiconBackend) -> None:
+        self.lexicon = lexicon
+        self.calls = 0
+
+    def replacements_for_attribute(self, value, family, context):
+        self.calls += 1
+        return self.lexicon.replacements_for_attribute(value, family, context)
+
+    def replacements_for_category(self, category, context):
+        self.calls += 1
+        return self.lexicon.replacements_for_category(category, context)
+
+    def replacements_for_relation(self, predicate, context):
+        self.calls += 1
+        return self.lexicon.replacements_for_relation(predicate, context)
+
+
+class _LexiconSubclass(LexiconBackend):
+    pass
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10**9), st.booleans(), st.integers(1, 3), st.booleans())
+def test_lexicon_fast_path_agrees_with_the_backend_methods(seed, complete, per_type, use_wordnet):
+    # text_negatives reads a LexiconBackend's words without calling its methods (and only as far as it
+    # needs them); any other backend, a subclass included, is called: the candidates are the same
+    rng = random.Random(seed)
+    g = random_graph(rng, complete)
+    index = NegativeIndex(g)
+    lexicon = LexiconBackend(use_wordnet=None if use_wordnet else False)
+    through = _LexiconThroughMethods(lexicon)
+    done = 0
+    for q, tid in positives(g, rng):
+        done += 1
+        t = template_for(q, rng)
+        kw = dict(target_id=tid, seed=seed, per_type=per_type, complete_graph=complete, index=index)
+        fast = text_negatives(g, q, t, backend=lexicon, **kw)
+        assert text_negatives(g, q, t, backend=through, **kw) == fast
+        assert text_negatives(g, q, t, backend=_LexiconSubclass(lexicon.use_wordnet), **kw) == fast
+        assert [repr(c) for c in text_negatives(g, q, t, backend=through, **kw)] == [repr(c) for c in fast]
+    assert through.calls >= done  # every positive has categories to replace
+
+
+def test_lexicon_words_are_those_of_the_methods():
+    ctx = ReplacementContext(1, "ball", frozenset({"ball", "box", "cup"}), frozenset({"red", "small"}), 12345, 4)
+    lex = LexiconBackend()
+    assert lex.replacements_for_attribute("red", "colour", ctx) == sorted(
+        (v for v in neg.ATTRIBUTE_FAMILIES["colour"] if v != "red"),
+        key=lambda v: (v not in ctx.image_attributes, zlib.crc32(v.encode(), ctx.salt)))
+    words = lex.replacements_for_category("ball", ctx)
+    assert len(words) == 4 and not {"ball", "box", "cup"} & set(words)
+    assert neg._category_words("ball", ctx.image_categories, ctx.salt, 1, None) == words[:1]
+    rel = lex.replacements_for_relation("left of", ctx)
+    assert rel[0] == "right of" and sorted(rel) == sorted(neg.RELATION_ALTERNATIVES["left of"])
+
+
+def test_edits_are_built_like_their_constructors():
+    child = Node("box", ("blue",))
+    pos = Position("order", start="left", rank=1)
+    built = neg._node("ball", ("red",), (("left of", child),), pos)
+    assert built == Node("ball", ("red",), (("left of", child),), pos)
+    assert repr(built) == repr(Node("ball", ("red",), (("left of", child),), pos))
+    assert hash(built) == hash(Node("ball", ("red",), (("left of", child),), pos))
+    args = (built, "the red ball", "the {A1} {O}", "replace_object", "L1", True, "why", "box->ball on node 1", (1,))
+    cand = neg._candidate(*args)
+    assert cand == neg.NegativeCandidate(*args) and hash(cand) == hash(neg.NegativeCandidate(*args))
+    with pytest.raises(AttributeError):
+        cand.text = "changed"  # still frozen
 
 
 @settings(max_examples=400, deadline=None)
