@@ -131,7 +131,9 @@ Performance
 -----------
 Object sets are int bitmasks (:class:`GraphIndex`); anchor and relation masks and the position
 selections of a candidate set are cached per graph; atoms are generated per cost tier only when the
-search reaches that cost; only chosen paths are rendered, by templates compiled once per *shape*
+search reaches that cost, without the relation atoms that are unique on their own but reducible ("on the
+brown table" when "on the table" is unique: such an atom is in no irreducible query; they still count
+towards ``MAX_ATOMS_PER_COST``); only chosen paths are rendered, by templates compiled once per *shape*
 (:func:`refforge.stages.templates.compile_expression`) and filled by string joins.
 """
 
@@ -141,7 +143,7 @@ import math
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from itertools import product
 
@@ -218,21 +220,40 @@ class TargetSelection:
 
     def reason(self, obj: GObject, width: float, height: float) -> str | None:
         """Why ``obj`` may not be a target, or None when it may."""
+        return _ImageSelection(self, width, height).reason(obj)
+
+
+class _ImageSelection:
+    """:meth:`TargetSelection.reason` for the objects of one image (blocklist and image area prepared)."""
+
+    __slots__ = ("stuff", "width", "height", "image_area", "min_frac", "max_frac", "border", "border_px")
+
+    def __init__(self, sel: TargetSelection, width: float, height: float) -> None:
+        self.stuff = _lowered(tuple(sel.blocklist))
+        self.width = width
+        self.height = height
+        self.image_area = float(width) * float(height)
+        self.min_frac = sel.min_area_frac
+        self.max_frac = sel.max_area_frac
+        self.border = sel.drop_border_cut and width > 0 and height > 0
+        self.border_px = sel.border_px
+
+    def reason(self, obj: GObject) -> str | None:
         name = obj.name.strip().lower()
-        stuff = _lowered(tuple(self.blocklist))
+        stuff = self.stuff
         if name in stuff or name.rpartition(" ")[2] in stuff:
             return f"stuff category {obj.name!r}"
-        image_area = float(width) * float(height)
+        image_area = self.image_area
         if image_area > 0:
             frac = obj.area / image_area
-            if frac < self.min_area_frac:
-                return f"area fraction {_fmt_frac(frac)} below {self.min_area_frac:g}"
-            if frac > self.max_area_frac:
-                return f"area fraction {_fmt_frac(frac)} above {self.max_area_frac:g}"
-        if self.drop_border_cut and width > 0 and height > 0:
+            if frac < self.min_frac:
+                return f"area fraction {_fmt_frac(frac)} below {self.min_frac:g}"
+            if frac > self.max_frac:
+                return f"area fraction {_fmt_frac(frac)} above {self.max_frac:g}"
+        if self.border:
             x1, y1, x2, y2 = obj.box
             b = self.border_px
-            if x1 < b or y1 < b or x2 > width - b or y2 > height - b:
+            if x1 < b or y1 < b or x2 > self.width - b or y2 > self.height - b:
                 return "box cut by the image border"
         return None
 
@@ -293,6 +314,37 @@ class PathsResult:
 
     def __iter__(self):  # ``paths, drops = referring_paths(...)`` keeps working
         return iter((self.paths, self.drops))
+
+
+# The slot setters of ReferringPath in field order: the frozen dataclass's __init__ sets each field with
+# object.__setattr__, which costs several times a slot descriptor's __set__ (a hot path: one per path).
+_PATH_SETTERS = tuple(ReferringPath.__dict__[f.name].__set__ for f in fields(ReferringPath))
+
+
+def _new_path(target_id: str, query: Node, kind: str, hops: int, level: int, constraint_count: int, text: str,
+              template_text: str, template_name: str, template_variant: int) -> ReferringPath:
+    """``ReferringPath(...)`` with these fields and ``descriptive=False``, built slot by slot."""
+    path = object.__new__(ReferringPath)
+    s_id, s_query, s_kind, s_hops, s_level, s_count, s_text, s_ttext, s_name, s_variant, s_descr = _PATH_SETTERS
+    s_id(path, target_id)
+    s_query(path, query)
+    s_kind(path, kind)
+    s_hops(path, hops)
+    s_level(path, level)
+    s_count(path, constraint_count)
+    s_text(path, text)
+    s_ttext(path, template_text)
+    s_name(path, template_name)
+    s_variant(path, template_variant)
+    s_descr(path, False)
+    return path
+
+
+def _counter(counts: dict[str, int]) -> Counter:
+    """``Counter(counts)`` (same items, same order) without Counter.update's generic Mapping path."""
+    out: Counter = Counter.__new__(Counter)
+    dict.update(out, counts)
+    return out
 
 
 def _empty_counts() -> dict[str, Counter]:
@@ -378,12 +430,13 @@ class GraphIndex:
     nodes); it is a snapshot: rebuild it if the graph changes.
     """
 
-    __slots__ = ("graph", "ids", "pos", "names", "attributes", "by_cat", "by_attr", "sub", "out",
-                 "cx", "cy", "_regions", "_near", "width", "height", "_anchor", "_rel", "_posmap", "_orders",
+    __slots__ = ("graph", "objects", "ids", "pos", "names", "attributes", "by_cat", "by_attr", "sub", "out",
+                 "cx", "cy", "_regions", "_sort_keys", "width", "height", "_anchor", "_rel", "_posmap", "_orders",
                  "_meta", "_relnode", "_weak")
 
     def __init__(self, graph: SceneGraph) -> None:
         self.graph = graph
+        objects: list[GObject] = []  # first occurrence of each id, in graph order
         ids: list[str] = []
         pos: dict[str, int] = {}
         names: list[str] = []
@@ -393,16 +446,19 @@ class GraphIndex:
         cx: list[float] = []
         cy: list[float] = []
         for o in graph.objects:
-            if o.id in pos:
+            oid = o.id
+            if oid in pos:
                 continue
             i = len(ids)
             bit = 1 << i
-            pos[o.id] = i
-            ids.append(o.id)
-            names.append(o.name)
+            pos[oid] = i
+            objects.append(o)
+            ids.append(oid)
+            name = o.name
+            names.append(name)
             attrs = _spoken(o.attributes)
             attributes.append(attrs)
-            by_cat[o.name] = by_cat.get(o.name, 0) | bit
+            by_cat[name] = by_cat.get(name, 0) | bit
             for a in attrs:
                 by_attr[a] = by_attr.get(a, 0) | bit
             x1, y1, x2, y2 = o.box
@@ -415,9 +471,14 @@ class GraphIndex:
             t = pos.get(r.object)
             if s is None or t is None or s == t:
                 continue
-            d = sub.setdefault(r.predicate, {})
-            d[t] = d.get(t, 0) | (1 << s)
-            out[s][(r.predicate, t)] = None
+            p = r.predicate
+            d = sub.get(p)
+            if d is None:
+                sub[p] = {t: 1 << s}
+            else:
+                d[t] = d.get(t, 0) | (1 << s)
+            out[s][(p, t)] = None
+        self.objects = objects
         self.ids = ids
         self.pos = pos
         self.names = names
@@ -428,8 +489,8 @@ class GraphIndex:
         self.out: list[tuple[tuple[str, int], ...]] = [tuple(d) for d in out]
         self.cx = cx
         self.cy = cy
-        self._regions: list[str] | None = None
-        self._near: list[bool] | None = None
+        self._regions: list[tuple[str, bool] | None] = [None] * len(ids)  # region_of, when first needed
+        self._sort_keys: list[list[tuple[float, str]] | None] = [None, None]  # see order()
         self.width = graph.width
         self.height = graph.height
         self._anchor: dict[DKey, int] = {}
@@ -471,7 +532,12 @@ class GraphIndex:
         """Objects satisfying the relation constraint ``(predicate, anchor description)`` (cached)."""
         m = self._rel.get(key)
         if m is None:
-            m = self.rel_mask_of(key[0], self.anchor_mask(key[1]))
+            p, dkey = key
+            if dkey[1] is None and dkey[2] is None:  # a bare anchor: every object of the category
+                anchors = self.by_cat.get(dkey[0], 0)
+            else:
+                anchors = self.anchor_mask(dkey)
+            m = self.rel_mask_of(p, anchors)
             self._rel[key] = m
         return m
 
@@ -489,27 +555,22 @@ class GraphIndex:
 
     # -- positions
 
-    def _ensure_regions(self) -> None:
-        if self._regions is None:
-            regions, near = [], []
-            seen = set()
-            for o in self.graph.objects:
-                if o.id in seen:
-                    continue
-                seen.add(o.id)
-                reg, nr = region_of(o, self.width, self.height)
-                regions.append(reg)
-                near.append(nr)
-            self._regions, self._near = regions, near
+    def _region(self, j: int) -> tuple[str, bool]:
+        """:func:`refforge.stages.query.region_of` of object ``j`` (cached)."""
+        got = self._regions[j]
+        if got is None:
+            got = self._regions[j] = region_of(self.objects[j], self.width, self.height)
+        return got
 
     def order(self, cands: int, horizontal: bool) -> list[int]:
         """Members of ``cands`` sorted by box centre (x or y), then id, ascending (cached)."""
         key = (cands, horizontal)
         got = self._orders.get(key)
         if got is None:
-            centers = self.cx if horizontal else self.cy
-            ids = self.ids
-            got = sorted(self.members(cands), key=lambda j: (centers[j], ids[j]))
+            keys = self._sort_keys[horizontal]  # object index -> (centre, id), per axis
+            if keys is None:
+                keys = self._sort_keys[horizontal] = list(zip(self.cx if horizontal else self.cy, self.ids, strict=True))
+            got = sorted(self.members(cands), key=keys.__getitem__)
             self._orders[key] = got
         return got
 
@@ -519,7 +580,6 @@ class GraphIndex:
         got = self._posmap.get(cands)
         if got is not None:
             return got
-        self._ensure_regions()
         res: dict[int, list[PKey]] = {}
         n = cands.bit_count()
         kmax = min(MAX_RANK - 1, (n - 1) // 2)
@@ -536,13 +596,15 @@ class GraphIndex:
                     if k + 1 < n and abs(centers[order[k + 1]] - c) < margin:
                         continue
                     res.setdefault(j, []).append(("o", start, k, None))
-        members = self.members(cands)
-        near = self._near
-        if not any(near[j] for j in members):
-            regions = self._regions
-            by_region: dict[str, list[int]] = {}
-            for j in members:
-                by_region.setdefault(regions[j], []).append(j)
+        by_region: dict[str, list[int]] | None = {}
+        regions = self._regions
+        for j in self.members(cands):
+            reg, near = regions[j] or self._region(j)
+            if near:  # a centre near a grid line makes every region ambiguous
+                by_region = None
+                break
+            by_region.setdefault(reg, []).append(j)
+        if by_region is not None:
             for reg in REGIONS:
                 js = by_region.get(reg)
                 if js and len(js) == 1:
@@ -555,11 +617,11 @@ class GraphIndex:
         """(mask, ambiguous) of position ``pk`` applied to the candidate set, for any position (the
         semantics of ``query.evaluate``, not only the positions the search generates)."""
         if pk[0] == "r":
-            self._ensure_regions()
             hits, amb = 0, False
             for j in self.members(cands):
-                amb |= self._near[j]
-                if self._regions[j] == pk[1]:
+                reg, near = self._region(j)
+                amb |= near
+                if reg == pk[1]:
                     hits |= 1 << j
             return hits, amb
         _, start, rank, count = pk
@@ -728,54 +790,121 @@ class _Search:
         """Anchor descriptions of object ``y`` with description cost exactly ``d``."""
         index = self.index
         cat = index.names[y]
-        a_opts: list[str | None] = [None]
-        if self.anchor_attrs:
-            a_opts += list(index.attributes[y])
+        if d == 0:
+            return [(cat, None, None)]
         out: list[DKey] = []
-        for a in a_opts:
+        two_hops = self.hops >= 2
+        anchor_attrs = self.anchor_attrs
+        edges = index.out[y] if two_hops else ()
+        names = index.names
+        i = self.i
+        # without an anchor attribute first, then with each attribute of y
+        for a in (None, *index.attributes[y]) if anchor_attrs else (None,):
             rest = d - (a is not None)
             if rest == 0:
                 out.append((cat, a, None))
-            elif rest >= 1 and self.hops >= 2:
-                for p2, z in index.out[y]:
-                    if z == self.i:
-                        continue
-                    zcat = index.names[z]
-                    if rest == 1:
-                        out.append((cat, a, (p2, zcat, None)))
-                    elif rest == 2 and self.anchor_attrs:
+            elif rest == 1:
+                out.extend((cat, a, (p2, names[z], None)) for p2, z in edges if z != i)
+            elif rest == 2 and anchor_attrs:
+                for p2, z in edges:
+                    if z != i:
+                        zcat = names[z]
                         out.extend((cat, a, (p2, zcat, b)) for b in index.attributes[z])
         return out
 
+    def _n_descs(self, y: int, d: int) -> int:
+        """An upper bound of ``len(self._descs(y, d))`` (second anchors equal to the target counted)."""
+        if d == 0:
+            return 1
+        index = self.index
+        n_a = len(index.attributes[y]) if self.anchor_attrs else 0
+        edges = index.out[y] if self.hops >= 2 else ()
+        if d == 1:
+            return n_a + len(edges)
+        n_b = sum(len(index.attributes[z]) for _, z in edges) if self.anchor_attrs else 0
+        if d == 2:
+            return n_b + n_a * len(edges)
+        return n_a * n_b if d == 3 else 0
+
+    def _reducible_alone(self, key: tuple[str, DKey]) -> bool:
+        """Does a relation constraint that is unique on its own have a unique proper weakening?"""
+        base = self.base
+        goal = self.goal
+        for w in self.index.weak_masks(key):
+            if base & w == goal:
+                return True
+        return False
+
     def ensure(self, cost: int) -> None:
-        """Generate the atoms of every cost up to ``cost``."""
+        """Generate the atoms of every cost up to ``cost``.
+
+        A relation atom that is unique on its own but reducible ("on the brown table" where "on the
+        table" is already unique) is in no irreducible query, so it is left out (it still counts towards
+        ``MAX_ATOMS_PER_COST``); the atoms kept that are unique on their own are irreducible. When a tier
+        cannot reach that bound (``_n_descs``), the anchors whose bare relation is unique are not even
+        described: each of their descriptions would be left out, and the bound never cuts the tier.
+        """
         index = self.index
         base = self.base
+        goal = self.goal
+        rel = index._rel
+        names = index.names
+        edges = index.out[self.i] if self.hops >= 1 else ()
+        seen = self.seen
+        atoms = self.atoms
         while self.tiers < cost:
             c = self.tiers + 1
             self.tiers = c
-            atoms = self.atoms
+            made = 0
             if c == 1:
                 by_attr = index.by_attr
                 for a in index.attributes[self.i]:
                     m = by_attr[a]
                     if base & m != base:  # a constraint that excludes nobody is never in an irreducible path
                         atoms.append((1, m, "a", a))
-            if self.hops < 1:
+                for p, y in edges:  # bare anchors: unique ones are irreducible
+                    key = (p, (names[y], None, None))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    m = rel.get(key)
+                    if m is None:
+                        m = index.rel_mask(key)
+                    if base & m == base:
+                        continue
+                    atoms.append((1, m, "r", key))
+                    made += 1
+                    if made >= MAX_ATOMS_PER_COST:
+                        break
                 continue
-            made = 0
-            seen = self.seen
-            for p, y in index.out[self.i]:
+            # below the bound, an anchor whose bare relation is unique has only reducible descriptions
+            bound = 0
+            for _, y in edges:
+                bound += self._n_descs(y, c - 1)
+            fast = bound <= MAX_ATOMS_PER_COST
+            for p, y in edges:
+                if fast:
+                    bare = (p, (names[y], None, None))
+                    m = rel.get(bare)
+                    if m is None:
+                        m = index.rel_mask(bare)
+                    if base & m == goal:
+                        continue
                 for dk in self._descs(y, c - 1):
                     key = (p, dk)
                     if key in seen:
                         continue
                     seen.add(key)
-                    m = index.rel_mask(key)
+                    m = rel.get(key)
+                    if m is None:
+                        m = index.rel_mask(key)
                     if base & m == base:
                         continue
-                    atoms.append((c, m, "r", key))
                     made += 1
+                    # unique on its own: on the fast path, tier 2 atoms only weaken to their bare anchor,
+                    # which is not unique there; otherwise check every weakening
+                    if base & m != goal or (fast and c == 2) or not self._reducible_alone(key):
+                        atoms.append((c, m, "r", key))
                     if made >= MAX_ATOMS_PER_COST:
                         break
                 if made >= MAX_ATOMS_PER_COST:
@@ -824,6 +953,11 @@ class _Search:
         index = self.index
         i = self.i
         base = self.base
+        if len(combo) == 1:  # the common case: each weakening of the atom (its removal included)
+            for w in self.weak(combo[0]):
+                if index.picks(base & w, pkey, i):
+                    return True
+            return False
         options = [(atoms[j][1],) + self.weak(j) for j in combo]
         first = True
         for choice in product(*options):
@@ -844,6 +978,7 @@ class _Search:
         k_min: int | None = None
         prev: list[tuple[tuple[int, ...], int]] = [((), self.base)]  # atom sets of cost c - 1
         index = self.index
+        posmaps = index._posmap
         i = self.i
         goal = self.goal
         for c in range(1, max_constraints + 1):
@@ -855,7 +990,10 @@ class _Search:
                 for combo, s in prev:
                     if s == goal:
                         continue
-                    pks = index.posmap(s).get(i)
+                    pm = posmaps.get(s)
+                    if pm is None:
+                        pm = index.posmap(s)
+                    pks = pm.get(i)
                     if not pks:
                         continue
                     n = s.bit_count()
@@ -866,7 +1004,8 @@ class _Search:
                         got = True
             cur = self.combos(c)
             for combo, s in cur:
-                if s == goal and not self.reducible_plain(combo):
+                # single atoms that are unique on their own are irreducible (see ensure)
+                if s == goal and (len(combo) == 1 or not self.reducible_plain(combo)):
                     found.append((c, combo, None, 1))
                     got = True
             if got and k_min is None:
@@ -922,17 +1061,6 @@ def _pk_hash(pk: PKey) -> int:
     return got
 
 
-def _mix(h: int) -> int:
-    """murmur3's 32-bit finaliser (crc32 is linear; this decorrelates the bits)."""
-    h &= 0xFFFFFFFF
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    h ^= h >> 16
-    return h
-
-
 _PURPOSE_CAP, _PURPOSE_DRAW, _PURPOSE_VARIANT, _PURPOSE_COUNT = 0x5BD1E995, 0x27D4EB2F, 0x165667B1, 0x61C88647
 
 
@@ -941,8 +1069,21 @@ def _target_hash(seed: int, target_id: str) -> int:
 
 
 def _stream(t_hash: int, q_hash: int, purpose: int) -> int:
-    """A stable 32-bit number for (seed and target, query, purpose)."""
-    return _mix(t_hash ^ _mix(q_hash ^ purpose))
+    """A stable 32-bit number for (seed and target, query, purpose): ``mix(t_hash ^ mix(q_hash ^ purpose))``
+    with ``mix`` murmur3's 32-bit finaliser (crc32 is linear; this decorrelates the bits), written out
+    twice (a hot path)."""
+    h = (q_hash ^ purpose) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (t_hash ^ h) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
 
 
 def _combo_hash(index: GraphIndex, atoms: list[Atom], combo: tuple[int, ...], pk: PKey | None) -> int:
@@ -1092,8 +1233,9 @@ def _shape(index: GraphIndex, target: int, n_attrs: int, rels: Sequence[tuple[st
     not_t = ~(1 << target)
     tcat = index.names[target]
     anchors = []
-    for _, (cat, a, sub) in rels:
-        others = (index.anchor_mask((cat, a, sub)) & not_t).bit_count()
+    for _, dk in rels:
+        cat, a, sub = dk
+        others = (index.anchor_mask(dk) & not_t).bit_count()
         sub_shape = None
         if sub is not None:
             _, cat2, b = sub
@@ -1191,17 +1333,18 @@ def _category_node(cat: str) -> Node:
     return got
 
 
-def _weight(items: Sequence[tuple[str, str]], counts: Mapping[str, Mapping[str, float]]) -> float:
-    total = 0.0
-    for f, v in items:
-        total += 1.0 / math.sqrt(1.0 + counts[f].get(v, 0))
-    return total / len(items)
+_CATEGORY_TEXTS: dict[tuple[int, str], tuple[str, str]] = {}
 
 
-def _count(counts: dict[str, dict[str, int]], items: Sequence[tuple[str, str]]) -> None:
-    for f, v in items:
-        d = counts[f]
-        d[v] = d.get(v, 0) + 1
+def _category_text(variant: int, cat: str) -> tuple[str, str]:
+    """(text, template_text) of the category-alone path (memoised)."""
+    key = (variant, cat)
+    got = _CATEGORY_TEXTS.get(key)
+    if got is None:
+        got = _compiled(TEMPLATE_CATEGORY, variant, (0, (), None)).fill({"O": cat})
+        if len(_CATEGORY_TEXTS) < 1 << 16:
+            _CATEGORY_TEXTS[key] = got
+    return got
 
 
 def referring_paths(
@@ -1235,7 +1378,7 @@ def referring_paths(
         raise ValueError("extra_constraints must be >= 0 and max_candidates >= 1")
     index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
     g = index.graph
-    sel = selection if selection is not None else TargetSelection()
+    sel = _ImageSelection(selection if selection is not None else TargetSelection(), g.width, g.height)
     paths: list[ReferringPath] = []
     drops: list[tuple[str, str]] = []
     levels: dict[str, int] = {}
@@ -1243,15 +1386,17 @@ def referring_paths(
     after: dict[str, dict[str, int]] = {f: {} for f in COUNT_FIELDS}
     running: dict[str, dict[str, float]] = {f: dict(prior_counts.get(f, {})) if prior_counts else {}
                                             for f in COUNT_FIELDS}
+    before_cat, before_kind = before["category"], before["kind"]
+    after_cat, after_kind = after["category"], after["kind"]
+    running_cat, running_kind = running["category"], running["kind"]
     no_path = drop_reason(max_constraints)
-    objs: dict[str, GObject] = {}
-    for o in g.objects:
-        objs.setdefault(o.id, o)
     names = index.names
     by_cat = index.by_cat
+    sqrt = math.sqrt
     n_cat_variants = template_variants(TEMPLATE_CATEGORY)
-    for i, tid in enumerate(index.ids):
-        why = sel.reason(objs[tid], g.width, g.height)
+    for i, o in enumerate(index.objects):
+        tid = o.id
+        why = sel.reason(o)
         if why is not None:
             drops.append((tid, why))
             continue
@@ -1259,15 +1404,14 @@ def referring_paths(
         t_hash = _target_hash(seed, tid)
         if by_cat[cat] == 1 << i:  # the category alone is unique: level 1, one path
             levels[tid] = 1
-            items = (("kind", "category"), ("category", cat))
-            _count(before, items)
-            _count(after, items)
-            _count(running, items)
+            for d in (before_kind, after_kind, running_kind):
+                d["category"] = d.get("category", 0) + 1
+            for d in (before_cat, after_cat, running_cat):
+                d[cat] = d.get(cat, 0) + 1
             variant = _stream(t_hash, 0, _PURPOSE_VARIANT) % n_cat_variants
-            text, ttext = _compiled(TEMPLATE_CATEGORY, variant, (0, (), None)).fill({"O": cat})
-            paths.append(ReferringPath(
-                target_id=tid, query=_category_node(cat), kind="category", hops=0, level=1, constraint_count=0,
-                text=text, template_text=ttext, template_name=TEMPLATE_CATEGORY, template_variant=variant))
+            text, ttext = _category_text(variant, cat)
+            paths.append(_new_path(tid, _category_node(cat), "category", 0, 1, 0, text, ttext, TEMPLATE_CATEGORY,
+                                       variant))
             continue
         search = _Search(index, i, max_hops, anchor_attributes)
         k_min, found = search.run(max_constraints, positions, extra_constraints)
@@ -1280,52 +1424,82 @@ def referring_paths(
         if len(found) > max_candidates:  # keep the minimal ones first, each group in seeded-hash order
             found.sort(key=lambda f: (f[0] != k_min, _stream(t_hash, _combo_hash(index, atoms, f[1], f[2]), _PURPOSE_CAP)))
             found = found[:max_candidates]
+        # A candidate's frequency items are its category, its atoms' items and its kind; the category is the
+        # same for every candidate of the target, so it is counted once for all of them.
+        before_cat[cat] = before_cat.get(cat, 0) + len(found)
+        metas: list = [None] * len(atoms)  # atom index -> GraphIndex.meta, when first needed
         pool = []
         for cost, combo, pk, n in found:
-            attrs = []
-            rels = []
             h = 0
-            items = [("category", cat)]
+            n_items = 2
+            relation = False
             for j in combo:
-                at = atoms[j]
-                key, ah, its = index.meta(at[3])
+                mt = metas[j]
+                if mt is None:
+                    mt = metas[j] = index.meta(atoms[j][3])
+                _, ah, its = mt
                 h += ah
-                items.extend(its)
-                (attrs if at[2] == "a" else rels).append(at[3])
+                n_items += len(its)
+                for f, v in its:
+                    d = before[f]
+                    d[v] = d.get(v, 0) + 1
+                if atoms[j][2] == "r":
+                    relation = True
             if pk is not None:
-                if pk[0] == "o" and n <= MAX_COUNT and _stream(t_hash, (h + _pk_hash(pk)) & 0xFFFFFFFF,
-                                                                  _PURPOSE_COUNT) & 1:
+                ph = _pk_hash(pk)
+                if pk[0] == "o" and n <= MAX_COUNT and _stream(t_hash, (h + ph) & 0xFFFFFFFF, _PURPOSE_COUNT) & 1:
                     pk = ("o", pk[1], pk[2], n)  # state the count: "the second of the three balls"
-                h += _pk_hash(pk)
-            kind = _kind_from(rels, attrs, pk)
-            items.append(("kind", kind))
-            _count(before, items)
-            pool.append((cost, pk, kind, items, attrs, rels, h & 0xFFFFFFFF))
+                    ph = _pk_hash(pk)
+                h += ph
+                kind = "position" if pk[0] == "r" or (not pk[2] and pk[3] is None) else "ordinal"
+            else:
+                kind = "relation" if relation else "attribute" if combo else "category"
+            before_kind[kind] = before_kind.get(kind, 0) + 1
+            pool.append((cost, combo, pk, kind, h & 0xFFFFFFFF, n_items))
         if len(pool) > max_per_target:
-            # Efraimidis-Spirakis: keys log(u) / w with stable u; the largest max_per_target win
+            # Efraimidis-Spirakis: keys log(u) / w with stable u; the largest max_per_target win. The weight
+            # w is the mean of 1 / sqrt(1 + running count) over the items, summed in item order.
+            w_cat = 1.0 / sqrt(1.0 + running_cat.get(cat, 0))
             scored = []
             for n, c in enumerate(pool):
-                u = (_stream(t_hash, c[6], _PURPOSE_DRAW) + 0.5) / 4294967296.0
-                scored.append((math.log(u) / _weight(c[3], running), -n, c))
-            scored.sort(key=lambda x: (x[0], x[1]), reverse=True)
+                total = w_cat
+                for j in c[1]:
+                    for f, v in metas[j][2]:
+                        total += 1.0 / sqrt(1.0 + running[f].get(v, 0))
+                total += 1.0 / sqrt(1.0 + running_kind.get(c[3], 0))
+                u = (_stream(t_hash, c[4], _PURPOSE_DRAW) + 0.5) / 4294967296.0
+                scored.append((math.log(u) / (total / c[5]), -n, c))  # (key, -n) never ties
+            scored.sort(reverse=True)
             chosen = [c for _, _, c in scored[:max_per_target]]
         else:
             chosen = pool
-        for cost, pk, kind, items, attrs, rels, h in chosen:
-            _count(running, items)
-            _count(after, items)
+        for cost, combo, pk, kind, h, _ in chosen:
+            running_cat[cat] = running_cat.get(cat, 0) + 1
+            after_cat[cat] = after_cat.get(cat, 0) + 1
+            attrs = []
+            rels = []
+            for j in combo:
+                for f, v in metas[j][2]:
+                    d = running[f]
+                    d[v] = d.get(v, 0) + 1
+                    d = after[f]
+                    d[v] = d.get(v, 0) + 1
+                at = atoms[j]
+                (attrs if at[2] == "a" else rels).append(at[3])
+            running_kind[kind] = running_kind.get(kind, 0) + 1
+            after_kind[kind] = after_kind.get(kind, 0) + 1
             if len(attrs) > 1:
                 attrs = [a for a in index.attributes[i] if a in attrs]  # spoken order
-            rels = _rel_order(rels)
-            hops = max((1 + (dk[2] is not None) for _, dk in rels), default=0)
-            node = Node(cat, tuple(attrs), tuple(index.rel_node(r) for r in rels),
+            hops = 0
+            if rels:
+                rels = _rel_order(rels)
+                hops = 1 if rels[-1][1][2] is None else 2  # 2-hop relations come last
+            node = Node(cat, tuple(attrs), tuple(map(index.rel_node, rels)) if rels else (),
                         None if pk is None else _pkey_position(pk))
             name = _template_for(kind, hops, pk)
             variant = _stream(t_hash, h, _PURPOSE_VARIANT) % template_variants(name)
             expr = _compiled(name, variant, _shape(index, i, len(attrs), rels, pk))
             text, ttext = expr.fill(_words(cat, attrs, rels))
-            paths.append(ReferringPath(
-                target_id=tid, query=node, kind=kind, hops=hops, level=level, constraint_count=cost,
-                text=text, template_text=ttext, template_name=name, template_variant=variant))
-    return PathsResult(paths, drops, {f: Counter(before[f]) for f in COUNT_FIELDS},
-                       {f: Counter(after[f]) for f in COUNT_FIELDS}, levels)
+            paths.append(_new_path(tid, node, kind, hops, level, cost, text, ttext, name, variant))
+    return PathsResult(paths, drops, {f: _counter(before[f]) for f in COUNT_FIELDS},
+                       {f: _counter(after[f]) for f in COUNT_FIELDS}, levels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+from dataclasses import fields
 from importlib import resources
 
 import jinja2
@@ -17,6 +18,7 @@ from refforge.stages.lexicon import RELATIONS
 from refforge.stages.paths import (
     COUNT_FIELDS,
     DEFAULT_BLOCKLIST,
+    MAX_ATOMS_PER_COST,
     MAX_COUNT,
     MAX_RANK,
     ORDER_STARTS,
@@ -587,6 +589,38 @@ def test_choice_is_deterministic_bounded_and_counted(g, seed, max_per_target):
     assert a.counts_before == everything.counts_before
     assert sum(a.counts_after["kind"].values()) == len(a.paths)
     assert a.drops == everything.drops
+
+
+def test_atom_bound_cuts_in_graph_order_and_counts_reducible_atoms():
+    # o0 is near 30 anchors with three attributes each: 90 anchor descriptions of cost 1, past
+    # MAX_ATOMS_PER_COST, so the tier is cut after the first 48 in graph order (anchors a0 ... a15). o1 is
+    # near a thing of every category but thing0: "near a thing0" is unique, so the descriptions of a0, a5,
+    # a10 ... are reducible; they are no paths, but they still count towards the bound.
+    objects = [obj("o0", "ball", box=at(20, 20)), obj("o1", "ball", box=at(80, 80))]
+    relations = []
+    for j in range(30):
+        objects.append(obj(f"a{j}", f"thing{j % 5}", f"x{j}", f"y{j}", f"z{j}", box=at(3 + 3 * j, 50)))
+        relations.append(rel("o0", "near", f"a{j}"))
+    for k in range(1, 5):
+        objects.append(obj(f"b{k}", f"thing{k}", box=at(15 * k, 90)))
+        relations.append(rel("o1", "near", f"b{k}"))
+    g = graph(objects, relations)
+    assert 30 * 3 > MAX_ATOMS_PER_COST == 48
+    brute = Brute(g, 2, 3, True)
+    for source in (g, GraphIndex(g)):
+        mine = paths_of(run(source, max_hops=2, max_per_target=10**6, max_candidates=10**6), "o0")
+        described = set()
+        for p in mine:
+            assert unique(g, p.query, "o0") and brute.irreducible(p.query, "o0")
+            assert p == ReferringPath(**{f.name: getattr(p, f.name) for f in fields(p)})
+            assert repr(p) == repr(ReferringPath(**{f.name: getattr(p, f.name) for f in fields(p)}))
+            if p.constraint_count == 2 and p.query.relations:
+                (_, anchor), = p.query.relations
+                described.add((anchor.category, *anchor.attributes))
+        expected = {(f"thing{j % 5}", f"{a}{j}") for j in range(16) if j % 5 for a in "xyz"}
+        assert described == expected
+        assert {p.level for p in mine} == {2}
+        assert any(p.query.relations and p.constraint_count == 1 for p in mine)  # "the ball near a thing0"
 
 
 def test_seed_changes_choices_but_not_semantics():
