@@ -201,7 +201,12 @@ def ingest_graphs(records: list[dict[str, Any]], indices: range, *, images_dir: 
         out.drops += drops
         kept = {o.object_id for o in objs}
         if rec.get("expressions"):
-            out.graphs[image_id] = SceneGraph(w, h, [o for o in graph.objects if o.id in kept],
+            # the objects graph_records kept: the first of each id (a later one with the same id is a drop)
+            first: dict[str, GObject] = {}
+            for o in graph.objects:
+                if o.id in kept:
+                    first.setdefault(o.id, o)
+            out.graphs[image_id] = SceneGraph(w, h, list(first.values()),
                                               [r for r in graph.relations if r.subject in kept and r.object in kept])
         for e in rec.get("expressions", ()):
             target = str(e.get("object"))

@@ -241,6 +241,23 @@ def test_ingest_of_coco_records(tmp_path):
     assert table.box == (50.3, 30.0, 80.0, 52.0)
 
 
+
+def test_a_duplicate_object_id_is_dropped_from_the_graph_kept_for_refs(tmp_path):
+    """The second object with an id is a drop; the scene graph kept for the image's refs holds the
+    first one only (it used to bring the rejected duplicate back)."""
+    out = tmp_path / "coco.jsonl"
+    convert_coco(COCO / "instances.json", out, refs=COCO / "refs.json")
+    records = read_jsonl(out)
+    first = records[0]
+    first["objects"].append(obj("101", "cup", [], [30, 4, 40, 14]))  # a second "101"
+    res = ingest_graphs(records[:1], range(1), images_dir=COCO / "images")
+    assert [(d.key, d.reason) for d in res.drops] == [(f"graphs:{first['image']}/101", "duplicate object id")]
+    assert [o.object_id for o in res.objects] == ["101", "102", "103"]
+    (graph,) = res.graphs.values()
+    assert [(o.id, o.name) for o in graph.objects] == [("101", "person"), ("102", "person"), ("103", "cup")]
+    assert {(r["object_id"], r["text"]) for r in res.refs} == {
+        ("101", "man on the left"), ("101", "left guy"), ("102", "person on right")}
+
 def test_ijson_backend_is_named():
     assert ijson_backend() in {"yajl2_c", "yajl2_cffi", "yajl2", "yajl", "python"}
 
