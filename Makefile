@@ -32,7 +32,8 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core
-	$(BIN)/refforge build --config configs/demo.toml --out $(DEMO)
+	# --force: a demo build left by an older release (other stage versions) is replaced; an equal one resumes
+	$(BIN)/refforge build --config configs/demo.toml --out $(DEMO) --force
 	$(BIN)/refforge stats $(DEMO)
 	@echo "demo build: $(CURDIR)/$(DEMO)"
 	$(BIN)/refforge report $(DEMO)
