@@ -40,14 +40,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.markup import escape
 
+        from refforge.cli import _fail as fail
         from refforge.flows.export import ExportError, export_build, parse_ratios
         from refforge.stages.splits import LeakageError
-
-        err = Console(stderr=True)
-
-        def fail(msg: str, code: int = 2) -> None:
-            err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
-            raise typer.Exit(code)
 
         try:
             meta = export_build(
