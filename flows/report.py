@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 from markupsafe import Markup
 
 from refforge.schemas import TABLES
@@ -41,9 +42,7 @@ def _pairs(cat: Catalog, query: str, params: list | None = None) -> list[tuple[A
     return [(r[0], int(r[1])) for r in cat.con.execute(query, params or []).fetchall()]
 
 
-def _column(cat: Catalog, query: str):
-    import numpy as np
-
+def _column(cat: Catalog, query: str) -> np.ndarray:
     vals = [r[0] for r in cat.con.execute(query).fetchall() if r[0] is not None]
     return np.asarray(vals, dtype=float)
 
@@ -151,8 +150,6 @@ def _histograms(cat: Catalog) -> list[str]:
     words = "len(regexp_split_to_array(trim(text), '\\s+'))"
     pos = _column(cat, f"SELECT {words} FROM expressions WHERE polarity = 'positive'")
     neg = _column(cat, f"SELECT {words} FROM expressions WHERE polarity = 'negative'")
-    import numpy as np
-
     edges = R.integer_edges(np.concatenate([pos, neg]))
     out.append(R.histogram(edges.tolist(), [R.Series("positive", R.bin_counts(pos, edges), R.PALETTE[0]),
                                             R.Series("negative", R.bin_counts(neg, edges), R.PALETTE[1])],
@@ -162,27 +159,26 @@ def _histograms(cat: Catalog) -> list[str]:
 
 
 def _scores(cat: Catalog) -> dict[str, Any]:
-    import numpy as np
-
     stats = _rows(cat, "SELECT filter, count(*) AS n, count(*) FILTER (passed) AS passed, min(value) AS lo, "
-                       "max(value) AS hi, avg(value) AS mean FROM scores GROUP BY ALL ORDER BY filter")
+                       "max(value) AS hi, avg(value) AS mean, list({'value': value, 'passed': passed}) AS pts "
+                       "FROM scores GROUP BY ALL ORDER BY filter")
     charts = []
     for s in stats:
-        rows = cat.con.execute("SELECT value, passed FROM scores WHERE filter = ?", [s["filter"]]).fetchall()
-        vals = np.asarray([r[0] for r in rows], dtype=float)
-        ok = np.asarray([bool(r[1]) for r in rows])
+        vals = np.asarray([p["value"] for p in s["pts"]], dtype=float)
+        ok = np.asarray([bool(p["passed"]) for p in s["pts"]])
         lo, hi = float(vals.min()), float(vals.max())
         if hi <= lo:
             hi = lo + 1.0
         edges = np.linspace(lo, hi, 21)
-        charts.append(R.histogram(edges.tolist(), [R.Series("passed", R.bin_counts(vals[ok], edges), R.PALETTE[2]),
-                                                   R.Series("failed", R.bin_counts(vals[~ok], edges), R.PALETTE[3])],
-                                  chart=f"scores:{s['filter']}", title=f"filter {s['filter']}", xlabel="value"))
+        series = [R.Series("passed", R.bin_counts(vals[ok], edges), R.PALETTE[2]),
+                  R.Series("failed", R.bin_counts(vals[~ok], edges), R.PALETTE[3])]
+        charts.append(Markup(R.histogram(edges.tolist(), series, chart=f"scores:{s['filter']}",
+                                         title=f"filter {s['filter']}", xlabel="value")))
     table = R.html_table(["filter", "rows", "passed", "pass rate", "min", "max", "mean"],
                          [(s["filter"], int(s["n"]), int(s["passed"]), f"{100 * s['passed'] / s['n']:.1f}%",
                            R.fmt_float(s["lo"]), R.fmt_float(s["hi"]), R.fmt_float(s["mean"])) for s in stats],
                          numeric=[False, True, True, True, True, True, True]) if stats else ""
-    return {"charts": charts, "table": table}
+    return {"charts": charts, "table": Markup(table)}
 
 
 def _run_files(root: Path) -> list[dict]:
@@ -228,12 +224,12 @@ def _pct(x: float) -> str:
 def _drops(cat: Catalog) -> dict[str, Any]:
     rows = _rows(cat, "SELECT stage, reason, count(*) AS n FROM drops GROUP BY ALL ORDER BY n DESC, stage, reason")
     if not rows:
-        return {"chart": "", "table": ""}
+        return {"chart": Markup(), "table": Markup()}
     chart = R.bar_chart([(f"{r['stage']}: {r['reason']}", int(r["n"])) for r in rows], chart="drops",
                         title="drops by stage and reason", color=R.PALETTE[3], label_width=300, width=680)
     table = R.html_table(["stage", "reason", "rows"], [(r["stage"], r["reason"], int(r["n"])) for r in rows],
                          numeric=[False, False, True])
-    return {"chart": chart, "table": table}
+    return {"chart": Markup(chart), "table": Markup(table)}
 
 
 # ---------------------------------------------------------------------------------------- gallery
@@ -296,7 +292,6 @@ def _gallery(cat: Catalog, thumbs: Thumbs, n: int) -> list[dict[str, Any]]:
 def _negative_card(cat: Catalog, thumbs: Thumbs, r: dict) -> str:
     lines = [("type", f"{r['negative_type']} {r['negative_level'] or ''} ({r['negative_source'] or '-'})"),
              ("positive", r["ptext"] or "(positive not found)")]
-    edit = None
     try:
         edit = (json.loads(r["path"]) or {}).get("edit") if r["path"] else None
     except ValueError:
@@ -376,10 +371,10 @@ def render_report(build_dir: Path, examples: int = 4) -> str:
             "summary_tables": Markup(R.html_table(["table", "rows"], summary["tables"], numeric=[False, True])),
             "distributions": [Markup(s) for s in _distributions(cat)],
             "histograms": [Markup(s) for s in _histograms(cat)],
-            "scores": {k: Markup(v) if isinstance(v, str) else [Markup(c) for c in v] for k, v in _scores(cat).items()},
+            "scores": _scores(cat),
             "blind": _blind(runs),
             "reviews": _reviews(cat),
-            "drops": {k: Markup(v) for k, v in _drops(cat).items()},
+            "drops": _drops(cat),
             "gallery": _gallery(cat, thumbs, max(0, int(examples))),
             "examples": examples,
         }

@@ -168,12 +168,12 @@ def histogram(edges: Sequence[float], series: Sequence[Series], *, chart: str, t
              f'<text class="tick" x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>']
     for i in range(n_bins):
         lo, hi = edges[i], edges[i + 1]
+        rng = f"{lo:g}" if integer_bins else f"[{lo:.3g}, {hi:.3g})"
         base = 0
         for s in series:
             c = int(s.counts[i])
             h = ph * c / vmax
             y = top + ph - h - (ph * base / vmax if stacked else 0)
-            rng = f"{lo:g}" if integer_bins else f"[{lo:.3g}, {hi:.3g})"
             parts.append(
                 f'<rect class="bin" data-chart="{esc(chart)}" data-series="{esc(s.name)}" data-lo="{lo:g}" '
                 f'data-hi="{hi:g}" data-count="{c}" x="{_num(left + i * bw + 0.5)}" y="{_num(y)}" '

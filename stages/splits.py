@@ -82,22 +82,35 @@ def _rows(records: Any) -> list:
 # ---------------------------------------------------------------------------------------------------
 
 class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[Any, Any] = {}
+    """Union-find over hashable keys, each numbered (0, 1, ...) on first sight; path halving.
 
-    def find(self, x: Any) -> Any:
-        self.parent.setdefault(x, x)
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:  # path compression
-            self.parent[x], x = root, self.parent[x]
-        return root
+    Any root wins a union: callers choose their group ids themselves (e.g. the smallest member).
+    """
 
-    def union(self, a: Any, b: Any) -> None:
+    def __init__(self, keys: Iterable[Any] = ()) -> None:
+        self.index: dict[Any, int] = {}
+        self.parent: list[int] = []
+        for key in keys:
+            self.node(key)
+
+    def node(self, key: Any) -> int:
+        i = self.index.get(key)
+        if i is None:
+            i = self.index[key] = len(self.parent)
+            self.parent.append(i)
+        return i
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
-            self.parent[max(ra, rb, key=repr)] = min(ra, rb, key=repr)
+            self.parent[rb] = ra
 
 
 def _parent_map(images: Any, samples: Sequence = ()) -> dict[str, str]:
@@ -150,47 +163,28 @@ def sample_groups(samples: Iterable[Any], *, images: Any = None,
     ids = [_get(s, "sample_id") for s in samples]
     if None in ids:
         raise ValueError(f"a sample has no sample_id: {samples[ids.index(None)]!r}")
-    # union-find over integers: sample i is node i; images, missing positives and group_of keys follow
-    node: dict[Any, int] = {("s", sid): i for i, sid in enumerate(ids)}
-    if len(node) != len(ids):
+    # sample i is node i; images, missing positives and group_of keys follow
+    uf = _UnionFind(("s", sid) for sid in ids)
+    if len(uf.index) != len(ids):
         dup = sorted(k for k, c in Counter(ids).items() if c > 1)
         raise ValueError(f"duplicate sample_id(s): {dup[:10]}")
-    parent = list(range(len(ids)))
+    node, union = uf.node, uf.union
     roots: dict[str, str] = {}
-
-    def nid(key: Any) -> int:
-        i = node.get(key)
-        if i is None:
-            i = node[key] = len(parent)
-            parent.append(i)
-        return i
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]  # path halving
-            x = parent[x]
-        return x
-
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:  # any root will do: the group id is chosen below
-            parent[rb] = ra
-
     for i, s in enumerate(samples):
         image_id = _get(s, "image_id")
         if image_id is not None:
             root = roots.get(image_id)
             if root is None:
                 root = roots[image_id] = _root(image_id, parents)
-            union(i, nid(("i", root)))
+            union(i, node(("i", root)))
         pid = _get(s, "positive_id")
         if pid is not None:
-            union(i, nid(("s", pid)))
+            union(i, node(("s", pid)))
         if group_of is not None:
             key = group_of(s)
             if key is not None:
-                union(i, nid(("g", key)))
-    comp = [find(i) for i in range(len(ids))]
+                union(i, node(("g", key)))
+    comp = [uf.find(i) for i in range(len(ids))]
     first: dict[int, str] = {}
     for i in sorted(range(len(ids)), key=ids.__getitem__):
         first.setdefault(comp[i], ids[i])
@@ -323,7 +317,6 @@ def assign_splits(
     if fields:
         col_of = np.array([cindex[("joint", key)] for key in strata], dtype=np.int64)
         np.add.at(vec, (pair_group, col_of[pair_stratum]), counts)
-    sizes = vec[:, 0].copy()
 
     split_n = np.array([targets[nm] for nm in names], dtype=np.float64)
     total = vec.sum(0)
@@ -334,14 +327,13 @@ def assign_splits(
     weight = np.zeros_like(target)
     weight[open_] = mult[None, :] / scale[open_] ** 2
 
-    assign = _greedy_place(vec, sizes, target, weight, split_n)
+    assign = _greedy_place(vec, target, weight, split_n)
     assign = _local_search(vec, assign, target, weight, open_)
     split_of = [names[k] for k in assign]
     return {sid: split_of[g] for sid, g in zip(groups, sample_group.tolist(), strict=True)}
 
 
-def _greedy_place(vec: np.ndarray, sizes: np.ndarray, target: np.ndarray, weight: np.ndarray,
-                  split_n: np.ndarray) -> np.ndarray:
+def _greedy_place(vec: np.ndarray, target: np.ndarray, weight: np.ndarray, split_n: np.ndarray) -> np.ndarray:
     """Phase 1 of :func:`assign_splits`: each group in turn where it lowers the objective most."""
     dev = -target.copy()  # assigned - target
     filled = np.zeros(len(split_n))
@@ -349,7 +341,7 @@ def _greedy_place(vec: np.ndarray, sizes: np.ndarray, target: np.ndarray, weight
     assign = np.empty(len(vec), dtype=np.int64)
     for g in range(len(vec)):  # the seeded order
         v = vec[g]
-        size = sizes[g]
+        size = v[0]  # column 0: the size
         allowed = open_ & (filled + size <= split_n + 1e-9)
         if allowed.any():
             gain = (weight * (2.0 * v * dev + v * v)).sum(1)
@@ -413,8 +405,9 @@ def _local_search(vec: np.ndarray, assign: np.ndarray, target: np.ndarray, weigh
                 dev[t] += vec[g]
                 assign[g] = t
                 improved = True
-        # swaps between each pair of splits
-        d = move_deltas()
+        # swaps between each pair of splits (the deltas again only where a move or swap changed them)
+        if improved:
+            d = move_deltas()
         for s in range(k_splits):
             for t in range(s + 1, k_splits):
                 if not (open_[s] and open_[t]):
@@ -447,10 +440,12 @@ def _local_search(vec: np.ndarray, assign: np.ndarray, target: np.ndarray, weigh
                         misses = 0
                     else:
                         misses += 1
-                d = move_deltas()
+                if used:
+                    d = move_deltas()
         if not improved:
             break
     return assign
+
 
 # ---------------------------------------------------------------------------------------------------
 # Reviews
@@ -660,15 +655,13 @@ def phash_clusters(hashes: Mapping[Any, int | str], threshold: int = DEFAULT_PHA
     Pass ``group_of=lambda s: clusters.get(s["image_id"])`` to :func:`assign_splits` to keep
     near-duplicate images in one split before :func:`check_leakage` has to complain about them.
     """
-    uf = _UnionFind()
-    for i in hashes:
-        uf.find(i)
+    uf = _UnionFind(hashes)
     for a, b, _ in near_duplicate_pairs(hashes, threshold):
-        uf.union(a, b)
-    first: dict[Any, Any] = {}
+        uf.union(uf.index[a], uf.index[b])
+    first: dict[int, Any] = {}
     for i in sorted(hashes, key=repr):
-        first.setdefault(uf.find(i), i)
-    return {i: first[uf.find(i)] for i in hashes}
+        first.setdefault(uf.find(uf.index[i]), i)
+    return {i: first[uf.find(uf.index[i])] for i in hashes}
 
 
 # ---------------------------------------------------------------------------------------------------
