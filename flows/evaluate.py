@@ -104,8 +104,6 @@ def _write_text(path: Path, text: str) -> None:
 def _json_default(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
-    if isinstance(v, tuple):
-        return list(v)
     raise TypeError(f"not JSON serialisable: {type(v).__name__}")
 
 
@@ -152,7 +150,6 @@ def _encode(client: Any, path: Path, dialect: str) -> Any:
     from PIL import Image
 
     with Image.open(path) as img:
-        img.load()
         size = _qwen_size(img.width, img.height, client.image_longest_side)
         if size != img.size:
             img = img.convert("RGB") if img.mode not in ("RGB", "RGBA", "L") else img
@@ -229,12 +226,12 @@ def _run_model(samples: list[dict[str, Any]], root: Path, client: Any, dialect: 
 
 def _make_client(model: str, base_url: str, api_key_env: str | None, concurrency: int, timeout_s: float,
                  max_retries: int, image_longest_side: int, cache_path: Path) -> Any:
-    """The same client a build makes for an endpoint (refforge.flows.units.model_client), validated by
-    :class:`refforge.config.ModelEndpoint`, with the eval's own cache."""
+    """The same client a build makes for an endpoint (:func:`refforge.flows.units.endpoint_client`),
+    validated by :class:`refforge.config.ModelEndpoint`, with the eval's own cache."""
     import pydantic
 
     from refforge.config import ModelEndpoint
-    from refforge.llm import LLMClient, ResponseCache
+    from refforge.flows.units import endpoint_client
 
     try:
         ep = ModelEndpoint(base_url=base_url, model=model, api_key_env=api_key_env or None, concurrency=concurrency,
@@ -244,10 +241,7 @@ def _make_client(model: str, base_url: str, api_key_env: str | None, concurrency
         raise EvalError(msgs) from None
     if not re.match(r"^https?://", ep.base_url):
         raise EvalError(f"--base-url must start with http:// or https://, not {ep.base_url!r}")
-    return LLMClient(ep.base_url, ep.model, api_key_env=ep.api_key_env, concurrency=ep.concurrency,
-                     timeout_s=ep.timeout_s, max_retries=ep.max_retries, image_longest_side=ep.image_longest_side,
-                     structured_output=ep.structured_output, price_per_1k_input=ep.price_per_1k_input,
-                     price_per_1k_output=ep.price_per_1k_output, cache=ResponseCache(cache_path))
+    return endpoint_client(ep, cache_path)
 
 
 # -------------------------------------------------------------------------------------- predictions path

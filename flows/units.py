@@ -11,9 +11,11 @@ import json
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from refforge.config import CocoSource, Config, FolderSource, GqaSource, GraphsSource, SyntheticSource
 from refforge.gcpause import gc_paused
@@ -32,28 +34,35 @@ _CLIENTS: dict[tuple[str, str], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
+def endpoint_client(ep: Any, cache_path: Path):
+    """An LLMClient for a :class:`refforge.config.ModelEndpoint`, with a persistent response cache
+    at ``cache_path`` (the build's, or ``refforge eval``'s own)."""
+    from refforge.llm import LLMClient, ResponseCache
+
+    return LLMClient(
+        ep.base_url, ep.model, api_key_env=ep.api_key_env, concurrency=ep.concurrency,
+        timeout_s=ep.timeout_s, max_retries=ep.max_retries, image_longest_side=ep.image_longest_side,
+        structured_output=ep.structured_output, price_per_1k_input=ep.price_per_1k_input,
+        price_per_1k_output=ep.price_per_1k_output, cache=ResponseCache(cache_path))
+
+
 def model_client(b: BuildDir, cfg: Config, which: str):
     """One LLMClient per build, endpoint kind and process, with the build's persistent response cache
     (``<build>/cache/llm.sqlite``), so a re-run or a resumed build sends no request twice."""
-    from refforge.llm import LLMClient, ResponseCache
-
     ep = getattr(cfg, which)
     key = (str(b.root.resolve()), which)
     with _CLIENTS_LOCK:
         if key not in _CLIENTS:
             (b.root / "cache").mkdir(exist_ok=True)
-            _CLIENTS[key] = LLMClient(
-                ep.base_url, ep.model, api_key_env=ep.api_key_env, concurrency=ep.concurrency,
-                timeout_s=ep.timeout_s, max_retries=ep.max_retries, image_longest_side=ep.image_longest_side,
-                structured_output=ep.structured_output, price_per_1k_input=ep.price_per_1k_input,
-                price_per_1k_output=ep.price_per_1k_output, cache=ResponseCache(b.root / "cache" / "llm.sqlite"))
+            _CLIENTS[key] = endpoint_client(ep, b.root / "cache" / "llm.sqlite")
         return _CLIENTS[key]
 
 
 def client_usage(root: Path) -> dict[str, Any]:
     """Usage of this process's clients of a build so far (endpoint -> stage -> counters)."""
+    root_key = str(Path(root).resolve())
     with _CLIENTS_LOCK:
-        clients = [(w, c) for (r, w), c in _CLIENTS.items() if r == str(Path(root).resolve())]
+        clients = [(w, c) for (r, w), c in _CLIENTS.items() if r == root_key]
     return {which: c.usage() for which, c in clients}
 
 
@@ -83,8 +92,9 @@ def usage_sum(a: Any, b: Any) -> Any:
 def close_clients(root: Path) -> dict[str, Any]:
     """Close this build's clients; returns their usage per endpoint and stage for the run file."""
     usage = {}
+    root_key = str(Path(root).resolve())
     with _CLIENTS_LOCK:
-        for (r, which) in [k for k in _CLIENTS if k[0] == str(Path(root).resolve())]:
+        for (r, which) in [k for k in _CLIENTS if k[0] == root_key]:
             client = _CLIENTS.pop((r, which))
             usage[which] = client.usage()
             client.close()
@@ -247,10 +257,14 @@ def graph_keys(inputs: dict) -> list[str]:
     return list(inputs.get("graph") or [inputs["ingest"]])
 
 
-def read_graphs(b: BuildDir, keys: list[str]) -> tuple[dict[str, SceneGraph], dict[str, dict]]:
-    """Scene graphs and image rows (by image_id) of the units with these work keys."""
+def read_graphs(b: BuildDir, keys: list[str], objects: pa.Table | None = None
+                ) -> tuple[dict[str, SceneGraph], dict[str, dict]]:
+    """Scene graphs and image rows (by image_id) of the units with these work keys; ``objects`` is
+    their objects table when the caller has read it already."""
     images = b.reader.read("images", keys)
-    graphs = graphs_from_tables(images, b.reader.read("objects", keys), b.reader.read("relations", keys))
+    if objects is None:
+        objects = b.reader.read("objects", keys)
+    graphs = graphs_from_tables(images, objects, b.reader.read("relations", keys))
     return graphs, {r["image_id"]: r for r in images.to_pylist()}
 
 
@@ -300,10 +314,7 @@ def proposals_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
     if not todo:
         return out
     tagger, detector = proposal_models(cfg)
-    params = prop.ProposalParams(
-        box_threshold=p.box_threshold, text_threshold=p.text_threshold, max_tags=p.max_tags,
-        tag_threshold=p.tag_threshold, nms_iou=p.nms_iou, nms_ios=p.nms_ios, min_area_frac=p.min_area_frac,
-        max_area_frac=p.max_area_frac, max_per_image=p.max_per_image, class_agnostic=p.class_agnostic)
+    params = prop.ProposalParams(**{f.name: getattr(p, f.name) for f in fields(prop.ProposalParams)})
     objects: list[Object] = []
     relations: list[Relation] = []
     for start in range(0, len(todo), p.batch_size):
@@ -357,8 +368,11 @@ def describe_unit(b: BuildDir, cfg: Config, inputs: dict) -> UnitOutput:
         return out
     from refforge.stages.llm_stages import describe_boxes, vlm_grounder
 
-    graphs, images = read_graphs(b, graph_keys(inputs))
-    dets = [o for o in b.reader.read("objects", [inputs["proposals"]]).to_pylist() if o["origin"] == "detector"]
+    # each unit's objects are read once: they make the scene graphs, and the proposals unit's are the boxes
+    keys = list(dict.fromkeys(graph_keys(inputs)))
+    objects = {k: b.reader.read("objects", [k]) for k in dict.fromkeys([*keys, inputs["proposals"]])}
+    graphs, images = read_graphs(b, keys, pa.concat_tables([objects[k] for k in keys]))
+    dets = [o for o in objects[inputs["proposals"]].to_pylist() if o["origin"] == "detector"]
     by_image: dict[str, list[dict]] = defaultdict(list)
     for o in dets:
         by_image[o["image_id"]].append(o)

@@ -11,13 +11,6 @@ _SHOWN = ("acc@0.5", "acc@0.75", "acc@0.9", "macc", "rejection_acc", "false_reje
           "aupr", "fpr95")
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
-    raise typer.Exit(code)
-
-
 def eval_command(
     export: Annotated[Path, typer.Argument(metavar="EXPORT", help="an export folder (refforge export)")],
     model: Annotated[str | None, typer.Option(help="model id the endpoint serves")] = None,
@@ -50,6 +43,7 @@ def eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from refforge.cli import _fail
     from refforge.flows.evaluate import EvalError, run_eval
 
     console = Console()
