@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from refforge.stages import cot
-from refforge.stages.boxes import from_grid
+from refforge.stages.boxes import clip_boxes, from_grid
 from refforge.stages.metrics import METRIC_COLUMNS, metric_table, paired_iou
 from refforge.stages.templates import load_template, template_hash
 
@@ -331,8 +331,7 @@ def map_box(box: Sequence[float], coords: str, sent_size: tuple[int, int], origi
         raise ValueError(f"unknown coords {coords!r}; allowed: {', '.join(COORDS)}")
     if not (x2 > x1 and y2 > y1):
         return None
-    x1, x2 = min(max(x1, 0.0), ow), min(max(x2, 0.0), ow)
-    y1, y2 = min(max(y1, 0.0), oh), min(max(y2, 0.0), oh)
+    x1, y1, x2, y2 = clip_boxes((x1, y1, x2, y2), ow, oh)
     if not (x2 > x1 and y2 > y1):
         return None
     return (float(x1), float(y1), float(x2), float(y2))

@@ -242,6 +242,12 @@ def from_finecops(d: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _coco_categories(categories: Mapping[str, int]) -> list[dict[str, Any]]:
+    """COCO ``categories`` entries of ``{name: id}``, in id order."""
+    return [{"id": cid, "name": name, "supercategory": "object"}
+            for name, cid in sorted(categories.items(), key=lambda kv: kv[1])]
+
+
 def finecops_coco(records: Sequence[Mapping[str, Any]], categories: Mapping[str, int],
                   category_of: Mapping[str, str]) -> dict[str, Any]:
     """The COCO variant of FineCops-Ref in MDETR's RefCOCO style: one ``images`` entry per expression
@@ -273,9 +279,7 @@ def finecops_coco(records: Sequence[Mapping[str, Any]], categories: Mapping[str,
                         "negative_level": _level_int(r.get("negative_level")),
                         "negative_cate": r.get("negative_source")})
         anns.append(ann)
-    cats = [{"id": cid, "name": name, "supercategory": "object"}
-            for name, cid in sorted(categories.items(), key=lambda kv: kv[1])]
-    return {"images": images, "annotations": anns, "categories": cats}
+    return {"images": images, "annotations": anns, "categories": _coco_categories(categories)}
 
 
 def from_finecops_coco(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -493,9 +497,8 @@ def refcoco(records: Iterable[Mapping[str, Any]], categories: Mapping[str, int],
                                        "tokens": text.lower().split(), "sample_id": r["sample_id"],
                                        "bbox_xyxy": list(r["bbox"])})
         refs[key]["sent_ids"].append(sent_id)
-    cats = [{"id": cid, "name": name, "supercategory": "object"}
-            for name, cid in sorted(categories.items(), key=lambda kv: kv[1])]
-    return list(refs.values()), {"images": images, "annotations": list(anns.values()), "categories": cats}
+    return list(refs.values()), {"images": images, "annotations": list(anns.values()),
+                                 "categories": _coco_categories(categories)}
 
 
 def from_refcoco(refs: Sequence[Mapping[str, Any]], instances: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -548,14 +551,9 @@ def read_format(export_dir: str | Path, fmt: str, split: str | None = None) -> l
         folder = root / fmt
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} does not exist: the export has no {fmt} format")
-        if fmt == "jsonl" and (root / "parquet").is_dir():
-            out = []
-            for s in splits:
-                out += _load_jsonl(folder / f"{s}.jsonl")
-            return out
         out = []
-        for s in splits:
-            out += read_canonical(root, s)
+        for s in splits:  # read_canonical reads parquet where there is some
+            out += _load_jsonl(folder / f"{s}.jsonl") if fmt == "jsonl" else read_canonical(root, s)
         return out
     if fmt == "hf":
         try:

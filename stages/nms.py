@@ -152,28 +152,30 @@ def nms_detailed(
             if not len(later):
                 break
             rest = ranks[later]
-            tl = np.maximum(ob[r, :2], ob[rest, :2])
-            br = np.minimum(ob[r, 2:], ob[rest, 2:])
+            rb, ra, rc = ob[rest], oa[rest], oc[rest]  # the live lower-ranked boxes, indexed once
+            tl = np.maximum(ob[r, :2], rb[:, :2])
+            br = np.minimum(ob[r, 2:], rb[:, 2:])
             wh = np.clip(br - tl, 0, None)
             inter = wh[:, 0] * wh[:, 1]
-            union = oa[r] + oa[rest] - inter
-            smaller = np.minimum(oa[r], oa[rest])
+            union = oa[r] + ra - inter
+            smaller = np.minimum(oa[r], ra)
             iou_v = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
             ios_v = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
-            same = oc[rest] == oc[r]
+            same = rc == oc[r]
             by_overlap = same & (iou_v >= iou)
-            by_contain = same & ~by_overlap & (ios_v >= ios) & (oa[rest] <= oa[r])
-            by_related = ~same & rel[oc[r], oc[rest]] & (iou_v >= iou)
+            by_contain = same & ~by_overlap & (ios_v >= ios) & (ra <= oa[r])
+            by_related = ~same & rel[oc[r], rc] & (iou_v >= iou)
             hit = by_overlap | by_contain | by_related
             alive[later[hit]] = False
-            suppressor[order[rest[hit]]] = order[r]
-            rule[order[rest[by_overlap]]] = 1
-            rule[order[rest[by_contain]]] = 2
-            rule[order[rest[by_related]]] = 3
+            orig = order[rest]  # input indices of the live lower-ranked boxes
+            suppressor[orig[hit]] = order[r]
+            rule[orig[by_overlap]] = 1
+            rule[orig[by_contain]] = 2
+            rule[orig[by_related]] = 3
             if merge:
-                dup = rest[by_overlap | by_related]
+                dup = rb[by_overlap | by_related]
                 if len(dup):
-                    grown = np.concatenate([ob[r:r + 1], ob[dup]])
+                    grown = np.concatenate([ob[r:r + 1], dup])
                     out_boxes[order[r]] = [*grown[:, :2].min(0), *grown[:, 2:].max(0)]
     keep = order[np.sort(np.asarray(kept_ranks, dtype=np.int64))]
     return NmsResult(keep, suppressor, rule, out_boxes)
