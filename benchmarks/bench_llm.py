@@ -172,10 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import openai
 
-    from refforge.llm.client import _aiohttp_available
-
     load0 = _loadavg()
-    backend = args.backend if args.backend != "auto" else "aiohttp" if _aiohttp_available() else "httpx"
+    backend = args.backend if args.backend != "auto" else "aiohttp"  # auto: aiohttp (openai[aiohttp] is core)
     print(f"setup: client = refforge LLMClient -> openai {openai.__version__} AsyncOpenAI.post -> {backend} HTTP "
           f"transport{' (bodies written eagerly)' if backend == 'aiohttp' else ''}, on one event loop thread; server = refforge.testing.openai_server "
           f"({'a separate process' if args.server == 'process' else 'a thread of this process'}, asyncio protocol, "

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from refforge.stages.nms import nms
+from refforge.stages.proposals.nms import nms
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ import random
 import time
 from collections import Counter
 
-from refforge.stages.graph import GObject, GRelation, SceneGraph
-from refforge.stages.paths import COUNT_FIELDS, entropy, referring_paths
+from refforge.stages.paths.search import COUNT_FIELDS, entropy, referring_paths
+from refforge.stages.scene.graph import GObject, GRelation, SceneGraph
 
 N_CATEGORIES = 300
 N_ATTRIBUTES = 100

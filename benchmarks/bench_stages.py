@@ -38,9 +38,9 @@ from bench_paths import make_graph  # noqa: E402
 
 from refforge.flows.build import tune_gc  # noqa: E402
 from refforge.gcpause import gc_paused  # noqa: E402
-from refforge.stages.cot import TraceContext, traces_for_sample  # noqa: E402
-from refforge.stages.negatives import NegativeIndex, text_negatives  # noqa: E402
-from refforge.stages.paths import TargetSelection, referring_paths  # noqa: E402
+from refforge.stages.cot.walk import TraceContext, traces_for_sample  # noqa: E402
+from refforge.stages.negatives_text.edits import NegativeIndex, text_negatives  # noqa: E402
+from refforge.stages.paths.search import TargetSelection, referring_paths  # noqa: E402
 
 
 def _work(args: tuple[int, int, int, int]) -> dict:

@@ -51,7 +51,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
+from refforge import __version__
+from refforge.llm import ChatRequest, LLMOutputError, LLMRequestError
+from refforge.llm.endpoint import ModelEndpoint, endpoint_client
 from refforge.stages import evaluate as ev
+from refforge.stages.export_records import read_canonical
+from refforge.storage.atomic import atomic_write_bytes
 
 __all__ = ["EvalError", "model_slug", "read_predictions", "run_eval", "score_predictions"]
 
@@ -75,8 +82,6 @@ def model_slug(name: str) -> str:
 
 def _load_samples(export_dir: Path, split: str, limit: int | None) -> tuple[list[dict[str, Any]], set[str]]:
     """The split's records (the first ``limit``), checked, and the sample ids of the whole split."""
-    from refforge.stages.export_records import read_canonical
-
     if not export_dir.is_dir():
         raise EvalError(f"{export_dir} is not a directory (an export made by `refforge export`)")
     try:
@@ -96,8 +101,6 @@ def _load_samples(export_dir: Path, split: str, limit: int | None) -> tuple[list
 
 
 def _write_text(path: Path, text: str) -> None:
-    from refforge.storage.atomic import atomic_write_bytes
-
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -175,8 +178,6 @@ def _mapped(answer: ev.EvalAnswer, coords: str, sent_size: tuple[int, int], orig
 
 def _answer_from_result(res: Any) -> tuple[ev.EvalAnswer, str | None, Any]:
     """(parsed answer, raw text, logprobs) of one run_many outcome."""
-    from refforge.llm import LLMOutputError, LLMRequestError
-
     if isinstance(res, LLMRequestError):
         return ev.EvalAnswer("request_error", reason=f"{res.reason}: {res.detail}"[:300]), None, None
     if isinstance(res, LLMOutputError):
@@ -189,8 +190,6 @@ def _answer_from_result(res: Any) -> tuple[ev.EvalAnswer, str | None, Any]:
 def _run_model(samples: list[dict[str, Any]], root: Path, client: Any, dialect: str, coords: str,
                logprobs: bool, max_tokens: int | None, chunk_size: int,
                progress: Callable[[int, int], None] | None) -> dict[str, dict[str, Any]]:
-    from refforge.llm import ChatRequest
-
     pv = ev.prompt_version(dialect)
     extra = {"logprobs": True} if logprobs else None
     order = sorted(range(len(samples)), key=lambda i: (str(samples[i]["image"]), i))
@@ -226,13 +225,8 @@ def _run_model(samples: list[dict[str, Any]], root: Path, client: Any, dialect: 
 
 def _make_client(model: str, base_url: str, api_key_env: str | None, concurrency: int, timeout_s: float,
                  max_retries: int, image_longest_side: int, cache_path: Path) -> Any:
-    """The same client a build makes for an endpoint (:func:`refforge.flows.units.endpoint_client`),
-    validated by :class:`refforge.config.ModelEndpoint`, with the eval's own cache."""
-    import pydantic
-
-    from refforge.config import ModelEndpoint
-    from refforge.flows.units import endpoint_client
-
+    """The same client a build makes for an endpoint (:func:`refforge.llm.endpoint.endpoint_client`),
+    validated by :class:`~refforge.llm.endpoint.ModelEndpoint`, with the eval's own cache."""
     try:
         ep = ModelEndpoint(base_url=base_url, model=model, api_key_env=api_key_env or None, concurrency=concurrency,
                            timeout_s=timeout_s, max_retries=max_retries, image_longest_side=image_longest_side)
@@ -357,8 +351,6 @@ def run_eval(export_dir: str | Path, *, model: str | None = None, base_url: str 
     # one folder per model and dialect: a second dialect does not overwrite the first
     out_dir = Path(out) if out is not None else root / "eval" / (
         model_slug(name) if predictions is not None else f"{model_slug(name)}-{model_slug(dialect)}")
-    from refforge import __version__
-
     meta: dict[str, Any] = {
         "refforge": __version__, "export": str(root), "split": split, "limit": limit, "model": model,
         "dialect": dialect, "coords": coords, "prompt_version": ev.prompt_version(dialect),

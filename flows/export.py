@@ -31,7 +31,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from refforge.stages.boxes import DIALECTS
+from refforge import __version__
+from refforge.config import Config
+from refforge.optional import require
 from refforge.stages.export_formats import (
     CANONICAL_SCHEMA,
     FORMATS,
@@ -46,6 +48,8 @@ from refforge.stages.export_formats import (
     to_refbench,
     to_sft,
 )
+from refforge.stages.scene.boxes import DIALECTS
+from refforge.stages.scene.templates import load_template
 from refforge.stages.splits import (
     DEFAULT_PHASH_THRESHOLD,
     DEFAULT_RATIOS,
@@ -127,11 +131,8 @@ def parse_ratios(text: str) -> dict[str, float]:
 
 
 def _datasets_module():
-    try:
-        import datasets
-    except ImportError as e:
-        raise ExportError("the hf format needs the `datasets` package: pip install 'refforge[models]'") from e
-    return datasets
+    """The ``datasets`` package (the ``hf`` extra; no torch needed), or :class:`~refforge.optional.MissingPackage`."""
+    return require("datasets", "hf", feature="the hf format")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,8 +331,6 @@ def _write_hf(d: Path, by_split: Mapping[str, list[dict]], tmp: Path) -> None:
 
 
 def _render_card(context: Mapping[str, Any]) -> str:
-    from refforge.stages.templates import load_template
-
     return load_template("export/card.md.j2").render(**context).rstrip() + "\n"
 
 
@@ -404,6 +403,8 @@ def export_build(
     """Export a build; returns the content of ``export.json`` (plus ``out``: the export's path).
 
     * ``formats``: names of :data:`~refforge.stages.export_formats.FORMATS` (``"parquet,jsonl"`` items too).
+      ``hf`` needs the ``datasets`` package (``pip install 'refforge[hf]'``, no torch): without it
+      :class:`~refforge.optional.MissingPackage` is raised before anything is read or written.
     * Splits: ``ratios`` (default train .8 / val .1 / test .1) or ``test_size`` (about that many test
       samples), grouped by image family (a derived image follows its parent) and, with
       ``group_near_duplicates``, by near-duplicate cluster (pHash within ``phash_threshold`` bits);
@@ -503,14 +504,12 @@ def export_build(
         cot = None if s["sample_id"] in fixed else data["cot"].get(s["sample_id"])
         by_split.setdefault(sp, []).append(canonical_record(s, images[s["image_id"]], split=sp, cot=cot))
 
-    config_hash = build.config_hash()
+    config_hash = build.config_hash(Config)
     digest = hashlib.sha256(_json_bytes([config_hash, sorted(splits.items())])).hexdigest()
     export_id = f"export-{digest[:16]}"
     counts = {s: {"samples": len(rows), "positives": sum(r["polarity"] == "positive" for r in rows),
                   "negatives": sum(r["polarity"] == "negative" for r in rows)} for s, rows in by_split.items()}
-    cfg_name = build.config().build.name
-    from refforge import __version__
-
+    cfg_name = build.config(Config).build.name
     meta: dict[str, Any] = {
         "export_id": export_id,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -15,18 +15,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .config import Config, ConfigError, load_config, parse_config
+from .storage import BuildDir, Catalog
 
 __all__ = ["BuildDir", "Catalog", "Config", "ConfigError", "__version__", "load_config", "parse_config", "run_build"]
 
 
 def __getattr__(name: str) -> Any:
-    # Prefect and DuckDB load only when used, so `import refforge` stays light.
+    # Prefect loads only when a build runs, so `import refforge` stays light.
     if name == "run_build":
         from .flows.build import run_build
 
         return run_build
-    if name in ("Catalog", "BuildDir"):
-        from . import storage
-
-        return getattr(storage, name)
     raise AttributeError(name)

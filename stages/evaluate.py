@@ -13,18 +13,11 @@ Dialects (:data:`EVAL_DIALECTS`, templates ``prompts/eval/*.j2``):
 The first two also take ``coords="grid1000"`` (0-1000 grid, Qwen2-VL / InternVL style); Qwen JSON is
 always pixels. Every prediction stores ``prompt_version = "eval/<dialect>.j2@<sha256 of the template>"``.
 
-Parsing (:func:`parse_prediction`) accepts every dialect whatever was asked, because models drift:
-
-1. ``<think>...</think>`` is dropped; the last ``<answer>`` element is used when there is one;
-2. JSON (fenced or bare): ``[]`` / ``{}`` / ``{"bbox_2d": null}`` = rejection; a list of detections
-   ``{"bbox_2d"|"bbox"|"box": [...]}`` takes the **highest-scored** one when every detection has a
-   ``score`` / ``confidence``, else **the first** (the note says which and how many there were); a
-   list of four numbers, or a list of such lists (first taken), is a box;
-3. otherwise :func:`refforge.stages.cot.parse_answer` (``[x1, y1, x2, y2]``, ``(x1,y1),(x2,y2)``,
-   Qwen2-VL ``<|box_start|>``, "none" / "no object" ...); several *identical* boxes count as one,
-   several different plain-text boxes are ``unparseable`` ("ambiguous");
-4. rejection phrases ("there is no ...", "does not exist", "not present in the image", "cannot find")
-   when no box is given; refusals ("I'm sorry, I can't ...") are status ``refusal``.
+Parsing: :func:`refforge.stages.answers.parse_answer` with ``lenient=True`` accepts every dialect
+whatever was asked, because models drift (JSON detections, fenced code, bbox keys, plain boxes,
+rejection phrases, refusals: see :mod:`refforge.stages.answers`). Its :class:`~refforge.stages.answers.Answer`
+carries the status, the box in the coordinates the model answered in (see :func:`map_box`), the
+failure's reason and a note ("3 boxes in the answer; took the first").
 
 Statuses (:data:`STATUSES`): ``box`` and ``rejection`` are answers; ``unparseable``, ``invalid_box``
 (zero area, or nothing left inside the image), ``refusal``, ``empty``, ``truncated`` (the client's
@@ -41,18 +34,15 @@ anything else. ``score_source`` says which, per prediction and in metrics.json.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from refforge.stages import cot
-from refforge.stages.boxes import clip_boxes, from_grid
+from refforge.stages.answers import Answer, _as_box, _number, parse_answer
 from refforge.stages.metrics import METRIC_COLUMNS, metric_table, paired_iou
-from refforge.stages.templates import load_template, template_hash
+from refforge.stages.scene.boxes import clip_boxes, from_grid
+from refforge.stages.scene.templates import load_template, template_hash
 
 __all__ = [
     "ANSWER_STATUSES",
@@ -61,14 +51,12 @@ __all__ = [
     "FAILED_BOX",
     "PROMPTS",
     "STATUSES",
-    "EvalAnswer",
     "build_messages",
     "check_dialect",
     "check_records",
     "evaluation_records",
     "map_box",
     "metrics_markdown",
-    "parse_prediction",
     "prediction_record",
     "prompt_hash",
     "prompt_version",
@@ -141,168 +129,14 @@ def build_messages(dialect: str, expression: str, image_part: Mapping[str, Any],
 
 # --------------------------------------------------------------------------------------------- parsing
 
-
-@dataclass(frozen=True)
-class EvalAnswer:
-    """A parsed answer. ``box`` is in the coordinates the model answered in (see :func:`map_box`)."""
-
-    status: str  # "box", "rejection", or a failure (see STATUSES)
-    box: Box | None = None
-    reason: str | None = None  # why a failure failed
-    note: str | None = None  # e.g. "3 boxes in the answer; took the first"
+# The answer type and reader of refforge.flows.evaluate, which still names them so (a file of another
+# change): refforge.stages.answers.Answer and parse_answer(text, lenient=True) are the ones to use.
+EvalAnswer = Answer
 
 
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
-_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
-_NUM = r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
-_LIST4 = re.compile(rf"\[\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\]")
-_PAIRS = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,?\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)")
-_BBOX_KEY = re.compile(r'"(?:bbox_2d|bbox|box)"\s*:\s*\[([^\]]*)\]')
-_REJECT = re.compile(
-    r"\b(there (is|are) no|no such|does not exist|doesn't exist|do not exist|not (present|visible|found|"
-    r"shown|in the image|exist)|cannot (be )?(find|found|locate|see)|can't (find|locate|see)|"
-    r"could not (find|locate)|unable to (find|locate)|no (matching|corresponding) object|nothing matches)\b")
-_NONE = re.compile(r"^(none|null|no objects?|no such objects?|no match(es)?|nothing|not found|not present|n/?a|"
-                   r"\[\s*\]|\{\s*\})$")
-_BOX_KEYS = ("bbox_2d", "bbox", "box", "bbox2d")
-_SCORE_KEYS = ("score", "confidence", "conf", "prob")
-
-
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    f = float(v)
-    return f if math.isfinite(f) else None
-
-
-def _as_box(v: Any) -> Box | None:
-    if isinstance(v, list | tuple) and len(v) == 4:
-        nums = [_number(x) for x in v]
-        if all(n is not None for n in nums):
-            return tuple(nums)  # type: ignore[return-value]
-    return None
-
-
-def _box_or_rejection(box: Box, note: str | None = None) -> EvalAnswer:
-    return EvalAnswer("rejection") if all(v == 0 for v in box) else EvalAnswer("box", box, note=note)
-
-
-def _json_candidates(text: str) -> list[Any]:
-    out = []
-    chunks = [m.group(1) for m in _FENCE.finditer(text)] or [text]
-    for chunk in chunks:
-        s = chunk.strip()
-        if not s or s[0] not in "[{":
-            continue
-        try:
-            out.append(json.loads(s))
-        except ValueError:
-            continue
-    return out
-
-
-def _from_json(data: Any) -> EvalAnswer | None:
-    """An answer from decoded JSON, or None when the JSON is not a grounding answer."""
-    if isinstance(data, dict):
-        if not data:
-            return EvalAnswer("rejection")
-        for k in _BOX_KEYS:
-            if k in data:
-                v = data[k]
-                if v is None or v == []:
-                    return EvalAnswer("rejection")
-                box = _as_box(v)
-                if box is None:
-                    return EvalAnswer("unparseable", reason=f"{k} is not four numbers: {json.dumps(v)[:80]}")
-                return _box_or_rejection(box)
-        return None
-    if isinstance(data, list):
-        if not data:
-            return EvalAnswer("rejection")
-        box = _as_box(data)
-        if box is not None:
-            return _box_or_rejection(box)
-        if all(isinstance(d, dict) for d in data):
-            dets = []
-            for d in data:
-                key = next((k for k in _BOX_KEYS if k in d), None)
-                if key is None:
-                    continue
-                b = _as_box(d[key])
-                if b is None:
-                    if d[key] in (None, []):
-                        continue
-                    return EvalAnswer("unparseable", reason=f"{key} is not four numbers: {json.dumps(d[key])[:80]}")
-                score = next((_number(d[k]) for k in _SCORE_KEYS if k in d), None)
-                dets.append((b, score))
-            if not dets:  # detections with a null / [] box say "nothing"; dicts without a box key say nothing
-                return EvalAnswer("rejection") if any(k in d for d in data for k in _BOX_KEYS) else None
-            if len(dets) == 1:
-                return _box_or_rejection(dets[0][0])
-            if all(s is not None for _, s in dets):
-                best = max(range(len(dets)), key=lambda i: (dets[i][1], -i))
-                return EvalAnswer("box", dets[best][0],
-                                  note=f"{len(dets)} boxes in the answer; took the highest-scored (#{best + 1})")
-            return EvalAnswer("box", dets[0][0], note=f"{len(dets)} boxes in the answer; took the first")
-        if all(_as_box(d) is not None for d in data):
-            boxes = [_as_box(d) for d in data]
-            note = None if len(set(boxes)) == 1 else f"{len(boxes)} boxes in the answer; took the first"
-            return EvalAnswer("box", boxes[0], note=note)
-    return None
-
-
-def parse_prediction(text: str | None) -> EvalAnswer:
-    """Parse a model's answer in any of the eval dialects (see the module doc). Never raises.
-
-    >>> parse_prediction('```json\\n[{"bbox_2d": [10, 20, 30, 40], "label": "cup"}]\\n```')
-    EvalAnswer(status='box', box=(10.0, 20.0, 30.0, 40.0), reason=None, note=None)
-    >>> parse_prediction("<think>hm</think><answer>[]</answer>").status
-    'rejection'
-    >>> parse_prediction("The cup does not exist in this image.").status
-    'rejection'
-    >>> parse_prediction("I'm sorry, but I can't help with that.").status
-    'refusal'
-    """
-    if text is None or not str(text).strip():
-        return EvalAnswer("empty", reason="the answer was empty")
-    full = str(text)
-    body = _THINK.sub(" ", full).strip() or full
-    found = _ANSWER.findall(body)
-    raw = (found[-1] if found else body).strip()
-    if not raw:
-        return EvalAnswer("empty", reason="the <answer> element is empty")
-    for data in _json_candidates(raw):
-        ans = _from_json(data)
-        if ans is not None:
-            return ans
-    # JSON-ish detections that do not decode (cut off, single quotes): the bbox keys by regex
-    keyed = [_as_box([float(x) for x in re.findall(_NUM, m)]) for m in _BBOX_KEY.findall(raw)]
-    if keyed and all(b is not None for b in keyed):
-        note = None if len(set(keyed)) == 1 else f"{len(keyed)} boxes in the answer; took the first"
-        return EvalAnswer("box", keyed[0], note=note)
-    norm = re.sub(r"\s+", " ", raw.lower()).strip(" .!\"'`")
-    parsed = cot.parse_answer(f"<answer>{raw}</answer>")
-    if parsed.kind == "box":
-        return EvalAnswer("box", parsed.box)
-    # cot.parse_answer also reads any answer opening with "not "/"no " as a rejection ("not sure ..."):
-    # here a rejection must say so (a "none" word, [], a zero box, or a rejection phrase)
-    if parsed.kind == "none" and (_NONE.match(norm) or _REJECT.search(norm) or _LIST4.search(raw)
-                                    or _PAIRS.search(raw)):
-        return EvalAnswer("rejection")
-    boxes = [tuple(float(v) for v in m) for m in _LIST4.findall(raw)] or \
-            [tuple(float(v) for v in m) for m in _PAIRS.findall(raw)]
-    if boxes:
-        if len(set(boxes)) == 1:
-            return _box_or_rejection(boxes[0])  # type: ignore[arg-type]
-        return EvalAnswer("unparseable", reason=f"ambiguous: {len(set(boxes))} different boxes in the answer")
-    if _REJECT.search(norm):  # before the refusal check: "I'm sorry, there is no green ball" is an answer
-        return EvalAnswer("rejection")
-    from refforge.llm.structured import looks_like_refusal
-
-    if looks_like_refusal(raw.strip()):
-        return EvalAnswer("refusal", reason="the model declined in text")
-    return EvalAnswer("unparseable", reason=parsed.reason or "no box and no rejection in the answer")
+def parse_prediction(text: str | None) -> Answer:
+    """``parse_answer(text, lenient=True)``."""
+    return parse_answer(text, lenient=True)
 
 
 def map_box(box: Sequence[float], coords: str, sent_size: tuple[int, int], original_size: tuple[int, int]
@@ -402,7 +236,7 @@ def check_records(records: Sequence[Mapping[str, Any]], split: str) -> None:
             raise ValueError(f"positive sample {sid!r} has no bbox [x1, y1, x2, y2]")
 
 
-def prediction_record(sample: Mapping[str, Any], answer: EvalAnswer, box: Box | None, *, raw: str | None,
+def prediction_record(sample: Mapping[str, Any], answer: Answer, box: Box | None, *, raw: str | None,
                       score: float, score_source: str, **extra: Any) -> dict[str, Any]:
     """One line of predictions.jsonl: the sample, the raw answer, ``bbox`` the parsed box in pixels of
     the exported image (None unless ``status == "box"``), status/reason/note, score, IoU and

@@ -37,10 +37,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from .boxes import DIALECTS, format_box, from_grid, xywh_to_xyxy, xyxy_to_xywh
-from .cot import parse_answer
-from .export_records import CANONICAL_FIELDS
-from .taxonomy import GROUNDINGME, REFBENCH_PRO, predicate_class
+from refforge.optional import require
+
+from .answers import parse_answer
+from .export_records import CANONICAL_FIELDS, read_canonical
+from .scene.boxes import DIALECTS, format_box, from_grid, xywh_to_xyxy, xyxy_to_xywh
+from .scene.taxonomy import GROUNDINGME, REFBENCH_PRO, predicate_class
 
 __all__ = [
     "CANONICAL_SCHEMA",
@@ -422,9 +424,9 @@ def to_sft(rec: Mapping[str, Any], dialect: str = "pixels") -> dict[str, Any]:
 
 def _box_back(text: str, dialect: str, width: float, height: float) -> list[float] | None:
     parsed = parse_answer(text)
-    if parsed.kind == "none":
+    if parsed.status == "rejection":
         return None
-    if parsed.kind != "box":
+    if parsed.status != "box":
         raise ValueError(f"unparseable answer {parsed.raw!r}: {parsed.reason}")
     box = parsed.box
     if dialect == "grid1000":
@@ -542,9 +544,8 @@ def read_format(export_dir: str | Path, fmt: str, split: str | None = None) -> l
 
     Every reader returns at least ``sample_id``, ``image``, ``expression``, ``polarity`` and
     ``bbox`` (``[x1, y1, x2, y2]`` pixels or None), converted back from the format's own conventions.
-    ``finecops`` reads the vanilla JSON; ``finecops-coco`` reads its COCO variant."""
-    from .export_records import read_canonical
-
+    ``finecops`` reads the vanilla JSON; ``finecops-coco`` reads its COCO variant; ``hf`` needs the
+    ``datasets`` package (``pip install 'refforge[hf]'``)."""
     root = Path(export_dir)
     splits = [split] if split else _splits_of(root)
     if fmt in ("parquet", "jsonl"):
@@ -556,10 +557,7 @@ def read_format(export_dir: str | Path, fmt: str, split: str | None = None) -> l
             out += _load_jsonl(folder / f"{s}.jsonl") if fmt == "jsonl" else read_canonical(root, s)
         return out
     if fmt == "hf":
-        try:
-            import datasets
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise ImportError("reading the hf format needs the datasets package: pip install 'refforge[models]'") from e
+        datasets = require("datasets", "hf", feature="reading the hf format")
         dd = datasets.load_from_disk(str(root / "hf"))
         out = []
         for s in splits:

@@ -27,7 +27,7 @@ Conventions shared by every function here:
 
 * a prediction of "no object" is ``None`` or a box of four zeros (:func:`is_rejection`); on a
   positive it has IoU 0 (always wrong), on a negative it is the correct answer;
-* IoUs are float64 (:func:`refforge.stages.boxes.box_iou`); ``IoU >= t`` is tested with a tolerance
+* IoUs are float64 (:func:`refforge.stages.scene.boxes.box_iou`); ``IoU >= t`` is tested with a tolerance
   of ``1e-9`` so that a pair exactly at a threshold counts as correct whatever the rounding;
 * an empty input, or one class only where two are needed, gives ``nan`` (never an exception, never
   a made-up 0 or 1); NaN *scores* are an error (a model that gives no score should pass ``None`` in
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .boxes import as_boxes, box_area
+from .scene.boxes import as_boxes, box_area
 
 __all__ = [
     "ACC_THRESHOLDS",

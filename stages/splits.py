@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image as PILImage
 
-from .keys import stable_key
+from .scene.keys import stable_key
 
 __all__ = [
     "DEFAULT_RATIOS",

@@ -18,14 +18,17 @@ import os
 import shutil
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from refforge.config import Config, ConfigError, parse_config
+from refforge._strict import ConfigError
 
 from .atomic import atomic_write_bytes, remove_stale_tmp
 from .faults import crash_point
 from .images import ImageStore
 from .shards import ShardWriter, TableReader
+
+if TYPE_CHECKING:  # refforge.config sits above storage (it imports the stages)
+    from refforge.config import ConfigBase as Config
 
 
 class BuildConflict(ConfigError):
@@ -58,7 +61,7 @@ class BuildDir:
         cfg_file = b.root / "build.toml"
         resumed = False
         if cfg_file.exists():
-            old_hash = b.config_hash()
+            old_hash = b.config_hash(type(config))
             if old_hash != config.config_hash():
                 if not force:
                     raise BuildConflict(
@@ -88,16 +91,20 @@ class BuildDir:
             raise FileNotFoundError(f"{b.root} is not a refforge build (no build.toml)")
         return b
 
-    def config_hash(self) -> str:
-        """The hash the build was created with (config and stage code versions at that time)."""
+    def config_hash(self, model: type[Config] | None = None) -> str:
+        """The hash the build was created with (config and stage code versions at that time). Builds
+        made before ``state/build.json`` existed: ``build.toml`` read with ``model`` (a Config class)."""
         ident = self.state_dir / "build.json"
         if ident.exists():
             return json.loads(ident.read_text())["config_hash"]
-        return self.config().config_hash()
+        if model is None:
+            raise FileNotFoundError(f"{ident} is missing: the build's identity is unknown")
+        return self.config(model).config_hash()
 
-    def config(self) -> Config:
+    def config(self, model: type[Config]) -> Config:
+        """The build's resolved config (``build.toml``), read with ``model`` (a Config class)."""
         path = self.root / "build.toml"
-        return parse_config(tomllib.loads(path.read_text()), str(path))
+        return model.model_validate(tomllib.loads(path.read_text()))
 
     def writer(self, run_id: str) -> ShardWriter:
         return ShardWriter(self.tables_dir, run_id)

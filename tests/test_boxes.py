@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refforge.stages import boxes as B
+from refforge.stages.scene import boxes as B
 
 
 def test_doctests_run():

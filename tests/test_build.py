@@ -1,3 +1,4 @@
+import gc
 import io
 import json
 
@@ -6,6 +7,11 @@ from PIL import Image as PILImage
 
 from refforge.config import parse_config
 from refforge.flows.build import run_build
+from refforge.flows.plan import plan
+from refforge.pipeline.context import BuildContext
+from refforge.stages import negatives_text as negatives_pkg
+from refforge.stages import paths as paths_pkg
+from refforge.stages.cot import walk as cot_walk
 from refforge.storage import BuildConflict, Catalog
 
 from .conftest import small_config
@@ -168,11 +174,9 @@ def test_bad_scene_graphs_and_images_become_drops_and_the_build_goes_on(tmp_path
 
 
 def test_a_stage_code_version_change_is_a_different_build(tmp_path, prefect_api, monkeypatch):
-    from refforge import config as config_mod
-
     cfg = parse_config(small_config(images=2, shard_size=2))
     run_build(cfg, tmp_path / "b")
-    monkeypatch.setitem(config_mod.STAGE_VERSIONS, "paths", config_mod.STAGE_VERSIONS["paths"] + 1)
+    monkeypatch.setattr(type(cfg.stage("paths")), "version", cfg.stage("paths").version + 1)
     with pytest.raises(BuildConflict, match="stage versions"):
         run_build(parse_config(small_config(images=2, shard_size=2)), tmp_path / "b")
 
@@ -182,18 +186,13 @@ def test_stage_units_pause_the_collector_and_make_no_cyclic_garbage(small_build,
     which is sound only because those loops make no reference cycles: the units of one shard, run again
     on the finished build with the collector saving everything it finds, leave no garbage, and the stage
     functions were called with the collector paused and it is enabled again afterwards."""
-    import gc
-
-    from refforge.flows import units as U
-    from refforge.flows.build import _build, plan
-    from refforge.stages import cot, negatives, paths
-
     out, _ = small_build
     cfg = parse_config(small_config())
-    b = _build(str(out))
-    s = plan(cfg, out)[0]
+    ctx = BuildContext(out, cfg, run_id="gc-test", _register=False)
+    s = plan(cfg, out, ctx)[0]
     calls: list[tuple[str, bool]] = []
-    for mod, name in ((paths, "referring_paths"), (negatives, "text_negatives"), (cot, "traces_for_sample")):
+    for mod, name in ((paths_pkg, "referring_paths"), (negatives_pkg, "text_negatives"),
+                      (cot_walk, "traces_for_sample")):
         def recorder(*args, _fn=getattr(mod, name), _name=name, **kwargs):
             calls.append((_name, gc.isenabled()))
             return _fn(*args, **kwargs)
@@ -201,13 +200,8 @@ def test_stage_units_pause_the_collector_and_make_no_cyclic_garbage(small_build,
         monkeypatch.setattr(mod, name, recorder)
 
     def run_units():
-        return [
-            U.paths_unit(b, cfg, {"ingest": s["ingest"], "graph": s["graph"]}),
-            U.negatives_text_unit(b, cfg, {"ingest": s["ingest"], "graph": s["graph"], "paths": s["paths"],
-                                           "described": s["described"]}),
-            U.cot_unit(b, cfg, {"ingest": s["ingest"], "graph": s["graph"], "negatives_image": s["negatives_image"],
-                                "expressions": [s["paths"], s["refine"], s["negatives_image"], *s["described"]]}),
-        ]
+        return [cfg.stage(name).run(ctx.view(cfg.stage(name)), getattr(cfg, name), s)
+                for name in ("paths", "negatives_text", "cot")]
 
     assert gc.isenabled()
     run_units()  # first-use caches (templates, readers) are not garbage

@@ -1,4 +1,5 @@
-"""Reasoning traces: derived from the walk over the graph, answer format, parsing and verification."""
+"""Reasoning traces: derived from the walk over the graph, answer format, and their verdicts (the parsing
+and verification themselves: tests/test_answers.py)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refforge.stages import cot
-from refforge.stages.boxes import round_box
-from refforge.stages.cot import (
-    ParsedAnswer,
-    Trace,
-    parse_answer,
-    select_best,
-    trace_for,
-    traces_for_sample,
-    verify,
-)
-from refforge.stages.graph import GObject, GRelation, SceneGraph
-from refforge.stages.lexicon import plural
-from refforge.stages.query import Node, Position, evaluate
+from refforge.stages.answers import parse_answer, verify
+from refforge.stages.cot import walk as cot
+from refforge.stages.cot.walk import Trace, select_best, trace_for, traces_for_sample
+from refforge.stages.scene.boxes import round_box
+from refforge.stages.scene.graph import GObject, GRelation, SceneGraph
+from refforge.stages.scene.lexicon import plural
+from refforge.stages.scene.query import Node, Position, evaluate
 
 W, H = 640, 480
 TRACE = re.compile(r"^<think>(.+)</think><answer>(.+)</answer>$", re.S)
@@ -189,57 +183,6 @@ def test_select_best_orders_by_verdict_then_iou_then_position():
     assert select_best([]) == []
 
 
-# ---------------------------------------------------------------------------------------------------
-# parse_answer / verify
-# ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text, kind, box", [
-    ("<think>x</think><answer>[10, 20, 110, 220]</answer>", "box", (10, 20, 110, 220)),
-    ("<answer> [10.5,20,110,220.25] </answer>", "box", (10.5, 20, 110, 220.25)),
-    ("The ball is at [1, 2, 3, 4].", "box", (1, 2, 3, 4)),
-    ('<answer>{"bbox_2d": [5, 6, 7, 8]}</answer>', "box", (5, 6, 7, 8)),
-    ("<answer>(5,6),(7,8)</answer>", "box", (5, 6, 7, 8)),
-    ("<answer>none</answer>", "none", None),
-    ("<answer>None.</answer>", "none", None),
-    ("<answer>null</answer>", "none", None),
-    ("<answer>No object</answer>", "none", None),
-    ("<answer>no such object</answer>", "none", None),
-    ("<answer>[]</answer>", "none", None),
-    ("<answer>[0, 0, 0, 0]</answer>", "none", None),
-    ("<answer>There is no red ball.</answer>", "none", None),
-    ("<think>[1, 2, 3, 4] looks wrong</think><answer>none</answer>", "none", None),
-    ("<answer></answer>", "unparseable", None),
-    ("<answer>the ball</answer>", "unparseable", None),
-    ("<answer>[1, 2, 3]</answer>", "unparseable", None),
-    ("<answer>[1, 2, 3, 4] [5, 6, 7, 8]</answer>", "unparseable", None),
-    ("<think>unfinished", "unparseable", None),
-])
-def test_parse_answer(text, kind, box):
-    p = parse_answer(text)
-    assert p.kind == kind, p
-    assert p.box == (None if box is None else tuple(float(v) for v in box))
-
-
-def test_verify_verdicts():
-    gt = (0.0, 0.0, 10.0, 10.0)
-    box = ParsedAnswer("box", (0.0, 0.0, 10.0, 10.0))
-    off = ParsedAnswer("box", (5.0, 0.0, 15.0, 10.0))  # IoU 1/3
-    none = ParsedAnswer("none")
-    bad = ParsedAnswer("unparseable")
-    assert verify(box, "positive", gt) == ("correct", 1.0)
-    assert verify(off, "positive", gt)[0] == "wrong_box"
-    assert verify(off, "positive", gt, iou_threshold=0.3)[0] == "correct"
-    assert verify(none, "positive", gt) == ("false_rejection", 0.0)
-    assert verify(box, "negative", None) == ("false_positive", None)
-    assert verify(none, "negative", None) == ("correct_rejection", None)
-    assert verify(bad, "positive", gt) == ("unparseable", None)
-    with pytest.raises(ValueError):
-        verify(box, "positive", None)
-    with pytest.raises(ValueError):
-        verify(box, "maybe", gt)
-
-
 def test_doctests_run():
     assert doctest.testmod(cot).failed == 0
 
@@ -312,19 +255,19 @@ def test_walk_final_set_equals_evaluate(g, q, style):
 
 
 def test_own_answers_parse_as_parse_answer_reads_them():
-    """The traces' own answers take a one-pattern path; it must agree with parse_answer everywhere."""
+    """The traces' own answers are read alone (and "none" once); it must agree with parse_answer everywhere."""
     import random as _random
 
-    from refforge.stages.boxes import format_box
+    from refforge.stages.scene.boxes import format_box
 
     rng = _random.Random(3)
-    answers = ["none", "[0, 0, 0, 0]", "[1, 2, 3]", "[10, 20, 30, 40] [1, 2, 3, 4]", "[-5, 2, 30, 40]",
+    answers = ["none", "None", " none", "[0, 0, 0, 0]", "[1, 2, 3]", "[10, 20, 30, 40] [1, 2, 3, 4]", "[-5, 2, 30, 40]",
                "[1.5, 2, 30.25, 40]", "[ 1, 2, 3, 4 ]"]
     for _ in range(300):
         x1, y1 = rng.uniform(0, 500), rng.uniform(0, 400)
         answers.append(format_box((x1, y1, x1 + rng.uniform(1, 100), y1 + rng.uniform(1, 100))))
     for a in answers:
-        assert cot._parse_own(a) == cot.parse_answer(f"<answer>{a}</answer>"), a
+        assert cot._parse_own(a) == parse_answer(f"<answer>{a}</answer>"), a
 
 
 @settings(max_examples=150, deadline=None)
@@ -358,14 +301,3 @@ def test_a_context_notices_a_changed_graph():
     ctx = cot.TraceContext(h)
     assert ctx.current()
     assert cot._context(h, ctx) is ctx
-
-
-def test_verify_reads_every_form_of_the_ground_truth_alike():
-    import numpy as np
-
-    box = ParsedAnswer("box", (0.0, 0.0, 10.0, 10.0))
-    want = verify(box, "positive", (0.0, 0.0, 10.0, 12.0))
-    for gt in ((0, 0, 10, 12), [0, 0, 10, 12], [0.0, 0.0, 10.0, 12.0], np.array([0.0, 0.0, 10.0, 12.0])):
-        assert verify(box, "positive", gt) == want
-    with pytest.raises(ValueError):
-        verify(box, "positive", (0.0, 0.0, 10.0))

@@ -22,6 +22,7 @@ import refforge.flows.evaluate as flow_mod
 import refforge.stages.evaluate as ev
 from refforge.cli import app
 from refforge.flows.evaluate import EvalError, read_predictions, run_eval
+from refforge.stages.answers import Answer, parse_answer
 from refforge.stages.metrics import metric_table
 from refforge.testing import OpenAITestServer, empty, fail, refusal, reply
 
@@ -136,47 +137,11 @@ def test_doctests_of_the_eval_modules_pass():
         assert res.failed == 0 and res.attempted > 0
 
 
-@pytest.mark.parametrize("text,status,box", [
-    ("[40, 30, 120, 90]", "box", (40, 30, 120, 90)),
-    ("<think>left ball [1, 2, 3, 4]?</think><answer>[40, 30, 120, 90]</answer>", "box", (40, 30, 120, 90)),
-    ('```json\n[{"bbox_2d": [5, 6, 7, 8], "label": "cup"}]\n```', "box", (5, 6, 7, 8)),
-    ('{"bbox_2d": [5.5, 6, 7, 8]}', "box", (5.5, 6, 7, 8)),
-    ('[{"bbox_2d": [1, 1, 2, 2], "score": 0.1}, {"bbox_2d": [5, 6, 7, 8], "score": 0.7}]', "box", (5, 6, 7, 8)),
-    ('[{"bbox_2d": [1, 1, 2, 2]}, {"bbox_2d": [5, 6, 7, 8]}]', "box", (1, 1, 2, 2)),
-    ('[{"bbox_2d": [1, 1, 2, 2], "label": "a"}, {"bbox_2d": [5, 6, 7, ', "box", (1, 1, 2, 2)),  # cut-off JSON
-    ("<|box_start|>(10,20),(30,40)<|box_end|>", "box", (10, 20, 30, 40)),
-    ("It is at [3, 4, 9, 9]. Final: [3, 4, 9, 9]", "box", (3, 4, 9, 9)),
-    ("no such object", "rejection", None),
-    ("<answer>[]</answer>", "rejection", None),
-    ("[]", "rejection", None),
-    ('{"bbox_2d": null}', "rejection", None),
-    ("[0, 0, 0, 0]", "rejection", None),
-    ("The described kite does not exist in this image.", "rejection", None),
-    ("There is no green ball.", "rejection", None),
-    ("I'm sorry, but I can't help with identifying that.", "refusal", None),
-    ("[1, 2, 3, 4] or [5, 6, 7, 8]", "unparseable", None),
-    ("<answer>[10, 10, 60</answer>", "unparseable", None),
-    ("the cup", "unparseable", None),
-    ("Not sure which one you mean.", "unparseable", None),
-    ("I'm sorry, but there is no green ball in this image.", "rejection", None),
-    ("(0,0),(0,0)", "rejection", None),
-    ('{"bbox_2d": [1, 2, 3]}', "unparseable", None),
-    ("", "empty", None),
-    (None, "empty", None),
-])
-def test_parse_prediction_reads_every_dialect(text, status, box):
-    a = ev.parse_prediction(text)
-    assert a.status == status, a
-    assert a.box == (None if box is None else tuple(float(v) for v in box))
-    if status not in ("box", "rejection"):
-        assert a.reason
-
-
-def test_several_detections_are_noted():
-    a = ev.parse_prediction('[{"bbox_2d": [1, 1, 2, 2]}, {"bbox_2d": [5, 6, 7, 8]}]')
-    assert a.note == "2 boxes in the answer; took the first"
-    b = ev.parse_prediction('[{"bbox_2d": [1, 1, 2, 2], "score": 0.1}, {"bbox_2d": [5, 6, 7, 8], "score": 0.7}]')
-    assert b.note == "2 boxes in the answer; took the highest-scored (#2)"
+def test_the_eval_reads_answers_leniently():
+    """The parsing itself is tested in tests/test_answers.py; the flows read answers through these names."""
+    text = '[{"bbox_2d": [1, 1, 2, 2]}, {"bbox_2d": [5, 6, 7, 8]}]'
+    assert ev.parse_prediction(text) == parse_answer(text, lenient=True)
+    assert ev.EvalAnswer is Answer
 
 
 def test_map_box_scales_clips_and_rejects_degenerate_boxes():
@@ -223,7 +188,7 @@ def test_scores_from_logprobs_or_binary():
 
 def test_a_failure_is_wrong_on_both_polarities_in_the_metric_records():
     samples = [SAMPLES[0], SAMPLES[4]]
-    preds = {s["sample_id"]: ev.prediction_record(s, ev.EvalAnswer("unparseable", reason="x"), None, raw="?",
+    preds = {s["sample_id"]: ev.prediction_record(s, Answer("unparseable", reason="x"), None, raw="?",
                                                   score=0.0, score_source="binary") for s in samples}
     assert [p["correct@0.5"] for p in preds.values()] == [False, False]
     row = metric_table(ev.evaluation_records(samples, preds), by=())[0]

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from refforge.cli import app
 from refforge.flows.export import ExportError, export_build, parse_formats, parse_ratios
 from refforge.schemas import Review
-from refforge.stages.boxes import format_box
 from refforge.stages.export_formats import (
     FORMATS,
     from_r1,
@@ -27,6 +26,7 @@ from refforge.stages.export_formats import (
     to_sft,
 )
 from refforge.stages.export_records import CANONICAL_FIELDS, read_canonical
+from refforge.stages.scene.boxes import format_box
 from refforge.stages.splits import LeakageError
 from refforge.storage import BuildDir, Catalog, TableReader
 

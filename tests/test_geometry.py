@@ -7,9 +7,9 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refforge.stages.geometry import PREDICATES, compute_relations
-from refforge.stages.graph import GObject
-from refforge.stages.lexicon import CONTAINERS, MIRRORED, SUPPORTERS
+from refforge.stages.scene.geometry import PREDICATES, compute_relations
+from refforge.stages.scene.graph import GObject
+from refforge.stages.scene.lexicon import CONTAINERS, MIRRORED, SUPPORTERS
 
 W, H = 512, 384
 

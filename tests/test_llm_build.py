@@ -11,7 +11,8 @@ import pytest
 
 from refforge.config import parse_config
 from refforge.flows.build import run_build
-from refforge.stages.lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, INVERSE
+from refforge.stages.describe.vlm import MARK_COLOUR
+from refforge.stages.scene.lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, INVERSE
 from refforge.storage import Catalog
 from refforge.testing import OpenAITestServer, refusal
 
@@ -232,8 +233,6 @@ def _marked_rectangle(url: str) -> int | None:
     import io
 
     from PIL import Image
-
-    from refforge.stages.llm_stages import MARK_COLOUR
 
     img = Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))).convert("RGB")
     for k, (x1, y1, _x2, y2) in enumerate(_rectangles()):

@@ -38,7 +38,7 @@ from refforge.llm import (
     request_key,
     strict_json_schema,
 )
-from refforge.llm.client import _aiohttp_available, _retry_after
+from refforge.llm.client import _retry_after
 from refforge.llm.structured import OutputParseError
 from refforge.testing import (
     OpenAITestServer,
@@ -61,8 +61,11 @@ MSG = [{"role": "system", "content": "You describe objects."}, {"role": "user", 
 BACKENDS = ["httpx", "aiohttp"]  # openai[aiohttp] is a dependency: both transports are always tested
 
 
-def test_the_aiohttp_transport_is_installed():
-    assert _aiohttp_available()
+def test_the_default_transport_is_aiohttp_and_httpx_works_when_asked(srv, make):
+    srv.handler = lambda req: reply("ok")
+    default, httpx = make(srv), make(srv, http_backend="httpx")
+    assert call(default).text == "ok" and call(httpx).text == "ok"
+    assert (default.http_backend_in_use, httpx.http_backend_in_use) == ("aiohttp", "httpx")
 
 
 class Described(BaseModel):

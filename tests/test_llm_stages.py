@@ -1,4 +1,5 @@
-"""LLM/VLM stage logic (stages/llm_stages.py) against the local OpenAI-protocol test server.
+"""The model-backed stage logic (rewrite, the negatives' llm backend, describe's VLM side, cot's VLM
+backend) against the local OpenAI-protocol test server.
 
 The server's handler answers like a model would for each prompt kind (it reads the request's
 messages: the system prompt says which stage asks, the user text carries the expression, the word
@@ -17,27 +18,25 @@ import pytest
 from PIL import Image, ImageDraw
 
 from refforge.llm import LLMClient, LLMRequestError, ResponseCache
-from refforge.stages import llm_stages
-from refforge.stages.graph import GObject, GRelation, SceneGraph
-from refforge.stages.llm_stages import (
-    MARK_COLOUR,
-    CotSample,
-    LLMNegativeBackend,
+from refforge.stages import llm_common, rewrite
+from refforge.stages.cot import vlm as cot_vlm
+from refforge.stages.cot.vlm import CotSample, llm_traces
+from refforge.stages.describe import vlm as describe_vlm
+from refforge.stages.describe.vlm import MARK_COLOUR, describe_boxes, draw_mark, vlm_grounder
+from refforge.stages.llm_common import prompt_version
+from refforge.stages.negatives_text import llm_backend
+from refforge.stages.negatives_text.edits import LexiconBackend, NegativeBackend, text_negatives
+from refforge.stages.negatives_text.llm_backend import LLMNegativeBackend, negative_backend
+from refforge.stages.rewrite import (
     RewriteItem,
+    check_negative_rewrite,
     check_rewrite,
-    describe_boxes,
-    draw_mark,
-    llm_traces,
-    negative_backend,
-    parse_answer,
-    prompt_version,
     rewrite_additions,
     rewrite_expressions,
-    vlm_grounder,
 )
-from refforge.stages.negatives import LexiconBackend, NegativeBackend, text_negatives
-from refforge.stages.query import Node, Position
-from refforge.stages.templates import template_hash
+from refforge.stages.scene.graph import GObject, GRelation, SceneGraph
+from refforge.stages.scene.query import Node, Position
+from refforge.stages.scene.templates import template_hash
 from refforge.testing import OpenAITestServer, fail, refusal
 
 W, H = 320, 240
@@ -228,8 +227,12 @@ def scene() -> Image.Image:
 
 
 def test_doctests_run():
-    result = doctest.testmod(llm_stages)
-    assert result.attempted > 0 and result.failed == 0
+    attempted = 0
+    for module in (llm_common, rewrite, llm_backend, describe_vlm, cot_vlm):
+        result = doctest.testmod(module)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted > 0
 
 
 def test_check_rewrite_accepts_paraphrases_and_names_what_is_lost():
@@ -277,7 +280,7 @@ def test_rewrite_kept_dropped_and_refused(client):
 
 
 def test_rewrite_of_a_text_negative_must_not_undo_its_edit(client):
-    from refforge.stages.llm_stages import check_negative_rewrite
+
 
     items = [
         RewriteItem("n1", "the blue ball left of the box", Node("ball", ("blue",), (("left of", Node("box")),)),
@@ -430,19 +433,6 @@ def test_describe_with_the_vlm_grounder(client):
 
 
 # ----------------------------------------------------------------------------------------------- cot
-
-
-def test_parse_answer_dialects():
-    assert parse_answer("<answer>[40, 40, 120, 120]</answer>", width=W, height=H).box == RED
-    assert parse_answer("<answer>[125, 167, 375, 500]</answer>", "grid1000", width=W, height=H).box == \
-        pytest.approx((40.0, 40.08, 120.0, 120.0))
-    assert parse_answer("<answer>(20,20),(60,60)</answer>", "pairs", width=W, height=H, sent_size=(160, 120)).box \
-        == RED
-    assert parse_answer('<answer>{"bbox_2d": [40, 40, 120, 120]}</answer>', "qwen_json", width=W, height=H).box == RED
-    for none in ("<answer>none</answer>", "<answer>null</answer>", '<answer>{"bbox_2d": null}</answer>'):
-        assert parse_answer(none, "qwen_json", width=W, height=H).kind == "none"
-    assert parse_answer("<answer>[50, 50, 10, 10]</answer>", width=W, height=H).kind == "unparseable"
-    assert parse_answer("somewhere on the left", width=W, height=H).kind == "unparseable"
 
 
 def cot_samples(img):

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refforge.stages import metrics as M
-from refforge.stages.boxes import box_iou
+from refforge.stages.scene.boxes import box_iou
 
 nan = math.nan
 

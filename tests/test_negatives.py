@@ -12,10 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refforge.stages import negatives as neg
-from refforge.stages.graph import GObject, GRelation, SceneGraph
-from refforge.stages.lexicon import ATTRIBUTE_FAMILY, CATEGORIES, NEGATIVE_CATEGORIES
-from refforge.stages.negatives import (
+from refforge.stages.negatives_text import edits as neg
+from refforge.stages.negatives_text.edits import (
     NEGATIVE_TYPES,
     LexiconBackend,
     NegativeBackend,
@@ -26,8 +24,10 @@ from refforge.stages.negatives import (
     text_negatives,
     wordnet_available,
 )
-from refforge.stages.query import REGIONS, Node, Position, evaluate, slots_of
-from refforge.stages.templates import fill_template
+from refforge.stages.scene.graph import GObject, GRelation, SceneGraph
+from refforge.stages.scene.lexicon import ATTRIBUTE_FAMILY, CATEGORIES, NEGATIVE_CATEGORIES
+from refforge.stages.scene.query import REGIONS, Node, Position, evaluate, slots_of
+from refforge.stages.scene.templates import fill_template
 
 
 def obj(oid: str, name: str, x: float, *attrs: str, y: float = 10.0) -> GObject:
@@ -740,8 +740,8 @@ def test_paths_negatives_and_traces_leave_no_cyclic_garbage():
     closure that refers to itself, say) made the cyclic collector take about 14% of their time."""
     import gc
 
-    from refforge.stages.cot import TraceContext, traces_for_sample
-    from refforge.stages.paths import referring_paths
+    from refforge.stages.cot.walk import TraceContext, traces_for_sample
+    from refforge.stages.paths.search import referring_paths
 
     rng = random.Random(7)
     graphs = [random_graph(rng, complete=k % 2 == 0) for k in range(40)]

@@ -35,7 +35,7 @@ def test_installed_wheel_imports_and_runs_outside_the_checkout(wheel, tmp_path, 
                    check=True, timeout=300)
     env = dict(subprocess_env, PYTHONPATH=str(target))
     code = (
-        "import refforge, refforge.stages.paths, refforge.stages.templates as t\n"
+        "import refforge, refforge.stages.paths, refforge.stages.scene.templates as t\n"
         f"assert refforge.__file__.startswith({str(target)!r}), refforge.__file__\n"
         "assert t.all_template_hashes(), 'templates not shipped'\n"
         "from refforge.config import load_config; assert load_config().build.name == 'demo'\n"

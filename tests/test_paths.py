@@ -13,9 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refforge.stages.graph import GObject, GRelation, SceneGraph
-from refforge.stages.lexicon import RELATIONS
-from refforge.stages.paths import (
+from refforge.stages.paths.search import (
     COUNT_FIELDS,
     DEFAULT_BLOCKLIST,
     MAX_ATOMS_PER_COST,
@@ -43,8 +41,10 @@ from refforge.stages.paths import (
     surface_forms,
     template_context,
 )
-from refforge.stages.query import REGIONS, Node, Position, evaluate, slots_of
-from refforge.stages.templates import (
+from refforge.stages.scene.graph import GObject, GRelation, SceneGraph
+from refforge.stages.scene.lexicon import RELATIONS
+from refforge.stages.scene.query import REGIONS, Node, Position, evaluate, slots_of
+from refforge.stages.scene.templates import (
     CompiledExpression,
     Slot,
     all_template_hashes,

@@ -16,11 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from refforge.stages import nms as nms_module
-from refforge.stages import proposals as proposals_module
-from refforge.stages.boxes import box_area, box_iou, iou
-from refforge.stages.nms import labels_related, nms, nms_detailed
-from refforge.stages.proposals import (
+from refforge.stages.proposals import detectors as proposals_module
+from refforge.stages.proposals import nms as nms_module
+from refforge.stages.proposals.detectors import (
     INSTALL_HINT,
     ColourRegionDetector,
     Proposal,
@@ -34,6 +32,8 @@ from refforge.stages.proposals import (
     propose,
     select_tags,
 )
+from refforge.stages.proposals.nms import labels_related, nms, nms_detailed
+from refforge.stages.scene.boxes import box_area, box_iou, iou
 
 NO_CONTAINMENT = 1.01  # an IoS threshold no pair reaches
 
@@ -251,7 +251,7 @@ def test_module_imports_and_runs_offline_without_torch():
         for name in ("torch", "torchvision", "transformers", "open_clip"):
             sys.modules[name] = None  # makes any import of them fail
         from PIL import Image
-        from refforge.stages import proposals as p
+        from refforge.stages.proposals import detectors as p
         out = p.propose([Image.new("RGB", (64, 64))], None, p.make_detector("offline"), p.ProposalParams())
         assert out == [[]], out
         for make, kind, opts in ((p.make_detector, "grounding_dino", dict(model="x")),

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from refforge.config import parse_config
-from refforge.flows import units as U
 from refforge.flows.build import run_build
-from refforge.stages.boxes import iou
+from refforge.stages.proposals import detectors as prop
+from refforge.stages.scene.boxes import iou
 from refforge.storage import Catalog
 
 from .helpers import snapshot
@@ -147,8 +147,6 @@ def tiny_grounding_dino(tmp_path_factory) -> Path:
 
 def test_grounding_dino_proposals_run_through_the_build_with_the_model_loaded_once(
         tmp_path, prefect_api, tiny_grounding_dino, monkeypatch):
-    from refforge.stages import proposals as prop
-
     loads = []
 
     class Counting(prop.GroundingDinoDetector):
@@ -166,7 +164,7 @@ def test_grounding_dino_proposals_run_through_the_build_with_the_model_loaded_on
     out = tmp_path / "build"
     record = run_build(cfg, out)
     assert record["stages"]["proposals"]["units"] == 4  # one image per shard, four files
-    assert loads == [str(tiny_grounding_dino)]  # once per process and config, not per shard
+    assert loads == [str(tiny_grounding_dino)]  # once per run and process, not per shard
     assert record["models"]["proposals"] == f"detector={tiny_grounding_dino}, tagger=none"
     with Catalog(out) as cat:
         objects = cat.sql("SELECT o.*, i.width, i.height FROM objects o JOIN images i USING (image_id)").to_pylist()
@@ -175,4 +173,3 @@ def test_grounding_dino_proposals_run_through_the_build_with_the_model_loaded_on
     assert all(0 <= o["box"][0] < o["box"][2] <= o["width"] and 0 <= o["box"][1] < o["box"][3] <= o["height"]
                for o in objects)
     assert max(len([o for o in objects if o["image_id"] == i]) for i in {o["image_id"] for o in objects}) <= 5
-    U._MODELS.clear()

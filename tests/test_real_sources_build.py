@@ -7,8 +7,8 @@ import pytest
 
 from refforge.config import parse_config
 from refforge.flows.build import run_build
-from refforge.stages.query import Node, evaluate
-from refforge.stages.records import graphs_from_tables
+from refforge.stages.scene.query import Node, evaluate
+from refforge.stages.scene.records import graphs_from_tables
 from refforge.storage import Catalog, TableReader
 
 FIX = Path(__file__).resolve().parent / "fixtures"

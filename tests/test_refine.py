@@ -10,8 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refforge.stages import refine as R
-from refforge.stages.refine import BlindTextClassifier, auroc, cross_fit_scores, group_folds, refine
+from refforge.stages.negatives_text import refine as R
+from refforge.stages.negatives_text.refine import (
+    BlindTextClassifier,
+    auroc,
+    cross_fit_scores,
+    group_folds,
+    refine,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # AUROC against a brute-force pairwise count

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from refforge.stages.slots import slot_constructor
+from refforge.stages.scene.slots import slot_constructor
 
 
 @dataclass(frozen=True, slots=True)

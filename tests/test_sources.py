@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from refforge.stages.ingest import ingest_graphs, iter_shards
-from refforge.stages.sources import (
+from refforge.stages.ingest.scenes import ingest_graphs, iter_shards
+from refforge.stages.ingest.sources import (
     UnsafePickleError,
     convert_coco,
     convert_gqa,
@@ -367,8 +367,7 @@ def write_gqa_like(path: Path, images: int, seed: int = 0) -> tuple[int, int]:
 MEASURE = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    import refforge.stages.geometry, refforge.stages.sources as s
-    s._ijson()
+    import refforge.stages.scene.geometry, refforge.stages.ingest.sources as s  # imports ijson too, before the measurement
     def status(key):
         return int(next(ln for ln in open("/proc/self/status") if ln.startswith(key + ":")).split()[1])
     # reset the peak (VmHWM) to the current resident set, so the imports' peak does not count

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from refforge.stages import splits as S
-from refforge.stages.synthetic import generate_scene, render
+from refforge.stages.ingest.synthetic import generate_scene, render
 
 KEY = ("task", "difficulty", "polarity", "negative_type")
 

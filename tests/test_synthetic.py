@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refforge.stages import synthetic as S
-from refforge.stages.geometry import compute_relations
-from refforge.stages.lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, CONTAINERS, MIRRORED, SUPPORTERS
+from refforge.stages.ingest import synthetic as S
+from refforge.stages.scene.geometry import compute_relations
+from refforge.stages.scene.lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, CONTAINERS, MIRRORED, SUPPORTERS
 
 SEEDS = range(200)
 

@@ -1,4 +1,6 @@
-"""CLI commands that live outside refforge/cli.py, one module each; each module has ``register(app)``.
+"""The commands of refforge's CLI, one module per command (or pair of related commands).
 
-Modules import their heavy dependencies inside the command function so ``refforge --help`` stays fast.
+Each module has ``register(app)``, prints through :mod:`refforge.commands._ui` and never imports
+:mod:`refforge.cli`, which only assembles the app. Project modules are imported at module top; only
+the build flow (it imports Prefect) is imported inside its command, so ``refforge --help`` stays fast.
 """

@@ -1,4 +1,4 @@
-"""`refforge eval` (registered by refforge.cli): run a VLM on an export's split, or score predictions."""
+"""`refforge eval`: run a VLM on an export's split, or score predictions."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from refforge.flows.evaluate import EvalError, run_eval
+
+from ._ui import console, fail
 
 _SHOWN = ("acc@0.5", "acc@0.75", "acc@0.9", "macc", "rejection_acc", "false_rejection_rate", "recall@1", "auroc",
           "aupr", "fpr95")
@@ -39,14 +45,6 @@ def eval_command(
 ) -> None:
     """Evaluate a VLM on an export's split (GroundingME / RefBench-PRO / Qwen prompts) or score a
     predictions file; writes predictions.jsonl, metrics.json and metrics.md."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    from refforge.cli import _fail
-    from refforge.flows.evaluate import EvalError, run_eval
-
-    console = Console()
     try:
         if predictions is None:
             with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -61,7 +59,7 @@ def eval_command(
             metrics = run_eval(export, model=model, dialect=dialect, coords=coords, split=split, limit=limit,
                                predictions=predictions, out=out)
     except EvalError as e:
-        _fail(str(e))
+        fail(str(e))
     overall = metrics["overall"]
     t = Table(title=f"{metrics.get('model') or predictions} · {split} · {dialect} · {metrics['n_samples']} samples",
               title_justify="left")
@@ -82,9 +80,9 @@ def eval_command(
                       "they are scored wrong (status 'missing')", highlight=False)
     if metrics.get("incomplete"):
         why = ", ".join(f"{k} {v}" for k, v in ((metrics.get("requests") or {}).get("request_errors") or {}).items())
-        _fail(f"{metrics['incomplete']} request(s) failed ({why or 'see predictions.jsonl'}; status "
-              "'request_error', scored wrong); the answers "
-              "that arrived are cached: run the same command again to retry only the failed ones", code=1)
+        fail(f"{metrics['incomplete']} request(s) failed ({why or 'see predictions.jsonl'}; status "
+             "'request_error', scored wrong); the answers "
+             "that arrived are cached: run the same command again to retry only the failed ones", code=1)
 
 
 def register(app: typer.Typer) -> None:

@@ -44,12 +44,14 @@ import asyncio
 import base64
 import collections.abc
 import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
 import email.utils
 import functools
 import inspect
 import io
+import itertools
 import json
 import logging
 import math
@@ -60,8 +62,8 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,6 +192,8 @@ class ChatRequest:
 
 @dataclass
 class _StageUsage:
+    """Counters of one stage's calls (in one usage scope)."""
+
     requests: int = 0
     cached: int = 0
     prompt_tokens: int = 0
@@ -200,6 +204,28 @@ class _StageUsage:
     repairs: int = 0
     output_errors: Counter = field(default_factory=Counter)
     request_errors: Counter = field(default_factory=Counter)
+
+    def __add__(self, other: _StageUsage) -> _StageUsage:
+        return _StageUsage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+# The usage scope of the calls made now: every call counts in its client's totals and in the counters of
+# its scope, so a build unit can read back its own usage while other units use the same client. A call
+# made from another thread sees that thread's scope (asyncio copies the caller's context into the tasks
+# it runs on the client's loop).
+_SCOPE: contextvars.ContextVar[int] = contextvars.ContextVar("refforge_usage_scope", default=0)
+_SCOPE_IDS = itertools.count(1)
+
+
+@contextlib.contextmanager
+def usage_scope() -> Iterator[int]:
+    """Count the calls made inside the block apart: ``client.usage(scope=id)`` reads them back."""
+    scope = next(_SCOPE_IDS)
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -347,14 +373,6 @@ def _with_instructions(messages: list[dict[str, Any]], text: str) -> list[dict[s
     return out
 
 
-def _import_openai() -> Any:
-    try:
-        import openai
-    except ImportError:
-        raise ImportError("the LLM client needs the openai package: pip install 'openai[aiohttp]>=1.109,<4'") from None
-    return openai
-
-
 @functools.cache
 def _http_response_class() -> type:
     """The HTTP library's response class the SDK returns as is for ``cast_to`` (httpx2 in openai 3, httpx before)."""
@@ -363,14 +381,6 @@ def _http_response_class() -> type:
     base = importlib.import_module("openai._base_client")
     module = getattr(base, "httpx2", None) or base.httpx
     return module.Response
-
-
-@functools.cache
-def _aiohttp_available() -> bool:
-    import importlib.util
-
-    openai = _import_openai()
-    return importlib.util.find_spec("aiohttp") is not None and hasattr(openai, "DefaultAioHttpClient")
 
 
 def _about_response_format(exc: Any) -> bool:
@@ -453,10 +463,8 @@ class _Started(collections.abc.Coroutine):
 
 @functools.cache
 def _aiohttp_body_writer() -> Any:
-    try:
-        from aiohttp.client_reqrep import ClientRequest
-    except ImportError:
-        return None
+    from aiohttp.client_reqrep import ClientRequest  # on first use, like the SDK's own aiohttp transport
+
     fn = getattr(ClientRequest, "write_bytes", None)
     return getattr(fn, "__code__", None)
 
@@ -542,7 +550,7 @@ class LLMClient:
         image_longest_side: :meth:`image_part` resizes images to it.
         structured_output: "auto", "json_schema" or "instructions" (see the module doc).
         repair_retries: repair turns for a bad structured answer.
-        http_backend: "aiohttp" (needs ``openai[aiohttp]``), "httpx", or "auto" (aiohttp when installed).
+        http_backend: "aiohttp" (``openai[aiohttp]``, a dependency of refforge), "httpx", or "auto" (aiohttp).
         cache: a :class:`ResponseCache`; identical calls are then answered from it.
         cache_failures: also cache calls that ended in an :class:`LLMOutputError` (a re-run replays
             the same drop instead of paying again).
@@ -588,8 +596,6 @@ class LLMClient:
         self.repair_retries = repair_retries
         if http_backend not in ("auto", "aiohttp", "httpx"):
             raise ValueError(f"http_backend must be 'auto', 'aiohttp' or 'httpx', not {http_backend!r}")
-        if http_backend == "aiohttp" and not _aiohttp_available():
-            raise ImportError("http_backend='aiohttp' needs the SDK's aiohttp extra: pip install 'openai[aiohttp]'")
         self.http_backend = http_backend
         self.http_backend_in_use: str | None = None  # decided on first use
         self.cache = cache
@@ -602,7 +608,7 @@ class LLMClient:
         self._res = _Resources()  # the loop thread and the SDK clients, closed by close() or on collection
         self._slots: asyncio.Queue[int] | None = None
         self._pending: dict[str, asyncio.Future] = {}
-        self._stages: dict[str, _StageUsage] = {}
+        self._stages: dict[tuple[int, str], _StageUsage] = {}  # (usage scope, stage) -> counters
         self._secret: str | None = None
         self._response_cls: type | None = None  # the SDK's HTTP response class (set with the SDK clients)
         self._request_options: dict[str, Any] = {}
@@ -639,22 +645,22 @@ class LLMClient:
     def _ensure_sdk(self) -> None:
         """Create the SDK clients and the slot queue, on (and bound to) the private loop.
 
-        The HTTP transport is aiohttp when installed (``openai[aiohttp]``, the SDK's transport "for
-        improved concurrency performance"), else httpx. httpcore's connection pool scans all of its
-        connections for every request, which costs O(concurrency) per request; so with httpx the
+        The HTTP transport is aiohttp (``openai[aiohttp]``, the SDK's transport "for improved
+        concurrency performance") unless ``http_backend="httpx"``. httpcore's connection pool scans all
+        of its connections for every request, which costs O(concurrency) per request; so with httpx the
         client runs ``ceil(concurrency / LANE_WIDTH)`` SDK clients ("lanes") of at most LANE_WIDTH
         connections each. A request takes a slot from the queue (the concurrency bound) and uses
         that slot's lane: a lane never has more requests in flight than connections.
         """
         if self._res.sdks:
             return
-        openai = _import_openai()
+        import openai  # heavy (about 0.3 s): loaded on first use, so `import refforge.llm` stays light
 
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         self._secret = key or None
         backend = self.http_backend
         if backend == "auto":
-            backend = "aiohttp" if _aiohttp_available() else "httpx"
+            backend = "aiohttp"
         self.http_backend_in_use = backend
         lanes = 1 if backend == "aiohttp" else -(-self.concurrency // LANE_WIDTH)
         per_lane = -(-self.concurrency // lanes)
@@ -787,29 +793,34 @@ class LLMClient:
         return results
 
     # -- accounting
-    def usage(self) -> dict[str, dict[str, Any]]:
+    def usage(self, scope: int | None = None) -> dict[str, dict[str, Any]]:
         """Per stage: requests, cached, prompt_tokens, completion_tokens, retries, estimated_cost_usd,
         plus http_requests, rate_limited, repairs, output_errors and request_errors by reason.
 
         ``requests`` counts calls (one per chat); ``cached`` those answered without a request;
         ``retries`` the extra HTTP requests (transient failures, 429s, the json_schema fallback);
         ``repairs`` the repair turns; tokens are what the server reported for every request sent.
+        ``scope``: only the calls made inside that :func:`usage_scope` (all calls when None).
         """
         runner = self._res.runner
         if runner is not None and threading.current_thread() is not runner.thread and not runner.loop.is_closed():
             # The counters live on the client's loop: read them there, between two of its steps.
             try:
-                return asyncio.run_coroutine_threadsafe(self._usage_now(), runner.loop).result(timeout=10)
+                return asyncio.run_coroutine_threadsafe(self._usage_now(scope), runner.loop).result(timeout=10)
             except (RuntimeError, concurrent.futures.TimeoutError):
                 pass
-        return self._usage_snapshot()
+        return self._usage_snapshot(scope)
 
-    async def _usage_now(self) -> dict[str, dict[str, Any]]:
-        return self._usage_snapshot()
+    async def _usage_now(self, scope: int | None) -> dict[str, dict[str, Any]]:
+        return self._usage_snapshot(scope)
 
-    def _usage_snapshot(self) -> dict[str, dict[str, Any]]:
+    def _usage_snapshot(self, scope: int | None) -> dict[str, dict[str, Any]]:
+        merged: dict[str, _StageUsage] = {}
+        for (where, stage), u in list(self._stages.items()):
+            if scope is None or where == scope:
+                merged[stage] = merged[stage] + u if stage in merged else u
         out = {}
-        for stage, u in sorted(self._stages.items()):
+        for stage, u in sorted(merged.items()):
             cost = None
             if self.price_per_1k_input is not None or self.price_per_1k_output is not None:
                 cost = round(u.prompt_tokens / 1000 * (self.price_per_1k_input or 0)
@@ -823,9 +834,10 @@ class LLMClient:
         return out
 
     def _stage(self, stage: str) -> _StageUsage:
-        u = self._stages.get(stage)
+        key = (_SCOPE.get(), stage)
+        u = self._stages.get(key)
         if u is None:
-            u = self._stages[stage] = _StageUsage()
+            u = self._stages[key] = _StageUsage()
         return u
 
     # -- one logical call (runs on the private loop)

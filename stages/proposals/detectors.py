@@ -8,7 +8,7 @@
 2. a :class:`Detector` boxes those labels in each image;
 3. :func:`filter_proposals`: boxes clipped to the image, ``score >= box_threshold``, box area
    between ``min_area_frac`` and ``max_area_frac`` of the image, the NMS rule of
-   :mod:`refforge.stages.nms`, then the best ``max_per_image``.
+   :mod:`refforge.stages.proposals.nms`, then the best ``max_per_image``.
 
 Backends (see :func:`make_tagger`, :func:`make_detector`):
 
@@ -17,8 +17,9 @@ Backends (see :func:`make_tagger`, :func:`make_detector`):
   components -> boxes scored by contrast and compactness; numpy and PIL only) and
   ``"grounding_dino"`` (:class:`GroundingDinoDetector`, transformers).
 
-torch, transformers and open_clip are imported inside the model backends only; a missing one
-raises ImportError naming ``pip install 'refforge[models]'``.
+torch, transformers and open_clip are imported inside the model backends only
+(:func:`refforge.optional.require`); a missing one raises ``MissingPackage`` naming
+``pip install 'refforge[models]'``.
 
 >>> from PIL import Image, ImageDraw
 >>> img = Image.new("RGB", (200, 100), (230, 230, 230))
@@ -30,7 +31,6 @@ raises ImportError naming ``pip install 'refforge[models]'``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import re
@@ -41,8 +41,10 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from PIL import Image, ImageFilter
 
-from refforge.stages.boxes import box_area, clip_boxes
-from refforge.stages.nms import nms
+from refforge.optional import install_command, require
+from refforge.stages.scene.boxes import box_area, clip_boxes
+
+from .nms import nms
 
 __all__ = [
     "INSTALL_HINT",
@@ -63,7 +65,7 @@ __all__ = [
     "select_tags",
 ]
 
-INSTALL_HINT = "pip install 'refforge[models]'"
+INSTALL_HINT = install_command("models")
 
 
 @dataclass(frozen=True)
@@ -224,13 +226,6 @@ def make_detector(kind: str, **opts: Any) -> Detector:
     raise ValueError(f"unknown detector {kind!r}; expected 'offline' or 'grounding_dino'")
 
 
-def _require(module: str, what: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{what} needs the {module.split('.')[0]} package: {INSTALL_HINT}") from e
-
-
 # ---------------------------------------------------------------------------------------------
 # taggers
 
@@ -269,8 +264,8 @@ class OpenClipTagger:
         if not pretrained and not model.startswith(("local-dir:", "hf-hub:")):
             raise ValueError(f"open_clip model {model!r} needs pretrained= (a tag or a checkpoint file); "
                              "without it the weights would be random")
-        self.torch = _require("torch", "the open_clip tagger")
-        self.open_clip = _require("open_clip", "the open_clip tagger")
+        self.torch = require("torch", "models", feature="the open_clip tagger")
+        self.open_clip = require("open_clip", "models", feature="the open_clip tagger")
         self.model_name, self.pretrained = model, pretrained
         self.template, self.scoring, self.top_k = template, scoring, top_k
         self.device, self.batch_size = device, batch_size
@@ -524,8 +519,8 @@ class GroundingDinoDetector:
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", box_threshold: float = 0.35,
                  text_threshold: float = 0.25, batch_size: int = 4, max_text_len: int | None = None):
-        self.torch = _require("torch", "the grounding_dino detector")
-        transformers = _require("transformers", "the grounding_dino detector")
+        self.torch = require("torch", "models", feature="the grounding_dino detector")
+        transformers = require("transformers", "models", feature="the grounding_dino detector")
         self.dtype = getattr(self.torch, dtype)
         self.device, self.batch_size = device, batch_size
         self.box_threshold, self.text_threshold = box_threshold, text_threshold

@@ -2,12 +2,12 @@
 
 A *positive* is ``(graph, query, template_text, target_id)`` with
 ``evaluate(graph, query).unique == target_id`` and ``text == fill_template(template_text,
-slots_of(query))`` (see :mod:`refforge.stages.query`). :func:`text_negatives` edits the query tree once
+slots_of(query))`` (see :mod:`refforge.stages.scene.query`). :func:`text_negatives` edits the query tree once
 per candidate, verifies the edit against the scene graph and fills the template again.
 
 Taxonomy
 --------
-Nodes are numbered depth first as in :func:`~refforge.stages.query.slots_of`: node 1 is the target,
+Nodes are numbered depth first as in :func:`~refforge.stages.scene.query.slots_of`: node 1 is the target,
 2, 3 ... its anchors; relation ``Rk`` leads to node ``k + 1``.
 
 ``replace_attribute``  one attribute ``a`` of one node becomes another value of the same family
@@ -119,8 +119,8 @@ from functools import cache, lru_cache, partial
 from operator import itemgetter
 from typing import Protocol, runtime_checkable
 
-from refforge.stages.graph import GRelation, SceneGraph
-from refforge.stages.lexicon import (
+from refforge.stages.scene.graph import GRelation, SceneGraph
+from refforge.stages.scene.lexicon import (
     ATTRIBUTE_FAMILIES,
     ATTRIBUTE_FAMILY,
     CATEGORIES,
@@ -135,8 +135,8 @@ from refforge.stages.lexicon import (
     order_attributes,
     plural,
 )
-from refforge.stages.query import ORDER_MARGIN, REGIONS, Node, Position, Result, evaluate, region_of
-from refforge.stages.slots import slot_constructor
+from refforge.stages.scene.query import ORDER_MARGIN, REGIONS, Node, Position, Result, evaluate, region_of
+from refforge.stages.scene.slots import slot_constructor
 
 __all__ = [
     "NEGATIVE_LEVELS",
@@ -328,7 +328,7 @@ def _relation_words(predicate: str, salt: int) -> list[str]:
 
 
 class LexiconBackend:
-    """Offline replacements from :mod:`refforge.stages.lexicon` (and WordNet when installed).
+    """Offline replacements from :mod:`refforge.stages.scene.lexicon` (and WordNet when installed).
 
     * attributes: the other values of the family, values that occur in the image first;
     * categories: absent categories of the same super-category (CATEGORIES, then
@@ -406,7 +406,7 @@ class NegativeIndex:
 
     Bit ``i`` of a mask is ``graph.objects[i]``. Build once per graph, pass to every
     :func:`text_negatives` call for that graph. :meth:`evaluate` agrees with
-    :func:`refforge.stages.query.evaluate` (ids and ambiguity); a graph with duplicate object ids is
+    :func:`refforge.stages.scene.query.evaluate` (ids and ambiguity); a graph with duplicate object ids is
     delegated to it.
     """
 
@@ -789,7 +789,7 @@ def _rewrite_other(template_text: str, changes: tuple[tuple[int, bool], ...]) ->
 
 # --------------------------------------------------------------------------------------------- edits
 
-# Edited nodes and candidates are built slot by slot (refforge.stages.slots): about twice as fast as
+# Edited nodes and candidates are built slot by slot (refforge.stages.scene.slots): about twice as fast as
 # the frozen dataclasses' __init__, and the same objects.
 _node = slot_constructor(Node)
 _candidate = slot_constructor(NegativeCandidate)

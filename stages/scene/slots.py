@@ -41,5 +41,5 @@ def slot_constructor(cls: type) -> Callable[..., Any]:
     exec(src, ns)  # noqa: S102 - code generated from the dataclass's own field names
     build = ns["build"]
     build.__qualname__ = build.__name__ = f"build_{cls.__name__}"
-    build.__doc__ = f"``{cls.__name__}(...)``, its slots set directly (see refforge.stages.slots)."
+    build.__doc__ = f"``{cls.__name__}(...)``, its slots set directly (see refforge.stages.scene.slots)."
     return build

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from .graph import GObject, SceneGraph
+from .lexicon import MIRRORED, RELATIONS, order_attributes, plural
 
 ORDER_MARGIN = 0.02
 REGION_MARGIN = 0.02
@@ -194,8 +195,6 @@ def _evaluate(graph, objs, rels, node: Node) -> Result:
 
 def mirror_node(node: Node) -> Node:
     """The query that means the same thing in the horizontally mirrored image."""
-    from .lexicon import MIRRORED
-
     return Node(node.category, node.attributes,
                 tuple((MIRRORED.get(p, p), mirror_node(c)) for p, c in node.relations),
                 node.position.mirrored() if node.position else None)
@@ -217,8 +216,6 @@ def slots_of(node: Node) -> dict[str, str]:
     [('A1', 'red'), ('O', 'ball'), ('O2', 'box'), ('O2_A1', 'small'), ('O2_PL', 'boxes'), ('O_PL', 'balls'),
      ('R1', 'to the left of')]
     """
-    from .lexicon import RELATIONS, order_attributes, plural
-
     slots: dict[str, str] = {}
     counter = {"node": 0, "rel": 0}
 

@@ -52,9 +52,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .geometry import compute_relations
-from .graph import Box, GObject, SceneGraph
-from .lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, CONTAINERS, SUPPORTERS
+from refforge.stages.scene.geometry import compute_relations
+from refforge.stages.scene.graph import Box, GObject, SceneGraph
+from refforge.stages.scene.lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, CONTAINERS, SUPPORTERS
 
 GENERATOR = "synthetic/v1"
 FAMILIES: tuple[str, ...] = ("size", "colour", "pattern")

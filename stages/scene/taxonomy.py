@@ -1,7 +1,7 @@
 """Task labels for referring expressions, by rule, in several benchmark taxonomies (configurable).
 
-:func:`tasks_for` gives one label per taxonomy for a path (a :class:`~refforge.stages.paths.ReferringPath`
-or a bare :class:`~refforge.stages.query.Node`), e.g.
+:func:`tasks_for` gives one label per taxonomy for a path (a :class:`~refforge.stages.paths.search.ReferringPath`
+or a bare :class:`~refforge.stages.scene.query.Node`), e.g.
 ``{"refbench_pro": "position", "groundingme": "spatial/counting"}``. Keys are the taxonomy names of
 :attr:`TaxonomyConfig.taxonomies` (the first is the build's *primary* taxonomy: the ``task`` column);
 labels are lowercase.

@@ -1,6 +1,6 @@
 """Unique referring paths (0, 1 and 2 hops, absolute positions, ordinals) over a scene graph.
 
-Pure functions. A path is a :class:`~refforge.stages.query.Node` (the canonical query tree); it refers
+Pure functions. A path is a :class:`~refforge.stages.scene.query.Node` (the canonical query tree); it refers
 to its target ``t`` iff ``query.evaluate(graph, path.query)`` is exactly ``[t.id]`` and not
 ambiguous (see ``stages/query.py`` for the semantics of categories, attributes, relations and
 positions, and for the constraint count).
@@ -117,7 +117,7 @@ Templates (``prompts/paths/*.j2``, shared macros in ``paths/common.j2``):
 ``counting.j2``            ordinals with a count: "the second of the three balls from the left"
 =========================  =====================================================================
 
-``template_text`` uses the placeholders of :func:`refforge.stages.query.slots_of`: ``{O}``, ``{O_PL}``,
+``template_text`` uses the placeholders of :func:`refforge.stages.scene.query.slots_of`: ``{O}``, ``{O_PL}``,
 ``{A1}`` ...; anchors ``{O2}``, ``{O2_PL}``, ``{O2_A1}`` ...; relation phrases ``{R1}``, ``{R2}`` ... (nodes and
 relations numbered depth first; the target's 1-hop relations come before its 2-hop ones). Position
 words ("leftmost", "second", "three", "top left corner"), articles and other function words are literal.
@@ -134,7 +134,7 @@ selections of a candidate set are cached per graph; atoms are generated per cost
 search reaches that cost, without the relation atoms that are unique on their own but reducible ("on the
 brown table" when "on the table" is unique: such an atom is in no irreducible query; they still count
 towards ``MAX_ATOMS_PER_COST``); only chosen paths are rendered, by templates compiled once per *shape*
-(:func:`refforge.stages.templates.compile_expression`) and filled by string joins.
+(:func:`refforge.stages.scene.templates.compile_expression`) and filled by string joins.
 """
 
 from __future__ import annotations
@@ -147,11 +147,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import product
 
-from refforge.stages.graph import GObject, SceneGraph
-from refforge.stages.lexicon import RELATIONS, order_attributes
-from refforge.stages.query import ORDER_MARGIN, REGIONS, Node, Position, Result, region_of
-from refforge.stages.slots import slot_constructor
-from refforge.stages.templates import CompiledExpression, Slot, compile_expression, template_variants
+from refforge.stages.scene.graph import GObject, SceneGraph
+from refforge.stages.scene.lexicon import RELATIONS, order_attributes
+from refforge.stages.scene.query import ORDER_MARGIN, REGIONS, Node, Position, Result, region_of
+from refforge.stages.scene.slots import slot_constructor
+from refforge.stages.scene.templates import CompiledExpression, Slot, compile_expression, template_variants
 
 __all__ = [
     "COUNT_FIELDS",
@@ -317,7 +317,7 @@ class PathsResult:
         return iter((self.paths, self.drops))
 
 
-# one per path, built slot by slot (refforge.stages.slots: about twice as fast as the frozen __init__)
+# one per path, built slot by slot (refforge.stages.scene.slots: about twice as fast as the frozen __init__)
 _new_path = slot_constructor(ReferringPath)
 
 
@@ -537,7 +537,7 @@ class GraphIndex:
     # -- positions
 
     def _region(self, j: int) -> tuple[str, bool]:
-        """:func:`refforge.stages.query.region_of` of object ``j`` (cached)."""
+        """:func:`refforge.stages.scene.query.region_of` of object ``j`` (cached)."""
         got = self._regions[j]
         if got is None:
             got = self._regions[j] = region_of(self.objects[j], self.width, self.height)
@@ -684,7 +684,7 @@ def _node_mask(index: GraphIndex, node: Node) -> tuple[int, bool]:
 
 
 def evaluate_fast(graph: SceneGraph | GraphIndex, node: Node) -> Result:
-    """Bitmask implementation of :func:`refforge.stages.query.evaluate` (same answers; tested)."""
+    """Bitmask implementation of :func:`refforge.stages.scene.query.evaluate` (same answers; tested)."""
     index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
     m, amb = _node_mask(index, node)
     return Result(index.ids_of(m), amb)
@@ -1168,7 +1168,7 @@ def template_context(variant: int, shape: tuple, words: Mapping[str, str] | None
     ``(determiner, n_attrs, sub)`` with ``sub`` ``None`` or the second anchor's ``(determiner, n_attrs,
     None)``; determiners are ``"the"``, ``"a"``, ``"other"``, ``"another"``; the position key is ``None``,
     ``("r", region)`` or ``("o", start, rank, count)``. ``words=None`` gives :class:`Slot` placeholders
-    named as in :func:`refforge.stages.query.slots_of` (for compiling); a mapping gives plain words for
+    named as in :func:`refforge.stages.scene.query.slots_of` (for compiling); a mapping gives plain words for
     the same names (for direct rendering).
     """
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .graph import SceneGraph
-from .keys import stable_key
-from .lexicon import ATTRIBUTE_FAMILY, FAMILY_ORDER
-from .paths import ReferringPath, kind_of, render_query
-from .query import Node, evaluate
+from refforge.stages.scene.graph import SceneGraph
+from refforge.stages.scene.keys import stable_key
+from refforge.stages.scene.lexicon import ATTRIBUTE_FAMILY, FAMILY_ORDER
+from refforge.stages.scene.query import Node, evaluate
+
+from .search import ReferringPath, kind_of, render_query
 
 
 def _family_value(attributes, family: str) -> str | None:

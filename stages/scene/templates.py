@@ -20,7 +20,7 @@ Slots, ``template_text`` and fast filling
 Expression templates (``prompts/paths/*.j2``) are not rendered once per expression: that costs
 tens of microseconds in Jinja. Instead :func:`compile_expression` renders a template once with
 :class:`Slot` values, strings whose text is a placeholder such as ``{O}`` or ``{A1} {O}`` (names as
-:func:`refforge.stages.query.slots_of` gives them: ``O``, ``A1``, ``O2``, ``O2_A1``, ``R1`` ..., each with
+:func:`refforge.stages.scene.query.slots_of` gives them: ``O``, ``A1``, ``O2``, ``O2_A1``, ``R1`` ..., each with
 an optional ``_PL`` plural suffix), and the
 result (a :class:`CompiledExpression`) is filled with words many times by plain string joins.
 The filters are slot-aware: ``plural`` turns the last placeholder ``{O}`` into ``{O_PL}`` (filled
@@ -54,7 +54,7 @@ from importlib.resources.abc import Traversable
 import jinja2
 from jinja2 import StrictUndefined, nodes
 
-from refforge.stages.lexicon import indefinite_article, plural
+from refforge.stages.scene.lexicon import indefinite_article, plural
 
 PROMPTS_PACKAGE = "refforge.prompts"
 

@@ -1,6 +1,6 @@
 """Converters from public scene-graph sources (GQA, COCO + RefCOCO refs) to refforge's native JSON Lines.
 
-The output is exactly what :func:`refforge.stages.ingest.ingest_graphs` reads, one JSON object per line::
+The output is exactly what :func:`refforge.stages.ingest.scenes.ingest_graphs` reads, one JSON object per line::
 
     {"image": "<path relative to images_dir>", "width": W, "height": H,
      "objects": [{"id": str, "name": str, "attributes": [str], "box": [x1, y1, x2, y2]}],
@@ -30,16 +30,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from refforge.storage.atomic import atomic_write
+import ijson
 
-from .graph import GObject
+from refforge.stages.scene.geometry import compute_relations
+from refforge.stages.scene.graph import GObject
+from refforge.storage.atomic import atomic_write
 
 __all__ = [
     "GQA_PREDICATES", "SourceStats", "UnsafePickleError", "convert_coco", "convert_gqa", "ijson_backend",
     "line_offsets", "load_refs", "read_lines",
 ]
-
-INSTALL_HINT = "pip install 'ijson>=3.2,<4'"
 
 # GQA predicate -> refforge predicate (lexicon / geometry strings); every other predicate is kept verbatim.
 GQA_PREDICATES: dict[str, str] = {
@@ -60,17 +60,9 @@ class SourceStats:
     offsets: list[int] = field(default_factory=list)
 
 
-def _ijson():
-    try:
-        import ijson
-    except ImportError as e:  # pragma: no cover - exercised only without the dependency
-        raise ImportError(f"the gqa and coco sources need ijson: {INSTALL_HINT}") from e
-    return ijson
-
-
 def ijson_backend() -> str:
     """The active ijson backend: ``yajl2_c`` (fast, C) or a slower fallback such as ``python``."""
-    return _ijson().backend
+    return ijson.backend
 
 
 # -- shared helpers -------------------------------------------------------------------------------
@@ -142,7 +134,6 @@ def convert_gqa(scene_graphs_json: Path, out_jsonl: Path, *, image_ext: str = ".
     ``GQA_PREDICATES`` (others verbatim), exact duplicates written once. Image-level extras
     (``location``, ``weather``) are ignored.
     """
-    ijson = _ijson()
     scene_graphs_json = Path(scene_graphs_json)
 
     def body(out: _LineWriter) -> None:
@@ -264,11 +255,10 @@ def convert_coco(instances_json: Path, out_jsonl: Path, *, refs: Path | None = N
     Records follow the order of ``images``; ``image`` is the ``file_name``. Objects are the non-crowd
     annotations in file order (id = ``str(annotation id)``, name = category name, no attributes,
     box from ``bbox`` xywh). Relations are computed from the boxes with
-    :func:`refforge.stages.geometry.compute_relations` over the objects whose boxes are valid inside
+    :func:`refforge.stages.scene.geometry.compute_relations` over the objects whose boxes are valid inside
     the image (``relations_from_geometry=False`` writes none). With ``refs``, every record has
     ``expressions``: one per sentence of each ref of that image.
     """
-    ijson = _ijson()
     instances_json = Path(instances_json)
 
     def body(out: _LineWriter) -> None:
@@ -350,8 +340,6 @@ def _coco_record(im: dict[str, Any], anns: list[tuple[str, str, list[float | int
     rec["objects"] = objects
     rec["relations"] = []
     if relations_from_geometry and width is not None and height is not None:
-        from .geometry import compute_relations
-
         good = [GObject(id=o["id"], name=o["name"], box=tuple(float(v) for v in o["box"]))  # type: ignore[arg-type]
                 for o in objects if _box_ok(o["box"], width, height)]
         rec["relations"] = [{"subject": r.subject, "predicate": r.predicate, "object": r.object}

@@ -18,9 +18,10 @@ from dataclasses import replace
 from PIL import Image as PILImage
 from PIL import ImageOps
 
-from .graph import GRelation, SceneGraph
-from .lexicon import HORIZONTAL, MIRRORED
-from .query import Node, evaluate
+from refforge.stages.ingest.synthetic import encode_png, mirror, render
+from refforge.stages.scene.graph import GRelation, SceneGraph
+from refforge.stages.scene.lexicon import HORIZONTAL, MIRRORED
+from refforge.stages.scene.query import Node, evaluate
 
 
 def mirror_graph(graph: SceneGraph) -> SceneGraph:
@@ -57,8 +58,6 @@ def mirrored_image(data: bytes, source: str, spec_json: str | None, graph: Scene
     other images are flipped pixel by pixel and stored losslessly as PNG.
     """
     if source == "synthetic" and spec_json:
-        from .synthetic import encode_png, mirror, render
-
         g2, spec2 = mirror(graph, json.loads(spec_json))
         return encode_png(render(g2, spec2)), "png", g2, json.dumps(spec2, sort_keys=True)
     with PILImage.open(io.BytesIO(data)) as im:

@@ -1,9 +1,9 @@
 """Reasoning traces derived from the scene graph, their parsing and their verification.
 
 A sample is ``(graph, query, polarity, target_id, gt_box)``: the query is the referring path
-(:class:`~refforge.stages.query.Node`) the expression was rendered from. :func:`trace_for`
+(:class:`~refforge.stages.scene.query.Node`) the expression was rendered from. :func:`trace_for`
 writes the reasoning a careful person would follow, by *evaluating the query on the graph one
-constraint at a time* (the semantics of :func:`refforge.stages.query.evaluate`, which stays the
+constraint at a time* (the semantics of :func:`refforge.stages.scene.query.evaluate`, which stays the
 reference):
 
 1. the candidates of the category: how many, and roughly where (3x3 cell of each box centre);
@@ -23,7 +23,7 @@ Trace text
 ``<think>REASONING</think><answer>ANSWER</answer>`` where ``ANSWER`` is
 
 * ``[x1, y1, x2, y2]``: integer pixel coordinates of the stored image, rounded half away from zero
-  (:func:`refforge.stages.boxes.format_box`, dialect ``"pixels"``), when the walk ends with exactly
+  (:func:`refforge.stages.scene.boxes.format_box`, dialect ``"pixels"``), when the walk ends with exactly
   one object;
 * ``none``: when nothing matches (the answer a correct trace gives for a negative), and also when
   several objects still match (the walk refuses to guess; the verdict then shows the sample is not a
@@ -38,40 +38,40 @@ of its category always carries its box, so the walk never names two objects the 
 
 Parsing and verification
 ------------------------
-:func:`parse_answer` reads the ``<answer>`` of these traces and the common simple dialects (a
-``[x1, y1, x2, y2]`` pixel list anywhere in the answer, ``{"bbox_2d": [...]}``, ``(x1,y1),(x2,y2)``;
-``none`` / ``null`` / ``no object`` / ``[]`` / an all-zero box mean "no such object").
-:func:`verify` compares a parsed answer to the ground truth.
+:func:`refforge.stages.answers.parse_answer` reads the ``<answer>`` of these traces (its strict reading)
+and :func:`refforge.stages.answers.verify` compares it to the ground truth.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-from refforge.stages.boxes import format_box
-from refforge.stages.boxes import iou as box_iou_scalar
-from refforge.stages.graph import SceneGraph
-from refforge.stages.lexicon import ATTRIBUTE_FAMILY, RELATIONS, indefinite_article, order_attributes, plural
-from refforge.stages.query import ORDER_MARGIN, Node, Position, region_of
+from refforge.stages.answers import Answer, parse_answer, verify
+from refforge.stages.scene.boxes import format_box
+from refforge.stages.scene.graph import SceneGraph
+from refforge.stages.scene.lexicon import (
+    ATTRIBUTE_FAMILY,
+    RELATIONS,
+    indefinite_article,
+    order_attributes,
+    plural,
+)
+from refforge.stages.scene.query import ORDER_MARGIN, Node, Position, region_of
 
 __all__ = [
     "MODEL",
     "N_STYLES",
     "VERDICTS",
-    "ParsedAnswer",
     "Step",
     "Trace",
     "TraceContext",
     "describe",
-    "parse_answer",
     "select_best",
     "trace_for",
     "traces_for_sample",
-    "verify",
     "walk",
 ]
 
@@ -133,16 +133,6 @@ class Trace:
     final_ids: tuple[str, ...] = ()
     ambiguous: bool = False
     model: str = MODEL
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedAnswer:
-    """``kind``: "box" (``box`` set), "none" (the answer says there is no such object) or "unparseable"."""
-
-    kind: Literal["box", "none", "unparseable"]
-    box: tuple[float, float, float, float] | None = None
-    raw: str = ""
-    reason: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,7 +281,7 @@ class TraceContext:
             terse: dict[str, str] = {}
             said.append((terse, terse))  # a terse clause does not depend on the depth
         self.said = tuple(said)
-        self.parsed: dict[str, ParsedAnswer] = {}  # _parse_own(answer) by answer text
+        self.parsed: dict[str, Answer] = {}  # _parse_own(answer) by answer text
         # id(node) -> (node, value): the entry holds the node, so its id cannot be reused meanwhile
         self.desc: dict[int, tuple[Node, str]] = {}  # describe(node)
         self.definite: dict[int, tuple[Node, str]] = {}  # describe(node, definite=True)
@@ -700,23 +690,14 @@ def _why_none(w: _Walker, query: Node) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-_OWN_BOX = re.compile(r"\[(-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\]")
+def _parse_own(answer: str) -> Answer:
+    """``parse_answer`` of a trace whose text has no "<" outside its tags (the answer is then the only
+    ``<answer>`` element, so it is read alone). The walk answers a pixel list, which the reader takes
+    by its one-pattern path, or "none", which every graph repeats: read once."""
+    return _NONE_ANSWER if answer == "none" else parse_answer(answer)
 
 
-def _parse_own(answer: str) -> ParsedAnswer:
-    """``parse_answer`` of a trace whose text has no "<" outside its tags: the pixel list the walk writes
-    is read by one pattern (what ``parse_answer`` makes of it), anything else by ``parse_answer``."""
-    m = _OWN_BOX.fullmatch(answer)
-    if m is not None:
-        box = (float(m[1]), float(m[2]), float(m[3]), float(m[4]))
-        if box != (0.0, 0.0, 0.0, 0.0):
-            return ParsedAnswer("box", box=box, raw=answer)
-    return _parse_own_other(answer)
-
-
-@lru_cache(maxsize=4096)
-def _parse_own_other(answer: str) -> ParsedAnswer:
-    return parse_answer(f"<answer>{answer}</answer>")
+_NONE_ANSWER = parse_answer("none")
 
 
 def trace_for(graph: SceneGraph, query: Node, *, polarity: str, target_id: str | None, style: int = 0,
@@ -812,85 +793,3 @@ def traces_for_sample(graph: SceneGraph, query: Node, polarity: str, target_id: 
             seen.add(t.text)
             traces.append(t)
     return select_best(traces)
-
-
-# ---------------------------------------------------------------------------------------------------
-# parsing and verification
-# ---------------------------------------------------------------------------------------------------
-
-_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
-_NUM = r"(-?\d+(?:\.\d+)?)"
-_LIST4 = re.compile(rf"\[\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\]")
-_PAIRS = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,?\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)")
-_NONE = re.compile(r"^(none|null|no objects?|no such objects?|no match(es)?|nothing|not found|not present|n/?a|"
-                   r"\[\s*\]|\{\s*\})$")
-
-
-def parse_answer(text: str) -> ParsedAnswer:
-    """Read the answer of a trace or of a model's reply.
-
-    The ``<answer>`` element is used when present (the last one), otherwise the whole text.
-
-    >>> parse_answer("<think>...</think><answer>[10, 20, 110, 220]</answer>").box
-    (10.0, 20.0, 110.0, 220.0)
-    >>> parse_answer("<answer>none</answer>").kind, parse_answer('{"bbox_2d": [0, 0, 0, 0]}').kind
-    ('none', 'none')
-    >>> parse_answer("[1, 2, 3]").kind
-    'unparseable'
-    """
-    found = _ANSWER.findall(text)
-    raw = (found[-1] if found else text).strip()
-    norm = re.sub(r"\s+", " ", raw.lower()).strip(" .!\"'`")
-    if not norm:
-        return ParsedAnswer("unparseable", raw=raw, reason="empty answer")
-    if _NONE.match(norm):
-        return ParsedAnswer("none", raw=raw)
-    boxes = [tuple(float(v) for v in m) for m in _LIST4.findall(raw)]
-    if not boxes:
-        boxes = [(float(a), float(b), float(c), float(d)) for a, b, c, d in _PAIRS.findall(raw)]
-    if len(boxes) > 1:
-        return ParsedAnswer("unparseable", raw=raw, reason=f"{len(boxes)} boxes in the answer")
-    if boxes:
-        box = boxes[0]
-        if all(v == 0 for v in box):
-            return ParsedAnswer("none", raw=raw)
-        return ParsedAnswer("box", box=box, raw=raw)  # type: ignore[arg-type]
-    if re.match(r"^(there is )?no(t| such)? ", norm) or norm.startswith("there is no "):
-        return ParsedAnswer("none", raw=raw)
-    return ParsedAnswer("unparseable", raw=raw, reason="no box and no rejection in the answer")
-
-
-_SEQUENCES = (tuple, list)
-
-
-def verify(parsed: ParsedAnswer, polarity: str, gt_box=None, iou_threshold: float = 0.5) -> tuple[str, float | None]:
-    """``(verdict, iou)`` of a parsed answer against the ground truth.
-
-    Positive samples: a box with IoU >= ``iou_threshold`` against ``gt_box`` is "correct", below it
-    "wrong_box"; a rejection is "false_rejection" (IoU 0.0). Negative samples: a rejection is
-    "correct_rejection", a box "false_positive" (IoU ``None`` for both). An unparseable answer is
-    "unparseable" (IoU ``None``).
-
-    >>> verify(parse_answer("<answer>[0, 0, 10, 10]</answer>"), "positive", (0, 0, 10, 12))
-    ('correct', 0.8333333333333334)
-    >>> verify(parse_answer("<answer>none</answer>"), "negative")
-    ('correct_rejection', None)
-    """
-    if polarity not in ("positive", "negative"):
-        raise ValueError(f"polarity must be 'positive' or 'negative', not {polarity!r}")
-    if parsed.kind == "unparseable":
-        return "unparseable", None
-    if polarity == "negative":
-        return ("correct_rejection" if parsed.kind == "none" else "false_positive"), None
-    if gt_box is None:
-        raise ValueError("a positive sample needs its gt_box")
-    if parsed.kind == "none":
-        return "false_rejection", 0.0
-    if type(gt_box) in _SEQUENCES and len(gt_box) == 4:  # what the generator below makes, made directly
-        a, b, c, d = gt_box
-        gt = (float(a), float(b), float(c), float(d))
-    else:
-        gt = tuple(float(v) for v in gt_box)
-    score = box_iou_scalar(parsed.box, gt)  # type: ignore[arg-type]
-    return ("correct" if score >= iou_threshold else "wrong_box"), score
-

@@ -22,10 +22,12 @@ from pydantic import ValidationError
 
 from refforge.schemas import Drop, Image, Object, Relation
 from refforge.schemas.validate import error_reason
+from refforge.stages.scene.geometry import compute_relations
+from refforge.stages.scene.graph import GObject, GRelation, SceneGraph
+from refforge.stages.scene.keys import stable_key
 from refforge.storage.images import image_relpath
 
-from .graph import GObject, GRelation, SceneGraph
-from .keys import stable_key
+from .synthetic import encode_png, generate_scene, render
 
 STAGE = "ingest"
 
@@ -97,8 +99,6 @@ def synthetic_seed(build_seed: int, index: int) -> int:
 
 def ingest_synthetic(indices: range, *, build_seed: int, width: int, height: int, min_objects: int,
                      max_objects: int) -> IngestOutput:
-    from .synthetic import encode_png, generate_scene, render
-
     out = IngestOutput()
     for i in indices:
         out.scenes_in += 1
@@ -163,8 +163,6 @@ def _iter_graph(rec: dict[str, Any], width: int, height: int, from_geometry: boo
                  for r in rec.get("relations", [])]
     graph = SceneGraph(width, height, objects, relations)
     if from_geometry:
-        from .geometry import compute_relations
-
         good = [o for o in objects if o.box[0] < o.box[2] and o.box[1] < o.box[3]]
         graph.relations = compute_relations(good, width, height)
     return graph

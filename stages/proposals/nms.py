@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refforge.stages.boxes import as_boxes, box_area
+from refforge.stages.scene.boxes import as_boxes, box_area
 
 __all__ = ["NmsResult", "labels_related", "nms", "nms_detailed"]
 

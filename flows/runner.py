@@ -1,0 +1,129 @@
+"""Running units of work: the Prefect tasks, the ledger and the commit of a unit's tables.
+
+A unit with a ledger entry (``state/<stage>/<work key>.json``) is skipped; otherwise its stage's
+run() makes its rows, every output table is validated first, then each table whose shard for the
+key is missing is written, then the ledger entry: a unit killed half-way rewrites only what is
+missing, and a unit run twice (a retried task, a re-executed Dask future) writes nothing twice.
+The runner knows no stage by name: it reads each stage's declarations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from refforge.pipeline.context import BuildContext, run_scoped
+from refforge.pipeline.stage import GlobalStage, Stage, UnitOutput
+from refforge.schemas import Drop
+from refforge.storage import BuildDir
+
+
+@dataclass
+class UnitResult:
+    stage: str
+    work_key: str
+    items_in: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    dropped: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    resumed: bool = False
+    seconds: float = 0.0
+    usage: dict[str, Any] = field(default_factory=dict)  # the unit's model usage (endpoint -> stage -> counters)
+
+    def ledger(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d.pop("resumed")
+        return d
+
+
+def _commit(b: BuildDir, run_id: str, stage: Stage, key: str, out: UnitOutput, t0: float,
+            usage: dict[str, Any]) -> UnitResult:
+    """Validate every output table first, then write each one whose shard for ``key`` is missing."""
+    undeclared = set(out.tables) - set(stage.writes)
+    if undeclared:
+        raise RuntimeError(f"stage {stage.name!r} wrote tables it does not declare in `writes`: {sorted(undeclared)}")
+    writer = b.writer(run_id)
+    prepared = {}
+    drops: list[Drop] = list(out.drops)
+    for table, rows in out.tables.items():
+        data, bad = writer.prepare(table, rows, stage=stage.name)
+        prepared[table] = data
+        drops += bad
+    for table, data in prepared.items():
+        if data.num_rows and not b.reader.has_work(table, key):
+            writer.write_valid(table, data, work_key=key)
+    if drops and not b.reader.has_work("drops", key):
+        writer.write("drops", drops, work_key=key, stage=stage.name)
+    res = UnitResult(stage.name, key, out.items_in, {t: d.num_rows for t, d in prepared.items()}, len(drops),
+                     dict(Counter(d.reason for d in drops)), out.extra, False, round(time.perf_counter() - t0, 4),
+                     usage)
+    b.mark_done(stage.name, key, res.ledger())
+    return res
+
+
+def _resumed(b: BuildDir, stage: str, key: str) -> UnitResult | None:
+    done = b.done(stage, key)
+    if done is None:
+        return None
+    done.setdefault("usage", {})
+    return UnitResult(**{**done, "resumed": True})
+
+
+def _section(ctx: BuildContext, stage: Stage) -> Any:
+    return getattr(ctx.config, stage.section_name) if stage.section_name else None
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def run_unit(ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) -> UnitResult:
+    """One unit of a stage: skipped when the ledger has it, else run and committed."""
+    b = ctx.build
+    if (r := _resumed(b, stage.name, key)) is not None:
+        return r
+    t0 = time.perf_counter()
+    out, usage = run_scoped(lambda: stage.run(ctx.view(stage), _section(ctx, stage), inputs), ctx)
+    return _commit(b, ctx.run_id, stage, key, out, t0, usage)
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def run_global(ctx: BuildContext, stage: GlobalStage, units: list[dict[str, Any]]) -> list[UnitResult]:
+    """A global step: one run over every unit's inputs, then a commit per unit (``units[i]["key"]``)."""
+    b = ctx.build
+    done = [_resumed(b, stage.name, u["key"]) for u in units]
+    if all(d is not None for d in done):
+        return done  # type: ignore[return-value]
+    t0 = time.perf_counter()
+    outputs, usage = run_scoped(lambda: stage.run_all(ctx.view(stage), _section(ctx, stage), units), ctx)
+    results = []
+    for u, prev in zip(units, done, strict=True):
+        if prev is None:
+            prev = _commit(b, ctx.run_id, stage, u["key"], outputs[u["key"]], t0, usage)
+            t0 = time.perf_counter()  # the global fit is counted in the first unit committed only
+            usage = {}
+        results.append(prev)
+    return results
+
+
+def summarise(stage: Stage, units: list[UnitResult]) -> dict[str, Any]:
+    """A stage's line of the run file: counts over its units, plus the stage's own summary."""
+    new = [u for u in units if not u.resumed]
+    summary = {
+        "units": len(units),
+        "units_resumed": len(units) - len(new),
+        "in": sum(u.items_in for u in units),
+        "out": dict(sum((Counter(u.rows) for u in units), Counter())),
+        "dropped": sum(u.dropped for u in units),
+        "drop_reasons": dict(sum((Counter(u.drop_reasons) for u in units), Counter())),
+        "written_this_run": dict(sum((Counter(u.rows) for u in new), Counter())),
+        "seconds": round(sum(u.seconds for u in new), 3),
+    }
+    summary.update(stage.summary([u.extra for u in units]))
+    return summary
+
+
+__all__ = ["UnitResult", "run_global", "run_unit", "summarise"]

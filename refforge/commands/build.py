@@ -1,0 +1,84 @@
+"""`refforge build`: run (or resume) a build, with a progress bar per stage and a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from refforge.config import ConfigError, load_config
+from refforge.storage import BuildConflict, Catalog
+
+from ._ui import console, fail
+
+
+def build(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config; default: the embedded demo")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="build directory; default: builds/<name>")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing build made with another config")] = False,
+) -> None:
+    """Run (or resume) a build: every stage of the config, over shards of images."""
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        fail(str(e))
+    out = out or Path("builds") / cfg.build.name
+    # heavy: the build flow imports Prefect (about a second); loaded only when a build runs
+    from refforge.flows.build import run_build
+
+    columns = (TextColumn("{task.description:<15}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rows]} rows, {task.fields[dropped]} dropped"), TimeElapsedColumn())
+    bars: dict[str, Any] = {}
+    with Progress(*columns, console=console, transient=False) as progress:
+        def on_progress(stage: str, event: str, info: dict) -> None:
+            if event == "start":
+                bars[stage] = progress.add_task(stage, total=info["total"], rows=0, dropped=0)
+            else:
+                t = progress.tasks[bars[stage]]
+                progress.update(bars[stage], advance=1, rows=t.fields["rows"] + sum(info["rows"].values()),
+                                dropped=t.fields["dropped"] + info["dropped"])
+
+        try:
+            record = run_build(cfg, out, force=force, progress=on_progress)
+        except (BuildConflict, ConfigError) as e:
+            progress.stop()
+            fail(str(e))
+    _print_summary(record)
+
+
+def _print_summary(record: dict) -> None:
+    t = Table(title=f"build {record['build']} · run {record['run_id']}", title_justify="left")
+    for col in ("stage", "units", "resumed", "in", "written", "dropped", "seconds"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, s in record["stages"].items():
+        written = ", ".join(f"{k} {v}" for k, v in s["out"].items()) or "-"
+        t.add_row(stage, str(s["units"]), str(s["units_resumed"]), str(s["in"]), written, str(s["dropped"]),
+                  f"{s['seconds']:.1f}")
+    console.print(t)
+    with Catalog(Path(record["root"])) as cat:
+        row = cat.sql("""SELECT count(*) FILTER (polarity = 'positive') AS positives,
+                                count(*) FILTER (polarity = 'negative') AS negatives,
+                                count(*) FILTER (negative_source = 'image') AS image_negatives,
+                                count(*) FILTER (difficulty = 1 AND polarity = 'positive') AS l1,
+                                count(*) FILTER (difficulty = 2 AND polarity = 'positive') AS l2,
+                                count(*) FILTER (difficulty = 3 AND polarity = 'positive') AS l3 FROM expressions""").to_pylist()[0]
+        n_images = cat.count("images")
+        n_traces = cat.count("cot_traces")
+    console.print(f"[bold]{record['root']}[/]: {n_images} images, {row['positives']} positive expressions "
+                  f"(L1 {row['l1']}, L2 {row['l2']}, L3 {row['l3']}), {row['negatives']} negatives "
+                  f"({row['image_negatives']} on edited images), {n_traces} reasoning traces", highlight=False)
+    blind = record["stages"].get("refine", {}).get("blind_text")
+    if blind:
+        console.print(f"blind-text AUROC (held out): {blind['auroc_before']:.3f} before refinement, "
+                      f"{blind['auroc_after']:.3f} after ({blind['kept']} negatives kept, "
+                      f"{blind['rejected']} rejected)", highlight=False)
+    console.print(f"try: refforge stats {record['root']}   ·   refforge sql {record['root']} "
+                  "\"SELECT text, difficulty FROM expressions LIMIT 5\"", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``refforge build`` to the app."""
+    app.command("build")(build)

@@ -1,0 +1,46 @@
+"""A model endpoint in a build config (``[llm]``, ``[vlm]``) and the client made from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from refforge._strict import _Strict
+
+from .cache import ResponseCache
+from .client import LLMClient
+
+# where and how fast a model is served does not change the data: left out of the config hash
+OPERATIONAL_ENDPOINT_KEYS = ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries",
+                             "price_per_1k_input", "price_per_1k_output")
+
+
+class ModelEndpoint(_Strict):
+    """An OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, Ollama, LM Studio, Gemini/Qwen compatible
+    modes). The API key is read from the environment variable named by ``api_key_env`` at run time."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    concurrency: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=60, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    image_longest_side: int = Field(default=1024, ge=32)
+    structured_output: Literal["auto", "json_schema", "instructions"] = "auto"
+    price_per_1k_input: float | None = None
+    price_per_1k_output: float | None = None
+
+
+def endpoint_client(ep: ModelEndpoint, cache_path: Path) -> LLMClient:
+    """An LLMClient for an endpoint, with a persistent response cache at ``cache_path`` (the build's,
+    or ``refforge eval``'s own)."""
+    return LLMClient(
+        ep.base_url, ep.model, api_key_env=ep.api_key_env, concurrency=ep.concurrency,
+        timeout_s=ep.timeout_s, max_retries=ep.max_retries, image_longest_side=ep.image_longest_side,
+        structured_output=ep.structured_output, price_per_1k_input=ep.price_per_1k_input,
+        price_per_1k_output=ep.price_per_1k_output, cache=ResponseCache(cache_path))
+
+
+__all__ = ["OPERATIONAL_ENDPOINT_KEYS", "ModelEndpoint", "endpoint_client"]

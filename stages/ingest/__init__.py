@@ -1,0 +1,244 @@
+"""ingest: a source's scenes to ``images``, ``objects`` and ``relations`` (and RefCOCO-style human
+expressions where the source has them).
+
+The ``[source]`` section picks the source: ``synthetic`` (rendered scenes with exact graphs),
+``graphs`` (refforge's scene-graph JSON), ``gqa``, ``coco`` (with optional refs) or ``folder`` (images
+only; the proposals stage finds their objects). This stage also makes the build's shards: a unit is
+a range of scene indices (:meth:`IngestStage.shard_ranges`).
+
+Modules: :mod:`.scenes` (graph validation and the per-source readers), :mod:`.sources` (streaming
+GQA/COCO conversion), :mod:`.synthetic` (the scene generator and renderer).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from refforge._strict import _Strict
+from refforge.pipeline.stage import Stage, UnitOutput
+from refforge.schemas import Drop, Expression
+from refforge.stages.paths import PathsConfig
+from refforge.stages.paths.search import referring_paths
+from refforge.stages.scene.keys import stable_key
+from refforge.storage.atomic import atomic_write_bytes
+
+from . import scenes, sources
+from .scenes import IngestOutput
+
+# -- the [source] section ---------------------------------------------------------------------------
+
+
+class SyntheticSource(_Strict):
+    """Rendered scenes with exact scene graphs, deterministic by seed (offline)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    images: int = Field(default=240, ge=1)
+    width: int = Field(default=512, ge=64)
+    height: int = Field(default=384, ge=64)
+    min_objects: int = Field(default=3, ge=1)
+    max_objects: int = Field(default=12, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_objects > self.max_objects:
+            raise ValueError("min_objects must be <= max_objects")
+        return self
+
+
+class GraphsSource(_Strict):
+    """refforge's own scene-graph format: a JSON list (or JSON Lines) of
+    ``{"image": path, "objects": [{"id", "name", "attributes", "box"}], "relations": [{"subject",
+    "predicate", "object"}]}`` with image paths relative to ``images_dir``."""
+
+    kind: Literal["graphs"] = "graphs"
+    path: Path
+    images_dir: Path
+    relations_from_geometry: bool = False
+
+
+class GqaSource(_Strict):
+    """GQA scene graphs (``train_sceneGraphs.json`` / ``val_sceneGraphs.json``) plus the image folder."""
+
+    kind: Literal["gqa"] = "gqa"
+    scene_graphs: Path
+    images_dir: Path
+    image_ext: str = ".jpg"
+
+
+class CocoSource(_Strict):
+    """COCO instances (relations from geometry), optionally with RefCOCO/RefCOCO+/RefCOCOg refs."""
+
+    kind: Literal["coco"] = "coco"
+    instances: Path
+    images_dir: Path
+    refs: Path | None = None
+
+
+class FolderSource(_Strict):
+    """A folder of images, searched recursively; no objects (the proposals stage finds them)."""
+
+    kind: Literal["folder"] = "folder"
+    path: Path
+    extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp"])
+    recursive: bool = True
+
+    @model_validator(mode="after")
+    def _exts(self):
+        self.extensions = sorted({e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions})
+        if not self.extensions:
+            raise ValueError("extensions must name at least one file extension")
+        return self
+
+
+Source = Annotated[SyntheticSource | GraphsSource | GqaSource | CocoSource | FolderSource,
+                   Field(discriminator="kind")]
+SOURCE_KINDS = {"synthetic": SyntheticSource, "graphs": GraphsSource, "gqa": GqaSource, "coco": CocoSource,
+                "folder": FolderSource}
+
+
+# -- the stage --------------------------------------------------------------------------------------
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    version = 1
+    config = None  # its section is [source]
+    uses: ClassVar[dict[str, Any]] = {"source": Source, "paths": PathsConfig}
+    reads = ()
+    writes = ("images", "objects", "relations", "expressions")
+    key_inputs = ("start", "stop")
+    joins = "graph"
+    core = True
+    default = True
+
+    # -- the shards --------------------------------------------------------------------------
+    @staticmethod
+    def _prepared(root: Path, src: Any) -> Path:
+        return root / "sources" / f"{src.kind}.jsonl"
+
+    @staticmethod
+    def _folder_listing(root: Path) -> Path:
+        return root / "sources" / "folder.json"
+
+    def prepare(self, ctx) -> None:
+        """GQA and COCO files are converted once, streaming, into the build's own scene-graph JSON
+        Lines; a folder is listed once into ``sources/folder.json`` (a resumed build sees the same
+        images, in the same shards, even when files were added to the folder since)."""
+        src, b = ctx.section("source"), ctx.build
+        if isinstance(src, FolderSource):
+            listing = self._folder_listing(b.root)
+            if not listing.exists():
+                files = scenes.list_folder(src.path, src.extensions, src.recursive)
+                listing.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(listing, json.dumps(files).encode())
+            return
+        if not isinstance(src, GqaSource | CocoSource):
+            return
+        out = self._prepared(b.root, src)
+        index = out.with_suffix(".offsets.json")
+        if index.exists():
+            return
+        if isinstance(src, GqaSource):
+            stats = sources.convert_gqa(src.scene_graphs, out, image_ext=src.image_ext)
+        else:
+            stats = sources.convert_coco(src.instances, out, refs=src.refs)
+        key = stable_key("prepare", ctx.stage_hash)
+        if stats.skipped and not b.reader.has_work("drops", key):
+            b.writer("prepare").write("drops", [Drop(stage="ingest", key=str(k), reason=str(r))
+                                                for k, r in stats.skipped], work_key=key, stage="ingest")
+        atomic_write_bytes(index, json.dumps(stats.offsets).encode())
+
+    def _graph_records(self, ctx, path: Path) -> list:
+        return ctx.cached(str(path), lambda: scenes.read_graph_records(path))
+
+    def _offsets(self, ctx, src: Any) -> list[int]:
+        index = self._prepared(ctx.build.root, src).with_suffix(".offsets.json")
+        return ctx.cached(str(index), lambda: json.loads(index.read_text()))
+
+    def _folder_files(self, ctx) -> list[str]:
+        listing = self._folder_listing(ctx.build.root)
+        return ctx.cached(str(listing), lambda: json.loads(listing.read_text()))
+
+    def shard_ranges(self, ctx, shard_size: int) -> list[tuple[int, int]]:
+        """The build's units: ranges of scene indices, ``shard_size`` scenes each."""
+        src = ctx.section("source")
+        if isinstance(src, SyntheticSource):
+            n = src.images
+        elif isinstance(src, GraphsSource):
+            n = len(self._graph_records(ctx, src.path))
+        elif isinstance(src, FolderSource):
+            n = len(self._folder_files(ctx))
+        else:
+            n = len(self._offsets(ctx, src))
+        return [(r.start, r.stop) for r in scenes.iter_shards(n, shard_size)]
+
+    # -- one unit ----------------------------------------------------------------------------
+    def run(self, ctx, section, inputs) -> UnitOutput:
+        src = ctx.section("source")
+        start, stop = inputs["start"], inputs["stop"]
+        if isinstance(src, SyntheticSource):
+            out = scenes.ingest_synthetic(range(start, stop), build_seed=ctx.seed, width=src.width,
+                                          height=src.height, min_objects=src.min_objects,
+                                          max_objects=src.max_objects)
+        elif isinstance(src, GraphsSource):
+            out = scenes.ingest_graphs(self._graph_records(ctx, src.path), range(start, stop),
+                                       images_dir=src.images_dir, relations_from_geometry=src.relations_from_geometry)
+        elif isinstance(src, FolderSource):
+            out = scenes.ingest_folder(self._folder_files(ctx), range(start, stop), root=src.path)
+        else:
+            records = sources.read_lines(self._prepared(ctx.build.root, src), self._offsets(ctx, src), start, stop)
+            out = scenes.ingest_graphs(records, range(len(records)), images_dir=src.images_dir, source=src.kind)
+        tables: dict[str, list] = {}
+        if out.refs:
+            tables["expressions"] = ref_expressions(ctx.section("paths"), out)
+        seen: set[str] = set()
+        images = []
+        for img in out.images:
+            if img.record.image_id in seen:
+                out.drops.append(Drop(stage="ingest", key=img.record.source_ref or img.record.image_id,
+                                      reason="duplicate image", detail=img.record.image_id))
+                continue
+            seen.add(img.record.image_id)
+            ctx.build.images.put(img.data, img.ext)
+            images.append(img.record)
+        return UnitOutput({"images": images, "objects": out.objects, "relations": out.relations, **tables},
+                          out.drops, out.scenes_in)
+
+    def model_ids(self, ctx, section) -> dict[str, str]:
+        return {"ingest": ctx.section("source").kind}
+
+
+def ref_expressions(p: PathsConfig, out: IngestOutput) -> list[Expression]:
+    """RefCOCO-style human expressions as positive samples; the level is the target's minimal
+    constraint count in the scene graph (targets with no unique path within the ``[paths]`` bounds are
+    dropped)."""
+    levels: dict[str, dict[str, int]] = {}
+    boxes = {(o.image_id, o.object_id): o.box for o in out.objects}
+    rows = []
+    for ref in out.refs:
+        image_id, target = ref["image_id"], ref["object_id"]
+        if image_id not in levels:
+            levels[image_id] = referring_paths(
+                out.graphs[image_id], max_hops=p.max_hops, max_constraints=p.max_constraints, max_per_target=1,
+                positions=p.positions).levels
+        level = levels[image_id].get(target)
+        if level is None or not ref["text"].strip():
+            out.drops.append(Drop(stage="ingest", key=f"{image_id}/ref/{ref['ref_id']}",
+                                  reason="ref target has no unique path, so no level" if level is None
+                                  else "empty ref expression"))
+            continue
+        rows.append(Expression(
+            sample_id=stable_key("ref", image_id, target, ref["ref_id"], ref["text"]), image_id=image_id,
+            text=ref["text"], polarity="positive", target_object_id=target, gt_box=boxes[(image_id, target)],
+            task="refcoco", tasks={"source": "refcoco", "split": str(ref["split"])}, difficulty=level))
+    return rows
+
+
+STAGE = IngestStage()
+
+__all__ = ["SOURCE_KINDS", "STAGE", "CocoSource", "FolderSource", "GqaSource", "GraphsSource", "IngestStage",
+           "Source", "SyntheticSource", "ref_expressions"]
