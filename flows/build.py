@@ -23,7 +23,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from refforge import _env  # noqa: F401  (environment defaults before Prefect loads)
-from refforge.config import ConfigBase
+from refforge.config import ConfigBase, parse_config
 from refforge.optional import require
 from refforge.pipeline.context import BuildContext, ProgressFn
 from refforge.pipeline.stage import GlobalStage, Stage
@@ -67,7 +67,8 @@ def stages_to_run(cfg: ConfigBase) -> list[Stage]:
 
 @flow(name="refforge-build", log_prints=False, validate_parameters=False)
 def build_flow(root: str, config: dict, run_id: str) -> dict[str, list[UnitResult]]:
-    ctx = BuildContext.of_run(run_id)  # made by run_build in this process (``config`` is shown in the UI)
+    # the context run_build made for this run, in this process; else (a flow run started elsewhere) a new one
+    ctx = BuildContext.live(run_id) or BuildContext(root, parse_config(config), run_id)
     stages = stages_to_run(ctx.config)
     for stage in stages:
         stage.prepare(ctx.view(stage))

@@ -57,6 +57,7 @@ from refforge import __version__
 from refforge.llm import ChatRequest, LLMOutputError, LLMRequestError
 from refforge.llm.endpoint import ModelEndpoint, endpoint_client
 from refforge.stages import evaluate as ev
+from refforge.stages.answers import Answer, parse_answer
 from refforge.stages.export_records import read_canonical
 from refforge.storage.atomic import atomic_write_bytes
 
@@ -160,15 +161,15 @@ def _encode(client: Any, path: Path, dialect: str) -> Any:
         return client.encode_image(path)
 
 
-def _mapped(answer: ev.EvalAnswer, coords: str, sent_size: tuple[int, int], original_size: tuple[int, int]
-            ) -> tuple[ev.EvalAnswer, ev.Box | None]:
+def _mapped(answer: Answer, coords: str, sent_size: tuple[int, int], original_size: tuple[int, int]
+            ) -> tuple[Answer, ev.Box | None]:
     """(answer, box in pixels of the original image); a box with no area inside the image becomes
     an ``invalid_box`` answer."""
     if answer.status != "box":
         return answer, None
     box = ev.map_box(answer.box, coords, sent_size, original_size)
     if box is None:
-        answer = ev.EvalAnswer("invalid_box", answer.box, reason=f"box {list(answer.box)} has no area "
+        answer = Answer("invalid_box", answer.box, reason=f"box {list(answer.box)} has no area "
                                "inside the image", note=answer.note)
     return answer, box
 
@@ -176,15 +177,15 @@ def _mapped(answer: ev.EvalAnswer, coords: str, sent_size: tuple[int, int], orig
 # ------------------------------------------------------------------------------------------- model path
 
 
-def _answer_from_result(res: Any) -> tuple[ev.EvalAnswer, str | None, Any]:
+def _answer_from_result(res: Any) -> tuple[Answer, str | None, Any]:
     """(parsed answer, raw text, logprobs) of one run_many outcome."""
     if isinstance(res, LLMRequestError):
-        return ev.EvalAnswer("request_error", reason=f"{res.reason}: {res.detail}"[:300]), None, None
+        return Answer("request_error", reason=f"{res.reason}: {res.detail}"[:300]), None, None
     if isinstance(res, LLMOutputError):
         status = res.reason if res.reason in ("refusal", "empty", "truncated") else "unparseable"
-        return ev.EvalAnswer(status, reason=res.detail or res.reason), res.text, None
+        return Answer(status, reason=res.detail or res.reason), res.text, None
     # ChatResult: logprobs only where the client exposes them (see score_note in metrics.json)
-    return ev.parse_prediction(res.text), res.text, getattr(res, "logprobs", None)
+    return parse_answer(res.text, lenient=True), res.text, getattr(res, "logprobs", None)
 
 
 def _run_model(samples: list[dict[str, Any]], root: Path, client: Any, dialect: str, coords: str,
@@ -272,15 +273,15 @@ def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _bbox_answer(value: Any, where: str) -> ev.EvalAnswer:
+def _bbox_answer(value: Any, where: str) -> Answer:
     if value is None or value == []:
-        return ev.EvalAnswer("rejection")
+        return Answer("rejection")
     if (not isinstance(value, list) or len(value) != 4
             or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
         raise EvalError(f"{where}: bbox must be [x1, y1, x2, y2] (numbers), null or [], not {value!r}")
     if all(v == 0 for v in value):
-        return ev.EvalAnswer("rejection")
-    return ev.EvalAnswer("box", tuple(float(v) for v in value))  # type: ignore[arg-type]
+        return Answer("rejection")
+    return Answer("box", tuple(float(v) for v in value))  # type: ignore[arg-type]
 
 
 def score_predictions(samples: Sequence[Mapping[str, Any]], given: Mapping[str, Mapping[str, Any]],
@@ -301,10 +302,10 @@ def score_predictions(samples: Sequence[Mapping[str, Any]], given: Mapping[str, 
         line = given.get(s["sample_id"])
         size = (int(s["width"]), int(s["height"]))
         if line is None:
-            answer, raw = ev.EvalAnswer("missing", reason="no prediction for this sample"), None
+            answer, raw = Answer("missing", reason="no prediction for this sample"), None
         elif line.get("status") in ev.STATUSES and line["status"] not in ev.ANSWER_STATUSES:
             # a failure recorded by an earlier run (its predictions.jsonl scored again) stays a failure
-            answer = ev.EvalAnswer(line["status"], reason=line.get("reason") or "failed in the run that made the file")
+            answer = Answer(line["status"], reason=line.get("reason") or "failed in the run that made the file")
             raw = line.get("raw_answer")
         elif "bbox" in line:
             answer, raw = _bbox_answer(line["bbox"], f"{where}:{line['_line']}"), None
@@ -312,7 +313,7 @@ def score_predictions(samples: Sequence[Mapping[str, Any]], given: Mapping[str, 
                 raw = str(line["answer"] if line.get("answer") is not None else line["raw_answer"])
         else:
             raw = line["answer"] if line["answer"] is None else str(line["answer"])
-            answer = ev.parse_prediction(raw)
+            answer = parse_answer(raw, lenient=True)
         answer, box = _mapped(answer, coords if line is not None and "bbox" not in line else "pixels", size, size)
         if line is not None and line.get("score") is not None:
             score, source = float(line["score"]), "file"

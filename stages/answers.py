@@ -236,16 +236,16 @@ _BOX_KEYS = ("bbox_2d", "bbox", "box", "bbox2d")
 _SCORE_KEYS = ("score", "confidence", "conf", "prob")
 
 
-def _number(v: Any) -> float | None:
+def finite_number(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
     f = float(v)
     return f if math.isfinite(f) else None
 
 
-def _as_box(v: Any) -> Box | None:
+def as_box(v: Any) -> Box | None:
     if isinstance(v, list | tuple) and len(v) == 4:
-        nums = [_number(x) for x in v]
+        nums = [finite_number(x) for x in v]
         if all(n is not None for n in nums):
             return tuple(nums)  # type: ignore[return-value]
     return None
@@ -279,7 +279,7 @@ def _from_json(data: Any) -> Answer | None:
                 v = data[k]
                 if v is None or v == []:
                     return Answer("rejection")
-                box = _as_box(v)
+                box = as_box(v)
                 if box is None:
                     return Answer("unparseable", reason=f"{k} is not four numbers: {json.dumps(v)[:80]}")
                 return _box_or_rejection(box)
@@ -287,7 +287,7 @@ def _from_json(data: Any) -> Answer | None:
     if isinstance(data, list):
         if not data:
             return Answer("rejection")
-        box = _as_box(data)
+        box = as_box(data)
         if box is not None:
             return _box_or_rejection(box)
         if all(isinstance(d, dict) for d in data):
@@ -296,12 +296,12 @@ def _from_json(data: Any) -> Answer | None:
                 key = next((k for k in _BOX_KEYS if k in d), None)
                 if key is None:
                     continue
-                b = _as_box(d[key])
+                b = as_box(d[key])
                 if b is None:
                     if d[key] in (None, []):
                         continue
                     return Answer("unparseable", reason=f"{key} is not four numbers: {json.dumps(d[key])[:80]}")
-                score = next((_number(d[k]) for k in _SCORE_KEYS if k in d), None)
+                score = next((finite_number(d[k]) for k in _SCORE_KEYS if k in d), None)
                 dets.append((b, score))
             if not dets:  # detections with a null / [] box say "nothing"; dicts without a box key say nothing
                 return Answer("rejection") if any(k in d for d in data for k in _BOX_KEYS) else None
@@ -312,8 +312,8 @@ def _from_json(data: Any) -> Answer | None:
                 return Answer("box", dets[best][0],
                               note=f"{len(dets)} boxes in the answer; took the highest-scored (#{best + 1})")
             return Answer("box", dets[0][0], note=f"{len(dets)} boxes in the answer; took the first")
-        if all(_as_box(d) is not None for d in data):
-            boxes = [_as_box(d) for d in data]
+        if all(as_box(d) is not None for d in data):
+            boxes = [as_box(d) for d in data]
             note = None if len(set(boxes)) == 1 else f"{len(boxes)} boxes in the answer; took the first"
             return Answer("box", boxes[0], note=note)
     return None
@@ -337,7 +337,7 @@ def _lenient_read(raw: str) -> Answer:
         if ans is not None:
             return ans
     # JSON-ish detections that do not decode (cut off, single quotes): the bbox keys by regex
-    keyed = [_as_box([float(x) for x in _NUMBER_E.findall(m)]) for m in _BBOX_KEY.findall(raw)]
+    keyed = [as_box([float(x) for x in _NUMBER_E.findall(m)]) for m in _BBOX_KEY.findall(raw)]
     if keyed and all(b is not None for b in keyed):
         note = None if len(set(keyed)) == 1 else f"{len(keyed)} boxes in the answer; took the first"
         return Answer("box", keyed[0], note=note)

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from refforge.stages.answers import Answer, _as_box, _number, parse_answer
+from refforge.stages.answers import Answer, as_box, finite_number
 from refforge.stages.metrics import METRIC_COLUMNS, metric_table, paired_iou
 from refforge.stages.scene.boxes import clip_boxes, from_grid
 from refforge.stages.scene.templates import load_template, template_hash
@@ -127,18 +127,6 @@ def build_messages(dialect: str, expression: str, image_part: Mapping[str, Any],
             {"role": "user", "content": [dict(image_part), {"type": "text", "text": user}]}]
 
 
-# --------------------------------------------------------------------------------------------- parsing
-
-# The answer type and reader of refforge.flows.evaluate, which still names them so (a file of another
-# change): refforge.stages.answers.Answer and parse_answer(text, lenient=True) are the ones to use.
-EvalAnswer = Answer
-
-
-def parse_prediction(text: str | None) -> Answer:
-    """``parse_answer(text, lenient=True)``."""
-    return parse_answer(text, lenient=True)
-
-
 def map_box(box: Sequence[float], coords: str, sent_size: tuple[int, int], original_size: tuple[int, int]
             ) -> Box | None:
     """A box the model answered, in pixels of the original image, clipped to it; None when nothing of
@@ -193,7 +181,7 @@ def score_from_logprobs(status: str, logprobs: Sequence[Any] | Mapping[str, Any]
     vals = []
     for t in logprobs:
         v = t.get("logprob") if isinstance(t, Mapping) else t
-        n = _number(v)
+        n = finite_number(v)
         if n is None:
             return None
         vals.append(min(n, 0.0))
@@ -232,7 +220,7 @@ def check_records(records: Sequence[Mapping[str, Any]], split: str) -> None:
         seen.add(sid)
         if r["polarity"] not in ("positive", "negative"):
             raise ValueError(f"sample {sid!r}: polarity must be 'positive' or 'negative', not {r['polarity']!r}")
-        if r["polarity"] == "positive" and _as_box(list(r["bbox"] or [])) is None:
+        if r["polarity"] == "positive" and as_box(list(r["bbox"] or [])) is None:
             raise ValueError(f"positive sample {sid!r} has no bbox [x1, y1, x2, y2]")
 
 

@@ -9,9 +9,9 @@ from refforge.config import parse_config
 from refforge.flows.build import run_build
 from refforge.flows.plan import plan
 from refforge.pipeline.context import BuildContext
-from refforge.stages import negatives_text as negatives_pkg
 from refforge.stages import paths as paths_pkg
 from refforge.stages.cot import walk as cot_walk
+from refforge.stages.negatives_text import edits as negatives_edits
 from refforge.storage import BuildConflict, Catalog
 
 from .conftest import small_config
@@ -191,7 +191,7 @@ def test_stage_units_pause_the_collector_and_make_no_cyclic_garbage(small_build,
     ctx = BuildContext(out, cfg, run_id="gc-test", _register=False)
     s = plan(cfg, out, ctx)[0]
     calls: list[tuple[str, bool]] = []
-    for mod, name in ((paths_pkg, "referring_paths"), (negatives_pkg, "text_negatives"),
+    for mod, name in ((paths_pkg, "referring_paths"), (negatives_edits, "text_negatives"),
                       (cot_walk, "traces_for_sample")):
         def recorder(*args, _fn=getattr(mod, name), _name=name, **kwargs):
             calls.append((_name, gc.isenabled()))

@@ -22,9 +22,19 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contains_the_mapped_packages_and_package_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("refforge/cli.py", "refforge/flows/build.py", "refforge/stages/paths.py",
-                     "refforge/schemas/tables.py", "refforge/storage/shards.py", "refforge/configs/demo.toml"):
+    for required in ("refforge/cli.py", "refforge/flows/build.py", "refforge/flows/registry.py",
+                     "refforge/pipeline/stage.py", "refforge/stages/paths/search.py",
+                     "refforge/stages/scene/templates.py", "refforge/schemas/tables.py",
+                     "refforge/storage/shards.py", "refforge/configs/demo.toml"):
         assert required in names, required
+    # every package of the source tree is in the wheel (pyproject lists them one by one)
+    mapped = {"refforge": "refforge", "flows": "refforge/flows", "stages": "refforge/stages",
+              "schemas": "refforge/schemas", "storage": "refforge/storage", "prompts": "refforge/prompts",
+              "configs": "refforge/configs"}
+    for folder, target in mapped.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.relative_to(ROOT / folder).as_posix()
+            assert f"{target}/{rel}" in names, f"{folder}/{rel} is not in the wheel: add it to pyproject's packages"
     assert any(n.startswith("refforge/prompts/paths/") and n.endswith(".j2") for n in names)
     assert not any(n.startswith(("stages/", "storage/", "schemas/", "flows/", "tests/")) for n in names)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,29 @@ def test_a_toy_stage_is_one_module_and_one_registry_line(tmp_path, prefect_api):
     assert json.loads((out / "runs" / f"{record['run_id']}.json").read_text())["config"]["stage_versions"]["toy"] == 1
     again = run_build(with_toy, out)
     assert all(s["written_this_run"] == {} for s in again["stages"].values())
+
+
+def test_a_stage_s_missing_package_fails_before_any_work_with_the_install_command(tmp_path):
+    """torch and transformers hidden: a GroundingDINO config fails at once, naming the extra, and makes
+    no build directory; the offline detector needs neither."""
+    code = textwrap.dedent(f"""
+        import sys
+        for name in ("torch", "transformers", "open_clip"):
+            sys.modules[name] = None
+        from refforge.config import parse_config
+        from refforge.flows.build import run_build
+        from refforge.optional import MissingPackage
+        raw = {{"source": {{"kind": "folder", "path": {str(tmp_path)!r}}},
+               "proposals": {{"detector": "grounding_dino", "detector_model": "x", "vocabulary": ["cup"]}}}}
+        try:
+            run_build(parse_config(raw), {str(tmp_path / "b")!r})
+        except MissingPackage as e:
+            print(e)
+        from refforge.flows.build import check_packages
+        check_packages(parse_config({{**raw, "proposals": {{}}}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ("stage 'proposals' needs torch, transformers, not installed: "
+                                  "pip install 'refforge[models]'")
+    assert not (tmp_path / "b").exists()

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from refforge.config import ConfigError, load_config
+from refforge.optional import MissingPackage
 from refforge.storage import BuildConflict, Catalog
 
 from ._ui import console, fail
@@ -43,7 +44,7 @@ def build(
 
         try:
             record = run_build(cfg, out, force=force, progress=on_progress)
-        except (BuildConflict, ConfigError) as e:
+        except (BuildConflict, ConfigError, MissingPackage) as e:
             progress.stop()
             fail(str(e))
     _print_summary(record)

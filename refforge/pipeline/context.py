@@ -59,10 +59,10 @@ class BuildContext:
                 _LIVE[run_id] = self
 
     @classmethod
-    def of_run(cls, run_id: str) -> BuildContext:
-        """The context that :func:`refforge.flows.build.run_build` made for this run (same process)."""
+    def live(cls, run_id: str) -> BuildContext | None:
+        """The open context of run ``run_id`` in this process, if any."""
         with _LIVE_LOCK:
-            return _LIVE[run_id]
+            return _LIVE.get(run_id)
 
     def __reduce__(self):
         return (_attach, (type(self.config), self.config.model_dump(mode="json"), str(self.root), self.run_id))

@@ -28,9 +28,8 @@ from refforge.stages.scene.keys import stable_key
 from refforge.stages.scene.query import Node
 from refforge.stages.scene.taxonomy import tasks_for
 
-from .edits import DEFAULT_BACKEND, NegativeIndex, text_negatives
+from . import edits, refine
 from .llm_backend import negative_backend
-from .refine import refine
 
 
 class NegativesTextConfig(_Strict):
@@ -72,11 +71,11 @@ class NegativesTextStage(Stage):
         complete = isinstance(ctx.section("source"), SyntheticSource)
         rows: list[Expression] = []
         queries: list[Node] = []
-        edits: list[tuple[str, str]] = []
+        details: list[tuple[str, str]] = []
         counts: Counter = Counter()
         skipped = 0
         indexes: dict[str, Any] = {}
-        backend = DEFAULT_BACKEND
+        backend = edits.DEFAULT_BACKEND
         pos_queries = [query_of(p) for p in positives]
         if section.backend == "llm":
             backend = negative_backend(ctx.client("llm"))
@@ -88,8 +87,8 @@ class NegativesTextStage(Stage):
                     continue
                 graph = graphs[pos["image_id"]]
                 if pos["image_id"] not in indexes:
-                    indexes[pos["image_id"]] = NegativeIndex(graph)
-                cands = text_negatives(graph, query, pos["template_text"], target_id=pos["target_object_id"],
+                    indexes[pos["image_id"]] = edits.NegativeIndex(graph)
+                cands = edits.text_negatives(graph, query, pos["template_text"], target_id=pos["target_object_id"],
                                        seed=int(stable_key(ctx.seed, pos["sample_id"], length=8), 16),
                                        per_type=section.per_type, complete_graph=complete,
                                        index=indexes[pos["image_id"]], backend=backend)
@@ -106,10 +105,10 @@ class NegativesTextStage(Stage):
                         negative_level=c.negative_level, negative_source="text", positive_id=pos["sample_id"],
                         needs_review=c.needs_review))
                     queries.append(c.query)
-                    edits.append((c.negative_type, c.detail))
+                    details.append((c.negative_type, c.detail))
                     counts[f"{c.negative_type}/{c.negative_level}"] += 1
         drops = backend.take_drops() if hasattr(backend, "take_drops") else []
-        rows, rewrite_drops = rewrite_rows(ctx, rows, queries, edits)
+        rows, rewrite_drops = rewrite_rows(ctx, rows, queries, details)
         extra: dict[str, Any] = {"candidates": dict(counts)}
         if skipped:
             extra["skipped_without_path"] = skipped
@@ -159,7 +158,7 @@ class RefineStage(GlobalStage):
             for key, r in flat:
                 outputs[key].tables.setdefault("expressions", []).append(Expression(**r))
             return outputs
-        res = refine(positives.column("text").to_pylist(), positives.column("image_id").to_pylist(),
+        res = refine.refine(positives.column("text").to_pylist(), positives.column("image_id").to_pylist(),
                      [r["text"] for _, r in flat], [r["image_id"] for _, r in flat],
                      [r["negative_type"] for _, r in flat], target_auroc=section.target_auroc,
                      max_rounds=section.max_rounds, seed=ctx.seed)
