@@ -8,6 +8,11 @@ from pathlib import Path
 from refforge.schemas import KEYS, TABLES
 from refforge.storage import TableReader
 
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent  # the repository
+FIXTURES = TESTS / "fixtures"  # small excerpts of real public annotations (GQA, COCO, RefCOCO)
+GOLDEN = TESTS / "golden"  # what the release before the stage refactor made
+
 
 def table_rows(build: Path, table: str) -> list[str]:
     """Every row of a table as canonical JSON, sorted: equal lists mean equal contents."""

@@ -40,7 +40,6 @@ it sends, for provenance).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -68,7 +67,6 @@ class UnitOutput:
 class Stage:
     """One unit of work per shard. Subclasses set the class attributes above and implement run()."""
 
-    kind: ClassVar[str] = "unit"
     name: ClassVar[str]
     version: ClassVar[int] = 1
     config: ClassVar[type[BaseModel] | None] = None
@@ -145,7 +143,6 @@ class GlobalStage(Stage):
     ``part_of`` names the unit stage it belongs to: it runs right after that stage, when that stage
     runs, reading that stage's config section."""
 
-    kind: ClassVar[str] = "global"
     part_of: ClassVar[str]
 
     @property
@@ -162,8 +159,4 @@ def merge_counts(extras: list[dict[str, Any]], key: str) -> dict[str, int]:
     return dict(sum((Counter(e.get(key, {})) for e in extras), Counter()))
 
 
-def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-__all__ = ["GlobalStage", "Stage", "UnitOutput", "canonical", "merge_counts"]
+__all__ = ["GlobalStage", "Stage", "UnitOutput", "merge_counts"]

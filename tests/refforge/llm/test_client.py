@@ -108,6 +108,42 @@ def call(client, messages=MSG, **kw):
     return client.chat_sync(messages, **kw)
 
 
+# ------------------------------------------------------------------------------------------ usage scopes
+
+
+def test_usage_scopes_count_each_thread_s_calls_apart_on_one_shared_client(srv, make):
+    """Two build units on one client at the same time: each scope reads back exactly its own calls, the
+    client's totals are their sum, and calls outside any scope count in the totals only."""
+    import threading
+
+    from refforge.llm.client import usage_scope
+
+    client = make(srv, concurrency=4)
+    got: dict[str, tuple[int, dict]] = {}
+    barrier = threading.Barrier(2)
+
+    def unit(name: str, n: int) -> None:
+        with usage_scope() as scope:
+            barrier.wait()
+            for i in range(n):
+                call(client, [{"role": "user", "content": f"{name} {i}"}], stage=name)
+            got[name] = (scope, client.usage(scope=scope))
+
+    threads = [threading.Thread(target=unit, args=(name, n)) for name, n in (("paths", 3), ("cot", 5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    call(client, [{"role": "user", "content": "outside"}], stage="cot")
+    for name, n in (("paths", 3), ("cot", 5)):
+        scope, usage = got[name]
+        assert set(usage) == {name} and usage[name]["requests"] == n and usage[name]["http_requests"] == n
+    total = client.usage()
+    assert total["paths"]["requests"] == 3 and total["cot"]["requests"] == 6
+    assert sum(u["http_requests"] for u in total.values()) == len(srv.requests) == 9
+    assert client.usage(scope=got["paths"][0]) == got["paths"][1]  # read again after the scope closed
+
+
 # ------------------------------------------------------------------------------------------ plain calls
 
 

@@ -20,8 +20,7 @@ from refforge.flows.report import write_report
 from refforge.schemas import Expression, Review, Score
 from refforge.stages import report as R
 from refforge.storage import BuildDir, Catalog, new_run_id
-
-from .conftest import small_build
+from tests.conftest import small_build
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -14,11 +14,10 @@ from refforge.config import parse_config
 from refforge.flows.build import run_build, stages_to_run
 from refforge.flows.plan import plan
 from refforge.pipeline.context import BuildContext
+from tests.helpers import snapshot
 
-from .helpers import snapshot
-
-GOLDEN = Path(__file__).resolve().parent / "golden"
-FIX = Path(__file__).resolve().parent / "fixtures"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
 WORK_KEYS = json.loads((GOLDEN / "work_keys.json").read_text())
 
 

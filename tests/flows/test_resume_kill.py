@@ -12,9 +12,8 @@ import pytest
 import tomli_w
 
 from refforge.schemas import TABLES
-
-from .conftest import refforge_cmd, small_config
-from .helpers import duplicate_keys, snapshot
+from tests.conftest import refforge_cmd, small_config
+from tests.helpers import duplicate_keys, snapshot
 
 CONFIG = small_config(images=30, shard_size=5)
 

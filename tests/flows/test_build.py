@@ -13,9 +13,8 @@ from refforge.stages import paths as paths_pkg
 from refforge.stages.cot import walk as cot_walk
 from refforge.stages.negatives_text import edits as negatives_edits
 from refforge.storage import BuildConflict, Catalog
-
-from .conftest import small_config
-from .helpers import duplicate_keys, files, snapshot
+from tests.conftest import small_config
+from tests.helpers import duplicate_keys, files, snapshot
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ from typer.testing import CliRunner
 from refforge.cli import app
 from refforge.config import ConfigError, load_config, parse_config
 from refforge.flows.build import run_build
-
-from .conftest import refforge_cmd, small_config
+from tests.conftest import refforge_cmd, small_config
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ from refforge.stages.scene.query import Node, evaluate
 from refforge.stages.scene.records import graphs_from_tables
 from refforge.storage import Catalog, TableReader
 
-FIX = Path(__file__).resolve().parent / "fixtures"
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _build(tmp_path, source: dict):

@@ -15,9 +15,8 @@ from refforge.stages.describe.vlm import MARK_COLOUR
 from refforge.stages.scene.lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, INVERSE
 from refforge.storage import Catalog
 from refforge.testing import OpenAITestServer, refusal
-
-from .conftest import small_config
-from .helpers import snapshot
+from tests.conftest import small_config
+from tests.helpers import snapshot
 
 
 def _user_text(req) -> str:

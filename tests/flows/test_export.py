@@ -29,8 +29,7 @@ from refforge.stages.export_records import CANONICAL_FIELDS, read_canonical
 from refforge.stages.scene.boxes import format_box
 from refforge.stages.splits import LeakageError
 from refforge.storage import BuildDir, Catalog, TableReader
-
-from . import conftest
+from tests import conftest
 
 ALL = list(FORMATS)
 

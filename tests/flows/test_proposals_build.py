@@ -17,8 +17,7 @@ from refforge.flows.build import run_build
 from refforge.stages.proposals import detectors as prop
 from refforge.stages.scene.boxes import iou
 from refforge.storage import Catalog
-
-from .helpers import snapshot
+from tests.helpers import snapshot
 
 BACKGROUND = (235, 235, 235)
 # file -> rectangles drawn on it (PIL's inclusive corners) and their fill colours

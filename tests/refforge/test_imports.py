@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 FOLDERS = {"refforge": "refforge", "flows": "refforge.flows", "stages": "refforge.stages",
            "schemas": "refforge.schemas", "storage": "refforge.storage", "prompts": "refforge.prompts",
            "configs": "refforge.configs"}

@@ -18,11 +18,10 @@ from refforge.flows.build import run_build
 from refforge.flows.plan import plan
 from refforge.pipeline.stage import GlobalStage
 from refforge.storage import Catalog
+from tests import toy_stage
+from tests.conftest import small_config
 
-from . import toy_stage
-from .conftest import small_config
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_derived_tables_follow_the_registry():

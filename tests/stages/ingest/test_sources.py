@@ -23,8 +23,8 @@ from refforge.stages.ingest.sources import (
     load_refs,
     read_lines,
 )
+from tests.helpers import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GQA = FIXTURES / "gqa"
 COCO = FIXTURES / "coco"
 
