@@ -2,8 +2,11 @@
 
 A config names the source, the stages to run and each stage's backend and parameters. Any unknown
 key, stage, source kind or backend fails before any work, with the allowed values in the message.
-The config hash (sha256 of the canonical JSON of everything that changes the data, i.e. all but the
-``[runner]`` section) identifies a build: an existing build directory with another hash is refused.
+The sections are the stages' own: :func:`config_model` assembles the Config model from the registry
+(``[build]``, each stage's section in pipeline order, ``[llm]``, ``[vlm]``, ``[runner]``), so a stage's
+section is defined once, in the stage's module. The config hash (sha256 of the canonical JSON of
+everything that changes the data, i.e. all but the ``[runner]`` section and where models are served)
+identifies a build: an existing build directory with another hash is refused.
 """
 
 from __future__ import annotations

@@ -138,3 +138,14 @@ def test_a_stage_s_missing_package_fails_before_any_work_with_the_install_comman
     assert res.stdout.strip() == ("stage 'proposals' needs torch, transformers, not installed: "
                                   "pip install 'refforge[models]'")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_global_step_s_version_enters_its_keys_and_the_build_identity(monkeypatch, tmp_path):
+    cfg = parse_config(small_config(images=4, shard_size=2))
+    before, identity = plan(cfg, tmp_path), cfg.config_hash()
+    assert "refine" not in cfg.data_dict()["stage_versions"]  # version 1: as before it had one
+    monkeypatch.setattr(type(cfg.stage("refine")), "version", 2)
+    after = plan(cfg, tmp_path)
+    assert cfg.config_hash() != identity and cfg.data_dict()["stage_versions"]["refine"] == 2
+    for b, a in zip(before, after, strict=True):
+        assert {k for k in b if b[k] != a[k]} == {"refine", "cot"}  # the step and what reads its output
