@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from refforge.config import load_config  # noqa: E402
-from refforge.flows.build import run_build, stages_to_run  # noqa: E402
+from refforge.flows.build import run_build  # noqa: E402
 from refforge.flows.plan import plan  # noqa: E402
 from refforge.flows.runner import run_global, run_unit  # noqa: E402
 from refforge.pipeline.context import BuildContext  # noqa: E402
@@ -44,7 +44,7 @@ def direct_build(cfg, out: Path) -> int:
     ctx = BuildContext(build.root, cfg, new_run_id())
     n = 0
     try:
-        stages = stages_to_run(cfg)
+        stages = cfg.running()
         for stage in stages:
             stage.prepare(ctx.view(stage))
         shards = plan(cfg, build.root, ctx)

@@ -59,17 +59,11 @@ def run_stage(ctx: BuildContext, stage: Stage, shards: list[dict[str, Any]]) -> 
                     len(shards))
 
 
-def stages_to_run(cfg: ConfigBase) -> list[Stage]:
-    """The registry's stages this config runs, in pipeline order (a global step with its stage)."""
-    chosen = set(cfg.build.stages)
-    return [s for s in cfg.registry if s.name in chosen or getattr(s, "part_of", None) in chosen]
-
-
 @flow(name="refforge-build", log_prints=False, validate_parameters=False)
 def build_flow(root: str, config: dict, run_id: str) -> dict[str, list[UnitResult]]:
     # the context run_build made for this run, in this process; else (a flow run started elsewhere) a new one
     ctx = BuildContext.live(run_id) or BuildContext(root, parse_config(config), run_id)
-    stages = stages_to_run(ctx.config)
+    stages = ctx.config.running()
     for stage in stages:
         stage.prepare(ctx.view(stage))
     shards = plan(ctx.config, root, ctx)
@@ -95,8 +89,8 @@ def tune_gc() -> tuple[int, int, int]:
 
 def check_packages(cfg: ConfigBase) -> None:
     """Every optional package the config's stages need, checked before any unit runs."""
-    for stage in stages_to_run(cfg):
-        stage.check_packages(getattr(cfg, stage.section_name) if stage.section_name else None)
+    for stage in cfg.running():
+        stage.check_packages(cfg.section_of(stage))
 
 
 def _task_runner(cfg: ConfigBase):
@@ -153,4 +147,4 @@ def run_build(config: ConfigBase, out: Path, *, force: bool = False, progress: P
     return record
 
 
-__all__ = ["build_flow", "check_packages", "plan", "run_build", "run_stage", "stages_to_run"]
+__all__ = ["build_flow", "check_packages", "plan", "run_build", "run_stage"]

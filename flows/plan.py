@@ -25,9 +25,8 @@ def plan(cfg: ConfigBase, root: Path | str, ctx: BuildContext | None = None) -> 
     """The units of every stage, per shard, with their work keys (``ctx``: the run's context, whose
     caches then hold the source files the planner read)."""
     ctx = ctx or BuildContext(root, cfg, run_id="plan", _register=False)
-    running = set(cfg.build.stages)
-    keyed = [s for s in cfg.registry
-             if s.core or s.name in running or getattr(s, "part_of", None) in running]
+    running = {s.name for s in cfg.running()}
+    keyed = [s for s in cfg.registry if s.core or s.name in running]
     hashes = {s.name: cfg.stage_hash(s.name) for s in keyed}
     source = cfg.registry[0]
     shards = []

@@ -22,26 +22,17 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _running(ctx: BuildContext) -> list:
-    stages = ctx.config.build.stages
-    return [s for s in ctx.config.registry if s.name in stages or getattr(s, "part_of", None) in stages]
-
-
-def _section(ctx: BuildContext, stage) -> Any:
-    return getattr(ctx.config, stage.section_name) if stage.section_name else None
-
-
 def model_ids(ctx: BuildContext) -> dict[str, str]:
     """What made each stage's output: a model id, or the offline algorithm's name."""
     out: dict[str, str] = {}
-    for s in _running(ctx):
-        out.update(s.model_ids(ctx.view(s), _section(ctx, s)))
+    for s in ctx.config.running():
+        out.update(s.model_ids(ctx.view(s), ctx.config.section_of(s)))
     return out
 
 
 def model_prompts(ctx: BuildContext) -> dict[str, str]:
     """``{prompt: "<template>@<sha256>"}`` of the prompts the build's model stages send."""
-    names = [n for s in _running(ctx) for n in s.prompts(ctx.view(s), _section(ctx, s))]
+    names = [n for s in ctx.config.running() for n in s.prompts(ctx.view(s), ctx.config.section_of(s))]
     return {n: prompt_version(n) for n in dict.fromkeys(names)}
 
 

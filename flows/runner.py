@@ -75,10 +75,6 @@ def _resumed(b: BuildDir, stage: str, key: str) -> UnitResult | None:
     return UnitResult(**{**done, "resumed": True})
 
 
-def _section(ctx: BuildContext, stage: Stage) -> Any:
-    return getattr(ctx.config, stage.section_name) if stage.section_name else None
-
-
 @task(cache_policy=NO_CACHE, persist_result=False)
 def run_unit(ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) -> UnitResult:
     """One unit of a stage: skipped when the ledger has it, else run and committed."""
@@ -86,7 +82,7 @@ def run_unit(ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) 
     if (r := _resumed(b, stage.name, key)) is not None:
         return r
     t0 = time.perf_counter()
-    out, usage = run_scoped(lambda: stage.run(ctx.view(stage), _section(ctx, stage), inputs), ctx)
+    out, usage = run_scoped(lambda: stage.run(ctx.view(stage), ctx.config.section_of(stage), inputs), ctx)
     return _commit(b, ctx.run_id, stage, key, out, t0, usage)
 
 
@@ -98,7 +94,7 @@ def run_global(ctx: BuildContext, stage: GlobalStage, units: list[dict[str, Any]
     if all(d is not None for d in done):
         return done  # type: ignore[return-value]
     t0 = time.perf_counter()
-    outputs, usage = run_scoped(lambda: stage.run_all(ctx.view(stage), _section(ctx, stage), units), ctx)
+    outputs, usage = run_scoped(lambda: stage.run_all(ctx.view(stage), ctx.config.section_of(stage), units), ctx)
     results = []
     for u, prev in zip(units, done, strict=True):
         if prev is None:

@@ -91,6 +91,16 @@ class ConfigBase(_Strict):
     def stage(self, name: str) -> Stage:
         return by_name(self.registry)[name]
 
+    def running(self) -> list[Stage]:
+        """The registry's stages this config runs, in pipeline order (a global step with its stage)."""
+        chosen = set(self.build.stages)
+        return [s for s in self.registry
+                if s.name in chosen or (isinstance(s, GlobalStage) and s.part_of in chosen)]
+
+    def section_of(self, stage: Stage) -> Any:
+        """The config section a stage runs with (its own, or its parent's for a global step), or None."""
+        return getattr(self, stage.section_name) if stage.section_name else None
+
     def data_dict(self) -> dict[str, Any]:
         """Everything that changes the data (the runner and where models are served do not), with the
         stage code versions."""

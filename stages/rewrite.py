@@ -20,6 +20,7 @@ from pydantic import Field
 
 from refforge._strict import _Strict
 from refforge.llm import ChatRequest, LLMClient, LLMOutputError
+from refforge.llm.endpoint import require_endpoint
 from refforge.schemas import Drop, Expression
 from refforge.stages.llm_common import _drop, _extra, _macros, _messages, _model_of, prompt_version
 from refforge.stages.scene.lexicon import (
@@ -495,8 +496,8 @@ class RewriteConfig(_Strict):
         return self.backend != "offline"
 
     def check_against(self, cfg: Any) -> None:
-        if self.backend == "llm" and cfg.llm is None:
-            raise ValueError("rewrite.backend = 'llm' needs an [llm] section (base_url, model)")
+        if self.backend == "llm":
+            require_endpoint(cfg, "llm", "rewrite.backend = 'llm'")
 
 
 def rewrite_hash_part(data: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -33,6 +33,12 @@ class ModelEndpoint(_Strict):
     price_per_1k_output: float | None = None
 
 
+def require_endpoint(cfg: Any, which: str, setting: str) -> None:
+    """A config check: ``setting`` (e.g. "cot.backend = 'vlm'") needs the ``[which]`` endpoint section."""
+    if getattr(cfg, which) is None:
+        raise ValueError(f"{setting} needs the [{which}] section (base_url, model)")
+
+
 def endpoint_client(ep: ModelEndpoint, cache_path: Path) -> LLMClient:
     """An LLMClient for an endpoint, with a persistent response cache at ``cache_path`` (the build's,
     or ``refforge eval``'s own)."""
@@ -43,4 +49,4 @@ def endpoint_client(ep: ModelEndpoint, cache_path: Path) -> LLMClient:
         price_per_1k_output=ep.price_per_1k_output, cache=ResponseCache(cache_path))
 
 
-__all__ = ["OPERATIONAL_ENDPOINT_KEYS", "ModelEndpoint", "endpoint_client"]
+__all__ = ["OPERATIONAL_ENDPOINT_KEYS", "ModelEndpoint", "endpoint_client", "require_endpoint"]

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from refforge._strict import _Strict
 from refforge.gcpause import gc_paused
+from refforge.llm.endpoint import require_endpoint
 from refforge.pipeline.inputs import graph_keys, query_of, read_graphs
 from refforge.pipeline.stage import Stage, UnitOutput
 from refforge.schemas import CotTrace, Drop
@@ -31,10 +32,10 @@ class CotConfig(_Strict):
     temperature: float = Field(default=0.8, ge=0)
 
     def check_against(self, cfg: Any) -> None:
-        if self.backend == "vlm" and cfg.vlm is None:
-            raise ValueError("cot.backend = 'vlm' needs a [vlm] section (base_url, model)")
-        if self.judge == "llm" and cfg.llm is None:
-            raise ValueError("cot.judge = 'llm' needs an [llm] section (base_url, model)")
+        if self.backend == "vlm":
+            require_endpoint(cfg, "vlm", "cot.backend = 'vlm'")
+        if self.judge == "llm":
+            require_endpoint(cfg, "llm", "cot.judge = 'llm'")
 
 
 class CotStage(Stage):

@@ -18,6 +18,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from refforge._strict import _Strict
+from refforge.llm.endpoint import require_endpoint
 from refforge.pipeline.inputs import graph_keys, read_graphs
 from refforge.pipeline.stage import Stage, UnitOutput
 from refforge.schemas import Drop, Expression
@@ -45,8 +46,7 @@ class DescribeConfig(_Strict):
     def check_against(self, cfg: Any) -> None:
         if self.backend != "vlm":
             return
-        if cfg.vlm is None:
-            raise ValueError("describe.backend = 'vlm' needs a [vlm] section (base_url, model)")
+        require_endpoint(cfg, "vlm", "describe.backend = 'vlm'")
         taxonomy = cfg.paths.taxonomy
         labels = {"refbench_pro": REFBENCH_PRO_LABELS, "groundingme": GROUNDINGME_LABELS}[taxonomy]
         allowed = [t for t in labels if not t.startswith(("reject", "rejection"))]

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from refforge._strict import _Strict
 from refforge.gcpause import gc_paused
+from refforge.llm.endpoint import require_endpoint
 from refforge.pipeline.inputs import graph_keys, query_of, read_graphs
 from refforge.pipeline.stage import GlobalStage, Stage, UnitOutput, merge_counts
 from refforge.schemas import Drop, Expression, Score
@@ -40,8 +41,8 @@ class NegativesTextConfig(_Strict):
     max_rounds: int = Field(default=5, ge=1)
 
     def check_against(self, cfg: Any) -> None:
-        if self.backend == "llm" and cfg.llm is None:
-            raise ValueError("negatives_text.backend = 'llm' needs an [llm] section (base_url, model)")
+        if self.backend == "llm":
+            require_endpoint(cfg, "llm", "negatives_text.backend = 'llm'")
 
 
 class NegativesTextStage(Stage):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from refforge.config import parse_config
-from refforge.flows.build import run_build, stages_to_run
+from refforge.flows.build import run_build
 from refforge.flows.plan import plan
 from refforge.pipeline.context import BuildContext
 from tests.helpers import snapshot
@@ -34,7 +34,7 @@ def test_work_keys_and_hashes_equal_the_previous_release(name, tmp_path):
     assert cfg.config_hash() == golden["config_hash"]
     assert {s: cfg.stage_hash(s) for s in golden["stage_hashes"]} == golden["stage_hashes"]
     ctx = BuildContext(tmp_path, cfg, run_id=f"golden-{name}", _register=False)
-    for stage in stages_to_run(cfg):
+    for stage in cfg.running():
         stage.prepare(ctx.view(stage))
     got = plan(cfg, tmp_path, ctx)
     assert len(got) == len(golden["plan"]) > 0
