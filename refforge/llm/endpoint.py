@@ -36,7 +36,8 @@ class ModelEndpoint(_Strict):
 def require_endpoint(cfg: Any, which: str, setting: str) -> None:
     """A config check: ``setting`` (e.g. "cot.backend = 'vlm'") needs the ``[which]`` endpoint section."""
     if getattr(cfg, which) is None:
-        raise ValueError(f"{setting} needs the [{which}] section (base_url, model)")
+        article = "an" if which == "llm" else "a"  # "an [llm]", "a [vlm]", as the words are said
+        raise ValueError(f"{setting} needs {article} [{which}] section (base_url, model)")
 
 
 def endpoint_client(ep: ModelEndpoint, cache_path: Path) -> LLMClient:

@@ -5,7 +5,8 @@ and levelled (L1 category alone, L2 one constraint, L3 two or more), rendered by
 plus a descriptive variant of a share of the relation paths (:mod:`.descriptive`). With
 ``[rewrite] backend = "llm"`` the template text is rewritten (:mod:`refforge.stages.rewrite`).
 
-Modules: :mod:`.search` (the path search, its specification and the rendering), :mod:`.descriptive`.
+Modules: :mod:`.search` (the path search, its specification and the rendering), :mod:`.descriptive`,
+:mod:`.rows` (paths -> expression rows).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from refforge.stages.rewrite import (
     rewrite_rows,
 )
 from refforge.stages.scene.keys import stable_key
-from refforge.stages.scene.records import expressions_for_graph
 
 from .descriptive import descriptive_variant
+from .rows import expressions_for_graph
 from .search import TargetSelection, entropy, referring_paths
 
 DEFAULT_BLOCKLIST = ["sky", "wall", "ground", "floor", "ceiling", "road", "grass", "water", "field", "sand",

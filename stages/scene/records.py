@@ -1,16 +1,10 @@
-"""Conversions between table rows and the in-memory shapes stages reason over."""
+"""Table rows -> the scene graphs the stages reason over."""
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 
-from refforge.schemas import Expression
-
 from .graph import GObject, GRelation, SceneGraph
-from .keys import stable_key
-from .taxonomy import TaxonomyConfig, tasks_for
 
 
 def graphs_from_tables(images: pa.Table, objects: pa.Table, relations: pa.Table) -> dict[str, SceneGraph]:
@@ -29,31 +23,3 @@ def graphs_from_tables(images: pa.Table, objects: pa.Table, relations: pa.Table)
         if g is not None:
             g.relations.append(GRelation(rels["subject_id"][i], rels["predicate"][i], rels["object_id"][i]))
     return graphs
-
-
-def task_of(path, graph: SceneGraph, config: TaxonomyConfig | None = None) -> str:
-    """The task of a positive path in the primary taxonomy (see ``stages/taxonomy.py``)."""
-    cfg = config or TaxonomyConfig()
-    return tasks_for(path, graph, config=cfg)[cfg.primary]
-
-
-def expressions_for_graph(image_id: str, graph: SceneGraph, paths, stage_hash: str, primary: str | None = None,
-                          taxonomy: TaxonomyConfig | None = None) -> list[Expression]:
-    """Expression rows of a graph's positive paths: ``path`` is ``query.to_json()`` plus ``hops`` and
-    ``constraints``; ``tasks`` holds a label per taxonomy and ``task`` the one of ``primary`` (default:
-    the taxonomy config's first)."""
-    cfg = taxonomy or TaxonomyConfig()
-    primary = primary or cfg.primary
-    boxes = {o.id: o.box for o in graph.objects}
-    out = []
-    for p in paths:
-        extra = {"descriptive": True} if getattr(p, "descriptive", False) else {}
-        path_json = json.dumps({**p.query.to_json(), "hops": p.hops, "constraints": p.constraint_count, **extra},
-                               sort_keys=True)
-        tasks = tasks_for(p, graph, config=cfg)
-        out.append(Expression(
-            sample_id=stable_key("expr", image_id, p.target_id, p.text, path_json, stage_hash),
-            image_id=image_id, text=p.text, template_text=p.template_text, template_name=p.template_name,
-            polarity="positive", target_object_id=p.target_id, gt_box=boxes[p.target_id],
-            task=tasks.get(primary), tasks=tasks, difficulty=p.level, hops=p.hops, path=path_json))
-    return out

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refforge.stages.paths.rows import expressions_for_graph, task_of
 from refforge.stages.paths.search import TargetSelection, referring_paths
 from refforge.stages.scene.graph import GObject, GRelation, SceneGraph
 from refforge.stages.scene.query import Node, Position
-from refforge.stages.scene.records import expressions_for_graph, task_of
 from refforge.stages.scene.taxonomy import (
     GROUNDINGME,
     GROUNDINGME_LABELS,
