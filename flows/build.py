@@ -109,6 +109,14 @@ def run_build(config: ConfigBase, out: Path, *, force: bool = False, progress: P
     check_packages(config)
     task_runner = _task_runner(config)
     build, resumed = BuildDir.create_or_resume(Path(out), config, force=force)
+    try:  # the build's lock is held until the run ends, however it ends
+        return _run(config, build, resumed, task_runner, progress)
+    finally:
+        build.release()
+
+
+def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, progress: ProgressFn | None
+         ) -> dict[str, Any]:
     run_id = new_run_id()
     started = dt.datetime.now(dt.UTC)
     ctx = BuildContext(build.root, config, run_id, progress=progress)

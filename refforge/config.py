@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import tomli_w
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from refforge._strict import ConfigError, _Strict
 from refforge.flows.registry import REGISTRY, by_name, sections, unit_stages
@@ -29,7 +29,9 @@ from refforge.stages.ingest import SOURCE_KINDS
 
 
 class _BuildSection(_Strict):
-    name: str = "refforge-build"
+    name: str = Field(default="refforge-build", description=(
+        "the build's name: the default build folder is builds/<name>, so a plain name (letters, digits, "
+        "'.', '-', '_')"))
     seed: int = 0
     shard_size: int = Field(default=40, ge=1, le=100_000,
                             description="images per unit of work (one Prefect task per shard and stage)")
@@ -37,6 +39,15 @@ class _BuildSection(_Strict):
 
     stage_order: ClassVar[tuple[str, ...]] = ()
     stage_requires: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        plain = v not in ("", ".", "..") and all(c.isascii() and (c.isalnum() or c in "._-") for c in v)
+        if not plain:
+            raise ValueError(f"{v!r} is not a plain name: use letters, digits, '.', '-' and '_' only (no '/', "
+                             "'\\', absolute path, '.' or '..'): the build goes to builds/<name>")
+        return v
 
     @model_validator(mode="after")
     def _order(self):

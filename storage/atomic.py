@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,11 +47,50 @@ def atomic_write_bytes(final: Path, data: bytes, crash_name: str | None = None) 
     return atomic_write(final, lambda fh: fh.write(data), crash_name)
 
 
-def remove_stale_tmp(root: Path) -> int:
-    """Delete temporary files a killed process left behind under ``root``; returns how many."""
+_TMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def tmp_writer(name: str) -> int | None:
+    """The PID of the process that made a temporary file named by :func:`tmp_name`; None for any other
+    name (a user's ``.notes.tmp`` is not refforge's)."""
+    m = _TMP_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process opens a build before it writes to it: a leftover of a dead one of that PID
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists (another user's process)
+    return True
+
+
+def remove_stale_tmp(root: Path, folders: Iterable[str] | None = None) -> int:
+    """Delete the temporary files (named by :func:`tmp_name`) that a killed process left behind in
+    ``folders`` of ``root`` (every folder under ``root`` when None); returns how many.
+
+    Only refforge's own temporary names are touched, only those of processes that are gone (a writer
+    still running, e.g. a review appending to the build, keeps its file), and symbolic links are not
+    followed (a linked folder may lie outside the build)."""
+    root = Path(root)
+    tops = [root] if folders is None else [root / f for f in folders]
     n = 0
-    if root.exists():
-        for p in root.rglob(".*.tmp"):
-            p.unlink(missing_ok=True)
-            n += 1
+    for top in tops:
+        if top.is_symlink() or not top.is_dir():
+            continue
+        for dirpath, _dirs, names in os.walk(top):
+            n += sum(remove_if_stale(Path(dirpath) / name) for name in names)
     return n
+
+
+def remove_if_stale(path: Path) -> bool:
+    """Delete ``path`` if it is a temporary file (:func:`tmp_name`) of a process that is gone."""
+    pid = tmp_writer(path.name)
+    if pid is None or _alive(pid) or path.is_symlink() or not path.is_file():
+        return False
+    path.unlink(missing_ok=True)
+    return True
