@@ -6,12 +6,17 @@ split (reviews, ``needs_review``), checks for leakage, and writes the export int
 folder beside ``out`` that is renamed into place at the end: a failed export leaves nothing behind
 and never damages what ``out`` held. The assignment is recorded in the build's ``splits`` table.
 
+``out`` never deletes or aliases what refforge did not make: it must be absent, empty, or (with
+``force``) an earlier export (its ``export.json`` says ``"kind": "refforge-export"``, or is an older
+export's manifest) holding only what refforge writes there; an ``out`` that is, holds or lies inside a
+build is refused. Images are copied, never hard-linked, so editing an export cannot touch the build.
+
 Layout of ``<out>/`` (the contract shared with ``refforge eval`` and ``refforge report``)::
 
-    export.json      export_id, created, build {path, name, config_hash, run_ids}, seed,
-                     ratios | test_size, formats, counts per split, leakage {checked, phash_threshold, leaks}
+    export.json      kind ("refforge-export"), export_id, created, build {path, name, config_hash, run_ids},
+                     seed, ratios | test_size, formats, counts per split, leakage {checked, phash_threshold, leaks}
     README.md        the dataset card
-    images/<ab>/...  the images the samples use (hard links where possible, else copies)
+    images/<ab>/...  copies of the images the samples use (never hard links into the build's store)
     <format>/...     one folder per format (see refforge.stages.export_formats)
 """
 
@@ -22,6 +27,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -183,18 +189,16 @@ def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def _copy_images(build: BuildDir, tmp: Path, paths: Iterable[str]) -> str:
-    """Hard-link (same filesystem) or copy every image into ``tmp`` under its relative path."""
-    linked = copied = 0
+    """Copy every image into ``tmp`` under its relative path; returns the card's ``link_mode``.
+
+    Copies, never hard links: a hard link shares the store's inode, so editing an exported image would
+    silently change the build's content-addressed store. The copy is a new file with default
+    permissions (the store's modes are not carried over)."""
     for rel in sorted(set(paths)):
         src, dst = build.root / rel, tmp / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-            linked += 1
-        except OSError:
-            shutil.copy2(src, dst)
-            copied += 1
-    return "hard links" if linked and not copied else ("copies" if copied and not linked else "links and copies")
+        shutil.copyfile(src, dst)
+    return "copies"
 
 
 def _category_of(records: Sequence[Mapping[str, Any]], objects: Mapping[tuple[str, str], str],
@@ -355,19 +359,93 @@ def _stats(by_split: Mapping[str, list[dict]]) -> dict[str, Any]:
 # The export
 # ---------------------------------------------------------------------------------------------------
 
+EXPORT_KIND = "refforge-export"
+"""``export.json``'s ``kind``: what marks a folder as an export that ``--force`` may replace."""
+
+_EXPORT_ID = re.compile(r"export-[0-9a-f]{16}")
+# what refforge writes at an export's top level: the export itself, `refforge eval` (eval/) and
+# `refforge report` (report/)
+_EXPORT_ENTRIES = frozenset({"export.json", "README.md", "images", "eval", "report", *FORMATS})
+
+
+def _is_build(folder: Path) -> bool:
+    """A refforge build: ``state/build.json``, or (builds older than it) ``build.toml`` beside ``tables/``."""
+    return (folder / "state" / "build.json").is_file() or (
+        (folder / "build.toml").is_file() and (folder / "tables").is_dir())
+
+
+def _export_manifest(folder: Path) -> dict[str, Any] | None:
+    """``folder``'s ``export.json`` if it is an export's manifest: ``kind`` says so, or (exports made
+    before ``kind``) it has the export id, build and formats an export writes; else None."""
+    try:
+        meta = json.loads((folder / "export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    if meta.get("kind") == EXPORT_KIND:
+        return meta
+    legacy = (isinstance(meta.get("export_id"), str) and _EXPORT_ID.fullmatch(meta["export_id"])
+              and isinstance(meta.get("build"), dict) and "config_hash" in meta["build"]
+              and isinstance(meta.get("formats"), list))
+    return meta if legacy else None
+
+
+def _builds_under(folder: Path) -> list[Path]:
+    """Every build (``state/build.json`` or ``build.toml``) at or under ``folder``; symlinks not followed."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(folder):
+        d = Path(dirpath)
+        if _is_build(d):
+            found.append(d)
+            dirnames.clear()
+    return found
+
+
 def _check_out(out: Path, force: bool, build_root: Path) -> None:
-    if out.resolve() == build_root.resolve() or build_root.resolve() in out.resolve().parents:
+    """Refuse an ``out`` whose replacement could delete or alias what the export did not make.
+
+    Refused: ``out`` inside (or equal to) the source build or any build; ``out`` that contains the
+    source build or any build; ``out`` that exists and is not a directory; a non-empty ``out`` unless
+    ``force`` and it is an export holding only what refforge writes there."""
+    target, src = out.resolve(), build_root.resolve()
+    if target == src or src in target.parents:
         raise ExportError(f"--out {out} lies inside the build {build_root}; export somewhere else")
-    if out.exists():
-        if not out.is_dir():
-            raise ExportError(f"--out {out} exists and is not a directory")
-        if any(out.iterdir()) and not force:
-            raise ExportError(f"--out {out} exists and is not empty; choose another folder or pass --force "
-                              "to replace it")
+    if _is_build(target):
+        raise ExportError(f"--out {out} is a refforge build; export to a new or empty folder elsewhere")
+    for parent in target.parents:
+        if _is_build(parent):
+            raise ExportError(f"--out {out} lies inside the build {parent}; export somewhere else")
+    if target in src.parents:
+        raise ExportError(f"--out {out} contains the build {build_root} being exported; "
+                          "export to a new or empty folder elsewhere")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory; choose another folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if _export_manifest(out) is None:
+        raise ExportError(f"--out {out} is not empty and is not a refforge export (no export manifest); "
+                          "--force only replaces an earlier export: choose a new or empty folder")
+    if not force:
+        raise ExportError(f"--out {out} is not empty (it holds an earlier export); choose another folder "
+                          "or pass --force to replace it")
+    foreign = [n for n in entries if n not in _EXPORT_ENTRIES]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportError(f"--out {out} is an export but also holds {shown}, which refforge did not write; "
+                          "move them out or choose a new folder")
+    builds = _builds_under(out)
+    if builds:
+        raise ExportError(f"--out {out} contains the build {builds[0]}; move it out or choose a new folder")
 
 
-def _place(tmp: Path, out: Path) -> None:
-    """Rename the finished export into place; an old ``out`` is moved aside first and removed last."""
+def _place(tmp: Path, out: Path, force: bool, build_root: Path) -> None:
+    """Rename the finished export into place; an old ``out`` (checked again: it may have changed while
+    the export was written) is moved aside first and removed last."""
+    _check_out(out, force, build_root)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.urandom(4).hex()}")
@@ -380,7 +458,10 @@ def _place(tmp: Path, out: Path) -> None:
         raise
     fsync_dir(out.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():  # --out was a link to an export: drop the link, leave its target alone
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def export_build(
@@ -416,8 +497,10 @@ def export_build(
       no reviews). ``needs_review`` samples are left out of test unless ``include_needs_review``.
     * Leakage (one image, an image family, or near-duplicate images across splits) raises
       :class:`~refforge.stages.splits.LeakageError` naming the images and samples; nothing is written.
-    * ``out`` must be empty or absent unless ``force`` (the old export is replaced only once the new
-      one is complete). The assignment is appended to the build's ``splits`` table (``record_splits``).
+    * ``out`` must be absent or empty, or with ``force`` an earlier export (replaced only once the new
+      one is complete); a folder that is not an export, or that is, holds or lies inside a build, is
+      refused (:func:`_check_out`). Images are copied, never hard-linked into the build's store.
+      The assignment is appended to the build's ``splits`` table (``record_splits``).
     """
     build_root = Path(build_dir)
     out = Path(out)
@@ -511,6 +594,7 @@ def export_build(
                   "negatives": sum(r["polarity"] == "negative" for r in rows)} for s, rows in by_split.items()}
     cfg_name = build.config(Config).build.name
     meta: dict[str, Any] = {
+        "kind": EXPORT_KIND,
         "export_id": export_id,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "build": {"path": str(build.root.resolve()), "name": cfg_name, "config_hash": config_hash,
@@ -541,7 +625,7 @@ def export_build(
                 "formats": [(f, FORMAT_HELP[f]) for f in formats], "n_images": len(used)}
         atomic_write_bytes(tmp / "README.md", _render_card(card).encode("utf-8"))
         _write_json(tmp / "export.json", meta, indent=2)
-        _place(tmp, out)
+        _place(tmp, out, force, build.root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,7 +16,7 @@ from ._ui import console, fail
 
 def export(
     build_dir: Annotated[Path, typer.Argument(metavar="BUILD", help="the build directory")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="export directory (must be empty unless --force)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="export directory: new or empty, or an earlier export with --force")],
     fmt: Annotated[list[str], typer.Option(
         "--format", "-f",
         help="parquet, jsonl, finecops, refbench-pro, groundingme, sft, r1, coco, hf; "
@@ -36,7 +36,7 @@ def export(
              "-1 turns the near-duplicate check off")] = 6,
     group_near_duplicates: Annotated[bool, typer.Option(
         help="put near-duplicate images in one split before the leakage check")] = True,
-    force: Annotated[bool, typer.Option(help="replace a non-empty --out (once the new export is complete)")] = False,
+    force: Annotated[bool, typer.Option(help="replace an earlier export at --out (once the new one is complete); never another folder")] = False,
 ) -> None:
     """Export a build: leak-free grouped, stratified splits in the formats training and evaluation read."""
     try:

@@ -457,8 +457,14 @@ def test_out_must_be_empty_unless_forced_and_is_replaced_whole(small_build, tmp_
     with pytest.raises(ExportError, match="dialect"):
         export_build(small_build, tmp_path / "bad", ["sft"], dialect="yolo")
     assert not (tmp_path / "bad").exists()
-    export_build(small_build, out, ["jsonl"], force=True, record_splits=False)
-    assert not (out / "keep.txt").exists() and (out / "jsonl" / "train.jsonl").is_file()
+    # --force replaces only an earlier export, never a folder refforge did not make
+    with pytest.raises(ExportError, match="not a refforge export"):
+        export_build(small_build, out, ["jsonl"], force=True, record_splits=False)
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    prev = tmp_path / "prev"
+    export_build(small_build, prev, ["parquet"], record_splits=False)
+    export_build(small_build, prev, ["jsonl"], force=True, record_splits=False)
+    assert not (prev / "parquet").exists() and (prev / "jsonl" / "train.jsonl").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
