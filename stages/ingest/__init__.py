@@ -13,6 +13,7 @@ GQA/COCO conversion), :mod:`.synthetic` (the scene generator and renderer).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -31,16 +32,26 @@ from .scenes import IngestOutput
 
 # -- the [source] section ---------------------------------------------------------------------------
 
+#: bounds of the synthetic source: a scene is rendered in memory (8192 x 8192 takes about 1.6 GB and
+#: 9 s); the layout places up to about 64 objects, and reliably 48 (more as a minimum would leave
+#: scenes that cannot be placed)
+MAX_SYNTHETIC_IMAGES = 10_000_000
+MAX_SYNTHETIC_SIDE = 8192
+MAX_MIN_OBJECTS = 48
+MAX_OBJECTS = 64
+#: a file extension: a dot and 1-16 letters, digits, "_", "+" or "-"
+_EXTENSION = re.compile(r"^\.[a-z0-9][a-z0-9_+-]{0,15}$")
+
 
 class SyntheticSource(_Strict):
     """Rendered scenes with exact scene graphs, deterministic by seed (offline)."""
 
     kind: Literal["synthetic"] = "synthetic"
-    images: int = Field(default=240, ge=1)
-    width: int = Field(default=512, ge=64)
-    height: int = Field(default=384, ge=64)
-    min_objects: int = Field(default=3, ge=1)
-    max_objects: int = Field(default=12, ge=1)
+    images: int = Field(default=240, ge=1, le=MAX_SYNTHETIC_IMAGES)
+    width: int = Field(default=512, ge=64, le=MAX_SYNTHETIC_SIDE)
+    height: int = Field(default=384, ge=64, le=MAX_SYNTHETIC_SIDE)
+    min_objects: int = Field(default=3, ge=1, le=MAX_MIN_OBJECTS)
+    max_objects: int = Field(default=12, ge=1, le=MAX_OBJECTS)
 
     @model_validator(mode="after")
     def _range(self):
@@ -66,7 +77,7 @@ class GqaSource(_Strict):
     kind: Literal["gqa"] = "gqa"
     scene_graphs: Path
     images_dir: Path
-    image_ext: str = ".jpg"
+    image_ext: str = Field(default=".jpg", pattern=r"^\.[A-Za-z0-9][A-Za-z0-9_+-]{0,15}$")
 
 
 class CocoSource(_Strict):
@@ -91,6 +102,12 @@ class FolderSource(_Strict):
         self.extensions = sorted({e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions})
         if not self.extensions:
             raise ValueError("extensions must name at least one file extension")
+        bad = [e for e in self.extensions if not _EXTENSION.match(e)]
+        if bad:
+            raise ValueError(f"extensions must be file extensions like '.jpg' (a dot and up to 16 letters or "
+                             f"digits), not {', '.join(repr(e) for e in bad[:5])}")
+        if len(self.extensions) > 64:
+            raise ValueError("extensions: at most 64")
         return self
 
 
@@ -148,8 +165,9 @@ class IngestStage(Stage):
             stats = sources.convert_coco(src.instances, out, refs=src.refs)
         key = stable_key("prepare", ctx.stage_hash)
         if stats.skipped and not b.reader.has_work("drops", key):
-            b.writer("prepare").write("drops", [Drop(stage="ingest", key=str(k), reason=str(r))
-                                                for k, r in stats.skipped], work_key=key, stage="ingest")
+            b.writer("prepare").write("drops", [Drop(stage="ingest", key=str(k), reason=str(r),
+                                                     detail=str(d[0]) if d else None)
+                                                for k, r, *d in stats.skipped], work_key=key, stage="ingest")
         atomic_write_bytes(index, json.dumps(stats.offsets).encode())
 
     def _graph_records(self, ctx, path: Path) -> list:

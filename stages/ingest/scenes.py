@@ -2,8 +2,15 @@
 
 Pure over its inputs: a unit of work is a range of scene indices; the output carries the image
 bytes to store and the validated records. Everything that fails validation (a box outside the
-image, a zero-area box, a relation to an unknown object, an unreadable or truncated image) comes
-back as a ``Drop`` with the reason, and the rest of the scene goes on.
+image, a zero-area box, a malformed object or relation, a relation to an unknown object, an image
+path outside the source's root, an unreadable, truncated, oversized or unsupported image) comes
+back as a ``Drop`` with a stable reason, and the rest of the scene goes on: one bad object or
+relation drops only itself.
+
+Images: JPEG, PNG, WebP, BMP, GIF and TIFF files are stored byte for byte; every other format Pillow decodes is
+stored as PNG (its first frame), except an MPO camera JPEG, whose first frame is stored as the
+plain JPEG it is. Decompression bombs (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``) and formats
+whose decoding runs another program (EPS) are refused before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -11,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from PIL import Image as PILImage
@@ -77,8 +87,11 @@ def graph_records(image_id: str, graph: SceneGraph, key: str) -> tuple[list[Obje
                 else "relation to a dropped object"
             drops.append(Drop(stage=STAGE, key=rkey, reason=why, detail=f"missing {', '.join(missing)}"))
             continue
-        relations.append(Relation(image_id=image_id, subject_id=r.subject, predicate=r.predicate,
-                                  object_id=r.object))
+        try:
+            relations.append(Relation(image_id=image_id, subject_id=r.subject, predicate=r.predicate,
+                                      object_id=r.object))
+        except ValidationError as err:
+            drops.append(Drop(stage=STAGE, key=rkey, reason="invalid relation", detail=error_reason(err)))
     return objects, relations, drops
 
 
@@ -102,8 +115,13 @@ def ingest_synthetic(indices: range, *, build_seed: int, width: int, height: int
     out = IngestOutput()
     for i in indices:
         out.scenes_in += 1
-        scene = generate_scene(synthetic_seed(build_seed, i), width=width, height=height,
-                               min_objects=min_objects, max_objects=max_objects)
+        try:
+            scene = generate_scene(synthetic_seed(build_seed, i), width=width, height=height,
+                                   min_objects=min_objects, max_objects=max_objects)
+        except ValueError as e:  # min_objects did not fit in this scene's layouts
+            out.drops.append(Drop(stage=STAGE, key=f"synthetic:{i}", reason="synthetic scene could not be placed",
+                                  detail=_one_line(e)))
+            continue
         data = encode_png(render(scene.graph, scene.spec))
         image_id = hashlib.sha256(data).hexdigest()
         rec = Image(image_id=image_id, source="synthetic", path=image_relpath(image_id, "png"), width=width,
@@ -116,79 +134,398 @@ def ingest_synthetic(indices: range, *, build_seed: int, width: int, height: int
     return out
 
 
-# -- refforge scene-graph files -----------------------------------------------------------------
+# -- hostile-input helpers ------------------------------------------------------------------------
 
-def read_graph_records(path: Path) -> list[dict[str, Any]]:
-    """A JSON list or JSON Lines file of scene-graph records."""
-    text = Path(path).read_text()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        data = json.loads(text)
-    else:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list or JSON Lines of scene graphs")
+#: formats stored byte for byte (the image store's own; stored so before, so their image ids stay); every
+#: other format Pillow decodes is stored as PNG (MPO: see below)
+STORED_FORMATS: dict[str, str] = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
+                                  "TIFF": "tiff"}
+#: formats refused before decoding: EPS runs Ghostscript, WMF a system handler, IPTC writes temporary
+#: files; the others are stubs Pillow can identify but not decode
+REFUSED_FORMATS = frozenset({"EPS", "WMF", "IPTC", "MPEG", "BUFR", "GRIB", "HDF5"})
+#: the largest image file read (bytes)
+MAX_IMAGE_BYTES = 256 * 2**20
+
+_ADDRESS = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+
+
+def _one_line(e: BaseException | str, limit: int = 300) -> str:
+    """A message on one line, without memory addresses or object reprs (stable across runs)."""
+    text = " ".join(_ADDRESS.sub("<...>", str(e)).split())
+    return text[:limit] or type(e).__name__
+
+
+class _Refused(Exception):
+    """An image or record refused with a stable drops reason."""
+
+    def __init__(self, reason: str, detail: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _image_path(root: Path, name: Any, root_name: str) -> Path:
+    """``root / name`` resolved (symlinks too), refused unless it stays inside ``root``."""
+    if not isinstance(name, str):
+        raise _Refused("image path is not a string", type(name).__name__)
+    if not name.strip():
+        raise _Refused("scene graph without an image")
+    outside = f"image path outside {root_name}"
+    if "\x00" in name:
+        raise _Refused("invalid image path", "NUL character in the path")
+    win = PureWindowsPath(name)
+    if PurePosixPath(name).is_absolute() or win.is_absolute() or win.drive or name.startswith("\\"):
+        raise _Refused(outside, "absolute path")
+    if ".." in re.split(r"[\\/]", name):
+        raise _Refused(outside, "'..' in the path")
+    try:
+        base = Path(root).resolve()
+        target = (base / name).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise _Refused("unreadable image", _one_line(e)) from None
+    if not target.is_relative_to(base):
+        raise _Refused(outside, "a symlink leads outside")
+    return target
+
+
+def _read_image_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most :data:`MAX_IMAGE_BYTES` (never follows a last symlink,
+    never blocks on a pipe or device)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise _Refused("image file missing") from None
+    except OSError as e:
+        raise _Refused("unreadable image", _one_line(e.strerror or e)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused("not a regular file", "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise _Refused("image file too large", f"{st.st_size} bytes, over {MAX_IMAGE_BYTES}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(st.st_size + 1)  # read(n) allocates n bytes up front: the file's size, not the limit
+    except OSError as e:
+        raise _Refused("unreadable image", _one_line(e.strerror or e)) from None
+    finally:
+        os.close(fd)
+    if len(data) > st.st_size:
+        raise _Refused("unreadable image", "the file grew while it was read")
     return data
 
 
-def _load_image(path: Path) -> tuple[bytes, str, int, int]:
-    data = path.read_bytes()
-    with PILImage.open(io.BytesIO(data)) as im:
-        fmt = (im.format or "").lower()
-        im.load()  # decodes fully: a truncated file raises here
-        w, h = im.size
-    ext = {"jpeg": "jpg"}.get(fmt, fmt)
-    return data, ext, w, h
+def _check_pixels(size: tuple[int, int]) -> None:
+    limit = PILImage.MAX_IMAGE_PIXELS
+    w, h = size
+    if limit is not None and w * h > limit:
+        raise _Refused("decompression bomb", f"{w}x{h} = {w * h} pixels, over PIL.Image.MAX_IMAGE_PIXELS ({limit})")
 
 
-def _load_or_drop(path: Path, key: str, drops: list[Drop]) -> tuple[bytes, str, int, int] | None:
-    """:func:`_load_image`, or None with a drops row saying why the file could not be used."""
+def _decode(data: bytes) -> tuple[bytes, str, int, int]:
+    """(stored bytes, extension, width, height) of an image file's bytes; raises :class:`_Refused`."""
     try:
-        return _load_image(path)
-    except FileNotFoundError:
-        drops.append(Drop(stage=STAGE, key=key, reason="image file missing"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        reason = "truncated image" if "truncated" in str(e).lower() else "unreadable image"
-        drops.append(Drop(stage=STAGE, key=key, reason=reason, detail=str(e)[:300]))
+        with PILImage.open(io.BytesIO(data)) as im:
+            fmt = im.format or "?"
+            if fmt in REFUSED_FORMATS:
+                raise _Refused("unsupported image format", fmt)
+            _check_pixels(im.size)  # the warning range too, before a pixel is decoded
+            im.load()  # decodes fully: a truncated file raises here
+            _check_pixels(im.size)
+            w, h = im.size
+            if fmt in STORED_FORMATS:
+                return data, STORED_FORMATS[fmt], w, h
+            if fmt == "MPO":
+                first = _mpo_first_frame(data, im.size)
+                if first is not None:
+                    return first, "jpg", w, h
+            return _png(im), "png", w, h
+    except _Refused:
+        raise
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as e:
+        raise _Refused("decompression bomb", _one_line(e)) from None
+    except UnidentifiedImageError:
+        raise _Refused("unreadable image", "not an image format Pillow reads") from None
+    except Exception as e:  # noqa: BLE001 - a decoder fed a hostile file fails in many ways; each is a drop
+        text = str(e).lower()
+        truncated = isinstance(e, EOFError) or "truncated" in text or "broken data stream" in text
+        raise _Refused("truncated image" if truncated else "unreadable image",
+                       f"{type(e).__name__}: {_one_line(e)}") from None
+
+
+def _png(im: PILImage.Image) -> bytes:
+    """The loaded frame as PNG (modes PNG cannot hold become RGB, or RGBA with an alpha band)."""
+    buf = io.BytesIO()
+    try:
+        im.save(buf, format="PNG")
+    except (OSError, KeyError, ValueError):
+        buf = io.BytesIO()
+        try:
+            im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buf, format="PNG")
+        except (OSError, KeyError, ValueError) as e:
+            raise _Refused("unsupported image mode", f"{im.mode}: {_one_line(e)}") from None
+    return buf.getvalue()
+
+
+def _mpo_first_frame(data: bytes, size: tuple[int, int]) -> bytes | None:
+    """The first frame of an MPO file as a plain JPEG: its own bytes (no re-encoding) without the
+    APP2 "MPF" segment that indexes the other frames; None when the index or the markers do not
+    hold (the caller stores the frame as PNG instead)."""
+    try:
+        with PILImage.open(io.BytesIO(data)) as im:
+            n = int(im.mpinfo[0xB002][0]["Size"])  # type: ignore[attr-defined]
+        frame = data[:n]
+        if frame[:2] != b"\xff\xd8":
+            return None
+        out, pos = [frame[:2]], 2
+        while pos + 4 <= len(frame):
+            if frame[pos] != 0xFF:
+                return None
+            marker = frame[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker == 0xDA:  # start of scan: the rest is entropy-coded data up to EOI
+                out.append(frame[pos:])
+                break
+            seg_len = int.from_bytes(frame[pos + 2:pos + 4], "big")
+            segment = frame[pos:pos + 2 + seg_len]
+            if not (marker == 0xE2 and segment[4:8] == b"MPF\x00"):
+                out.append(segment)
+            pos += 2 + seg_len
+        else:
+            return None
+        jpeg = b"".join(out)
+        with PILImage.open(io.BytesIO(jpeg)) as check:
+            check.load()
+            if check.format != "JPEG" or check.size != size:
+                return None
+        return jpeg
+    except Exception:  # noqa: BLE001 - any doubt: PNG
+        return None
+
+
+def _load_or_drop(root: Path, name: Any, key: str, drops: list[Drop], root_name: str
+                  ) -> tuple[bytes, str, int, int] | None:
+    """The image ``name`` under ``root`` as (stored bytes, extension, width, height), or None with a
+    drops row saying why it could not be used."""
+    try:
+        return _decode(_read_image_file(_image_path(root, name, root_name)))
+    except _Refused as r:
+        drops.append(Drop(stage=STAGE, key=key, reason=r.reason, detail=r.detail))
     return None
 
 
-def _iter_graph(rec: dict[str, Any], width: int, height: int, from_geometry: bool) -> SceneGraph:
-    objects = []
-    for o in rec.get("objects", []):
-        objects.append(GObject(id=str(o["id"]), name=str(o["name"]),
-                               box=tuple(float(v) for v in o["box"]),  # type: ignore[arg-type]
-                               attributes=tuple(o.get("attributes", ()))))
-    relations = [GRelation(str(r["subject"]), str(r["predicate"]), str(r["object"]))
-                 for r in rec.get("relations", [])]
-    graph = SceneGraph(width, height, objects, relations)
+# -- refforge scene-graph files -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A place in a scene-graph file that holds no record (invalid JSON): a drops row in its unit."""
+
+    key: str
+    reason: str
+    detail: str
+
+
+def read_graph_records(path: Path) -> list[Any]:
+    """A JSON list or JSON Lines file of scene-graph records.
+
+    Invalid JSON never raises: a JSON Lines line that does not parse is a :class:`BadRecord` in its
+    place; a JSON list is read record by record up to the first point that does not parse (a NaN
+    is a float, so it reaches the box checks), and a :class:`BadRecord` naming the line and column
+    stands for the rest. A file that is one JSON object, not a list, is refused (one line)."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if data.lstrip()[:1] == b"[":
+        return _json_list(path, data)
+    return _json_lines(path, data)
+
+
+def _json_error(path: Path, text: str, pos: int, msg: str, done: int) -> BadRecord:
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return BadRecord(key=f"graphs:{path.name}", reason="invalid JSON: the rest of the file was not read",
+                     detail=f"{path.name}: {_one_line(msg, 200)} at line {line} column {col}, after {done} records")
+
+
+def _json_list(path: Path, data: bytes) -> list[Any]:
+    try:
+        text, cut = data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        text, cut = data[:e.start].decode("utf-8"), f"invalid UTF-8 at byte {e.start}"
+    decoder = json.JSONDecoder()
+    records: list[Any] = []
+    n = len(text)
+
+    def skip(i: int) -> int:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    pos = skip(skip(0) + 1)
+    if pos < n and text[pos] == "]":
+        return records if not text[pos + 1:].strip() else [_json_error(path, text, pos + 1, "extra data", 0)]
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            records.append(_json_error(path, text, e.pos, e.msg + (f"; {cut}" if cut else ""), len(records)))
+            return records
+        except (RecursionError, ValueError) as e:  # nesting too deep, an integer too long
+            records.append(_json_error(path, text, pos, f"{type(e).__name__}: {e}", len(records)))
+            return records
+        records.append(value)
+        pos = skip(end)
+        if pos < n and text[pos] == ",":
+            pos = skip(pos + 1)
+            continue
+        if pos < n and text[pos] == "]":
+            if text[pos + 1:].strip():
+                records.append(_json_error(path, text, pos + 1, "extra data after the list", len(records)))
+            elif cut:
+                records.append(_json_error(path, text, n, cut, len(records)))
+            return records
+        records.append(_json_error(path, text, pos, cut or ("unexpected end of file" if pos >= n
+                                                            else "expected ',' or ']'"), len(records)))
+        return records
+
+
+def _json_lines(path: Path, data: bytes) -> list[Any]:
+    records: list[Any] = []
+    for no, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            if not records and data.lstrip()[:1] == b"{":
+                _refuse_single_object(path, data)
+            records.append(BadRecord(key=f"graphs:{path.name}:line:{no}", reason="invalid JSON line",
+                                     detail=f"{path.name} line {no}: {_one_line(getattr(e, 'msg', e), 200)}"))
+    return records
+
+
+def _refuse_single_object(path: Path, data: bytes) -> None:
+    try:
+        whole = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return
+    raise ValueError(f"{path}: expected a JSON list or JSON Lines of scene graphs, found one "
+                     f"{type(whole).__name__ if not isinstance(whole, dict) else 'JSON object'}")
+
+
+def _local_id(v: Any) -> str | None:
+    """An object id: a non-empty string or an integer (as text); None for anything else."""
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        return None
+    s = str(v)
+    return s if s.strip() else None
+
+
+def _parse_object(o: Any, k: int, key: str, drops: list[Drop]) -> GObject | None:
+    if not isinstance(o, dict):
+        drops.append(Drop(stage=STAGE, key=f"{key}/object:{k}", reason="malformed object: not an object",
+                          detail=type(o).__name__))
+        return None
+    oid = _local_id(o.get("id"))
+    if oid is None:
+        drops.append(Drop(stage=STAGE, key=f"{key}/object:{k}", reason="object without an id",
+                          detail=f"id is {type(o.get('id')).__name__}"))
+        return None
+    okey = f"{key}/{oid}"
+    name = o.get("name")
+    if not isinstance(name, str) or not name.strip():
+        drops.append(Drop(stage=STAGE, key=okey, reason="object without a name", detail=f"name is {type(name).__name__}"))
+        return None
+    box = o.get("box")
+    coords: tuple[float, ...] | None = None
+    if isinstance(box, list | tuple) and len(box) == 4 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in box):
+        try:
+            coords = tuple(float(v) for v in box)
+        except OverflowError:  # an integer too large for a float
+            coords = None
+    if coords is None:
+        what = f"{len(box)} values" if isinstance(box, list | tuple) else type(box).__name__
+        drops.append(Drop(stage=STAGE, key=okey, reason="object without a box",
+                          detail=f"box must be 4 numbers, got {what}"))
+        return None
+    attrs = o.get("attributes")
+    attrs = [] if attrs is None else attrs
+    if not isinstance(attrs, list | tuple) or not all(isinstance(a, str) for a in attrs):
+        drops.append(Drop(stage=STAGE, key=okey, reason="malformed object: attributes is not a list of texts",
+                          detail=type(attrs).__name__))
+        return None
+    return GObject(id=oid, name=name, box=coords, attributes=tuple(attrs))  # type: ignore[arg-type]
+
+
+def _parse_relation(r: Any, k: int, key: str, drops: list[Drop]) -> GRelation | None:
+    rkey = f"{key}/relation:{k}"
+    if not isinstance(r, dict):
+        drops.append(Drop(stage=STAGE, key=rkey, reason="malformed relation: not an object", detail=type(r).__name__))
+        return None
+    subject, obj, pred = _local_id(r.get("subject")), _local_id(r.get("object")), r.get("predicate")
+    if not isinstance(pred, str) or not pred.strip():
+        drops.append(Drop(stage=STAGE, key=rkey, reason="relation without a predicate",
+                          detail=f"predicate is {type(pred).__name__}"))
+        return None
+    if subject is None or obj is None:
+        drops.append(Drop(stage=STAGE, key=rkey, reason="relation without a subject or object"))
+        return None
+    return GRelation(subject, pred, obj)
+
+
+def _items(rec: dict[str, Any], field_name: str, key: str, drops: list[Drop]) -> list[Any]:
+    items = rec.get(field_name)
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        drops.append(Drop(stage=STAGE, key=f"{key}/{field_name}", reason=f"malformed {field_name}: not a list",
+                          detail=type(items).__name__))
+        return []
+    return items
+
+
+def _parse_graph(rec: dict[str, Any], key: str, width: int, height: int, from_geometry: bool,
+                 drops: list[Drop]) -> SceneGraph:
+    """The record's graph; each malformed object or relation is a drop of its own."""
+    objects = [g for k, o in enumerate(_items(rec, "objects", key, drops))
+               if (g := _parse_object(o, k, key, drops)) is not None]
     if from_geometry:
         good = [o for o in objects if o.box[0] < o.box[2] and o.box[1] < o.box[3]]
-        graph.relations = compute_relations(good, width, height)
-    return graph
+        return SceneGraph(width, height, objects, compute_relations(good, width, height))
+    relations = [g for k, r in enumerate(_items(rec, "relations", key, drops))
+                 if (g := _parse_relation(r, k, key, drops)) is not None]
+    return SceneGraph(width, height, objects, relations)
 
 
-def ingest_graphs(records: list[dict[str, Any]], indices: range, *, images_dir: Path,
+def ingest_graphs(records: list[Any], indices: range, *, images_dir: Path,
                   relations_from_geometry: bool = False, source: str = "graphs") -> IngestOutput:
     out = IngestOutput()
     for i in indices:
         out.scenes_in += 1
         rec = records[i]
         key = f"graphs:{i}"
-        name = rec.get("image") if isinstance(rec, dict) else None
-        if not name:
+        if isinstance(rec, BadRecord):
+            out.drops.append(Drop(stage=STAGE, key=rec.key, reason=rec.reason, detail=rec.detail))
+            continue
+        if not isinstance(rec, dict):
+            out.drops.append(Drop(stage=STAGE, key=key, reason="malformed scene graph: not an object",
+                                  detail=type(rec).__name__))
+            continue
+        name = rec.get("image")
+        if name is None or name == "":
             out.drops.append(Drop(stage=STAGE, key=key, reason="scene graph without an image"))
             continue
-        key = f"graphs:{name}"
-        loaded = _load_or_drop(Path(images_dir) / name, key, out.drops)
+        if isinstance(name, str):
+            key = f"graphs:{name}"
+        loaded = _load_or_drop(Path(images_dir), name, key, out.drops, "images_dir")
         if loaded is None:
             continue
         data, ext, w, h = loaded
-        try:
-            graph = _iter_graph(rec, w, h, relations_from_geometry)
-        except (KeyError, TypeError, ValueError) as e:
-            out.drops.append(Drop(stage=STAGE, key=key, reason="malformed scene graph", detail=repr(e)[:300]))
-            continue
+        graph = _parse_graph(rec, key, w, h, relations_from_geometry, out.drops)
         image_id = hashlib.sha256(data).hexdigest()
         img = Image(image_id=image_id, source=source, path=image_relpath(image_id, ext), width=w, height=h,
                     source_ref=str(name))
@@ -198,7 +535,8 @@ def ingest_graphs(records: list[dict[str, Any]], indices: range, *, images_dir: 
         out.relations += rels
         out.drops += drops
         kept = {o.object_id for o in objs}
-        if rec.get("expressions"):
+        expressions = _items(rec, "expressions", key, out.drops)
+        if expressions:
             # the objects graph_records kept: the first of each id (a later one with the same id is a drop)
             first: dict[str, GObject] = {}
             for o in graph.objects:
@@ -206,15 +544,36 @@ def ingest_graphs(records: list[dict[str, Any]], indices: range, *, images_dir: 
                     first.setdefault(o.id, o)
             out.graphs[image_id] = SceneGraph(w, h, list(first.values()),
                                               [r for r in graph.relations if r.subject in kept and r.object in kept])
-        for e in rec.get("expressions", ()):
-            target = str(e.get("object"))
-            if target not in kept:
-                out.drops.append(Drop(stage=STAGE, key=f"{key}/ref/{e.get('ref_id')}",
-                                      reason="ref to an object that was dropped or is unknown", detail=target))
-                continue
-            out.refs.append({"image_id": image_id, "object_id": target, "text": str(e.get("text", "")),
-                             "split": e.get("split"), "ref_id": e.get("ref_id")})
+        for k, e in enumerate(expressions):
+            ref = _parse_ref(e, k, key, kept, out.drops)
+            if ref is not None:
+                out.refs.append({"image_id": image_id, **ref})
     return out
+
+
+def _parse_ref(e: Any, k: int, key: str, kept: set[str], drops: list[Drop]) -> dict[str, Any] | None:
+    if not isinstance(e, dict):
+        drops.append(Drop(stage=STAGE, key=f"{key}/ref/#{k}", reason="malformed ref: not an object",
+                          detail=type(e).__name__))
+        return None
+    ref_id = e.get("ref_id")
+    if isinstance(ref_id, bool) or not isinstance(ref_id, str | int | float | None):
+        drops.append(Drop(stage=STAGE, key=f"{key}/ref/#{k}", reason="malformed ref: ref_id is not a scalar",
+                          detail=type(ref_id).__name__))
+        return None
+    rkey = f"{key}/ref/{ref_id}"
+    text, split = e.get("text", ""), e.get("split")
+    if not isinstance(text, str) or (split is not None and not isinstance(split, str | int)):
+        drops.append(Drop(stage=STAGE, key=rkey, reason="malformed ref: text or split is not a text",
+                          detail=f"text is {type(text).__name__}, split is {type(split).__name__}"))
+        return None
+    target = _local_id(e.get("object"))
+    if target not in kept:
+        drops.append(Drop(stage=STAGE, key=rkey, reason="ref to an object that was dropped or is unknown",
+                          detail=str(e.get("object")) if target is not None else
+                          f"object is {type(e.get('object')).__name__}"))
+        return None
+    return {"object_id": target, "text": text, "split": split, "ref_id": ref_id}
 
 
 def iter_shards(n: int, shard_size: int) -> Iterator[range]:
@@ -236,13 +595,14 @@ def list_folder(root: Path, extensions: list[str] | tuple[str, ...], recursive: 
 
 def ingest_folder(files: list[str], indices: range, *, root: Path) -> IngestOutput:
     """Images only: one ``images`` row per readable file (source "folder", ``source_ref`` = the path
-    relative to the folder); unreadable or truncated files become drops."""
+    relative to the folder); unreadable, truncated or unsupported files, and files whose path resolves
+    outside the folder (a symlink), become drops."""
     out = IngestOutput()
     for i in indices:
         out.scenes_in += 1
         name = files[i]
         key = f"folder:{name}"
-        loaded = _load_or_drop(Path(root) / name, key, out.drops)
+        loaded = _load_or_drop(Path(root), name, key, out.drops, "the folder")
         if loaded is None:
             continue
         data, ext, w, h = loaded

@@ -14,6 +14,12 @@ them as "relation to an unknown object"). What cannot be reshaped at all (an obj
 box, a malformed relation, a crowd annotation, a referring expression for an object the image does not
 have) is listed in ``SourceStats.skipped`` as ``(key, reason)`` and the conversion goes on.
 
+Hostile or broken files: a NaN, Infinity or -Infinity token (Python's ``json`` writes them) is read as
+null, so only the object or value that holds it is skipped; a file that stops parsing (truncated,
+garbage) keeps every record converted before that point, and ``skipped`` gets one
+``(key, reason, detail)`` entry naming the file and the byte, never a traceback. RefCOCO refs pickles
+are read as plain data only (:func:`load_refs`).
+
 Inputs are streamed with ``ijson`` (the C backend ``yajl2_c`` where installed), so memory stays a small
 multiple of one image's record, not of the file; the output is written to a temporary file, fsynced and
 renamed into place, and ``SourceStats.offsets`` holds the byte offset of every line so a shard can
@@ -22,8 +28,12 @@ renamed into place, and ``SourceStats.offsets`` holds the byte offset of every l
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import pickle
+import pickletools
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -37,8 +47,8 @@ from refforge.stages.scene.graph import GObject
 from refforge.storage.atomic import atomic_write
 
 __all__ = [
-    "GQA_PREDICATES", "SourceStats", "UnsafePickleError", "convert_coco", "convert_gqa", "ijson_backend",
-    "line_offsets", "load_refs", "read_lines",
+    "GQA_PREDICATES", "MAX_REFS_BUILD", "MAX_REFS_BYTES", "SourceStats", "UnsafePickleError", "convert_coco",
+    "convert_gqa", "ijson_backend", "line_offsets", "load_refs", "read_lines",
 ]
 
 # GQA predicate -> refforge predicate (lexicon / geometry strings); every other predicate is kept verbatim.
@@ -50,13 +60,14 @@ GQA_PREDICATES: dict[str, str] = {
 
 @dataclass
 class SourceStats:
-    """What a conversion wrote: counts, the records it could not reshape, and each line's byte offset."""
+    """What a conversion wrote: counts, the records it could not reshape (``(key, reason)``, or
+    ``(key, reason, detail)`` where the file stopped parsing), and each line's byte offset."""
 
     images: int = 0
     objects: int = 0
     relations: int = 0
     expressions: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, ...]] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
 
 
@@ -98,6 +109,149 @@ def _size(v: Any) -> int | None:
     return int(n) if n is not None and n == int(n) and n > 0 else None
 
 
+def _id(v: Any) -> bool:
+    """A usable source id (an image, category or annotation id): an integer or a string."""
+    return isinstance(v, int | str) and not isinstance(v, bool)
+
+
+_ADDRESS = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    return " ".join(_ADDRESS.sub("<...>", str(text)).split())[:limit]
+
+
+# -- streaming JSON that tolerates NaN and stops cleanly ---------------------------------------------
+
+STOPPED = "invalid JSON: the rest of the file was not read"
+
+
+class _Counting:
+    """A binary reader that counts the bytes read (for the error position)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.raw = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:  # ijson asks read(0) to tell bytes from text
+            return b""
+        data = self.f.read(size if size and size > 0 else 65536)
+        self.raw += len(data)
+        return data
+
+
+class _NonFiniteAsNull(_Counting):
+    """Reads JSON with the NaN, Infinity and -Infinity tokens (outside strings) turned into null."""
+
+    _OUTSIDE = re.compile(rb'"|-?Infinity|NaN')
+    _INSIDE = re.compile(rb'["\\]')
+    _TOKENS = (b"NaN", b"Infinity", b"-Infinity")
+
+    def __init__(self, f: BinaryIO):
+        super().__init__(f)
+        self.in_string = False
+        self.carry = b""
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:
+            return b""
+        while True:
+            chunk = super().read(size)
+            data, self.carry = self.carry + chunk, b""
+            out = self._filter(data, final=not chunk)
+            if out or not chunk:
+                return out
+
+    def _tail(self, data: bytes, start: int) -> int:
+        """Length of the end of ``data`` that may be the start of a token cut by the read."""
+        for n in range(min(8, len(data) - start), 0, -1):
+            if any(t.startswith(data[-n:]) for t in self._TOKENS):
+                return n
+        return 0
+
+    def _filter(self, data: bytes, final: bool) -> bytes:
+        out = bytearray()
+        i, n = 0, len(data)
+        while i < n:
+            if self.in_string:
+                m = self._INSIDE.search(data, i)
+                if m is None:
+                    out += data[i:]
+                    break
+                j = m.start()
+                if data[j] == 0x5C:  # a backslash escapes the next byte
+                    if j + 1 >= n and not final:
+                        out += data[i:j]
+                        self.carry = data[j:]
+                        break
+                    out += data[i:j + 2]
+                    i = j + 2
+                    continue
+                out += data[i:j + 1]
+                i, self.in_string = j + 1, False
+                continue
+            m = self._OUTSIDE.search(data, i)
+            if m is None:
+                keep = 0 if final else self._tail(data, i)
+                out += data[i:n - keep]
+                self.carry = data[n - keep:]
+                break
+            out += data[i:m.start()]
+            if data[m.start()] == 0x22:
+                out += b'"'
+                self.in_string = True
+            else:
+                out += b"null"
+            i = m.end()
+        return bytes(out)
+
+
+def _json_stream(path: Path, items: Callable[[Any], Iterator[Any]], skipped: list[tuple[str, ...]],
+                 key: str) -> Iterator[Any]:
+    """``items(reader)`` over the file: first as it is (fast), and if that fails, again from the
+    start with NaN/Infinity read as null, going on after the records already given. Where even that
+    stops, the records so far stand and ``skipped`` gets ``(key, STOPPED, detail)`` once per key."""
+    done = 0
+    error: Exception | None = None
+    reader: _Counting | None = None
+    for lenient in (False, True):
+        with open(path, "rb") as raw:
+            reader = _NonFiniteAsNull(raw) if lenient else _Counting(raw)
+            try:
+                for k, item in enumerate(items(reader)):
+                    if k < done:
+                        continue  # given by the first pass (it held no NaN: the reading is the same)
+                    done += 1
+                    yield item
+                return
+            except (ijson.JSONError, ValueError, RecursionError) as e:
+                error = e
+    assert reader is not None and error is not None
+    if not any(s[0] == key for s in skipped):
+        skipped.append((key, STOPPED, f"{path.name}: {_parse_error(error)} at or before byte {reader.raw}, "
+                                      f"after {done} records"))
+
+
+def _parse_error(e: Exception) -> str:
+    """The first line of a parser's message (yajl's come with a drawing of the spot, sometimes as bytes)."""
+    text = str(e).strip()
+    if text[:2] in ("b'", 'b"'):
+        text = text[2:].split("\\n")[0]
+    return _one_line(text.splitlines()[0] if text else type(e).__name__)
+
+
+def _top_level_object(path: Path, what: str) -> None:
+    """Refuses (one line) a file whose top-level JSON value is not an object."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:].lstrip()
+    if not head.startswith(b"{"):
+        found = "an empty file" if not head else f"{head[:1].decode('latin-1')!r} first"
+        raise ValueError(f"{path}: expected a JSON object ({what}), found {found}")
+
+
 class _LineWriter:
     """Writes one JSON record per line and remembers the byte offset of each line."""
 
@@ -135,13 +289,15 @@ def convert_gqa(scene_graphs_json: Path, out_jsonl: Path, *, image_ext: str = ".
     (``location``, ``weather``) are ignored.
     """
     scene_graphs_json = Path(scene_graphs_json)
+    _top_level_object(scene_graphs_json, "image id -> scene graph")
 
     def body(out: _LineWriter) -> None:
-        with open(scene_graphs_json, "rb") as f:
-            for image_id, graph in ijson.kvitems(f, "", use_float=True):
-                rec = _gqa_record(str(image_id), graph, image_ext, out.stats.skipped)
-                if rec is not None:
-                    out.write(rec)
+        pairs = _json_stream(scene_graphs_json, lambda f: ijson.kvitems(f, "", use_float=True), out.stats.skipped,
+                             f"gqa:{scene_graphs_json.name}")
+        for image_id, graph in pairs:
+            rec = _gqa_record(str(image_id), graph, image_ext, out.stats.skipped)
+            if rec is not None:
+                out.write(rec)
 
     return _convert(out_jsonl, body)
 
@@ -210,42 +366,131 @@ def _gqa_record(image_id: str, graph: Any, image_ext: str,
 # -- COCO + RefCOCO refs --------------------------------------------------------------------------
 
 class UnsafePickleError(pickle.UnpicklingError):
-    """A refs pickle asked for something other than plain built-in containers and scalars."""
+    """A refs pickle refused: it asks for something other than plain data, is too large, or is not a
+    pickle. The message is one line naming the file (and the byte, where there is one)."""
 
 
-_SAFE_BUILTINS = frozenset({
-    "list", "dict", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float", "bool",
-    "complex",
+#: the largest refs file read (bytes); RefCOCO's refs(unc).p is about 30 MB
+MAX_REFS_BYTES = 256 * 2**20
+#: the most memory (estimated, bytes) the objects of a refs pickle may take; RefCOCO's take about 300 MB
+MAX_REFS_BUILD = 2 * 2**30
+#: the longest single str, bytes or int in a refs pickle (bytes)
+MAX_REFS_ITEM = 2**20
+
+# Opcodes that build plain data: dict, list, tuple, str, int, float, bool, None, bytes, and the stack
+# and memo bookkeeping. Everything else (globals, calls, object construction, sets, bytearrays,
+# buffers, persistent ids, extension codes) is refused before a single object is built.
+_DATA_OPS = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
+    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
+    "FLOAT", "BINFLOAT",
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
+    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
+    "EMPTY_LIST", "APPEND", "APPENDS", "LIST", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+    "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS",
+    "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET",
 })
+_CONTAINER_OPS = frozenset({"EMPTY_LIST", "LIST", "EMPTY_DICT", "DICT", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_REFUSED_OPS = {
+    "GLOBAL": "a global", "STACK_GLOBAL": "a global", "INST": "a class instance", "OBJ": "a class instance",
+    "REDUCE": "a call", "NEWOBJ": "a call", "NEWOBJ_EX": "a call", "BUILD": "object state",
+    "EXT1": "an extension code", "EXT2": "an extension code", "EXT4": "an extension code",
+    "PERSID": "a persistent id", "BINPERSID": "a persistent id",
+    "EMPTY_SET": "a set", "ADDITEMS": "a set", "FROZENSET": "a frozenset",
+    "BYTEARRAY8": "a bytearray", "NEXT_BUFFER": "a buffer", "READONLY_BUFFER": "a buffer",
+}
+_ALLOWED_TEXT = "a refs pickle may hold only dict, list, tuple, str, int, float, bool, None and bytes"
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles plain data only: any global other than a built-in container/scalar type is refused,
-    so a crafted pickle cannot construct objects or call functions (``eval``, ``os.system`` ...)."""
+def _check_refs_pickle(data: bytes, name: str) -> None:
+    """Walks the opcodes without building anything; raises :class:`UnsafePickleError` on the first
+    one that is not plain data, or when the objects would pass :data:`MAX_REFS_BUILD`."""
+    built = 0
+    ops = 0
+    strings: list[str] = []  # the last two texts pushed: STACK_GLOBAL's module and name
+    pos = 0
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            ops += 1
+            if op.name not in _DATA_OPS:
+                what = _REFUSED_OPS.get(op.name, "an unknown opcode")
+                if op.name == "GLOBAL" and isinstance(arg, str):
+                    what += f" ({arg.replace(' ', '.')})"
+                elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                    what += f" ({'.'.join(strings)})"
+                raise UnsafePickleError(f"{name}: refused at byte {pos}: {what} (opcode {op.name}); {_ALLOWED_TEXT}")
+            built += 32
+            if isinstance(arg, str | bytes):
+                if len(arg) > MAX_REFS_ITEM:
+                    raise UnsafePickleError(f"{name}: refused at byte {pos}: a {len(arg)}-byte value, over the "
+                                            f"{MAX_REFS_ITEM}-byte limit")
+                built += 49 + len(arg)
+                if isinstance(arg, str):
+                    strings = [*strings[-1:], arg]
+            elif isinstance(arg, int) and op.name not in _PUT_OPS and op.name not in ("PROTO", "FRAME") \
+                    and not op.name.endswith("GET"):
+                if arg.bit_length() > 8 * MAX_REFS_ITEM:
+                    raise UnsafePickleError(f"{name}: refused at byte {pos}: an integer over {MAX_REFS_ITEM} bytes")
+                built += 28 + arg.bit_length() // 8
+            elif op.name in _CONTAINER_OPS:
+                built += 64
+            if op.name in _PUT_OPS and arg > ops:  # the unpickler sizes its memo by the largest index
+                raise UnsafePickleError(f"{name}: refused at byte {pos}: memo index {arg} out of range")
+            if built > MAX_REFS_BUILD:
+                raise UnsafePickleError(f"{name}: refused at byte {pos}: the data would take over {MAX_REFS_BUILD} "
+                                        "bytes of memory")
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - genops on a broken file: ValueError, struct errors ...
+        raise UnsafePickleError(f"{name}: not a readable pickle near byte {pos}: {_one_line(e)}") from None
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """The C unpickler with no globals and no persistent ids at all (the opcode check runs first;
+    this is the second wall)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-            return super().find_class("builtins", name)
-        raise UnsafePickleError(f"refs pickle references {module}.{name}; only plain built-in data is allowed")
+        raise UnsafePickleError(f"refs pickle references {module}.{name}; {_ALLOWED_TEXT}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"refs pickle uses a persistent id; {_ALLOWED_TEXT}")
 
 
 def load_refs(path: Path) -> list[dict[str, Any]]:
     """RefCOCO / RefCOCO+ / RefCOCOg refs: the original ``refs(unc).p`` pickle or the same list as JSON.
 
-    The pickle is read with a restricted unpickler (built-in data types only, nothing executed);
-    Python 2 strings are decoded as UTF-8.
+    The pickle is checked opcode by opcode before anything is built: only plain data (dict, list,
+    tuple, str, int, float, bool, None, bytes) is allowed, nothing is called or constructed, the file
+    is at most :data:`MAX_REFS_BYTES` and its objects at most :data:`MAX_REFS_BUILD` (estimated);
+    Python 2 strings are decoded as UTF-8. A refusal is an :class:`UnsafePickleError`, a broken JSON
+    file a ``ValueError``; both with a one-line message.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-        f.seek(0)
-        if path.suffix.lower() == ".json" or head.startswith(b"["):
-            data = json.load(f)
-        else:
-            data = _RestrictedUnpickler(f, encoding="utf-8", errors="replace").load()
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of refs, got {type(data).__name__}")
-    return data
+    size = os.stat(path).st_size
+    is_json = path.suffix.lower() == ".json"
+    if size > MAX_REFS_BYTES:
+        msg = f"{path}: {size} bytes, over the {MAX_REFS_BYTES}-byte limit for a refs file"
+        raise ValueError(msg) if is_json else UnsafePickleError(msg)
+    data = path.read_bytes()
+    if is_json or data.lstrip()[:1] == b"[":
+        try:
+            refs = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: invalid JSON: {_one_line(e)}") from None
+    else:
+        _check_refs_pickle(data, str(path))
+        try:
+            refs = _DataOnlyUnpickler(io.BytesIO(data), encoding="utf-8", errors="replace").load()
+        except UnsafePickleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a pickle that passed the check but does not load
+            raise UnsafePickleError(f"{path}: not a readable pickle: {_one_line(e)}") from None
+    if not isinstance(refs, list):
+        raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    return refs
 
 
 def convert_coco(instances_json: Path, out_jsonl: Path, *, refs: Path | None = None,
@@ -260,35 +505,39 @@ def convert_coco(instances_json: Path, out_jsonl: Path, *, refs: Path | None = N
     ``expressions``: one per sentence of each ref of that image.
     """
     instances_json = Path(instances_json)
+    _top_level_object(instances_json, "COCO instances")
+    refs_data = load_refs(refs) if refs is not None else None  # refused before any work
 
     def body(out: _LineWriter) -> None:
         skipped = out.stats.skipped
-        with open(instances_json, "rb") as f:
-            images = list(ijson.items(f, "images.item", use_float=True))
-        with open(instances_json, "rb") as f:
-            categories = {}
-            for c in ijson.items(f, "categories.item", use_float=True):
-                if isinstance(c, dict) and "id" in c and isinstance(c.get("name"), str):
-                    categories[c["id"]] = c["name"].strip()
-                else:
-                    skipped.append((f"coco:category:{c.get('id') if isinstance(c, dict) else '?'}",
-                                    "malformed category"))
+        key = f"coco:{instances_json.name}"
+
+        def stream(prefix: str) -> Iterator[Any]:
+            return _json_stream(instances_json, lambda f: ijson.items(f, prefix, use_float=True), skipped, key)
+
+        images = list(stream("images.item"))
+        categories = {}
+        for c in stream("categories.item"):
+            if isinstance(c, dict) and _id(c.get("id")) and isinstance(c.get("name"), str):
+                categories[c["id"]] = c["name"].strip()
+            else:
+                cid = c.get("id") if isinstance(c, dict) and _id(c.get("id")) else "?"
+                skipped.append((f"coco:category:{cid}", "malformed category"))
         by_image: dict[Any, dict[str, Any]] = {}
         for k, im in enumerate(images):
-            ok = isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str)
+            ok = isinstance(im, dict) and _id(im.get("id")) and isinstance(im.get("file_name"), str)
             if not ok or im["id"] in by_image:
-                skipped.append((f"coco:image:{im.get('id', k) if isinstance(im, dict) else k}",
+                skipped.append((f"coco:image:{im.get('id') if ok else k}",
                                 "malformed image" if not ok else "duplicate image id"))
                 continue
             by_image[im["id"]] = im
         del images
         anns: dict[Any, list[tuple[str, str, list[float | int]]]] = {i: [] for i in by_image}
-        with open(instances_json, "rb") as f:
-            for k, a in enumerate(ijson.items(f, "annotations.item", use_float=True)):
-                item = _coco_annotation(k, a, by_image, categories, skipped)
-                if item is not None:
-                    anns[a["image_id"]].append(item)
-        expressions = _group_refs(load_refs(refs), by_image, skipped) if refs is not None else None
+        for k, a in enumerate(stream("annotations.item")):
+            item = _coco_annotation(k, a, by_image, categories, skipped)
+            if item is not None:
+                anns[a["image_id"]].append(item)
+        expressions = _group_refs(refs_data, by_image, skipped) if refs_data is not None else None
         for image_key, im in by_image.items():
             out.write(_coco_record(im, anns.pop(image_key), expressions, relations_from_geometry, skipped))
 
@@ -297,10 +546,10 @@ def convert_coco(instances_json: Path, out_jsonl: Path, *, refs: Path | None = N
 
 def _coco_annotation(k: int, a: Any, by_image: dict[Any, dict[str, Any]], categories: dict[Any, str],
                      skipped: list[tuple[str, str]]) -> tuple[str, str, list[float | int]] | None:
-    if not isinstance(a, dict) or "id" not in a:
+    if not isinstance(a, dict) or not _id(a.get("id")):
         skipped.append((f"coco:annotation:#{k}", "malformed annotation"))
         return None
-    im = by_image.get(a.get("image_id"))
+    im = by_image.get(a.get("image_id")) if _id(a.get("image_id")) else None
     akey = f"coco:{im['file_name']}/{a['id']}" if im is not None else f"coco:annotation:{a['id']}"
     if im is None:
         skipped.append((akey, "annotation for an unknown image"))
@@ -308,7 +557,7 @@ def _coco_annotation(k: int, a: Any, by_image: dict[Any, dict[str, Any]], catego
     if a.get("iscrowd"):
         skipped.append((akey, "crowd annotation"))
         return None
-    name = categories.get(a.get("category_id"))
+    name = categories.get(a.get("category_id")) if _id(a.get("category_id")) else None
     if not name:
         skipped.append((akey, "annotation with an unknown category"))
         return None
@@ -366,11 +615,11 @@ def _group_refs(refs: list[Any], by_image: dict[Any, dict[str, Any]],
     out: dict[Any, list[tuple[str, dict[str, Any]]]] = {}
     for k, ref in enumerate(refs):
         ref_id = ref.get("ref_id", f"#{k}") if isinstance(ref, dict) else f"#{k}"
-        rkey = f"coco:ref:{ref_id}"
-        if not isinstance(ref, dict) or "ann_id" not in ref or not isinstance(ref.get("sentences"), list):
+        rkey = f"coco:ref:{ref_id if _id(ref_id) else f'#{k}'}"
+        if not isinstance(ref, dict) or not _id(ref.get("ann_id")) or not isinstance(ref.get("sentences"), list):
             skipped.append((rkey, "malformed ref"))
             continue
-        if ref.get("image_id") not in by_image:
+        if not _id(ref.get("image_id")) or ref["image_id"] not in by_image:
             skipped.append((rkey, "ref for an unknown image"))
             continue
         for j, s in enumerate(ref["sentences"]):
