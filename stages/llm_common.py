@@ -9,10 +9,13 @@ Failure policy (every model-backed step):
 
 * an unusable answer (the client's :class:`~refforge.llm.LLMOutputError` after its repair retries:
   "refusal", "empty", "unparseable", "schema_mismatch", "truncated") or an answer that fails the
-  step's own check becomes a drop with a reason: it never raises;
+  step's own check becomes a drop with a reason: it never raises; replayed from the response cache
+  (a re-run, a resume) it is the same drop, reason and detail word for word;
 * a failed request (:class:`~refforge.llm.LLMRequestError`: the endpoint down past the retries,
   the rate-limit budget spent, bad credentials) propagates, after every answer of the batch that
-  did arrive was cached, so a retried task pays only for what is missing.
+  did arrive was cached, so a retried task pays only for what is missing. A ``Retry-After`` longer
+  than the endpoint's ``max_wait_s`` is not waited out: the request fails at once, with one line
+  that says to run the build again later.
 """
 
 from __future__ import annotations

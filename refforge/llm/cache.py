@@ -7,8 +7,10 @@ prompt version. The base URL is not part of the key, so a model moved to another
 cache; the API key and the HTTP headers are never part of the key nor stored.
 
 An entry holds the raw answer text, the finish reason, the token usage, and whether the call ended
-in a model-side refusal/garbled answer (``error`` = the reason), so that a re-run replays the
-same drops instead of paying for them again. Transport failures are never cached.
+in a model-side refusal/garbled answer (``error`` = the reason, ``detail`` = its explanation), so
+that a re-run replays the same drops, word for word, instead of paying for them again. Transport
+failures are never cached. Columns added since the first version (``logprobs``, ``detail``) are
+added in place to an older file when it is opened; its entries read them as NULL.
 
 Safe from several threads (one connection per thread) and several processes (SQLite locking,
 ``busy_timeout``); a killed process leaves at worst its last uncommitted entry out.
@@ -42,7 +44,8 @@ CREATE TABLE IF NOT EXISTS responses (
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
-    logprobs TEXT
+    logprobs TEXT,
+    detail TEXT
 ) WITHOUT ROWID
 """
 
@@ -60,16 +63,22 @@ class CachedResponse:
     stage: str = ""
     prompt_version: str = ""
     logprobs: tuple[float, ...] | None = None  # the answer's token logprobs, when they were asked for
+    detail: str | None = None  # the LLMOutputError's detail when the call ended in one (None in older files)
 
 
-_INSERT = "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# columns named: an older file gained its added columns at the end, in the order they were added
+_COLUMNS = ("key", "model", "stage", "prompt_version", "text", "finish_reason", "error", "prompt_tokens",
+            "completion_tokens", "created", "logprobs", "detail")
+_INSERT = (f"INSERT OR REPLACE INTO responses ({', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join('?' * len(_COLUMNS))})")
+_ADDED_COLUMNS = (("logprobs", "TEXT"), ("detail", "TEXT"))  # columns a cache file may predate
 
 
 def _row(key: str, r: CachedResponse, created: float) -> tuple:
-    """``r`` as a row of ``responses``, in the table's column order."""
+    """``r`` as a row of ``responses``, in the order of ``_COLUMNS``."""
     logprobs = None if r.logprobs is None else json.dumps(list(r.logprobs))
     return (key, r.model, r.stage, r.prompt_version, r.text, r.finish_reason, r.error, int(r.prompt_tokens),
-            int(r.completion_tokens), created, logprobs)
+            int(r.completion_tokens), created, logprobs, r.detail)
 
 
 def _canonical_messages(messages: Any) -> Any:
@@ -152,8 +161,13 @@ class ResponseCache:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(_SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
-            if "logprobs" not in columns:  # a cache file written before logprobs were kept
-                conn.execute("ALTER TABLE responses ADD COLUMN logprobs TEXT")
+            for name, kind in _ADDED_COLUMNS:  # a cache file written before the column was kept
+                if name not in columns:
+                    try:
+                        conn.execute(f"ALTER TABLE responses ADD COLUMN {name} {kind}")
+                    except sqlite3.OperationalError as exc:  # another process added it just now
+                        if "duplicate column" not in str(exc).lower():
+                            raise
             self._local.conn = conn
         return conn
 
@@ -166,7 +180,7 @@ class ResponseCache:
     def get(self, key: str) -> CachedResponse | None:
         row = self._conn().execute(
             "SELECT text, finish_reason, error, prompt_tokens, completion_tokens, model, stage, prompt_version, "
-            "logprobs FROM responses WHERE key = ?",
+            "logprobs, detail FROM responses WHERE key = ?",
             (key,),
         ).fetchone()
         with self._stats.lock:
@@ -177,7 +191,7 @@ class ResponseCache:
         if row is None:
             return None
         lp = row[8]
-        return CachedResponse(*row[:8], logprobs=None if lp is None else tuple(json.loads(lp)))
+        return CachedResponse(*row[:8], logprobs=None if lp is None else tuple(json.loads(lp)), detail=row[9])
 
     def put(self, key: str, response: CachedResponse) -> None:
         self._conn().execute(_INSERT, _row(key, response, time.time()))

@@ -12,9 +12,12 @@ refforge owns the request policy; the SDK's own retries are off (``max_retries=0
 - **Rate limits make a build slower, never failed**: a 429 does not use up ``max_retries``. It is
   retried after its ``Retry-After`` (seconds, milliseconds or an HTTP date; backoff when absent) for
   as long as the total time this request spent waiting on 429s stays within
-  ``max_rate_limit_wait_s`` (600 s by default); past that the request fails with
-  ``LLMRequestError("rate_limited")``. A 429 whose code is ``insufficient_quota`` fails at once
-  (``"quota"``): waiting does not refill a quota.
+  ``max_rate_limit_wait_s`` (600 s by default; an endpoint's ``max_wait_s`` in a build config). A
+  wait that would pass that budget is not started: the request fails at once with
+  ``LLMRequestError("rate_limited")`` whose message says so in one line ("Retry-After 3600 s exceeds
+  max_wait_s 300 ...; run the build again later ..."); a build's unit then fails and is done on the
+  next run. A 429 whose code is ``insufficient_quota`` fails at once (``"quota"``): waiting does not
+  refill a quota.
 - **Other client errors** (400, 401, 403, 404, 422) fail at once with :class:`LLMRequestError`.
 - Each HTTP request has its own timeout (``timeout_s``).
 
@@ -355,6 +358,25 @@ def _retry_after(exc: Any) -> float | None:
     if when is None:
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+# The detail of each fixed-text LLMOutputError (the others carry the parser's message).
+_DETAILS = {"refusal": "the model refused", "empty": "the answer was empty",
+            "truncated": "the answer was cut off by the token limit"}
+_DECLINED_IN_TEXT = "the model declined in text"
+
+
+def _legacy_detail(reason: str, text: str | None, schema: type[pydantic.BaseModel] | None) -> str:
+    """The detail of a cached failure from a cache file that kept only its reason: the parser's
+    message again for an answer that does not validate, else the fixed text of the reason (a refusal
+    reads "the model refused" whether it came as a refusal or declined in text)."""
+    if reason in ("unparseable", "schema_mismatch") and schema is not None:
+        try:
+            parse_model(text or "", schema)
+        except OutputParseError as exc:
+            if exc.reason == reason:
+                return exc.message
+    return _DETAILS.get(reason, "cached outcome")
 
 
 def _with_instructions(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -753,7 +775,8 @@ class LLMClient:
         if raise_request_errors:
             for r in results:
                 if isinstance(r, LLMRequestError):
-                    raise r
+                    # raised here, without the frames of the client's event loop it came from
+                    raise r.with_traceback(None)
         return results
 
     def _wait(self, coro) -> Any:
@@ -764,6 +787,8 @@ class LLMClient:
         fut = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
             return fut.result()
+        except LLMError as exc:  # raised here, without the frames of the client's event loop
+            raise exc.with_traceback(None) from None
         except BaseException:
             fut.cancel()
             raise
@@ -888,13 +913,16 @@ class LLMClient:
             self._pending.pop(key, None)
 
     def _replay(self, hit: CachedResponse, req: ChatRequest, key: str) -> ChatResult | None:
-        """The cached outcome; None when a cached answer no longer validates (a validator changed)."""
+        """The cached outcome; None when a cached answer no longer validates (a validator changed).
+
+        A cached failure is raised again with the reason and detail of the original one, so that a
+        resumed build writes the same drops rows as an uninterrupted one."""
         if hit.error:
             stats = self._stage(req.stage)
             stats.output_errors[hit.error] += 1
             stats.cached += 1
-            raise LLMOutputError(hit.error, "cached outcome", text=hit.text, stage=req.stage, key=key,
-                                 cached=True)
+            detail = hit.detail if hit.detail is not None else _legacy_detail(hit.error, hit.text, req.response_schema)
+            raise LLMOutputError(hit.error, detail, text=hit.text, stage=req.stage, key=key, cached=True)
         parsed = None
         if req.response_schema is not None:
             try:
@@ -918,17 +946,17 @@ class LLMClient:
             problem: tuple[str, str] | None = None
             parsed = None
             if refusal:
-                problem = ("refusal", "the model refused")
+                problem = ("refusal", _DETAILS["refusal"])
             elif not (text or "").strip():
-                problem = ("empty", "the answer was empty")
+                problem = ("empty", _DETAILS["empty"])
             elif finish == "length":
-                problem = ("truncated", "the answer was cut off by the token limit")
+                problem = ("truncated", _DETAILS["truncated"])
             elif schema is not None:
                 try:
                     parsed = parse_model(text, schema)
                 except OutputParseError as exc:
                     if exc.reason == "unparseable" and looks_like_refusal(text):
-                        problem = ("refusal", "the model declined in text")
+                        problem = ("refusal", _DECLINED_IN_TEXT)
                     else:
                         problem = (exc.reason, exc.message)
             reason, detail = problem or (None, "")
@@ -954,7 +982,7 @@ class LLMClient:
             if self.cache is not None and self.cache_failures:
                 self.cache.put(key, CachedResponse(shown, finish, reason, usage.prompt_tokens,
                                                    usage.completion_tokens, served_model, req.stage,
-                                                   req.prompt_version))
+                                                   req.prompt_version, detail=detail))
             log.info("stage=%s: unusable answer (%s) after %d request(s)", req.stage, reason, attempts)
             raise LLMOutputError(reason, detail, text=shown, stage=req.stage, key=key, attempts=attempts)
         raise AssertionError("unreachable")
@@ -1042,13 +1070,13 @@ class LLMClient:
             if kind == "rate_limited":
                 rate_limited += 1
                 stats.rate_limited += 1
-                wait = (retry_after + random.uniform(0, min(self.backoff_base_s, 1.0)) if retry_after is not None
-                        else self._backoff(rate_limited - 1))
-                if waited_on_429 + wait > self.max_rate_limit_wait_s:
-                    raise LLMRequestError(
-                        "rate_limited", f"still rate limited after waiting {waited_on_429:.0f} s "
-                        f"(max_rate_limit_wait_s={self.max_rate_limit_wait_s:g}): {detail}",
-                        status=429, stage=req.stage, attempts=attempts)
+                budget_left = self.max_rate_limit_wait_s - waited_on_429
+                wait = retry_after if retry_after is not None else self._backoff(rate_limited - 1)
+                if wait > budget_left:
+                    raise LLMRequestError("rate_limited", self._rate_limit_message(retry_after, waited_on_429),
+                                          status=429, stage=req.stage, attempts=attempts)
+                if retry_after is not None:  # a little jitter, within the budget, so waiters do not return together
+                    wait = min(budget_left, wait + random.uniform(0, min(self.backoff_base_s, 1.0)))
                 waited_on_429 += wait
             elif kind in ("server_error", "timeout", "connection", "bad_response"):
                 if retries >= self.max_retries:
@@ -1065,6 +1093,18 @@ class LLMClient:
             stats.retries += 1
             log.info("stage=%s: %s%s, retry in %.2f s", req.stage, kind, f" (HTTP {status})" if status else "", wait)
             await asyncio.sleep(wait)
+
+    def _rate_limit_message(self, retry_after: float | None, waited: float) -> str:
+        """One line: why a rate-limited request gives up, and what to do."""
+        budget = f"max_wait_s {_seconds(self.max_rate_limit_wait_s)}"
+        if retry_after is None:
+            why = f"still rate-limited after waiting {_seconds(waited)} s ({budget})"
+        elif waited > 0:
+            why = f"Retry-After {_seconds(retry_after)} s after {_seconds(waited)} s of waiting exceeds {budget}"
+        else:
+            why = f"Retry-After {_seconds(retry_after)} s exceeds {budget}"
+        return (f"{why} (model {self.model}); run the build again later (what was answered is cached), "
+                f"or raise max_wait_s")
 
     def _backoff(self, n: int) -> float:
         return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * (2 ** min(n, 30))))
@@ -1114,6 +1154,11 @@ def _decode(content: bytes) -> _Answer | None:
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
     return _Answer(text if isinstance(text, str) else None, message.get("refusal") or None,
                    choice.get("finish_reason"), model, tokens, _token_logprobs(choice))
+
+
+def _seconds(x: float) -> str:
+    """Seconds for a message: whole above 10 s, three significant digits below."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.3g}"
 
 
 def _copy_error(exc: BaseException) -> BaseException:

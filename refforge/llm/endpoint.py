@@ -13,13 +13,17 @@ from .cache import ResponseCache
 from .client import LLMClient
 
 # where and how fast a model is served does not change the data: left out of the config hash
-OPERATIONAL_ENDPOINT_KEYS = ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries",
+OPERATIONAL_ENDPOINT_KEYS = ("base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "max_wait_s",
                              "price_per_1k_input", "price_per_1k_output")
 
 
 class ModelEndpoint(_Strict):
     """An OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, Ollama, LM Studio, Gemini/Qwen compatible
-    modes). The API key is read from the environment variable named by ``api_key_env`` at run time."""
+    modes). The API key is read from the environment variable named by ``api_key_env`` at run time.
+
+    ``max_wait_s``: how long one request may wait on rate limits (HTTP 429 and its ``Retry-After``) in
+    all; a ``Retry-After`` past it fails the request at once with a one-line ``LLMRequestError``, and
+    the build's unit is done on the next run."""
 
     base_url: str
     model: str
@@ -27,6 +31,7 @@ class ModelEndpoint(_Strict):
     concurrency: int = Field(default=8, ge=1)
     timeout_s: float = Field(default=60, gt=0)
     max_retries: int = Field(default=5, ge=0)
+    max_wait_s: float = Field(default=300, ge=0)
     image_longest_side: int = Field(default=1024, ge=32)
     structured_output: Literal["auto", "json_schema", "instructions"] = "auto"
     price_per_1k_input: float | None = None
@@ -45,7 +50,8 @@ def endpoint_client(ep: ModelEndpoint, cache_path: Path) -> LLMClient:
     or ``refforge eval``'s own)."""
     return LLMClient(
         ep.base_url, ep.model, api_key_env=ep.api_key_env, concurrency=ep.concurrency,
-        timeout_s=ep.timeout_s, max_retries=ep.max_retries, image_longest_side=ep.image_longest_side,
+        timeout_s=ep.timeout_s, max_retries=ep.max_retries, max_rate_limit_wait_s=ep.max_wait_s,
+        image_longest_side=ep.image_longest_side,
         structured_output=ep.structured_output, price_per_1k_input=ep.price_per_1k_input,
         price_per_1k_output=ep.price_per_1k_output, cache=ResponseCache(cache_path))
 

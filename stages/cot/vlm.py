@@ -74,19 +74,38 @@ class CotCandidates(list):
 
 
 _CORRECT = ("correct", "correct_rejection")
-_RULE_RANK = {v: i for i, v in enumerate(("correct", "correct_rejection", "wrong_box", "false_rejection",
-                                          "false_positive", "unparseable"))}
+# the verdicts of an answer that was read and checked against the ground truth, best first; any other
+# verdict ("unparseable": no box and no rejection could be read) is never selected
+USABLE_VERDICTS = ("correct", "correct_rejection", "wrong_box", "false_rejection", "false_positive")
+_RULE_RANK = {v: i for i, v in enumerate(USABLE_VERDICTS)}
+NO_USABLE_TRACE = "no usable trace"
 
 
 def _rule_key(t: Trace, i: int) -> tuple:
-    return (_RULE_RANK.get(t.verdict, len(_RULE_RANK)), -(t.iou or 0.0), len(t.text), i)
+    return (_RULE_RANK[t.verdict], -(t.iou or 0.0), len(t.text), i)
 
 
 def _select(traces: list[Trace], best: int | None) -> None:
-    if best is None and traces:
-        best = min(range(len(traces)), key=lambda i: _rule_key(traces[i], i))
+    """Mark trace ``best`` selected, or (None) the best usable one by the rule: none when no trace is usable."""
+    if best is None:
+        usable = [i for i, t in enumerate(traces) if t.verdict in _RULE_RANK]
+        best = min(usable, key=lambda i: _rule_key(traces[i], i)) if usable else None
     for i, t in enumerate(traces):
         t.selected = i == best
+
+
+def _no_usable_trace(stage: str, cands: CotCandidates, k: int) -> Drop:
+    """The drop of a sample none of whose ``k`` candidates is usable, each candidate's outcome in the detail."""
+    outcomes: dict[int, str] = {}
+    for t in cands:
+        outcomes[t.sample] = f"{t.verdict} ({t.parse_reason})" if t.parse_reason else t.verdict
+    prefix = f"{cands.sample_id}/"
+    for d in cands.drops:
+        i = d.key.removeprefix(prefix)
+        if i.isdigit():
+            outcomes.setdefault(int(i), d.reason)
+    detail = ", ".join(f"{i}: {outcomes.get(i, 'no answer')}" for i in range(k))
+    return _drop(stage, cands.sample_id, NO_USABLE_TRACE, f"{k} candidate(s): {detail}")
 
 
 def _hint(sample: CotSample, dialect: str, enc) -> str:
@@ -126,9 +145,13 @@ def llm_traces(
     answers apart either way). Each answer is parsed in its dialect
     (:func:`refforge.stages.answers.parse_answer`; boxes in stored pixels) and verified with
     :func:`refforge.stages.answers.verify`: an answer without a usable
-    box or rejection is kept with verdict "unparseable".
+    box or rejection is kept with verdict "unparseable", and is never selected.
 
-    Selection: ``judge="rule"``: verdict (correct first), then IoU, then the shorter text.
+    Selection: ``judge="rule"``: verdict (correct first), then IoU, then the shorter text, among the
+    candidates with a usable verdict (:data:`USABLE_VERDICTS`). A sample with none (every answer
+    unparseable or unusable) has no selected trace, ``selection`` "none", and a drop
+    (reason "no usable trace", key ``sample_id``, each candidate's outcome in the detail), so that
+    nothing unusable reaches an export.
     ``judge="llm"``: when two or more candidates are verified correct, ``judge_client`` (default
     ``client``) sees only those and picks one (``{"best": int, "reason": str}``); an unusable or
     out-of-range verdict falls back to the rule (and adds a drop). The judge never sees, and so
@@ -136,7 +159,8 @@ def llm_traces(
 
     Returns one :class:`CotCandidates` per sample (a list of :class:`LLMTrace`, ``model`` = the
     model that answered) with its drops: candidates whose answer was unusable (the client's
-    reason, key ``"<sample_id>/<i>"``) and exact repeats of an earlier candidate ("duplicate trace").
+    reason, key ``"<sample_id>/<i>"``), exact repeats of an earlier candidate ("duplicate trace") and,
+    when no candidate is usable, the sample's own drop ("no usable trace").
 
     ``client=None``: the offline graph walk (:func:`refforge.stages.cot.walk.traces_for_sample`), which
     needs each sample's ``graph``, ``query`` and ``target_id``.
@@ -233,8 +257,10 @@ def llm_traces(
             cands[chosen].judge_reason = res.parsed.reason  # type: ignore[union-attr]
             cands.selection = "llm"
     for si, cands in enumerate(out):
-        if si not in judged and cands:
+        if si not in judged:
             _select(cands, None)
-            cands.selection = "rule"
+            cands.selection = "rule" if any(t.selected for t in cands) else "none"
+        if not any(t.selected for t in cands):  # every candidate unusable: the sample has no trace
+            cands.drops.append(_no_usable_trace(stage, cands, k))
     return out
 

@@ -6,6 +6,7 @@ import re
 import shutil
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +126,116 @@ def test_a_model_backend_without_its_endpoint_fails_before_any_work():
         parse_config({"negatives_text": {"backend": "llm"}})
     with pytest.raises(ConfigError, match=r"needs a \[vlm\] section"):
         parse_config({"cot": {"backend": "vlm"}})
+
+
+# -- unusable answers: never selected, never exported; their drops survive a resume word for word --------
+
+GARBLE = "GARBLED-ANSWER somewhere over there, probably"
+
+
+def _unreliable_model(req):
+    """:func:`model`, except that it refuses or garbles some negatives words, garbles every trace of about
+    one sample in four, the first trace of another one in four, and refuses the first of a third."""
+    system = req.messages[0]["content"]
+    text = " ".join(p.get("text", "") for p in req.messages[1]["content"]) if isinstance(
+        req.messages[1]["content"], list) else req.messages[1]["content"]  # the first turn (a repair turn follows it)
+    if system.startswith("You help build hard negative"):
+        word = re.search(r'Replace the (?:\w+ attribute|object category|spatial relation) "(.*?)"', text).group(1)
+        bucket = zlib.crc32(word.encode()) % 4
+        if bucket == 0:
+            return refusal()
+        if bucket == 1:
+            return "I would rather describe the picture in prose."
+    if system.startswith("You are a visual grounding model that explains"):
+        expr = re.search(r'Referring expression: "(.*?)"', text).group(1)
+        bucket, first = zlib.crc32(expr.encode()) % 4, req.body.get("seed", 0) == 0
+        if bucket == 0 or (bucket == 1 and first):
+            return f"<think>hmm, try {req.body.get('seed', 0)}</think>{GARBLE}"
+        if bucket == 2 and first:
+            return refusal()
+    return model(req)
+
+
+def _unreliable_config(server):
+    cfg = _config(server).model_dump(mode="json")
+    cfg["cot"]["k"] = 2
+    return parse_config(cfg)
+
+
+def test_unusable_answers_are_never_selected_nor_exported_and_drops_survive_a_resume(tmp_path, prefect_api):
+    from refforge.flows.export import export_build
+
+    with OpenAITestServer(handler=_unreliable_model) as server:
+        first = tmp_path / "first"
+        run_build(_unreliable_config(server), first)
+        sent = len(server.requests)
+        with Catalog(first) as cat:
+            traces = cat.sql("SELECT sample_id, trace, verdict, selected FROM cot_traces").to_pylist()
+            drops = cat.sql("SELECT stage, key, reason, detail FROM drops").to_pylist()
+            samples = cat.sql("SELECT sample_id FROM expressions").column(0).to_pylist()
+        garbled = [t for t in traces if t["verdict"] == "unparseable"]
+        assert garbled and all(GARBLE in t["trace"] for t in garbled)
+        assert not any(t["selected"] for t in garbled)
+        assert all(t["verdict"] in ("correct", "correct_rejection") for t in traces if t["selected"])
+        selected = Counter(t["sample_id"] for t in traces if t["selected"])
+        assert set(selected.values()) == {1}
+        # a sample is either traced (one selected trace) or dropped with the reason
+        no_trace = {d["key"]: d for d in drops if d["stage"] == "cot" and d["reason"] == "no usable trace"}
+        assert no_trace and set(no_trace) | set(selected) == set(samples) and not set(no_trace) & set(selected)
+        assert all(d["detail"] == "2 candidate(s): 0: unparseable (no box and no rejection in the answer), "
+                                  "1: unparseable (no box and no rejection in the answer)" for d in no_trace.values())
+        # candidates that ended in an unusable answer are drops with the client's reason and detail
+        reasons = Counter((d["stage"], d["reason"], d["detail"]) for d in drops)
+        assert reasons[("cot", "refusal", "the model refused")] > 0
+        assert reasons[("negatives_text", "llm refusal", "the model refused")] > 0
+        assert any(st == "negatives_text" and r == "llm unparseable" for st, r, _ in reasons)
+        assert not any(d["detail"] == "cached outcome" for d in drops)
+
+        # the SFT export takes the selected traces only: no garbled answer in any assistant turn
+        sft = Path(export_build(first, tmp_path / "export", ["sft"])["out"]) / "sft"
+        turns = [d["messages"][1]["content"] for f in sorted(sft.glob("*.json"))
+                 if f.name not in ("dataset_info.json", "refforge.json") for d in json.loads(f.read_text())]
+        assert turns and not any(GARBLE in t or "hmm" in t for t in turns)
+
+        # a resumed build (killed before anything after ingest was committed: the response cache holds every
+        # answer, failures included) sends nothing: its drops, and every other table, equal the uninterrupted
+        # build's, reasons and details word for word
+        resumed = tmp_path / "resumed"
+        shutil.copytree(first, resumed)
+        for stage in ("paths", "negatives_text", "refine", "negatives_image", "cot"):
+            shutil.rmtree(resumed / "state" / stage)
+        for table in ("expressions", "negative_candidates", "scores", "cot_traces", "drops"):
+            shutil.rmtree(resumed / "tables" / table)
+        run_build(_unreliable_config(server), resumed)
+        assert len(server.requests) == sent
+        assert snapshot(resumed)["drops"] == snapshot(first)["drops"]
+        assert snapshot(resumed) == snapshot(first)
+
+
+def test_a_retry_after_past_max_wait_fails_the_build_with_one_line_and_a_rerun_finishes(tmp_path, prefect_api):
+    from refforge.cli import describe_failure
+    from refforge.llm import LLMRequestError
+    from refforge.testing import rate_limit
+
+    def limited(req):
+        return rate_limit(retry_after=5) if limited.on else model(req)
+
+    limited.on = True
+    with OpenAITestServer(handler=limited) as server:
+        cfg = _config(server).model_dump(mode="json")
+        cfg["llm"]["max_wait_s"] = 1
+        cfg = parse_config(cfg)
+        assert cfg.config_hash() == _config(server).config_hash()  # max_wait_s is operational
+        out = tmp_path / "build"
+        with pytest.raises(LLMRequestError) as info:
+            run_build(cfg, out)
+        line = describe_failure(info.value)
+        assert "\n" not in line
+        assert "rate_limited: Retry-After 5 s exceeds max_wait_s 1 (model test-model); run the build again later" in line
+        limited.on = False  # the limit is lifted: the same command finishes the build
+        run_build(cfg, out)
+        with Catalog(out) as cat:
+            assert cat.sql("SELECT count(*) FROM expressions WHERE negative_source = 'text'").column(0)[0].as_py() > 0
 
 
 # -- rewrite: positives and text negatives rewritten by the same model, checked, resumable ---------------

@@ -455,9 +455,35 @@ def test_llm_traces_rule_selection(client):
     assert {t.prompt_version for t in pos} == {prompt_version("cot")}
     assert [t.verdict for t in neg] == ["correct_rejection", "false_positive", "correct_rejection"]
     assert sum(t.selected for t in neg) == 1 and neg[0].selected
-    # garbled answers are stored as unparseable, the refusal and the exact repeat are drops
-    assert [t.verdict for t in bad] == ["unparseable"] and bad[0].selected
-    assert sorted((d.key, d.reason) for d in bad.drops) == [("bad/1", "refusal"), ("bad/2", "duplicate trace")]
+    # garbled answers are stored as unparseable and never selected; the refusal and the exact repeat are
+    # drops, and so is the sample, which has no usable trace
+    assert [t.verdict for t in bad] == ["unparseable"] and not bad[0].selected and bad.selection == "none"
+    assert sorted((d.key, d.reason) for d in bad.drops) == [("bad", "no usable trace"), ("bad/1", "refusal"),
+                                                            ("bad/2", "duplicate trace")]
+    (whole,) = [d for d in bad.drops if d.key == "bad"]
+    assert whole.stage == "cot" and whole.detail == ("3 candidate(s): 0: unparseable (no box and no rejection in "
+                                                     "the answer), 1: refusal, 2: duplicate trace")
+
+
+def test_llm_traces_never_select_an_unparseable_answer_beside_a_usable_one(srv):
+    """Garbage beside a wrong box: the wrong box (read and verified) is selected, never the garbage."""
+    def answer(req):
+        if req.body.get("seed", 0) == 0:
+            return "<think>hmm</think>I think it is somewhere over there, probably."
+        return "<think>There.</think><answer>[200, 100, 280, 200]</answer>"
+
+    with OpenAITestServer(handler=answer) as own:
+        c = _client(own)
+        try:
+            (pos,) = llm_traces(c, [CotSample("p", "the red square", "positive", RED, scene(), W, H)], k=2)
+            (only_garbage,) = llm_traces(c, [CotSample("g", "the red square", "positive", RED, scene(), W, H)],
+                                         k=1)
+        finally:
+            c.close()
+    assert [(t.verdict, t.selected) for t in pos] == [("unparseable", False), ("wrong_box", True)]
+    assert pos.selection == "rule" and pos.drops == []
+    assert [(t.verdict, t.selected) for t in only_garbage] == [("unparseable", False)]
+    assert [(d.key, d.reason) for d in only_garbage.drops] == [("g", "no usable trace")]
 
 
 def test_llm_traces_judge_chooses_among_correct_only(client):

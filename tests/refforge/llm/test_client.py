@@ -230,6 +230,59 @@ def test_rate_limit_budget_then_failure(srv, make):
     assert client.usage()["describe"]["request_errors"] == {"rate_limited": 1}
 
 
+def test_a_retry_after_within_max_wait_is_waited_out(srv, make):
+    srv.script(rate_limit(retry_after=0.5), reply("after the wait"))
+    out = call(make(srv, max_rate_limit_wait_s=1))
+    assert (out.text, out.attempts) == ("after the wait", 2)
+    first, second = srv.requests
+    assert second.received_at - first.answered_at >= 0.5
+
+
+def test_a_retry_after_beyond_max_wait_fails_at_once_with_one_line_saying_what_to_do(srv, make):
+    srv.default = rate_limit(retry_after=5)
+    client = make(srv, max_rate_limit_wait_s=1)
+    reqs = [ChatRequest([{"role": "user", "content": f"q{i}"}], "describe@1", "describe") for i in range(3)]
+    t0 = client_mod.time.monotonic()
+    with pytest.raises(LLMRequestError) as info:
+        client.run_many(reqs)
+    assert client_mod.time.monotonic() - t0 < 3  # not waited: the wait would pass the budget
+    err = info.value
+    assert (err.reason, err.status) == ("rate_limited", 429) and srv.request_count == 3
+    assert str(err) == ("rate_limited: Retry-After 5 s exceeds max_wait_s 1 (model test-model); run the build "
+                        "again later (what was answered is cached), or raise max_wait_s")
+    assert "\n" not in str(err)
+    # raised where it was asked for, not from deep inside the client's event loop
+    frames = [f.name for f in traceback.extract_tb(err.__traceback__)]
+    assert frames[-1] == "run_many" and not any(n in ("_send", "_chat", "_batch") for n in frames)
+    with pytest.raises(LLMRequestError, match=r"Retry-After 5 s exceeds max_wait_s 1 .*run the build again later"):
+        call(client)
+
+
+def test_rate_limit_message_after_some_waiting_and_without_retry_after(srv, make):
+    srv.default = rate_limit(retry_after=0.3)
+    with pytest.raises(LLMRequestError, match=r"^rate_limited: Retry-After 0\.3 s after 0\.\d+ s of waiting "
+                                              r"exceeds max_wait_s 0\.5 \(model test-model\); run the build "
+                                              r"again later"):
+        call(make(srv, max_rate_limit_wait_s=0.5))
+    srv.default = rate_limit(retry_after=None)
+    with pytest.raises(LLMRequestError, match=r"^rate_limited: still rate-limited after waiting [\d.]+ s "
+                                              r"\(max_wait_s 0\.05\)"):
+        call(make(srv, max_rate_limit_wait_s=0.05, backoff_base_s=0.02, backoff_max_s=0.02))
+
+
+def test_an_endpoint_s_max_wait_s_reaches_its_client_and_is_operational(tmp_path):
+    from refforge.llm.endpoint import OPERATIONAL_ENDPOINT_KEYS, ModelEndpoint, endpoint_client
+
+    assert "max_wait_s" in OPERATIONAL_ENDPOINT_KEYS
+    assert ModelEndpoint(base_url="http://x/v1", model="m").max_wait_s == 300
+    client = endpoint_client(ModelEndpoint(base_url="http://x/v1", model="m", max_wait_s=12.5),
+                             tmp_path / "llm.sqlite")
+    try:
+        assert client.max_rate_limit_wait_s == 12.5
+    finally:
+        client.close()
+
+
 def test_insufficient_quota_fails_at_once(srv, make):
     srv.script(fail(429, "You exceeded your current quota", type="insufficient_quota", code="insufficient_quota"))
     with pytest.raises(LLMRequestError) as info:
@@ -471,6 +524,62 @@ def test_output_errors_are_cached_too(srv, make, tmp_path):
             call(client, response_schema=Described)
         assert info.value.reason == "refusal"
     assert srv.request_count == 1 and info.value.cached
+
+
+@pytest.mark.parametrize(("behaviour", "schema"), [
+    (refusal(), Described),
+    (reply("I'm sorry, but I can't help with identifying that."), Described),
+    (reply("the red ball is at the left, roughly"), Described),
+    (reply('{"label": "red ball"}'), Described),
+    (truncated(), None),
+    (empty(), None),
+])
+def test_a_cached_failure_replays_its_reason_and_detail_word_for_word(srv, make, tmp_path, behaviour, schema):
+    """A resumed build (another process: another client on the same cache file) writes the same drops."""
+    path = tmp_path / "llm.sqlite"
+    srv.default = behaviour
+    with pytest.raises(LLMOutputError) as first:
+        call(make(srv, cache=ResponseCache(path)), response_schema=schema)
+    sent = srv.request_count
+    with pytest.raises(LLMOutputError) as again:
+        call(make(srv, cache=ResponseCache(path)), response_schema=schema)
+    assert srv.request_count == sent and again.value.cached and not first.value.cached
+    assert (again.value.reason, again.value.detail, again.value.text) == (
+        first.value.reason, first.value.detail, first.value.text)
+    assert again.value.detail and again.value.detail != "cached outcome"
+
+
+def test_a_cached_failure_from_a_cache_file_without_details_rebuilds_them(srv, make, tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    key = request_key(model="test-model", messages=MSG, prompt_version="describe@1", temperature=0,
+                      response_schema=strict_json_schema(Described))
+    other = request_key(model="test-model", messages=MSG, prompt_version="describe@2", temperature=0,
+                        response_schema=strict_json_schema(Described))
+    con = sqlite3.connect(path)  # the layout before details were kept (logprobs already there)
+    con.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, model TEXT NOT NULL, stage TEXT NOT NULL, "
+                "prompt_version TEXT NOT NULL, text TEXT, finish_reason TEXT, error TEXT, prompt_tokens INTEGER "
+                "NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, "
+                "logprobs TEXT) WITHOUT ROWID")
+    con.execute("INSERT INTO responses VALUES (?, 'm', 'describe', 'describe@1', '{\"label\": \"x\"}', 'stop', "
+                "'schema_mismatch', 3, 2, 0, NULL)", (key,))
+    con.execute("INSERT INTO responses VALUES (?, 'm', 'describe', 'describe@2', 'no', 'stop', 'refusal', 3, 2, 0, "
+                "NULL)", (other,))
+    con.commit()
+    con.close()
+    cache = ResponseCache(path)
+    assert cache.get(key).detail is None
+    client = make(srv, cache=cache)
+    with pytest.raises(LLMOutputError) as info:
+        call(client, response_schema=Described)
+    assert info.value.reason == "schema_mismatch" and "box" in info.value.detail
+    with pytest.raises(LLMOutputError) as info:
+        call(client, response_schema=Described, prompt_version="describe@2")
+    assert (info.value.reason, info.value.detail) == ("refusal", "the model refused")
+    assert srv.request_count == 0
+    cache.put("k2", CachedResponse("bad", error="refusal", detail="the model declined in text"))
+    assert cache.get("k2").detail == "the model declined in text" and len(cache) == 3
 
 
 def test_identical_calls_in_one_batch_share_one_request(srv, make):
