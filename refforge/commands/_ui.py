@@ -12,14 +12,21 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["console", "err_console", "fail"]
+__all__ = ["INTERRUPTED", "console", "err_console", "fail", "print_error"]
+
+INTERRUPTED = "interrupted: what was committed stays committed; run the same command again to resume"
 
 console = Console()
 err_console = Console(stderr=True)
 
 
+def print_error(msg: str) -> None:
+    """``error: <msg>`` on stderr, on one line however wide the terminal."""
+    # the message is text, not markup: "[x1, y1, x2, y2]" in it would otherwise vanish as a style tag
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+
 def fail(msg: str, code: int = 2) -> NoReturn:
     """Print ``error: <msg>`` on stderr and exit with ``code`` (2: bad input, 3: leakage, 1: failed work)."""
-    # the message is text, not markup: "[x1, y1, x2, y2]" in it would otherwise vanish as a style tag
-    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
+    print_error(msg)
     raise typer.Exit(code)

@@ -13,7 +13,7 @@ from refforge.config import ConfigError, load_config
 from refforge.optional import MissingPackage
 from refforge.storage import BuildConflict, Catalog
 
-from ._ui import console, fail
+from ._ui import INTERRUPTED, console, fail
 
 
 def build(
@@ -47,6 +47,9 @@ def build(
         except (BuildConflict, ConfigError, MissingPackage) as e:
             progress.stop()
             fail(str(e))
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (refforge.cli turns it into one)
+            progress.stop()
+            fail(INTERRUPTED, 130)
     _print_summary(record)
 
 

@@ -19,10 +19,14 @@ from tests.helpers import snapshot
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 WORK_KEYS = json.loads((GOLDEN / "work_keys.json").read_text())
+# Source paths are part of a config's hash, so the golden configs name their fixtures at one absolute
+# place on every machine: the fixtures are copied there first.
+GOLDEN_FIX = Path("/tmp/refforge-golden/fixtures")
 
 
 def _config(name: str):
-    raw = json.dumps(WORK_KEYS[name]["config"]).replace("{FIX}", str(FIX))
+    shutil.copytree(FIX, GOLDEN_FIX, dirs_exist_ok=True)
+    raw = json.dumps(WORK_KEYS[name]["config"]).replace("{FIX}", str(GOLDEN_FIX))
     return parse_config(json.loads(raw))
 
 
