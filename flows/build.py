@@ -106,6 +106,7 @@ def _task_runner(cfg: ConfigBase):
 def run_build(config: ConfigBase, out: Path, *, force: bool = False, progress: ProgressFn | None = None
               ) -> dict[str, Any]:
     """Create or resume the build in ``out`` and run the flow; returns the run record."""
+    config.preflight()  # missing source files, model paths: before anything is written
     check_packages(config)
     task_runner = _task_runner(config)
     build, resumed = BuildDir.create_or_resume(Path(out), config, force=force)

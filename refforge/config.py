@@ -32,7 +32,7 @@ class _BuildSection(_Strict):
     name: str = Field(default="refforge-build", description=(
         "the build's name: the default build folder is builds/<name>, so a plain name (letters, digits, "
         "'.', '-', '_')"))
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     shard_size: int = Field(default=40, ge=1, le=100_000,
                             description="images per unit of work (one Prefect task per shard and stage)")
     stages: list[str] | None = None  # narrowed to the registry's stage names by config_model()
@@ -67,7 +67,7 @@ class _BuildSection(_Strict):
 
 class RunnerSection(_Strict):
     kind: Literal["thread", "process", "dask"] = "thread"
-    workers: int = Field(default=2, ge=1)
+    workers: int = Field(default=2, ge=1, le=1024)
 
 
 class ConfigBase(_Strict):
@@ -107,6 +107,13 @@ class ConfigBase(_Strict):
         chosen = set(self.build.stages)
         return [s for s in self.registry
                 if s.name in chosen or (isinstance(s, GlobalStage) and s.part_of in chosen)]
+
+    def preflight(self) -> None:
+        """What the stages can check before anything is written (source files and folders, local model
+        paths): one ConfigError naming every problem."""
+        problems = [p for s in self.running() for p in s.preflight(self)]
+        if problems:
+            raise ConfigError("; ".join(dict.fromkeys(problems)))
 
     def section_of(self, stage: Stage) -> Any:
         """The config section a stage runs with (its own, or its parent's for a global step), or None."""
@@ -246,7 +253,13 @@ def load_config(path: str | Path | None = None) -> Config:
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
-        text, origin = p.read_text(), str(p)
+        origin = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {origin} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"config {origin} cannot be read: {e.strerror or e}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

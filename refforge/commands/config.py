@@ -17,6 +17,7 @@ def show_config(config: Annotated[Path | None, typer.Argument(help="TOML config;
     """Validate a config and print it resolved, with its hash."""
     try:
         cfg = load_config(config)
+        cfg.preflight()  # what a build would find missing (source files, local model paths)
     except ConfigError as e:
         fail(str(e))
     console.print(cfg.to_toml(), highlight=False, markup=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from refforge._strict import _Strict
 
@@ -25,17 +25,24 @@ class ModelEndpoint(_Strict):
     all; a ``Retry-After`` past it fails the request at once with a one-line ``LLMRequestError``, and
     the build's unit is done on the next run."""
 
-    base_url: str
+    base_url: str = Field(description="http(s)://host[:port]/v1")
     model: str
     api_key_env: str | None = "OPENAI_API_KEY"
-    concurrency: int = Field(default=8, ge=1)
-    timeout_s: float = Field(default=60, gt=0)
-    max_retries: int = Field(default=5, ge=0)
+    concurrency: int = Field(default=8, ge=1, le=4096)
+    timeout_s: float = Field(default=60, gt=0, le=3600)
+    max_retries: int = Field(default=5, ge=0, le=100)
     max_wait_s: float = Field(default=300, ge=0)
-    image_longest_side: int = Field(default=1024, ge=32)
+    image_longest_side: int = Field(default=1024, ge=32, le=16384)
     structured_output: Literal["auto", "json_schema", "instructions"] = "auto"
     price_per_1k_input: float | None = None
     price_per_1k_output: float | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, not {v!r}")
+        return v
 
 
 def require_endpoint(cfg: Any, which: str, setting: str) -> None:

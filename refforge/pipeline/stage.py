@@ -92,6 +92,11 @@ class Stage:
         """Whether a config that does not list its stages runs this one (default: ``default``)."""
         return self.default
 
+    def preflight(self, cfg: Any) -> list[str]:
+        """Problems a run would hit that can be seen before anything is written (missing source files,
+        a local model path that is not there); each one short line. Default: none."""
+        return []
+
     def needed_packages(self, section: Any) -> list[tuple[str, str]]:
         """Optional packages this stage needs with this section's backends."""
         return list(self.packages)

@@ -40,7 +40,7 @@ class DescribeConfig(_Strict):
     ground: Literal["vlm"] = "vlm"
     ground_dialect: Literal["pixels", "grid1000"] = "pixels"
     iou: float = Field(default=0.5, gt=0, le=1)
-    max_boxes: int = Field(default=20, ge=1, description="proposal boxes described per image (highest score)")
+    max_boxes: int = Field(default=20, ge=1, le=1000, description="proposal boxes described per image (highest score)")
     temperature: float = Field(default=0, ge=0)
 
     def check_against(self, cfg: Any) -> None:

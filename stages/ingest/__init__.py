@@ -132,6 +132,29 @@ class IngestStage(Stage):
     core = True
     default = True
 
+    def preflight(self, cfg: Any) -> list[str]:
+        """The source's files and folders exist (checked before the build writes anything)."""
+        src = cfg.source
+        wanted: list[tuple[str, Path | None, str]] = []
+        if isinstance(src, GraphsSource):
+            wanted = [("path", src.path, "file"), ("images_dir", src.images_dir, "folder")]
+        elif isinstance(src, GqaSource):
+            wanted = [("scene_graphs", src.scene_graphs, "file"), ("images_dir", src.images_dir, "folder")]
+        elif isinstance(src, CocoSource):
+            wanted = [("instances", src.instances, "file"), ("images_dir", src.images_dir, "folder"),
+                      ("refs", src.refs, "file")]
+        elif isinstance(src, FolderSource):
+            wanted = [("path", src.path, "folder")]
+        out = []
+        for key, path, kind in wanted:
+            if path is None:
+                continue
+            ok = path.is_file() if kind == "file" else path.is_dir()
+            if not ok:
+                what = "does not exist" if not path.exists() else f"is not a {kind}"
+                out.append(f"source.{key}: {path} {what}")
+        return out
+
     # -- the shards --------------------------------------------------------------------------
     @staticmethod
     def _prepared(root: Path, src: Any) -> Path:

@@ -35,10 +35,10 @@ from .llm_backend import negative_backend
 
 class NegativesTextConfig(_Strict):
     backend: Literal["offline", "llm"] = "offline"
-    per_type: int = Field(default=1, ge=1, description="candidates per (type, level) and positive")
+    per_type: int = Field(default=1, ge=1, le=16, description="candidates per (type, level) and positive")
     refine: bool = True
     target_auroc: float = Field(default=0.6, gt=0.5, le=1.0)
-    max_rounds: int = Field(default=5, ge=1)
+    max_rounds: int = Field(default=5, ge=1, le=100)
 
     def check_against(self, cfg: Any) -> None:
         if self.backend == "llm":

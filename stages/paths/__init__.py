@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from refforge._strict import _Strict
 from refforge.gcpause import gc_paused
@@ -42,7 +42,7 @@ class PathsConfig(_Strict):
     backend: Literal["offline"] = "offline"
     max_hops: int = Field(default=2, ge=0, le=2)
     max_constraints: int = Field(default=3, ge=1, le=4)
-    max_per_target: int = Field(default=3, ge=1)
+    max_per_target: int = Field(default=3, ge=1, le=100)
     positions: bool = True
     min_area_frac: float = Field(default=0.001, ge=0, le=1)
     max_area_frac: float = Field(default=0.8, gt=0, le=1)
@@ -52,6 +52,13 @@ class PathsConfig(_Strict):
     descriptive_share: float = Field(default=0.5, ge=0, le=1, description=(
         "share of relation paths that also get a descriptive positive (an attribute on both ends of a "
         "relation; what attribute-swap negatives need)"))
+
+    @model_validator(mode="after")
+    def _areas(self):
+        if self.min_area_frac >= self.max_area_frac:
+            raise ValueError(f"min_area_frac ({self.min_area_frac}) must be below max_area_frac "
+                             f"({self.max_area_frac}): no target could be chosen")
+        return self
 
 
 class PathsStage(Stage):

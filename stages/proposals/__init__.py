@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image as PILImage
@@ -38,21 +39,24 @@ class ProposalsConfig(_Strict):
     vocabulary: list[str] | None = None
     all_images: bool = False
     device: str = "cpu"
-    batch_size: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=4, ge=1, le=1024)
     box_threshold: float = Field(default=0.35, ge=0, le=1)
     text_threshold: float = Field(default=0.25, ge=0, le=1)
-    max_tags: int = Field(default=20, ge=1)
+    max_tags: int = Field(default=20, ge=1, le=1000)
     tag_threshold: float = Field(default=0.0, ge=0, le=1)
     nms_iou: float = Field(default=0.5, ge=0, le=1)
     nms_ios: float = Field(default=0.8, ge=0, le=1)
     min_area_frac: float = Field(default=0.001, ge=0, le=1)
     max_area_frac: float = Field(default=0.95, gt=0, le=1)
-    max_per_image: int = Field(default=50, ge=1)
+    max_per_image: int = Field(default=50, ge=1, le=1000)
     class_agnostic: bool = False
     relations_from_geometry: bool = True
 
     @model_validator(mode="after")
     def _models(self):
+        if self.min_area_frac >= self.max_area_frac:
+            raise ValueError(f"min_area_frac ({self.min_area_frac}) must be below max_area_frac "
+                             f"({self.max_area_frac}): every proposal would be dropped")
         if self.detector == "grounding_dino" and not self.detector_model:
             raise ValueError("detector = 'grounding_dino' needs detector_model (a local path or a hub id)")
         if self.tagger == "open_clip" and not self.tagger_model:
@@ -94,6 +98,15 @@ class ProposalsStage(Stage):
     def auto(self, cfg: Any) -> bool:
         """A folder source (no objects) or ``all_images`` needs proposals."""
         return isinstance(cfg.source, FolderSource) or cfg.proposals.all_images
+
+    def preflight(self, cfg: Any) -> list[str]:
+        """A detector or tagger model given as a local path (absolute or starting with '.') must exist."""
+        p = cfg.proposals
+        out = []
+        for field, value in (("detector_model", p.detector_model), ("tagger_pretrained", p.tagger_pretrained)):
+            if value and (value.startswith(".") or Path(value).is_absolute()) and not Path(value).exists():
+                out.append(f"proposals.{field}: {value} does not exist")
+        return out
 
     def needed_packages(self, section: ProposalsConfig) -> list[tuple[str, str]]:
         out = []
