@@ -33,6 +33,7 @@ from refforge.storage import BuildDir, new_run_id
 from .plan import plan
 from .provenance import model_ids, model_prompts, usage_sum, versions
 from .runner import UnitResult, run_global, run_unit, summarise
+from .watchdog import start_temporary_server
 
 
 def _collect(ctx: BuildContext, stage: Stage, futures: list, total: int) -> list[UnitResult]:
@@ -118,6 +119,7 @@ def run_build(config: ConfigBase, out: Path, *, force: bool = False, progress: P
 
 def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, progress: ProgressFn | None
          ) -> dict[str, Any]:
+    start_temporary_server()  # without PREFECT_API_URL: Prefect's temporary server, stopped even on SIGKILL
     run_id = new_run_id()
     started = dt.datetime.now(dt.UTC)
     ctx = BuildContext(build.root, config, run_id, progress=progress)

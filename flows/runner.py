@@ -9,6 +9,7 @@ The runner knows no stage by name: it reads each stage's declarations.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,18 @@ class UnitResult:
         return d
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{8,}")
+
+
+def stable_drop(d: Drop) -> Drop:
+    """A drop without memory addresses (an object's repr in an error message): two builds of one config
+    write the same drops."""
+    if not (_ADDRESS.search(d.reason) or (d.detail and _ADDRESS.search(d.detail))):
+        return d
+    return d.model_copy(update={"reason": _ADDRESS.sub("", d.reason),
+                                "detail": _ADDRESS.sub("", d.detail) if d.detail else d.detail})
+
+
 def _commit(b: BuildDir, run_id: str, stage: Stage, key: str, out: UnitOutput, t0: float,
             usage: dict[str, Any]) -> UnitResult:
     """Validate every output table first, then write each one whose shard for ``key`` is missing."""
@@ -50,7 +63,7 @@ def _commit(b: BuildDir, run_id: str, stage: Stage, key: str, out: UnitOutput, t
         raise RuntimeError(f"stage {stage.name!r} wrote tables it does not declare in `writes`: {sorted(undeclared)}")
     writer = b.writer(run_id)
     prepared = {}
-    drops: list[Drop] = list(out.drops)
+    drops: list[Drop] = [stable_drop(d) for d in out.drops]
     for table, rows in out.tables.items():
         data, bad = writer.prepare(table, rows, stage=stage.name)
         prepared[table] = data

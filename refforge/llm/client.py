@@ -405,6 +405,11 @@ def _http_response_class() -> type:
     return module.Response
 
 
+def _redact(text: str | None, secret: str) -> str | None:
+    """``text`` with every occurrence of ``secret`` replaced by ``***``."""
+    return text.replace(secret, "***") if text and secret in text else text
+
+
 def _about_response_format(exc: Any) -> bool:
     text = f"{getattr(exc, 'message', '')} {getattr(exc, 'param', '') or ''}".lower()
     return any(w in text for w in ("response_format", "json_schema", "structured output", "guided_json"))
@@ -942,6 +947,8 @@ class LLMClient:
             attempts += n
             usage = usage + answer.usage
             text, refusal, finish, served_model = answer.text, answer.refusal, answer.finish_reason, answer.model
+            if self._secret:  # a model that echoes the key: it reaches no cache, table or log
+                text, refusal = _redact(text, self._secret), _redact(refusal, self._secret)
 
             problem: tuple[str, str] | None = None
             parsed = None

@@ -108,6 +108,23 @@ def call(client, messages=MSG, **kw):
     return client.chat_sync(messages, **kw)
 
 
+# ------------------------------------------------------------------------------------------ secrets
+
+
+def test_an_answer_that_echoes_the_api_key_is_stored_and_returned_without_it(srv, make, tmp_path):
+    """A model (or proxy) that repeats the bearer token in its answer: the key reaches neither the
+    caller nor the response cache file."""
+    srv.handler = lambda req: reply("your key is sk-test-key ok")  # the key the `make` fixture sets
+    cache_path = tmp_path / "llm.sqlite"
+    client = make(srv, cache=ResponseCache(cache_path))
+    out = call(client)
+    assert srv.requests[0].authorized
+    assert out.text == "your key is *** ok"
+    client.close()
+    assert b"sk-test-key" not in cache_path.read_bytes()
+    assert call(make(srv, cache=ResponseCache(cache_path))).text == "your key is *** ok"  # replayed as stored
+
+
 # ------------------------------------------------------------------------------------------ usage scopes
 
 
