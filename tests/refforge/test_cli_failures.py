@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import tomli_w
@@ -70,20 +71,35 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "(gone)"
+
+
 def _start_build(tmp_path, subprocess_env, cfg, out):
     """A CLI build with its own temporary Prefect server, marked so its processes can be found; returns
     (process, marker) once it is mid-build (paths has committed a unit)."""
-    marker = f"REFFORGE_TEST_MARKER={tmp_path.name}"
-    env = _env(subprocess_env, tmp_path, REFFORGE_TEST_MARKER=tmp_path.name)
+    token = uuid.uuid4().hex  # unique to this run: no other run's process carries it
+    marker = f"REFFORGE_TEST_MARKER={token}"
+    env = _env(subprocess_env, tmp_path, REFFORGE_TEST_MARKER=token)
     env.pop("PREFECT_API_URL")
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     proc = subprocess.Popen(refforge_cmd("build", "--config", str(cfg), "--out", str(out)), env=env,
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not any((out / "state" / "paths").glob("*.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the build ended or hung before paths ran"
-        time.sleep(0.1)
-    assert len(_processes_with(marker)) >= 3  # the build, Prefect's temporary server, the watchdog
+    try:
+        deadline = time.monotonic() + 240
+        while not any((out / "state" / "paths").glob("*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the build ended or hung before paths ran"
+            time.sleep(0.1)
+        assert len(_processes_with(marker)) >= 3  # the build, Prefect's temporary server, the watchdog
+    except BaseException:
+        proc.kill()
+        proc.communicate(timeout=60)
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+        raise
     return proc, marker
 
 
@@ -92,17 +108,19 @@ def test_sigkill_of_a_build_leaves_no_prefect_server_behind(tmp_path, subprocess
     proc, marker = _start_build(tmp_path, subprocess_env, cfg, tmp_path / "b")
     proc.kill()
     proc.communicate(timeout=30)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30
     while _processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _processes_with(marker) == []
+    left = {pid: _cmdline(pid) for pid in _processes_with(marker)}
+    assert left == {}
 
 
 def test_sigterm_stops_a_build_within_seconds_and_leaves_nothing_running(tmp_path, subprocess_env):
     cfg = _config(tmp_path, images=120, shard_size=2)
     out = tmp_path / "b"
-    marker = f"REFFORGE_TEST_MARKER={tmp_path.name}"
-    env = _env(subprocess_env, tmp_path, REFFORGE_TEST_MARKER=tmp_path.name)
+    token = uuid.uuid4().hex
+    marker = f"REFFORGE_TEST_MARKER={token}"
+    env = _env(subprocess_env, tmp_path, REFFORGE_TEST_MARKER=token)
     env.pop("PREFECT_API_URL")  # the CLI starts its own temporary Prefect server: it must not outlive it
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     proc = subprocess.Popen(refforge_cmd("build", "--config", str(cfg), "--out", str(out)), env=env,
