@@ -1,6 +1,9 @@
 import gc
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
@@ -14,7 +17,7 @@ from refforge.stages.cot import walk as cot_walk
 from refforge.stages.negatives_text import edits as negatives_edits
 from refforge.storage import BuildConflict, Catalog
 from tests.conftest import small_config
-from tests.helpers import duplicate_keys, files, snapshot
+from tests.helpers import ROOT, duplicate_keys, files, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +183,13 @@ def test_a_stage_code_version_change_is_a_different_build(tmp_path, prefect_api,
         run_build(parse_config(small_config(images=2, shard_size=2)), tmp_path / "b")
 
 
-def test_stage_units_pause_the_collector_and_make_no_cyclic_garbage(small_build, monkeypatch):
+def _check_units_make_no_garbage(out: str) -> None:
     """The paths, negatives_text and cot units run their stage loops inside refforge.gcpause.gc_paused,
     which is sound only because those loops make no reference cycles: the units of one shard, run again
     on the finished build with the collector saving everything it finds, leave no garbage, and the stage
     functions were called with the collector paused and it is enabled again afterwards."""
-    out, _ = small_build
+    out = Path(out)
+    monkeypatch = pytest.MonkeyPatch()
     cfg = parse_config(small_config())
     ctx = BuildContext(out, cfg, run_id="gc-test", _register=False)
     s = plan(cfg, out, ctx)[0]
@@ -219,3 +223,11 @@ def test_stage_units_pause_the_collector_and_make_no_cyclic_garbage(small_build,
     assert {name for name, _ in calls} == {"referring_paths", "text_negatives", "traces_for_sample"}
     assert not any(enabled for _, enabled in calls)
     assert garbage == [], sorted({type(o).__name__ for o in garbage})
+
+
+def test_stage_units_pause_the_collector_and_make_no_cyclic_garbage(small_build):
+    """In a fresh interpreter: a thread another test left running would make garbage of its own."""
+    out, _ = small_build
+    code = f"from tests.flows.test_build import _check_units_make_no_garbage as c; c({str(out)!r}); print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
