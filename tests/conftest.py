@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -35,6 +36,20 @@ def subprocess_env(prefect_api) -> dict[str, str]:
 
 def refforge_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "refforge.cli", *args]
+
+
+def cli_build(config_file, out, env: dict[str, str], crash_at: str | None = None, timeout: int = 600):
+    """``refforge build`` in a subprocess (``crash_at``: REFFORGE_CRASH_AT, a SIGKILL at that point)."""
+    env = {k: v for k, v in env.items() if k != "REFFORGE_CRASH_AT"}
+    if crash_at:
+        env["REFFORGE_CRASH_AT"] = crash_at
+    return subprocess.run(refforge_cmd("build", "--config", str(config_file), "--out", str(out)), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def reference_env(prefect_api: str) -> dict[str, str]:
+    """The environment of a subprocess build against the session's Prefect server, with no crash set."""
+    return {**{k: v for k, v in os.environ.items() if k != "REFFORGE_CRASH_AT"}, "PREFECT_API_URL": prefect_api}
 
 
 def small_config(images: int = 24, shard_size: int = 6, seed: int = 0, **paths) -> dict:

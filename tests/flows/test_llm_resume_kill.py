@@ -3,9 +3,7 @@ re-run, ends with exactly the tables of an uninterrupted build (drops and their 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import zlib
 
 import pytest
@@ -13,7 +11,7 @@ import tomli_w
 
 from refforge.schemas import TABLES
 from refforge.testing import OpenAITestServer, refusal
-from tests.conftest import refforge_cmd, small_config
+from tests.conftest import cli_build, reference_env, small_config
 from tests.flows.test_llm_build import model
 from tests.helpers import duplicate_keys, snapshot
 
@@ -52,20 +50,10 @@ def config_file(tmp_path_factory, server):
     return p
 
 
-def _build(config_file, out, env, crash_at=None):
-    env = dict(env)
-    if crash_at:
-        env["REFFORGE_CRASH_AT"] = crash_at
-    return subprocess.run(refforge_cmd("build", "--config", str(config_file), "--out", str(out)), env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, config_file, prefect_api):
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    env.pop("REFFORGE_CRASH_AT", None)
     out = tmp_path_factory.mktemp("ref") / "build"
-    proc = _build(config_file, out, env)
+    proc = cli_build(config_file, out, reference_env(prefect_api))
     assert proc.returncode == 0, proc.stderr[-3000:]
     snap = snapshot(out)
     reasons = " ".join(snap["drops"])
@@ -77,10 +65,10 @@ def reference(tmp_path_factory, config_file, prefect_api):
 def test_a_faulty_model_build_killed_then_resumed_equals_uninterrupted(tmp_path, config_file, subprocess_env,
                                                                       reference, crash_at):
     out = tmp_path / "build"
-    proc = _build(config_file, out, subprocess_env, crash_at=crash_at)
+    proc = cli_build(config_file, out, subprocess_env, crash_at=crash_at)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
     assert sum(map(len, snapshot(out).values())) < sum(map(len, reference.values()))
-    proc = _build(config_file, out, subprocess_env)
+    proc = cli_build(config_file, out, subprocess_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = snapshot(out)
     for table in TABLES:

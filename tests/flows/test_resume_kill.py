@@ -1,7 +1,6 @@
 """A build killed with SIGKILL at several points and re-run ends with exactly the tables of an
 uninterrupted build: same keys, same row counts, no duplicates."""
 
-import os
 import random
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import tomli_w
 
 from refforge.schemas import TABLES
-from tests.conftest import refforge_cmd, small_config
+from tests.conftest import cli_build, reference_env, refforge_cmd, small_config
 from tests.helpers import duplicate_keys, snapshot
 
 CONFIG = small_config(images=30, shard_size=5)
@@ -25,20 +24,10 @@ def config_file(tmp_path_factory) -> Path:
     return p
 
 
-def _build(config_file, out, env, crash_at=None, timeout=300):
-    env = dict(env)
-    if crash_at:
-        env["REFFORGE_CRASH_AT"] = crash_at
-    return subprocess.run(refforge_cmd("build", "--config", str(config_file), "--out", str(out)), env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, config_file, prefect_api):
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    env.pop("REFFORGE_CRASH_AT", None)
     out = tmp_path_factory.mktemp("ref") / "build"
-    proc = _build(config_file, out, env)
+    proc = cli_build(config_file, out, reference_env(prefect_api))
     assert proc.returncode == 0, proc.stderr[-3000:]
     snap = snapshot(out)
     originals = [r for r in snap["images"] if '"parent_image_id": null' in r]
@@ -64,11 +53,11 @@ CRASH_POINTS = ["shard.tmp_written:2", "image.tmp_written:13", "ledger.before:3"
 def test_killed_at_a_fault_point_then_resumed_equals_uninterrupted(tmp_path, config_file, subprocess_env,
                                                                   reference, crash_at):
     out = tmp_path / "build"
-    proc = _build(config_file, out, subprocess_env, crash_at=crash_at)
+    proc = cli_build(config_file, out, subprocess_env, crash_at=crash_at)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
     partial = snapshot(out)
     assert sum(map(len, partial.values())) < sum(map(len, reference.values()))  # it really stopped early
-    proc = _build(config_file, out, subprocess_env)
+    proc = cli_build(config_file, out, subprocess_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_as_reference(out, reference)
 
@@ -90,6 +79,6 @@ def test_killed_twice_at_random_moments_then_resumed_equals_uninterrupted(tmp_pa
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    proc = _build(config_file, out, subprocess_env)
+    proc = cli_build(config_file, out, subprocess_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_as_reference(out, reference)
