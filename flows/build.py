@@ -122,7 +122,7 @@ def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, p
     start_temporary_server()  # without PREFECT_API_URL: Prefect's temporary server, stopped even on SIGKILL
     run_id = new_run_id()
     started = dt.datetime.now(dt.UTC)
-    ctx = BuildContext(build.root, config, run_id, progress=progress)
+    ctx = BuildContext(build.root, config, run_id, progress=progress, build=build)
     results: dict[str, list[UnitResult]] = defaultdict(list)
     gc_before = tune_gc()
     try:

@@ -27,7 +27,7 @@ def plan(cfg: ConfigBase, root: Path | str, ctx: BuildContext | None = None) -> 
     ctx = ctx or BuildContext(root, cfg, run_id="plan", _register=False)
     running = {s.name for s in cfg.running()}
     keyed = [s for s in cfg.registry if s.core or s.name in running]
-    hashes = {s.name: cfg.stage_hash(s.name) for s in keyed}
+    hashes = {s.name: ctx.stage_hash(s.name) for s in keyed}  # the hashes the run's units use
     source = cfg.registry[0]
     shards = []
     for start, stop in source.shard_ranges(ctx.view(source), cfg.build.shard_size):

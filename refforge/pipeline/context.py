@@ -44,12 +44,12 @@ def _attach(config_cls: type, config: dict[str, Any], root: str, run_id: str) ->
 
 class BuildContext:
     def __init__(self, root: str | Path, config: Any, run_id: str, *, progress: ProgressFn | None = None,
-                 _register: bool = True):
+                 build: BuildDir | None = None, _register: bool = True):
         self.root = Path(root).resolve()
         self.config = config
         self.run_id = run_id
         self.progress = progress
-        self.build = BuildDir(self.root)
+        self.build = build if build is not None else BuildDir(self.root)  # the run's own, when it has one
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
         self._cache: dict[str, Any] = {}
