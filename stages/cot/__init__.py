@@ -40,7 +40,7 @@ class CotConfig(_Strict):
 
 class CotStage(Stage):
     name = "cot"
-    version = 1
+    version = 2  # 2: categories match related names (stages/scene/vocabulary.py), as query.evaluate does
     config = CotConfig
     endpoints = ("vlm", "llm")
     requires = ("paths",)

@@ -60,6 +60,7 @@ from refforge.stages.scene.lexicon import (
     plural,
 )
 from refforge.stages.scene.query import ORDER_MARGIN, Node, Position, region_of
+from refforge.stages.scene.vocabulary import related
 
 __all__ = [
     "MODEL",
@@ -254,10 +255,8 @@ class TraceContext:
                 rel[key] = rel.get(key, 0) | bit_of[t]
         self.rel = rel
         names = [o.name for o in objects]
-        by_cat: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
-            by_cat.setdefault(name, []).append(i)
-        self.by_cat = by_cat
+        # category -> the objects a node of it may match (query.evaluate: vocabulary.related), filled lazily
+        self.by_cat: dict[str, list[int]] = {}
         regions = [region_of(o, width, height) for o in objects]
         self.cell = cell = [r[0] for r in regions]
         self.near = [r[1] for r in regions]
@@ -294,6 +293,14 @@ class TraceContext:
         o, r = g.objects, g.relations
         return (g.width == width and g.height == height and (o if type(o) is list else list(o)) == objects
                 and (r if type(r) is list else list(r)) == relations)
+
+    def cands_of(self, cat: str) -> list[int]:
+        """Indices of the objects a node of category ``cat`` may match, in graph order (cached)."""
+        got = self.by_cat.get(cat)
+        if got is None:
+            got = [i for i, o in enumerate(self.objects) if related(o.name, cat)]
+            self.by_cat[cat] = got
+        return got
 
     def box(self, i: int) -> str:
         b = self._box[i]
@@ -409,7 +416,7 @@ class _Walker:
                 return hit[1]
         ambiguous = False
         cat = node.category
-        cands = c.by_cat.get(cat, _EMPTY)
+        cands = c.cands_of(cat)
         record = loud and self.record
         if loud:
             if record:
@@ -641,7 +648,7 @@ def _why_none(w: _Walker, query: Node) -> str:
     walked ``query``)."""
     c = w.c
     cat = query.category
-    cands = c.by_cat.get(cat, _EMPTY)
+    cands = c.cands_of(cat)
     if not cands:
         return f"There is no {cat} at all"
     anchor_sets = w.anchor_bits

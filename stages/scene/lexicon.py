@@ -1,10 +1,14 @@
-"""The offline lexicon: categories, attribute families, relation words, plurals and articles.
+"""The offline lexicon: categories, attribute families, relation words, plurals, articles, agreement.
 
-Used by the synthetic source (what it can draw), by path templates (word order, articles, plurals)
-and by later stages (negative replacement candidates come from the same families).
+Used by the synthetic source (what it can draw), by path templates (word order, articles, plurals,
+"is"/"are") and by later stages (negative replacement candidates come from the same families). Number
+and inflection of category names come from :mod:`refforge.stages.scene.vocabulary` (WordNet and
+LemmInflect), so they hold for every name a real source brings ("shorts", "wine glasses", "people").
 """
 
 from __future__ import annotations
+
+from . import vocabulary
 
 # Attribute families, in the order adjectives are spoken: "the small red striped ball".
 ATTRIBUTE_FAMILIES: dict[str, tuple[str, ...]] = {
@@ -65,52 +69,38 @@ INVERSE: dict[str, str] = {
 HORIZONTAL: frozenset[str] = frozenset({"left of", "right of"})
 MIRRORED: dict[str, str] = {"left of": "right of", "right of": "left of"}
 
-_IRREGULAR_PLURALS = {
-    "person": "people",
-    "man": "men",
-    "woman": "women",
-    "child": "children",
-    "foot": "feet",
-    "tooth": "teeth",
-    "mouse": "mice",
-    "shelf": "shelves",
-    "knife": "knives",
-    "leaf": "leaves",
-    "sheep": "sheep",
-    "fish": "fish",
-    "glasses": "glasses",
-    "pants": "pants",
-    "jeans": "jeans",
-    "scissors": "scissors",
-}
-
-
 def plural(noun: str) -> str:
-    """English plural of a (possibly multi-word) noun phrase; the last word is inflected.
+    """English plural of a (possibly multi-word) noun phrase; the head noun is inflected and a phrase
+    already plural stays as it is (:func:`refforge.stages.scene.vocabulary.plural`: WordNet and LemmInflect).
 
     >>> plural("box"), plural("shelf"), plural("teddy bear"), plural("strawberry"), plural("toy")
     ('boxes', 'shelves', 'teddy bears', 'strawberries', 'toys')
+    >>> plural("socks"), plural("jeans"), plural("wine glass"), plural("man")
+    ('socks', 'jeans', 'wine glasses', 'men')
     """
-    head, _, last = noun.rpartition(" ")
-    prefix = head + " " if head else ""
-    low = last.lower()
-    if low in _IRREGULAR_PLURALS:
-        return prefix + _IRREGULAR_PLURALS[low]
-    if low.endswith(("s", "x", "z", "ch", "sh")):
-        return prefix + last + "es"
-    if low.endswith("y") and len(low) > 1 and low[-2] not in "aeiou":
-        return prefix + last[:-1] + "ies"
-    return prefix + last + "s"
+    return vocabulary.plural(noun)
 
 
-_AN_EXCEPTIONS = ("uni", "use", "usu", "one", "eu", "ur")
-_AN_SILENT_H = ("hour", "honest", "honor", "heir")
+def copula(noun: str) -> str:
+    """"is" or "are": the present tense of *be* agreeing with the noun phrase's head.
+
+    >>> copula("sock"), copula("socks"), copula("jeans"), copula("red shirt"), copula("people")
+    ('is', 'are', 'are', 'is', 'are')
+    """
+    return "are" if vocabulary.is_plural(noun) else "is"
+
+
+# Vowel letters that sound as a consonant ("a unicorn", "a one-way sign", "a ewe") and silent h's ("an hour").
+_AN_EXCEPTIONS = ("uni", "use", "usu", "uten", "uku", "ure", "uri", "uro", "one", "once", "eu", "ewe")
+_AN_SILENT_H = ("hour", "honest", "honor", "honour", "heir")
 
 
 def indefinite_article(phrase: str) -> str:
-    """'a' or 'an' for the phrase that follows it.
+    """'a' or 'an' for the phrase that follows it (by the sound of its first word).
 
     >>> indefinite_article("orange cup"), indefinite_article("umbrella"), indefinite_article("unicorn")
+    ('an', 'an', 'a')
+    >>> indefinite_article("urn"), indefinite_article("hour glass"), indefinite_article("european car")
     ('an', 'an', 'a')
     """
     w = phrase.strip().lower()
@@ -121,6 +111,20 @@ def indefinite_article(phrase: str) -> str:
     if w.startswith(_AN_EXCEPTIONS):
         return "a"
     return "an" if w[0] in "aeiou" else "a"
+
+
+def article(phrase: str, noun: str | None = None) -> str:
+    """The indefinite article of a noun phrase: "a"/"an" by its first word, or "" when its head noun
+    (``noun``, else the phrase's last word) is plural: "a red shirt", "an umbrella", but "blue shorts",
+    never "a shorts".
+
+    >>> article("red shirt"), article("umbrella"), article("blue shorts"), article("red pair", "jeans")
+    ('a', 'an', '', '')
+    """
+    head = noun if noun is not None else phrase
+    if vocabulary.is_plural(head):
+        return ""
+    return indefinite_article(phrase)
 
 
 def order_attributes(attributes: tuple[str, ...] | list[str]) -> list[str]:

@@ -2,7 +2,10 @@
 
 A query is a tree of :class:`Node`. A node matches an object ``x`` iff
 
-* ``x.name == node.category``;
+* ``x.name`` is a possible name of the category: ``vocabulary.related(x.name, node.category)`` (the
+  same name, the other number, a synonym, a hypernym or hyponym, or a group of such things: "person"
+  matches a man, a boy and people; "hat" matches "hats"). Uniqueness and counting therefore never
+  ignore an object that could also be called by the node's category;
 * ``set(node.attributes) <= set(x.attributes)``;
 * for every ``(predicate, child)`` in ``node.relations`` there is an object ``y != x`` matching
   ``child`` with the relation ``(x, predicate, y)`` in the graph (relations naming unknown ids and
@@ -37,6 +40,7 @@ from typing import Literal
 
 from .graph import GObject, SceneGraph
 from .lexicon import MIRRORED, RELATIONS, order_attributes, plural
+from .vocabulary import related
 
 ORDER_MARGIN = 0.02
 REGION_MARGIN = 0.02
@@ -184,8 +188,9 @@ def _evaluate(graph, objs, rels, node: Node) -> Result:
         ambiguous |= res.ambiguous
         children.append((pred, set(res.ids)))
     attrs = set(node.attributes)
+    cat = node.category
     cands = [o for o in graph.objects
-             if o.name == node.category and attrs <= set(o.attributes)
+             if related(o.name, cat) and attrs <= set(o.attributes)
              and all((rels.get((o.id, p), set()) - {o.id}) & ys for p, ys in children)]
     if node.position is None:
         return Result([o.id for o in cands], ambiguous)

@@ -15,15 +15,21 @@ RefBench-PRO (``"refbench_pro"``)
 Source: Gao et al., "RefBench-PRO: Perceptual and Reasoning Oriented Benchmark for Referring
 Expression Comprehension", arXiv:2512.06276 (abstract: two dimensions, perception and reasoning, six
 progressively challenging tasks: attribute, position, interaction, commonsense, relation, reject).
-Labels: ``attribute``, ``position``, ``interaction``, ``relation``, ``commonsense``, ``reject``. By rule,
-taking the most demanding dimension the expression uses (``refbench_precedence``):
+Labels: ``attribute``, ``position``, ``interaction``, ``relation``, ``commonsense``, ``reject``, and
+refforge's ``category`` (below). By rule, taking the most demanding dimension the expression uses
+(``refbench_precedence``):
 
 * ``reject``: every negative (``polarity="negative"``);
 * ``relation``: a spatial relation anywhere in the query (relative position to other objects);
 * ``interaction``: an interaction predicate anywhere in the query;
 * ``position``: an absolute position or ordinal of the target (``query.Position``);
-* ``attribute``: everything else: attributes, part relations ("the man with a hat") and the bare
-  category (level 1).
+* ``attribute``: attributes (of the target or of an anchor) and part relations ("the man with a hat");
+* ``category``: the bare category ("the only umbrella", level 1). RefBench-PRO has no task for it: each
+  of its six tasks tests a dimension beyond naming the object, and its ``attribute`` task measures
+  attribute perception, which a category-only expression never needs. Labelling such expressions
+  ``attribute`` would inflate that task's accuracy, so they carry this extra label: a RefBench-PRO user
+  compares per task with the paper on the six labels and keeps or drops ``category`` samples knowingly
+  (the ``refbench-pro`` export writes it as the ``task_type``).
 * ``commonsense`` (knowledge and function: "the thing used to cut bread") cannot be derived offline from
   a scene graph: it is **never assigned by rule**; it is a valid label for human review or for a VLM
   description backend.
@@ -49,7 +55,12 @@ exact strings: ``relationship`` and ``counting`` are our best reading, unverifie
   other position or any spatial relation;
 * ``discriminative/<l2>``: ``component`` with a part predicate; ``state`` with an interaction predicate
   or a state attribute (:data:`STATE_ATTRIBUTES`); ``text`` with a text attribute (quoted, or
-  ``text:...``); else ``appearance`` (colour, size, material ..., and the bare category).
+  ``text:...``); else ``appearance`` (colour, size, material ...) when the query has an attribute, and
+  ``category`` for the bare category. GroundingME's Discriminative subtasks tell a target from similar
+  objects by appearance, parts, state or text; a category-only expression has no similar object to tell
+  it from, so (as for RefBench-PRO) it gets refforge's extra level-2 label ``category``
+  (``discriminative/category``; a bare-category negative is ``rejection/category``). GroundingME's own
+  evaluation groups by ``subtask_l1``, which stays ``discriminative`` / ``rejection``.
 
 The target (for the Limited rules) is ``path.target_id``, or for a bare query the one object it refers
 to (``query.evaluate``); with no single target the Limited rules are skipped.
@@ -79,12 +90,15 @@ __all__ = [
 REFBENCH_PRO = "refbench_pro"
 GROUNDINGME = "groundingme"
 
-REFBENCH_PRO_LABELS: tuple[str, ...] = ("attribute", "position", "interaction", "relation", "commonsense", "reject")
+# The benchmarks' labels, then refforge's "category" for category-only expressions (module docstring).
+REFBENCH_PRO_LABELS: tuple[str, ...] = ("attribute", "position", "interaction", "relation", "commonsense", "reject",
+                                        "category")
 GROUNDINGME_LABELS: tuple[str, ...] = (
     "discriminative/appearance", "discriminative/component", "discriminative/state", "discriminative/text",
     "spatial/relationship", "spatial/counting",
     "limited/small", "limited/occlusion",
     "rejection/appearance", "rejection/component", "rejection/state", "rejection/text",
+    "discriminative/category", "rejection/category",
 )
 
 INTERACTION_PREDICATES: frozenset[str] = frozenset({
@@ -112,7 +126,7 @@ class TaxonomyConfig:
     interaction_predicates: frozenset[str] = INTERACTION_PREDICATES
     part_predicates: frozenset[str] = PART_PREDICATES
     state_attributes: frozenset[str] = STATE_ATTRIBUTES
-    refbench_precedence: tuple[str, ...] = ("reject", "relation", "interaction", "position", "attribute")
+    refbench_precedence: tuple[str, ...] = ("reject", "relation", "interaction", "position", "attribute", "category")
     small_area_frac: float = 0.005
     occlusion_frac: float = 0.5
     negative_l2: Mapping[str, str] = field(default_factory=dict)
@@ -141,7 +155,7 @@ def _is_text_attribute(a: str) -> bool:
 
 
 def _features(node: Node, config: TaxonomyConfig) -> dict[str, bool]:
-    f = {"spatial": False, "interaction": False, "part": False, "state": False, "text": False}
+    f = {"spatial": False, "interaction": False, "part": False, "state": False, "text": False, "attribute": False}
     _add_features(node, config, f)
     return f
 
@@ -149,6 +163,8 @@ def _features(node: Node, config: TaxonomyConfig) -> dict[str, bool]:
 def _add_features(n: Node, config: TaxonomyConfig, f: dict[str, bool]) -> None:
     """Set the features of ``n`` and its anchors in ``f`` (a module function: a recursive closure would
     be a reference cycle per call)."""
+    if n.attributes:
+        f["attribute"] = True
     for a in n.attributes:
         if _is_text_attribute(a):
             f["text"] = True
@@ -166,7 +182,7 @@ def _discriminative_l2(f: Mapping[str, bool]) -> str:
         return "state"
     if f["text"]:
         return "text"
-    return "appearance"
+    return "appearance" if f["attribute"] else "category"
 
 
 def _limited(graph: SceneGraph, target: GObject | None, config: TaxonomyConfig) -> str | None:
@@ -195,12 +211,13 @@ def _refbench(node: Node, f: Mapping[str, bool], negative: bool, config: Taxonom
         "relation": f["spatial"],
         "interaction": f["interaction"],
         "position": node.position is not None,
-        "attribute": True,
+        "attribute": f["attribute"] or f["part"],
+        "category": True,
     }
     for label in config.refbench_precedence:
         if present.get(label):
             return label
-    return "attribute"
+    return "category"
 
 
 def _groundingme(node: Node, f: Mapping[str, bool], negative: bool, negative_type: str | None,

@@ -10,8 +10,12 @@ The environment uses ``StrictUndefined`` (a missing variable is an error, never 
 
 Filters registered on the environment:
 
-``plural``     English plural of a noun phrase, last word inflected: ``"shelf"|plural`` -> ``shelves``.
-``article``    the phrase prefixed with its indefinite article: ``"orange cup"|article`` -> ``an orange cup``.
+``plural``     English plural of a noun phrase, head noun inflected: ``"shelf"|plural`` -> ``shelves``; a
+               phrase already plural stays (``"socks"|plural`` -> ``socks``).
+``article``    the phrase prefixed with its indefinite article: ``"orange cup"|article`` -> ``an orange cup``;
+               none before a plural noun (``"blue shorts"|article`` -> ``blue shorts``).
+``another``    "another" before the phrase, "other" before a plural one (``"jeans"|another`` -> ``other jeans``).
+``be``         "is" or "are" agreeing with a noun phrase (``"socks"|be`` -> ``are``).
 ``and_join``   a list joined as English prose: ``["small", "red"]|and_join`` -> ``small and red``;
                three or more items use commas: ``small, red and striped``.
 
@@ -27,16 +31,21 @@ The filters are slot-aware: ``plural`` turns the last placeholder ``{O}`` into `
 with ``plural(word)``), and ``article`` emits a marker resolved at fill time to "a"/"an" for the
 word of the placeholder that follows, so ``{{ r.O | article }}`` fills to ``an umbrella`` and
 appears as ``an {O2}`` in the filled ``template_text``. :func:`fill_template` substitutes words back
-into a filled ``template_text`` (recomputing "a"/"an" in front of each substituted placeholder).
+into a filled ``template_text`` and agrees its function words with them: a ``template_text`` always
+spells the singular forms ("a"/"an", "another", "that is"), and the text says "blue shorts", "other
+jeans", "the socks that are blue" when the word in the slot is plural (see :func:`fill_template`).
+Slot renderings of ``another`` and ``be`` are the literal singular words, agreed at fill time.
 
 Rules for template authors, so that one slot rendering is valid for every choice of words:
 
-* apply ``plural``/``article``/``and_join`` directly to slot variables (``O``, ``np``, ``adj``,
+* apply ``plural``/``article``/``another``/``be``/``and_join`` directly to slot variables (``O``, ``np``, ``adj``,
   ``attrs``, ``r.O``, ``r.np``), never to a string built with ``~``: concatenation drops the slot type;
   ``article`` must be applied to a value that starts with a placeholder;
 * branch only on the booleans, numbers and literal strings the caller passes (``variant``,
   ``r.det``, ``pos.kind``, ``pos.rank``, the length of ``attrs``), never on the words themselves;
-* write literal text in lowercase (filled text is lowercased anyway).
+* write literal text in lowercase (filled text is lowercased anyway);
+* write "a"/"an", "another" and "is"/"are" about a slot only through the filters, and put a relative
+  clause's ``be`` right after its subject's category slot ("{O} that is ...").
 
 The same templates also render directly with plain words via ``load_template(name).render(...)``
 (the filters then act on the words); the tests check both ways agree.
@@ -54,7 +63,8 @@ from importlib.resources.abc import Traversable
 import jinja2
 from jinja2 import StrictUndefined, nodes
 
-from refforge.stages.scene.lexicon import indefinite_article, plural
+from refforge.stages.scene.lexicon import article, copula, indefinite_article, plural
+from refforge.stages.scene.vocabulary import is_plural
 
 PROMPTS_PACKAGE = "refforge.prompts"
 
@@ -96,7 +106,6 @@ ARTICLE_MARK = "\x1a"
 _NAME = r"[A-Z][A-Z0-9]*(?:_A[0-9]+)?"
 _PLACEHOLDER_RE = re.compile(r"\{(" + _NAME + r"(?:_PL)?)\}")
 _LAST_PLACEHOLDER_RE = re.compile(r"\{(" + _NAME + r")\}$")
-_ARTICLE_SLOT_RE = re.compile(r"\b([Aa]n?) \{(" + _NAME + r"(?:_PL)?)\}")
 _TOKEN_RE = re.compile("(" + ARTICLE_MARK + r")?\{(" + _NAME + r")(_PL)?\}")
 
 
@@ -109,7 +118,20 @@ def _plural_filter(value: str) -> str:
 def _article_filter(value: str) -> str:
     if isinstance(value, Slot):
         return Slot(ARTICLE_MARK + value)
-    return f"{indefinite_article(value)} {value}"
+    a = article(value)
+    return f"{a} {value}" if a else value
+
+
+def _another_filter(value: str) -> str:
+    if isinstance(value, Slot):
+        return Slot("another " + value)  # fill_template agrees it ("other" before a plural noun)
+    return ("other " if copula(value) == "are" else "another ") + value
+
+
+def _be_filter(value: str) -> str:
+    if isinstance(value, Slot):
+        return "is"  # fill_template agrees it with the category word right before it
+    return copula(value)
 
 
 def _and_join_filter(values: Iterable[str]) -> str:
@@ -160,23 +182,19 @@ class CompiledExpression:
         return [name + ("_PL" if pl else "") for _, name, pl, _ in self._ops]
 
     def fill(self, values: Mapping[str, str]) -> tuple[str, str]:
-        """(text, template_text) for ``values`` (placeholder name without braces -> word)."""
-        text = []
+        """(text, template_text) for ``values`` (placeholder name without braces -> word).
+
+        ``template_text`` spells the singular forms ("a"/"an" by the word that follows, "another",
+        "that is"); the text agrees them with the words (:func:`fill_template`)."""
         ttext = []
         for lit, name, pl, art in self._ops:
-            word = values[name]
-            if pl:
-                word = plural(word)
             if art:
-                a = indefinite_article(word) + " "
-                lit += a
-            text.append(lit)
-            text.append(word)
+                lit += indefinite_article(values[name]) + " "
             ttext.append(lit)
             ttext.append("{" + name + ("_PL}" if pl else "}"))
-        text.append(self._tail)
         ttext.append(self._tail)
-        return "".join(text), "".join(ttext)
+        template_text = "".join(ttext)
+        return fill_template(template_text, values), template_text
 
 
 def compile_expression(name: str, context: Mapping[str, object]) -> CompiledExpression:
@@ -185,30 +203,102 @@ def compile_expression(name: str, context: Mapping[str, object]) -> CompiledExpr
 
 
 def fill_template(template_text: str, values: Mapping[str, str]) -> str:
-    """Substitute words into a ``template_text`` (``{O}``, ``{A1}``, ``{O2}``, ``{O2_PL}`` ...).
+    """Substitute words into a filled ``template_text`` (``{O}``, ``{A1}``, ``{O2}``, ``{O2_PL}`` ...).
 
     ``values`` maps placeholder names without braces (``"O"``, ``"A1"``) to words; a missing
-    ``X_PL`` is derived as ``plural(values["X"])``. An "a"/"an" directly before a placeholder is
-    recomputed for the substituted word, so swapping ``{O2}`` from "umbrella" to "box" stays
-    grammatical. Raises ``KeyError`` for a placeholder with no value.
+    ``X_PL`` is derived as ``plural(values["X"])``. Raises ``KeyError`` for a placeholder with no value.
+    The function words of ``template_text`` are its singular forms; they agree with the words filled in,
+    so swapping ``{O2}`` from "umbrella" to "box" or "shorts" stays grammatical:
+
+    * "a"/"an" directly before a run of placeholders (``a {O2_A1} {O2}``) is recomputed for the run's
+      first word, and dropped when the run's noun (its first category placeholder ``O``, ``O2`` ..., else
+      its last) is plural: "wearing blue shorts", never "a blue shorts";
+    * "another" before such a run becomes "other" when its noun is plural;
+    * "that is" / "which is" right after a category placeholder becomes "that are" / "which are" when
+      that word is plural (always after ``{X_PL}``): "the socks that are blue".
     """
+    names, plan, tail = _fill_plan(template_text)
+    words = []
+    for name in names:
+        w = values.get(name)
+        if w is None:
+            if name.endswith("_PL") and name[:-3] in values:
+                w = plural(values[name[:-3]])
+            else:
+                raise KeyError(name)
+        words.append(w)
+    out = []
+    for k, (lit, lit_are, det, noun) in enumerate(plan):
+        if lit_are is not None and _plural_word(names[k - 1], words[k - 1]):
+            lit = lit_are
+        out.append(lit)
+        if det is not None:
+            many = _plural_word(names[noun], words[noun])
+            if det in ("another", "Another"):
+                a = ("O" if det[0] == "A" else "o") + "ther" if many else det
+            else:
+                a = "" if many else indefinite_article(words[k])
+                if a and det[0] == "A":
+                    a = a.capitalize()
+            if a:
+                out.append(a + " ")
+        out.append(words[k])
+    lit, lit_are = tail
+    if lit_are is not None and names and _plural_word(names[-1], words[-1]):
+        lit = lit_are
+    out.append(lit)
+    return "".join(out)
 
-    def word(name: str) -> str:
-        if name in values:
-            return values[name]
-        if name.endswith("_PL") and name[:-3] in values:
-            return plural(values[name[:-3]])
-        raise KeyError(name)
 
-    def fix_article(m: re.Match[str]) -> str:
-        w = word(m.group(2))
-        art = indefinite_article(w)
-        if m.group(1)[0] == "A":
-            art = art.capitalize()
-        return f"{art} {{{m.group(2)}}}"
+_CATEGORY_RE = re.compile(r"O[0-9]*(?:_PL)?$")
+_DET_END_RE = re.compile(r"(?<![\w-])([Aa]nother|[Aa]n?) $")
+_COPULA_START_RE = re.compile(r"^ (that|which) is\b")
 
-    text = _ARTICLE_SLOT_RE.sub(fix_article, template_text)
-    return _PLACEHOLDER_RE.sub(lambda m: word(m.group(1)), text)
+
+def _plural_word(name: str, word: str) -> bool:
+    """Is the word of placeholder ``name`` grammatically plural (``X_PL`` always is)?"""
+    return name.endswith("_PL") or is_plural(word)
+
+
+@lru_cache(maxsize=1 << 14)
+def _fill_plan(template_text: str) -> tuple[tuple[str, ...], tuple, tuple[str, str | None]]:
+    """(placeholder names, per placeholder (literal before it, that literal with "is" -> "are" when it
+    follows a category placeholder else None, determiner before it or None, index of the run's noun),
+    (tail, tail with "are" or None)) of a template_text; cached per text."""
+    matches = list(_PLACEHOLDER_RE.finditer(template_text))
+    names = tuple(m.group(1) for m in matches)
+    lits = []
+    pos = 0
+    for m in matches:
+        lits.append(template_text[pos : m.start()])
+        pos = m.end()
+    tail = template_text[pos:]
+
+    def agreeing(k: int, lit: str) -> str | None:
+        """``lit`` with "that are" when it follows category placeholder ``k - 1`` (None if no such site)."""
+        if k == 0 or not _CATEGORY_RE.match(names[k - 1]):
+            return None
+        m = _COPULA_START_RE.match(lit)
+        return None if m is None else " " + m.group(1) + " are" + lit[m.end():]
+
+    plan = []
+    for k, lit in enumerate(lits):
+        lit_are = agreeing(k, lit)
+        det = None
+        noun = k
+        m = _DET_END_RE.search(lit)
+        if m is not None:
+            det = m.group(1)
+            lit = lit[: m.start()]
+            if lit_are is not None:
+                lit_are = lit_are[: len(lit_are) - (len(lits[k]) - m.start())]
+            run = [k]
+            while run[-1] + 1 < len(names) and lits[run[-1] + 1] == " ":
+                run.append(run[-1] + 1)
+            cats = [j for j in run if _CATEGORY_RE.match(names[j])]
+            noun = cats[0] if cats else run[-1]
+        plan.append((lit, lit_are, det, noun))
+    return names, tuple(plan), (tail, agreeing(len(names), tail))
 
 
 # ---------------------------------------------------------------------------------------- resources
@@ -258,6 +348,8 @@ def environment() -> jinja2.Environment:
     env.filters["plural"] = _plural_filter
     env.filters["article"] = _article_filter
     env.filters["and_join"] = _and_join_filter
+    env.filters["another"] = _another_filter
+    env.filters["be"] = _be_filter
     return env
 
 

@@ -47,7 +47,11 @@ def labels(q: Node, graph: SceneGraph = G, **kw) -> tuple[str, str]:
 
 def test_attribute_and_category_paths():
     assert labels(Node("man", ("tall",))) == ("attribute", "discriminative/appearance")
-    assert labels(Node("man")) == ("attribute", "discriminative/appearance")
+    # the bare category is no attribute task in either taxonomy (issue 12): refforge's "category" label
+    assert labels(Node("man")) == ("category", "discriminative/category")
+    assert labels(Node("man"), polarity="negative") == ("reject", "rejection/category")
+    # an anchor's attribute is an attribute of the expression; a part relation stays "attribute"
+    assert labels(Node("man", (), (("has", Node("hat", ("red",))),)))[0] == "attribute"
 
 
 def test_spatial_relations_and_interactions():
@@ -85,11 +89,11 @@ def test_limited_small_and_occluded_targets():
                o("p", "person", box=(600, 600, 700, 700)), o("cart", "cart", box=(590, 590, 710, 710))])
     assert labels(Node("bird"), g)[1] == "limited/small"  # 900 / 1e6 < 0.005
     assert labels(Node("person"), g)[1] == "limited/occlusion"  # the cart's box covers the person's
-    assert labels(Node("tree"), g)[1] == "discriminative/appearance"
-    assert labels(Node("bird"), g, config=TaxonomyConfig(small_area_frac=0.0001))[1] == "discriminative/appearance"
+    assert labels(Node("tree"), g)[1] == "discriminative/category"
+    assert labels(Node("bird"), g, config=TaxonomyConfig(small_area_frac=0.0001))[1] == "discriminative/category"
     # a bare query that refers to nothing unique skips the Limited rules
     g3 = scene([o("a", "bird", box=(10, 10, 40, 40)), o("b", "bird", box=(50, 10, 80, 40))])
-    assert labels(Node("bird"), g3)[1] == "discriminative/appearance"
+    assert labels(Node("bird"), g3)[1] == "discriminative/category"
 
 
 def test_negatives_are_reject_and_rejection():
@@ -106,7 +110,10 @@ def test_negatives_are_reject_and_rejection():
 
 def test_configuration_and_errors():
     assert tasks_for(Node("man"), G, config=TaxonomyConfig(taxonomies=(GROUNDINGME,))) == {
-        GROUNDINGME: "discriminative/appearance"}
+        GROUNDINGME: "discriminative/category"}
+    # a precedence without "category" still labels the bare category "category", never "attribute"
+    short = TaxonomyConfig(refbench_precedence=("reject", "relation", "interaction", "position", "attribute"))
+    assert labels(Node("man"), config=short)[0] == "category"
     cfg = TaxonomyConfig(interaction_predicates=frozenset(), refbench_precedence=("reject", "position", "relation",
                                                                                   "interaction", "attribute"))
     assert labels(Node("man", (), (("holding", Node("umbrella")),)), config=cfg)[0] == "relation"
@@ -147,6 +154,11 @@ def test_every_label_is_in_its_taxonomy_and_commonsense_is_never_assigned(data):
             assert got[GROUNDINGME].startswith("rejection/") == (polarity == "negative")
         if p.kind == "position" or p.kind == "ordinal":
             assert tasks_for(p, g)[REFBENCH_PRO] in ("position", "relation", "interaction")
+        # category-only paths (level 1) are labelled "category", and only they are
+        positive = tasks_for(p, g)
+        assert (p.kind == "category") == (positive[REFBENCH_PRO] == "category")
+        if p.kind == "category" and positive[GROUNDINGME].startswith("discriminative/"):
+            assert positive[GROUNDINGME] == "discriminative/category"
 
 
 def test_expression_rows_carry_the_query_tasks_and_primary_task():
