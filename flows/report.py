@@ -197,9 +197,12 @@ def _blind(runs: list[dict]) -> dict[str, Any] | None:
         blind = (run.get("stages") or {}).get("refine", {}).get("blind_text")
         if blind and "auroc_before" in blind:
             target = ((run.get("config") or {}).get("negatives_text") or {}).get("target_auroc")
+            stages = run.get("stages") or {}
+            warnings = [*(stages.get("negatives_text") or {}).get("warnings", ()),
+                        *(stages.get("refine") or {}).get("warnings", ())]  # e.g. a negative type that ended empty
             return {"run_id": run.get("run_id"), "latest": run is runs[-1], "before": blind.get("auroc_before"),
                     "after": blind.get("auroc_after"), "kept": blind.get("kept"), "rejected": blind.get("rejected"),
-                    "rounds": blind.get("rounds"), "target": target}
+                    "rounds": blind.get("rounds"), "target": target, "warnings": warnings}
     return None
 
 
@@ -373,6 +376,7 @@ def render_report(build_dir: Path, examples: int = 4) -> str:
             "histograms": [Markup(s) for s in _histograms(cat)],
             "scores": _scores(cat),
             "blind": _blind(runs),
+            "levels": R.level_mix(runs),
             "reviews": _reviews(cat),
             "drops": _drops(cat),
             "gallery": _gallery(cat, thumbs, max(0, int(examples))),

@@ -37,6 +37,7 @@ __all__ = [
     "fmt_int",
     "histogram",
     "html_table",
+    "level_mix",
     "percent_agreement",
     "review_agreement",
     "scale_box",
@@ -231,6 +232,53 @@ def bin_counts(values: np.ndarray, edges: np.ndarray) -> list[int]:
     """Counts per bin; the last bin includes its upper edge (numpy's convention)."""
     counts, _ = np.histogram(np.asarray(values, dtype=float), bins=edges)
     return [int(c) for c in counts]
+
+
+# ---------------------------------------------------------------------------------------- levels
+
+
+def level_mix(runs: Sequence[Mapping]) -> dict | None:
+    """The level mix of the latest run file that records one (the paths stage's ``levels`` summary): a
+    table of asked and achieved shares and rows found and kept per level, and its warnings; None when
+    no run file has one.
+
+    >>> run = {"run_id": "r1", "stages": {"paths": {"levels": {"asked_pct": {"L1": 30.0, "L2": 70.0, "L3": 0.0},
+    ...        "achieved_pct": {"L1": 30.0, "L2": 70.0, "L3": 0.0}, "found": {"L1": 3, "L2": 9, "L3": 0},
+    ...        "kept": {"L1": 3, "L2": 7, "L3": 0}, "kept_of_found": 0.8333, "warnings": []}}}}
+    >>> mix = level_mix([run])
+    >>> 'data-level="L2" data-asked="70.0" data-achieved="70.0"' in mix["table"], mix["kept"]
+    (True, '10 of 12 rows found (83.3%)')
+    """
+    for run in reversed(runs):
+        levels = ((run.get("stages") or {}).get("paths") or {}).get("levels")
+        if not levels or "achieved_pct" not in levels:
+            continue
+        asked = levels.get("asked_pct")
+        achieved = levels.get("achieved_pct") or {}
+        found, kept = levels.get("found") or {}, levels.get("kept") or {}
+        head = "<tr><th>level</th><th class=num>asked</th><th class=num>achieved</th><th class=num>rows found</th>" \
+               "<th class=num>rows kept</th></tr>"
+        body = []
+        for k in sorted(achieved):
+            want = "not set" if asked is None else f"{float(asked.get(k, 0.0)):.1f}%"
+            data_asked = "" if asked is None else f"{float(asked.get(k, 0.0)):.1f}"
+            body.append(f'<tr class="level" data-level="{esc(k)}" data-asked="{esc(data_asked)}" '
+                        f'data-achieved="{float(achieved[k]):.1f}"><td>{esc(k)}</td><td class=num>{esc(want)}</td>'
+                        f'<td class=num>{float(achieved[k]):.1f}%</td><td class=num>{fmt_int(found.get(k, 0))}</td>'
+                        f'<td class=num>{fmt_int(kept.get(k, 0))}</td></tr>')
+        share = levels.get("kept_of_found")
+        n_found, n_kept = sum(found.values()), sum(kept.values())
+        return {
+            "run_id": run.get("run_id"),
+            "asked": asked is not None,
+            "table": f'<table class="data levels"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>',
+            "kept": f"{fmt_int(n_kept)} of {fmt_int(n_found)} rows found"
+                    + (f" ({100 * float(share):.1f}%)" if share is not None else ""),
+            "excluded": int(levels.get("units_positions_excluded") or 0),
+            "units": int(levels.get("units") or 0),
+            "warnings": [str(w) for w in levels.get("warnings") or []],
+        }
+    return None
 
 
 # ---------------------------------------------------------------------------------------- reviews

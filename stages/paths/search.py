@@ -77,6 +77,16 @@ the range never changes ``k_min``.
   coin above is tossed for each order position.
 * A target with no unique query in ``Q(t)`` is a drop ``(t.id, "no unique path within K constraints")``.
 
+Positions left out of the minimal search
+----------------------------------------
+Absolute positions and ordinals single out almost any target with one constraint ("the leftmost cup"),
+so with them real graphs have almost no L3 targets. With ``positions=False, position_fallback=True`` the
+space ``Q(t)`` has no positions, so ``k_min``, the level and the candidates are those of attributes and
+relations alone (an L3 target is one that no single attribute or relation resolves); a target with no
+unique query in that space is searched again with positions (its level and candidates are then those of
+the space with positions), so no target is lost for the option. Every path is irreducible in the space it
+was found in.
+
 To keep the search bounded on dense real graphs, at most ``MAX_ATOMS_PER_COST`` relation atoms of each
 cost are generated per target, in graph order (relations of ``t`` in graph order, then the anchor's).
 The tests' graphs never reach that bound, so there the space above is exact.
@@ -120,16 +130,22 @@ Templates (``prompts/paths/*.j2``, shared macros in ``paths/common.j2``):
 ``template_text`` uses the placeholders of :func:`refforge.stages.scene.query.slots_of`: ``{O}``, ``{O_PL}``,
 ``{A1}`` ...; anchors ``{O2}``, ``{O2_PL}``, ``{O2_A1}`` ...; relation phrases ``{R1}``, ``{R2}`` ... (nodes and
 relations numbered depth first; the target's 1-hop relations come before its 2-hop ones). Position
-words ("leftmost", "second", "three", "top left corner"), articles and other function words are literal.
+words ("leftmost", "second", "three", "top left corner"), articles and other function words are literal;
+``template_text`` keeps the singular forms ("a", "is"), and filling agrees them with the words
+(:mod:`refforge.stages.scene.templates`: "wearing shorts", "the socks that are blue").
 ``fill_template(p.template_text, slots_of(p.query)) == p.text`` for every path. Content words appear as
 the graph spells them; literal text is lowercase. Anchors: "the red box" when exactly one object other
 than the target fits the anchor's description, else "a red box" / "one of the red boxes"; "the other
-ball" / "another ball" / "one of the other balls" when the anchor has the target's category (or a second
-anchor its parent's).
+ball" / "another ball" / "one of the other balls" only when the target itself fits the anchor's
+description (the same category by :func:`refforge.stages.scene.vocabulary.lemma`, and the anchor's
+attribute): "the red shirt to the right of the blue shirt", never "... of the other blue shirt" (a second
+anchor likewise against its parent's description, or against the target's).
 
 Performance
 -----------
-Object sets are int bitmasks (:class:`GraphIndex`); anchor and relation masks and the position
+Object sets are int bitmasks (:class:`GraphIndex`); a category's mask holds every object whose name is
+related to it (``vocabulary.related``, computed once per pair of names in a graph, as ``query.evaluate``
+matches); anchor and relation masks and the position
 selections of a candidate set are cached per graph; atoms are generated per cost tier only when the
 search reaches that cost, without the relation atoms that are unique on their own but reducible ("on the
 brown table" when "on the table" is unique: such an atom is in no irreducible query; they still count
@@ -152,9 +168,11 @@ from refforge.stages.scene.lexicon import RELATIONS, order_attributes
 from refforge.stages.scene.query import ORDER_MARGIN, REGIONS, Node, Position, Result, region_of
 from refforge.stages.scene.slots import slot_constructor
 from refforge.stages.scene.templates import CompiledExpression, Slot, compile_expression, template_variants
+from refforge.stages.scene.vocabulary import lemma, related
 
 __all__ = [
     "COUNT_FIELDS",
+    "drop_category",
     "DEFAULT_BLOCKLIST",
     "MAX_ATOMS_PER_COST",
     "MAX_COUNT",
@@ -262,6 +280,19 @@ class _ImageSelection:
 @lru_cache(maxsize=64)
 def _lowered(names: tuple[str, ...]) -> frozenset[str]:
     return frozenset(n.strip().lower() for n in names)
+
+
+_DROP_CATEGORIES = (("stuff category", "stuff_category"), ("below", "too_small"), ("above", "too_large"),
+                    ("border", "cut_by_border"), ("no unique path", "no_unique_path"))
+
+
+def drop_category(why: str) -> str:
+    """The category of a target's drop message (``"area fraction 0.0004 below 0.001"`` ->
+    ``"too_small"``): the drops table's ``reason``; the message itself is its ``detail``."""
+    for words, slug in _DROP_CATEGORIES:
+        if words in why:
+            return slug
+    return why
 
 
 def _fmt_frac(x: float) -> str:
@@ -411,9 +442,9 @@ class GraphIndex:
     nodes); it is a snapshot: rebuild it if the graph changes.
     """
 
-    __slots__ = ("graph", "objects", "ids", "pos", "names", "attributes", "by_cat", "by_attr", "sub", "out",
-                 "cx", "cy", "_regions", "_sort_keys", "width", "height", "_anchor", "_rel", "_posmap", "_orders",
-                 "_meta", "_relnode", "_weak")
+    __slots__ = ("graph", "objects", "ids", "pos", "names", "attributes", "by_cat", "by_name", "by_attr", "sub",
+                 "out", "cx", "cy", "_regions", "_sort_keys", "width", "height", "_anchor", "_rel", "_posmap",
+                 "_orders", "_meta", "_relnode", "_weak")
 
     def __init__(self, graph: SceneGraph) -> None:
         self.graph = graph
@@ -464,7 +495,10 @@ class GraphIndex:
         self.pos = pos
         self.names = names
         self.attributes = attributes
-        self.by_cat = by_cat
+        # by_name: the objects of exactly that name; by_cat: of every name related to it (query.py's
+        # category semantics), for the names of this graph; cat_mask() answers any other category.
+        self.by_name = by_cat
+        self.by_cat = _related_masks(by_cat)
         self.by_attr = by_attr
         self.sub = sub
         self.out: list[tuple[tuple[str, int], ...]] = [tuple(d) for d in out]
@@ -484,6 +518,17 @@ class GraphIndex:
 
     # -- masks
 
+    def cat_mask(self, category: str) -> int:
+        """Objects a node of ``category`` may match: every object whose name is related to it (cached)."""
+        m = self.by_cat.get(category)
+        if m is None:
+            m = 0
+            for name, bits in self.by_name.items():
+                if related(name, category):
+                    m |= bits
+            self.by_cat[category] = m
+        return m
+
     def rel_mask_of(self, predicate: str, anchors: int) -> int:
         """Objects ``x`` with ``(x, predicate, y)`` for some ``y`` in ``anchors``, ``y != x``."""
         d = self.sub.get(predicate)
@@ -501,7 +546,7 @@ class GraphIndex:
         m = self._anchor.get(dkey)
         if m is None:
             cat, a, sub = dkey
-            m = self.by_cat.get(cat, 0)
+            m = self.cat_mask(cat)
             if a is not None and m:
                 m &= self.by_attr.get(a, 0)
             if sub is not None and m:
@@ -515,7 +560,7 @@ class GraphIndex:
         if m is None:
             p, dkey = key
             if dkey[1] is None and dkey[2] is None:  # a bare anchor: every object of the category
-                anchors = self.by_cat.get(dkey[0], 0)
+                anchors = self.cat_mask(dkey[0])
             else:
                 anchors = self.anchor_mask(dkey)
             m = self.rel_mask_of(p, anchors)
@@ -668,8 +713,20 @@ class GraphIndex:
         return got
 
 
+def _related_masks(by_name: dict[str, int]) -> dict[str, int]:
+    """name -> the mask of the objects of every related name (vocabulary.related), per name of the graph."""
+    names = list(by_name)
+    out = dict(by_name)
+    for k, a in enumerate(names):
+        for b in names[k + 1:]:
+            if related(a, b):
+                out[a] |= by_name[b]
+                out[b] |= by_name[a]
+    return out
+
+
 def _node_mask(index: GraphIndex, node: Node) -> tuple[int, bool]:
-    m = index.by_cat.get(node.category, 0)
+    m = index.cat_mask(node.category)
     amb = False
     for a in node.attributes:
         m &= index.by_attr.get(a, 0)
@@ -1207,7 +1264,8 @@ def _shape(index: GraphIndex, target: int, n_attrs: int, rels: Sequence[tuple[st
     if not rels:
         return (n_attrs, (), pk)
     not_t = ~(1 << target)
-    tcat = index.names[target]
+    tcat = lemma(index.names[target])
+    tattrs = index.attributes[target]
     anchors = []
     for _, dk in rels:
         cat, a, sub = dk
@@ -1216,14 +1274,16 @@ def _shape(index: GraphIndex, target: int, n_attrs: int, rels: Sequence[tuple[st
         if sub is not None:
             _, cat2, b = sub
             others2 = (index.anchor_mask((cat2, b, None)) & not_t).bit_count()
-            if cat2 == cat:  # "... next to another table": never definite
+            if lemma(cat2) == lemma(cat) and (b is None or b == a):  # "... next to another table": never definite
                 det2 = "another"
-            elif cat2 == tcat:
+            elif lemma(cat2) == tcat and (b is None or b in tattrs):
                 det2 = "other" if others2 == 1 else "another"
             else:
                 det2 = "the" if others2 == 1 else "a"
             sub_shape = (det2, int(b is not None), None)
-        if cat == tcat:
+        # "other" only where it is true: the target itself fits the anchor's description ("the red shirt
+        # next to the blue shirt", never "... the other blue shirt")
+        if lemma(cat) == tcat and (a is None or a in tattrs):
             det = "other" if others == 1 else "another"
         else:
             det = "the" if others == 1 else "a"
@@ -1332,6 +1392,7 @@ def referring_paths(
     seed: int = 0,
     positions: bool = True,
     selection: TargetSelection | None = None,
+    position_fallback: bool = False,
     anchor_attributes: bool = True,
     extra_constraints: int = 1,
     max_candidates: int = 16,
@@ -1342,7 +1403,9 @@ def referring_paths(
     ``selection=None`` uses ``TargetSelection()`` (the defaults); pass
     ``TargetSelection(min_area_frac=0, max_area_frac=1, blocklist=(), drop_border_cut=False)``
     to make every object a target. ``prior_counts`` (field -> value -> count) seeds the running
-    frequencies of the balanced choice; it is not modified.
+    frequencies of the balanced choice; it is not modified. ``position_fallback`` (with
+    ``positions=False``): a target that no position-free query resolves is searched again with positions
+    (see "Positions left out of the minimal search" in the module docstring).
     """
     if max_hops not in (0, 1, 2):
         raise ValueError(f"max_hops must be 0, 1 or 2 (got {max_hops})")
@@ -1391,6 +1454,9 @@ def referring_paths(
             continue
         search = _Search(index, i, max_hops, anchor_attributes)
         k_min, found = search.run(max_constraints, positions, extra_constraints)
+        if k_min is None and position_fallback and not positions:  # only a position can single it out
+            search = _Search(index, i, max_hops, anchor_attributes)
+            k_min, found = search.run(max_constraints, True, extra_constraints)
         if k_min is None:
             drops.append((tid, no_path))
             continue
