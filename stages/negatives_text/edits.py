@@ -43,7 +43,14 @@ A candidate is kept only if
    placeholder whose word changed occurs in the template (an edit the text cannot show is no text
    negative).
 
-Edits whose query matches an object are discarded (they are positives of another object).
+Edits whose query matches an object are discarded (they are positives of another object). Category
+matching is :func:`query.evaluate`'s: a node's category matches every object whose name is
+``vocabulary.related`` to it (``hat`` matches ``hats``, ``person`` a boy), in :class:`NegativeIndex` too.
+
+4. with a ``judge`` (:class:`CandidateJudge`; the stage passes :class:`.plausible.PlausibilityJudge`),
+   the verified candidate must also be plausible: a replaced category related to nothing in the image,
+   and every relation the edit changed a plausible pattern. A refused candidate is reported to the
+   judge (the stage writes a drops row) and the next option is tried.
 
 Incomplete graphs (``complete_graph=False``: GQA, COCO, Visual Genome)
 ---------------------------------------------------------------------
@@ -80,6 +87,8 @@ Each (type, level) yields at most ``per_type`` candidates. Options are ranked by
 ``seed`` and the positive's text, never Python's ``hash()``. The :class:`LexiconBackend` prefers
 *hard* replacements: attribute values that occur elsewhere in the image (FineCops-Ref: a distractor in
 the image makes the negative harder), categories of the same super-category, the opposite predicate.
+The build itself uses :class:`.plausible.VocabularyBackend`: the words of the unit's own scene graphs,
+with this lexicon as the fallback.
 swap_attribute prefers swaps within one family and between related nodes; swap_object prefers a
 node and its own anchor. Output order: type (``NEGATIVE_TYPES``), then level L1, L2, then rank.
 
@@ -137,8 +146,11 @@ from refforge.stages.scene.lexicon import (
 )
 from refforge.stages.scene.query import ORDER_MARGIN, REGIONS, Node, Position, Result, evaluate, region_of
 from refforge.stages.scene.slots import slot_constructor
+from refforge.stages.scene.templates import fill_template
+from refforge.stages.scene.vocabulary import related
 
 __all__ = [
+    "CandidateJudge",
     "NEGATIVE_LEVELS",
     "NEGATIVE_TYPES",
     "DEFAULT_BACKEND",
@@ -210,6 +222,21 @@ class NegativeBackend(Protocol):
     def replacements_for_category(self, category: str, context: ReplacementContext) -> list[str]: ...
 
     def replacements_for_relation(self, predicate: str, context: ReplacementContext) -> list[str]: ...
+
+
+@runtime_checkable
+class CandidateJudge(Protocol):
+    """Checks a verified candidate for plausibility (:mod:`.plausible` has the build's own).
+
+    ``category``: why a replaced category is no negative among the image's categories (or None);
+    ``edges``: why one of the (subject, predicate, object) relations an edit changed is implausible (or
+    None); ``refused``: told of every candidate refused, with its text, type and the (reason, detail)."""
+
+    def category(self, new: str, present: frozenset[str]) -> tuple[str, str] | None: ...
+
+    def edges(self, edges: list[tuple[str, str, str]]) -> tuple[str, str] | None: ...
+
+    def refused(self, text: str, negative_type: str, reason: str, detail: str) -> None: ...
 
 
 def _h(word: str, salt: int) -> int:
@@ -431,6 +458,7 @@ class NegativeIndex:
             if f is not None:
                 fam[f] = fam.get(f, 0) | mask
         self.cat, self.attr, self.fam = cat, attr, fam
+        self._catm: dict[str, int] = {}  # query category -> objects it may name (vocabulary.related)
         self.categories = frozenset(cat)
         self.attributes = frozenset(attr)
         rel: dict[str, list[int]] = {}
@@ -460,6 +488,18 @@ class NegativeIndex:
         self._closed_cache: dict[int, tuple[Node, tuple[int, bool]]] = {}
 
     # --- lazily built parts ---------------------------------------------------------------------
+
+    def category_mask(self, category: str) -> int:
+        """The objects a query category may name, as :func:`query.evaluate` matches them: every object
+        whose name is ``related`` to it (same lemma, synonym, hypernym or hyponym)."""
+        m = self._catm.get(category)
+        if m is None:
+            m = 0
+            for name, mask in self.cat.items():
+                if name == category or related(name, category):
+                    m |= mask
+            self._catm[category] = m
+        return m
 
     def centres(self, axis: str) -> list[float]:
         if self._centres is None:
@@ -553,7 +593,9 @@ class NegativeIndex:
         if hit is not None and hit[0] is node:
             return hit[1]
         amb = False
-        m = self.cat.get(node.category, 0)
+        m = self._catm.get(node.category)
+        if m is None:
+            m = self.category_mask(node.category)
         if m:
             for a in node.attributes:
                 m &= self.attr.get(a, 0)
@@ -610,7 +652,7 @@ class NegativeIndex:
         """:meth:`could_match`'s mask of ``n``; ``counter[0]``: the depth-first number of the last node seen."""
         counter[0] += 1
         k = counter[0]
-        m = self.cat.get(n.category, 0)
+        m = self.category_mask(n.category)
         relaxed = attrs.get(k, ())
         for a in n.attributes:
             if relaxed is None or a in relaxed:
@@ -650,6 +692,8 @@ class NegativeIndex:
 # ------------------------------------------------------------------------------------------ filling
 
 _ANY_PLACEHOLDER_RE = re.compile(r"\{([A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*)\}")
+# function words that templates.fill_template agrees in number with the slot words (its rules apply)
+_AGREEMENT_RE = re.compile(r"(?<![\w-])(?:[Aa]n?|[Aa]nother) \{|\} (?:that|which) is\b")
 _FILL_RE = re.compile(r"(?:\b([Aa]n?) )?\{([A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*)\}")
 
 
@@ -680,6 +724,8 @@ def fill_text(template_text: str, values: dict[str, str]) -> str:
     words substituted, "a"/"an" in front of a placeholder recomputed, a missing ``X_PL`` derived as
     ``plural(values[X])``, ``KeyError`` for a placeholder without a value. Equal to ``fill_template``
     whenever that fills every placeholder (tested)."""
+    if _AGREEMENT_RE.search(template_text):  # "a"/"another"/"that is" agree in number with the words
+        return fill_template(template_text, values)
     ops, tail, pattern = _compiled(template_text)
     if pattern is not None and type(values) is dict:  # (a dict subclass may define __missing__)
         try:
@@ -925,8 +971,13 @@ def text_negatives(
     index: NegativeIndex | None = None,
     exhaustive_categories: Collection[str] = (),
     types: Collection[str] = NEGATIVE_TYPES,
+    judge: CandidateJudge | None = None,
 ) -> list[NegativeCandidate]:
     """Verified text negatives of one positive, at most ``per_type`` per (type, level).
+
+    ``judge`` (optional): the plausibility checks of a verified candidate (a replaced category that
+    may name something in the image, a relation pattern that is implausible); a candidate it refuses
+    is reported to it and the next option is tried (see :class:`CandidateJudge`).
 
     Raises ``ValueError`` when ``query`` does not refer to ``target_id`` alone in ``graph`` (or
     ``index`` belongs to another graph) and ``KeyError`` when ``template_text`` has a placeholder that
@@ -994,10 +1045,10 @@ def text_negatives(
                 continue
             # verification: empty on the graph and on its closure
             if exact:
-                # a replaced category is absent from the graph (present ones are never options): the
-                # edited node matches nothing there, nor do its ancestors, and nothing is ambiguous (the
-                # positive was not, and positions are ambiguous only among candidates)
-                if kind != "replace_object":
+                # a replaced category that names no object of the graph (neither its own name nor a related
+                # one): the edited node matches nothing there, nor do its ancestors, and nothing is ambiguous
+                # (the positive was not, and positions are ambiguous only among candidates)
+                if kind != "replace_object" or index.category_mask(payload[1]):
                     m, amb = index._eval(edited, cache, index.rel)
                     if m or amb:
                         continue
@@ -1008,6 +1059,11 @@ def text_negatives(
             elif not evaluate(graph, edited).empty or (
                     has_rel and not evaluate(index.closed_graph(), edited).empty):
                 continue
+            if judge is not None:
+                why = _judged(judge, kind, payload, flat, index)
+                if why is not None:
+                    judge.refused(text, kind, *why)
+                    continue
             review = None
             if not complete_graph:
                 review = _review(kind, payload, edited, relax, index, exhaustive)
@@ -1267,6 +1323,39 @@ _APPLY = {
     "swap_object": _apply_swap_object,
     "swap_attribute": _apply_swap_attribute,
 }
+
+
+def _edges_of(flat: _Flat, cats: list[str], nodes: Collection[int]) -> list[tuple[str, str, str]]:
+    """(subject category, predicate, object category) of every relation that enters or leaves one of
+    ``nodes`` (0-based), with the categories ``cats``."""
+    out = []
+    for k in range(1, len(cats)):
+        p = flat.parent[k]
+        if k in nodes or p in nodes:
+            out.append((cats[p], flat.preds[k], cats[k]))
+    return out
+
+
+def _judged(judge: CandidateJudge, kind: str, payload: tuple, flat: _Flat,
+            index: NegativeIndex) -> tuple[str, str] | None:
+    """The judge's refusal of a verified candidate (reason, detail), or None."""
+    if kind == "replace_object":
+        i, c = payload
+        why = judge.category(c, index.categories)
+        if why is not None or len(flat.cats) == 1:
+            return why
+        cats = list(flat.cats)
+        cats[i] = c
+        return judge.edges(_edges_of(flat, cats, (i,)))
+    if kind == "replace_relation":
+        i, _pred, q = payload
+        return judge.edges([(flat.cats[flat.parent[i]], q, flat.cats[i])])
+    if kind == "swap_object":
+        i, j = payload
+        cats = list(flat.cats)
+        cats[i], cats[j] = cats[j], cats[i]
+        return judge.edges(_edges_of(flat, cats, (i, j)))
+    return None
 
 
 def _review(kind: str, payload: tuple, edited: Node, relax, index: NegativeIndex,

@@ -30,6 +30,7 @@ from refforge.stages.scene.lexicon import (
     plural,
 )
 from refforge.stages.scene.query import Node
+from refforge.stages.scene.vocabulary import family
 
 # ================================================================================ negatives backend
 
@@ -74,13 +75,19 @@ class LLMNegativeBackend:
     Per image: categories present in the image are removed (the driver does too) and, with
     ``prefer_present``, attribute values that occur in the image come first (harder negatives).
 
+    With a ``vocabulary`` (the unit's :class:`~refforge.stages.negatives_text.plausible.BuildVocabulary`)
+    the proposed categories are filtered to the replaced category's family
+    (:func:`~refforge.stages.scene.vocabulary.family`: "a lamp" is no hard negative of "a skier"), those
+    the unit's scene graphs name first; when nothing of the family is left, ``fallback`` answers.
+
     A word whose answer is unusable becomes a drop in :attr:`drops` (stage ``negatives_text``, key
-    ``"llm:<kind>:<word>"``) and is answered by ``fallback`` (default: no proposals).
+    ``"llm:<kind>:<word>"``) and is answered by ``fallback`` (default: no proposals; the
+    negatives_text stage passes its :class:`~refforge.stages.negatives_text.plausible.VocabularyBackend`).
     """
 
     def __init__(self, client: LLMClient, *, max_candidates: int = 8, open_categories: bool = False,
                  prefer_present: bool = True, fallback: NegativeBackend | None = None, temperature: float = 0,
-                 stage: str = "negatives_text") -> None:
+                 stage: str = "negatives_text", vocabulary: Any = None) -> None:
         self.client = client
         self.max_candidates = max_candidates
         self.open_categories = open_categories
@@ -88,6 +95,7 @@ class LLMNegativeBackend:
         self.fallback = fallback
         self.temperature = temperature
         self.stage = stage
+        self.vocabulary = vocabulary
         self.prompt_version = prompt_version("negatives")
         self.drops: list[Drop] = []
         self._memo: dict[tuple[str, str, str], list[str] | None] = {}
@@ -216,9 +224,15 @@ class LLMNegativeBackend:
 
     def replacements_for_category(self, category: str, context: ReplacementContext) -> list[str]:
         got = self._get("category", category)
-        if got is None:
+        if got is not None:
+            got = [c for c in got if c not in context.image_categories]
+            if self.vocabulary is not None:
+                fam = family(category)
+                named = self.vocabulary.categories
+                got = sorted((c for c in got if family(c) == fam), key=lambda c: c not in named)
+        if not got:
             return self.fallback.replacements_for_category(category, context) if self.fallback else []
-        return [c for c in got if c not in context.image_categories]
+        return got
 
     def replacements_for_relation(self, predicate: str, context: ReplacementContext) -> list[str]:
         got = self._get("relation", predicate)

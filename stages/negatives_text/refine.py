@@ -29,6 +29,18 @@ expressions instead of borrowed models:
    the target, relax the last selection again (verified by another refit). ``auroc_after`` is the
    held-out AUROC of the final kept set, never an in-sample number.
 
+Floors (no type is emptied silently)
+------------------------------------
+Negatives are also grouped into *strata*, one per (type, level) (``neg_levels``; by type alone when
+no levels are given). Stratum ``s`` with ``n_s`` candidates has the floor
+``min(n_s, max(ceil(floor * n_s), floor_min))`` (``floor_min >= 1``): a round never takes a stratum
+below it; where the selection would, the stratum keeps its floor's worth of its least separable
+negatives (lowest held-out blind scores, ties by index) and :attr:`RefineResult.floored` names it.
+So no round empties a stratum, the kept set is never empty while there are candidates, and the
+held-out AUROC stays defined (an emptied set used to give ``nan``, which stopped the reduce and
+restore loops and ended a build with zero text negatives). When floors bind, the final AUROC may
+stay above the target: :attr:`RefineResult.met` is False then, and the stage warns.
+
 The selection in one formula: for type ``t`` and score bin ``b`` let ``rho[t, b]`` be the share of
 ``t``'s negatives in ``b`` over the share of positives in ``b``. At level ``g`` the cell keeps the
 fraction ``min(1, max(g, g_t) / rho[t, b])`` of its negatives, where ``g_t = min_b rho[t, b]`` is
@@ -54,6 +66,7 @@ and ``0`` a positive one; an AUROC of 0.5 means the blind model cannot tell them
 from __future__ import annotations
 
 import heapq
+import math
 import re
 from collections import Counter
 from collections.abc import Hashable, Sequence
@@ -66,6 +79,7 @@ __all__ = [
     "RefineResult",
     "auroc",
     "cross_fit_scores",
+    "floor_counts",
     "group_folds",
     "refine",
 ]
@@ -473,6 +487,15 @@ class RefineResult:
     scores: np.ndarray
     history: list[float] = field(default_factory=list)
     target_auroc: float = 0.6
+    strata_before: dict[str, int] = field(default_factory=dict)
+    strata_after: dict[str, int] = field(default_factory=dict)
+    floors: dict[str, int] = field(default_factory=dict)
+    floored: list[str] = field(default_factory=list)
+
+    @property
+    def met(self) -> bool:
+        """Whether the kept set's held-out AUROC is at most the target (False when undefined)."""
+        return bool(self.auroc_after <= self.target_auroc)
 
 
 def _select(sp: np.ndarray, sn: np.ndarray, types: np.ndarray, n_types: int, goal: float, bins: int,
@@ -526,11 +549,46 @@ def _select(sp: np.ndarray, sn: np.ndarray, types: np.ndarray, n_types: int, goa
     return keep, rho.reshape(-1)[cell], keep_k.reshape(-1)[cell], n.reshape(-1)[cell]
 
 
+def floor_counts(strata: Sequence[str], floor: float = 0.0, floor_min: int = 1) -> dict[str, int]:
+    """The floor of every stratum: ``min(n, max(ceil(floor * n), floor_min))`` of its ``n`` negatives.
+
+    >>> floor_counts(["a/L1"] * 10 + ["b/L2"] * 3, floor=0.25, floor_min=1)
+    {'a/L1': 3, 'b/L2': 1}
+    """
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError("floor is a fraction between 0 and 1")
+    if floor_min < 1:
+        raise ValueError("floor_min must be at least 1: a round never empties a stratum")
+    n = Counter(strata)
+    return {s: min(c, max(math.ceil(floor * c - 1e-9), floor_min)) for s, c in sorted(n.items())}
+
+
+def _floor(keep: np.ndarray, kidx: np.ndarray, strata: np.ndarray, floors: np.ndarray,
+           scores: np.ndarray) -> tuple[np.ndarray, set[int]]:
+    """``keep`` (over ``kidx``) topped up so that every stratum keeps at least its floor: the stratum's
+    lowest-scored negatives that the selection rejected come back. Returns it and the strata topped up."""
+    codes = strata[kidx]
+    kept_n = np.bincount(codes[keep], minlength=floors.size)
+    short = np.flatnonzero(kept_n < floors)
+    if short.size == 0:
+        return keep, set()
+    keep = keep.copy()
+    for c in short:
+        cand = np.flatnonzero((codes == c) & ~keep)
+        order = np.lexsort((kidx[cand], scores[kidx[cand]]))
+        keep[cand[order[: int(floors[c] - kept_n[c])]]] = True
+    return keep, {int(c) for c in short}
+
+
 def refine(pos_texts: Sequence[str], pos_groups: Sequence[Hashable], neg_texts: Sequence[str],
            neg_groups: Sequence[Hashable], neg_types: Sequence[str], *, target_auroc: float = 0.6,
            max_rounds: int = 5, seed: int = 0, folds: int = 5, bins: int = 10, l2: float = 1.0,
-           margin: float = 0.02, min_df: int = 2) -> RefineResult:
+           margin: float = 0.02, min_df: int = 2, neg_levels: Sequence[str] | None = None,
+           floor: float = 0.0, floor_min: int = 1) -> RefineResult:
     """Keep the negatives a blind text model cannot tell from the positives (module docstring).
+
+    *Floors*: no round takes a (type, level) stratum (``neg_levels`` given) or a type below
+    :func:`floor_counts` (``floor`` fraction, ``floor_min`` count; module docstring).
 
     *Reduce*: each round selects with the current held-out scores, aiming the AUROC that those
     scores predict for the kept set at ``target_auroc - margin``, then refits and re-scores out of
@@ -549,12 +607,21 @@ def refine(pos_texts: Sequence[str], pos_groups: Sequence[Hashable], neg_texts: 
     if len(pos_groups) != n_pos or not (len(neg_groups) == len(neg_types) == n_neg):
         raise ValueError("texts, groups and types must have matching lengths")
     types_list = [str(t) for t in neg_types]
+    if neg_levels is not None and len(neg_levels) != n_neg:
+        raise ValueError("texts, groups, types and levels must have matching lengths")
+    strata_list = types_list if neg_levels is None else [f"{t}/{lv}" for t, lv in zip(types_list, neg_levels,
+                                                                                      strict=True)]
+    floors = floor_counts(strata_list, floor, floor_min)
     counts_before = dict(sorted(Counter(types_list).items()))
+    strata_before = dict(sorted(Counter(strata_list).items()))
     all_groups = [*pos_groups, *neg_groups]
     nan = float("nan")
     if n_pos == 0 or n_neg == 0 or len({str(g) for g in all_groups}) < 2:
         return RefineResult(list(range(n_neg)), {}, nan, nan, 0, counts_before, dict(counts_before),
-                            np.full(n_neg, 0.5), [], target_auroc)
+                            np.full(n_neg, 0.5), [], target_auroc, strata_before, dict(strata_before), floors, [])
+    strata_names, strata_codes = np.unique(np.asarray(strata_list), return_inverse=True)
+    floor_arr = np.array([floors[str(x)] for x in strata_names], dtype=np.int64)
+    floored: set[int] = set()
 
     design = _Design([*pos_texts, *neg_texts], min_df=min_df)
     fold_all = group_folds(all_groups, folds, seed)
@@ -583,11 +650,14 @@ def refine(pos_texts: Sequence[str], pos_groups: Sequence[Hashable], neg_texts: 
         goal = target_auroc - margin
         exact = False
         keep, ratio, n_kept, n_cell = _select(sp, sn, codes, type_names.size, goal, bins, key, exact)
+        keep, short = _floor(keep, kidx, strata_codes, floor_arr, neg_scores)
         if keep.all():  # the relaxed matching predicts the target is met, but the refit says it is not
             exact = True
             keep, ratio, n_kept, n_cell = _select(sp, sn, codes, type_names.size, goal, bins, key, exact)
+            keep, short = _floor(keep, kidx, strata_codes, floor_arr, neg_scores)
             if keep.all():
                 break
+        floored |= short
         rounds += 1
         for j, r, k, c in zip(kidx[~keep], ratio[~keep], n_kept[~keep], n_cell[~keep], strict=True):
             how = ("in a bin over-represented among" if r > 1 else "thinned to match the positives' histogram among")
@@ -626,7 +696,10 @@ def refine(pos_texts: Sequence[str], pos_groups: Sequence[Hashable], neg_texts: 
             last["lo"] = (g, a_c)
         else:
             last["hi"] = (g, a_c)
-    counts_after = dict(sorted(Counter(types_list[j] for j in np.flatnonzero(kept)).items()))
-    counts_after = {t: counts_after.get(t, 0) for t in counts_before}
-    return RefineResult([int(j) for j in np.flatnonzero(kept)], rejected, history[0], a, rounds,
-                        counts_before, counts_after, neg_scores, history, target_auroc)
+    kept_idx = np.flatnonzero(kept)
+    counts_after = Counter(types_list[j] for j in kept_idx)
+    strata_after = Counter(strata_list[j] for j in kept_idx)
+    return RefineResult([int(j) for j in kept_idx], rejected, history[0], a, rounds,
+                        counts_before, {t: counts_after.get(t, 0) for t in counts_before}, neg_scores, history,
+                        target_auroc, strata_before, {t: strata_after.get(t, 0) for t in strata_before}, floors,
+                        sorted(str(strata_names[c]) for c in floored))
