@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from refforge import _env  # noqa: F401  (environment defaults before Prefect loads)
+from refforge._strict import ConfigError
 from refforge.config import ConfigBase, parse_config
 from refforge.optional import require
 from refforge.pipeline.context import BuildContext, ProgressFn
@@ -68,7 +69,30 @@ def build_flow(root: str, config: dict, run_id: str) -> dict[str, list[UnitResul
     for stage in stages:
         stage.prepare(ctx.view(stage))
     shards = plan(ctx.config, root, ctx)
-    return {stage.name: run_stage(ctx, stage, shards) for stage in stages}
+    results = {}
+    for stage in stages:
+        results[stage.name] = run_stage(ctx, stage, shards)
+        if stage is ctx.config.registry[0]:
+            check_source(ctx.config, results[stage.name])
+    return results
+
+
+class EmptySource(ConfigError):
+    """The source stage made no image at all (a wrong images folder, an empty file): nothing to build."""
+
+
+def check_source(cfg: ConfigBase, units: list[UnitResult]) -> None:
+    """Raise :class:`EmptySource` (one line, with the commonest drop reasons) when the source stage's
+    units wrote no ``images`` row: a build of nothing is a wrong config, not a success."""
+    if sum(u.rows.get("images", 0) for u in units):
+        return
+    scenes = sum(u.items_in for u in units)
+    reasons = sum((Counter(u.drop_reasons) for u in units), Counter())
+    why = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+    where = ", ".join(f"source.{k} = {v}" for k, v in cfg.source.model_dump(mode="json").items()
+                      if k in ("images_dir", "path", "scene_graphs", "instances"))
+    raise EmptySource(f"the source yielded no images: {scenes} scenes read, none kept"
+                      + (f" (drops: {why})" if why else "") + (f"; check {where}" if where else ""))
 
 
 # The stages allocate many small short-lived objects (queries, candidates, trace sentences). With the
@@ -152,10 +176,11 @@ def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, p
         "model_prompts": model_prompts(ctx),
         "stages": {name: summarise(by_name[name], units) for name, units in results.items()},
         "model_usage": usage,
+        "warnings": config.unused_sections(),
     }
     build.write_run(run_id, record)
     record["root"] = str(build.root)
     return record
 
 
-__all__ = ["build_flow", "check_packages", "plan", "run_build", "run_stage"]
+__all__ = ["EmptySource", "build_flow", "check_packages", "check_source", "plan", "run_build", "run_stage"]

@@ -148,7 +148,8 @@ def _datasets_module():
 def _read_build(build_dir: Path) -> dict[str, Any]:
     with Catalog(build_dir) as cat:
         expressions = cat.sql("SELECT * FROM expressions ORDER BY sample_id").to_pylist()
-        images = cat.sql("SELECT image_id, path, width, height, parent_image_id, source_ref FROM images").to_pylist()
+        # SELECT *: a build from before images.source_ids has no such column
+        images = cat.sql("SELECT * EXCLUDE (edit, spec) FROM images").to_pylist()
         # one selected trace per sample; several selected ones (k > 1 and ties) -> the first by model, trace
         cot = cat.sql("""SELECT sample_id, first(trace ORDER BY model, trace) AS trace FROM cot_traces
                          WHERE selected GROUP BY sample_id""").to_pylist()
@@ -157,7 +158,15 @@ def _read_build(build_dir: Path) -> dict[str, Any]:
     for e in expressions:
         if isinstance(e.get("tasks"), list):
             e["tasks"] = dict(e["tasks"])
-    return {"expressions": expressions, "images": {i["image_id"]: i for i in images},
+    by_id = {i["image_id"]: i for i in images}
+    for i in images:  # the source's own id and file: a derived image's are its original's
+        root, seen = i, set()
+        while root.get("parent_image_id") in by_id and root["image_id"] not in seen:
+            seen.add(root["image_id"])
+            root = by_id[root["parent_image_id"]]
+        i["source_image_id"] = (root.get("source_ids") or [None])[0]
+        i["source_file_name"] = root.get("source_ref")
+    return {"expressions": expressions, "images": by_id,
             "cot": {c["sample_id"]: c["trace"] for c in cot}, "reviews": reviews,
             "objects": {(o["image_id"], o["object_id"]): o["name"] for o in objects}}
 

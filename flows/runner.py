@@ -1,8 +1,10 @@
 """Running units of work: the Prefect tasks, the ledger and the commit of a unit's tables.
 
 A unit with a ledger entry (``state/<stage>/<work key>.json``) is skipped; otherwise its stage's
-run() makes its rows, every output table is validated first, then each table whose shard for the
-key is missing is written, then the ledger entry: a unit killed half-way rewrites only what is
+run() makes its rows, every output table is validated first and its keys checked (two rows of a
+unit with one key of :data:`refforge.schemas.KEYS` refuse the unit with a :class:`DuplicateKeyError`
+naming the table, the key and the values; identical drops rows are written once), then each table
+whose shard for the key is missing is written, then the ledger entry: a unit killed half-way rewrites only what is
 missing, and a unit run twice (a retried task, a re-executed Dask future) writes nothing twice.
 The runner knows no stage by name: it reads each stage's declarations.
 """
@@ -20,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from refforge.pipeline.context import BuildContext, run_scoped
 from refforge.pipeline.stage import GlobalStage, Stage, UnitOutput
-from refforge.schemas import Drop
+from refforge.schemas import KEYS, Drop, duplicate_keys, reason_slug
 from refforge.storage import BuildDir
 
 
@@ -51,8 +53,22 @@ def stable_drop(d: Drop) -> Drop:
     write the same drops."""
     if not (_ADDRESS.search(d.reason) or (d.detail and _ADDRESS.search(d.detail))):
         return d
-    return d.model_copy(update={"reason": _ADDRESS.sub("", d.reason),
+    return d.model_copy(update={"reason": reason_slug(_ADDRESS.sub("", d.reason)),
                                 "detail": _ADDRESS.sub("", d.detail) if d.detail else d.detail})
+
+
+class DuplicateKeyError(RuntimeError):
+    """A unit whose rows collide on a table's key (:data:`refforge.schemas.KEYS`): a bug in the stage that
+    made them, refused before anything of the unit is written."""
+
+
+def check_keys(stage: str, key: str, table: str, data) -> None:
+    """Raise :class:`DuplicateKeyError` when two rows of ``data`` share the table's key."""
+    dups = duplicate_keys(table, data)
+    if dups:
+        raise DuplicateKeyError(
+            f"stage {stage!r} (unit {key}) wrote rows of {table!r} that share the key "
+            f"({', '.join(KEYS[table])}): {'; '.join(dups)}; nothing of the unit was written")
 
 
 def _commit(b: BuildDir, run_id: str, stage: Stage, key: str, out: UnitOutput, t0: float,
@@ -66,8 +82,10 @@ def _commit(b: BuildDir, run_id: str, stage: Stage, key: str, out: UnitOutput, t
     drops: list[Drop] = [stable_drop(d) for d in out.drops]
     for table, rows in out.tables.items():
         data, bad = writer.prepare(table, rows, stage=stage.name)
+        check_keys(stage.name, key, table, data)
         prepared[table] = data
         drops += bad
+    drops = list(dict.fromkeys(drops))  # a drop said twice is one drop (Drop rows are frozen, hashable)
     for table, data in prepared.items():
         if data.num_rows and not b.reader.has_work(table, key):
             writer.write_valid(table, data, work_key=key)
@@ -135,4 +153,4 @@ def summarise(stage: Stage, units: list[UnitResult]) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["UnitResult", "run_global", "run_unit", "summarise"]
+__all__ = ["DuplicateKeyError", "UnitResult", "check_keys", "run_global", "run_unit", "summarise"]

@@ -115,6 +115,46 @@ class ConfigBase(_Strict):
         if problems:
             raise ConfigError("; ".join(dict.fromkeys(problems)))
 
+    def unused_sections(self) -> list[str]:
+        """One line per section the config sets that no stage of this build uses: a stage's section
+        when the stage does not run (and no running stage reads it through ``uses``), an ``[llm]`` or
+        ``[vlm]`` endpoint that no running stage's settings call (a stage that declares the endpoint in
+        ``endpoints`` uses it only where one of the sections it reads needs it, e.g. ``cot.backend =
+        'vlm'``). A warning, not an error: such a section changes nothing, and a config shared between
+        builds may hold it on purpose."""
+        running = self.running()
+        used = {"build", "runner"} | {s.section_name for s in running if s.section_name}
+        used |= {u for s in running for u in s.uses}
+        out = []
+        for name in sorted(self.model_fields_set, key=list(type(self).model_fields).index):
+            if name in ("llm", "vlm"):
+                if getattr(self, name) is not None and not self._endpoint_needed(name, running):
+                    callers = [s.name for s in running if name in s.endpoints]
+                    hint = (f"the running stages that can call it ({', '.join(callers)}) do not with this config"
+                            if callers else "no running stage calls it")
+                    out.append(f"[{name}] is set but unused: {hint}; remove it or set a backend that uses it")
+            elif name not in used:
+                out.append(f"[{name}] is set but no stage of this build uses it (stages: "
+                           f"{', '.join(self.build.stages)}); add its stage to [build] stages or remove it")
+        return out
+
+    def _endpoint_needed(self, which: str, running: list[Stage]) -> bool:
+        """Whether a running stage's settings need endpoint ``which``: a check of a section it reads fails
+        without it."""
+        without = self.model_copy(update={which: None})
+        for s in running:
+            if which not in s.endpoints:
+                continue
+            for sec in (s.section_name, *s.uses):
+                check = getattr(getattr(self, sec, None), "check_against", None) if sec else None
+                if check is None:
+                    continue
+                try:
+                    check(without)
+                except ValueError:
+                    return True
+        return False
+
     def section_of(self, stage: Stage) -> Any:
         """The config section a stage runs with (its own, or its parent's for a global step), or None."""
         return getattr(self, stage.section_name) if stage.section_name else None

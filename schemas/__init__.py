@@ -17,11 +17,12 @@ from .tables import (
     Score,
     Split,
     check_box,
+    reason_slug,
 )
-from .validate import records_to_arrow, row_key, schema_for, validate_arrow, validate_records
+from .validate import duplicate_keys, records_to_arrow, row_key, schema_for, validate_arrow, validate_records
 
 __all__ = [
     "KEYS", "SCHEMA_VERSION", "TABLES", "Box", "CotTrace", "Drop", "Edit", "Expression", "Image", "Object",
-    "Record", "Relation", "Review", "Score", "Split", "check_box", "records_to_arrow", "row_key",
+    "Record", "Relation", "Review", "Score", "Split", "check_box", "duplicate_keys", "reason_slug", "records_to_arrow", "row_key",
     "schema_for", "validate_arrow", "validate_records",
 ]

@@ -7,6 +7,7 @@ from these classes (see :mod:`refforge.schemas._arrow` and :data:`TABLES`).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -92,7 +93,10 @@ class Image(Record):
     height: int = Field(gt=0)
     parent_image_id: str | None = None
     edit: Edit | None = None
-    source_ref: str | None = Field(default=None, description="the source's own id or file name")
+    source_ref: str | None = Field(default=None, description="the source's file name (or the synthetic scene)")
+    source_ids: list[str] = Field(default_factory=list, description=(
+        "the source's own image ids (GQA image id, COCO image id); more than one where the source holds "
+        "these bytes under several ids"))
     spec: str | None = Field(default=None, description="JSON the source needs to re-render the image")
 
 
@@ -187,10 +191,25 @@ class Review(Record):
 
 
 class Drop(Record):
+    """Why something was left out. ``reason`` is a category (a slug: ``no_usable_trace``,
+    ``too_small``), one of a small set per stage, so the report can count them; values (an IoU, an
+    area fraction, the model's text) go in ``detail``. A reason given as words is stored as its slug."""
+
     stage: str
     key: str
     reason: str
     detail: str | None = None
+
+    @field_validator("reason")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        return reason_slug(v)
+
+
+def reason_slug(text: str) -> str:
+    """``"round trip found nothing"`` -> ``"round_trip_found_nothing"``: lower case, runs of anything
+    but letters and digits as one underscore."""
+    return re.sub(r"[^a-z0-9]+", "_", text.strip().lower()).strip("_") or "unspecified"
 
 
 class Split(Record):
@@ -222,6 +241,6 @@ KEYS: dict[str, tuple[str, ...]] = {
     "scores": ("subject_id", "filter"),
     "reviews": ("sample_id", "annotator", "time"),
     "negative_candidates": ("sample_id",),
-    "drops": ("stage", "key", "reason"),
+    "drops": ("stage", "key", "reason", "detail"),
     "splits": ("export_id", "sample_id"),
 }

@@ -36,6 +36,17 @@ def row_key(table: str, row: Mapping[str, Any]) -> str:
     return "/".join(str(row.get(k)) for k in KEYS[table])
 
 
+def duplicate_keys(table: str, data: pa.Table, limit: int = 3) -> list[str]:
+    """Up to ``limit`` key values (:func:`row_key` form) that more than one row of ``data`` holds, in
+    first-seen order; empty when every row's key (``KEYS[table]``) is unique."""
+    cols = [c for c in KEYS[table] if c in data.column_names]
+    if data.num_rows < 2 or not cols:
+        return []
+    counts = data.select(cols).group_by(cols, use_threads=False).aggregate([([], "count_all")])
+    dup = counts.filter(pc.greater(counts["count_all"], 1))
+    return [row_key(table, r) for r in dup.select(cols).slice(0, limit).to_pylist()]
+
+
 def error_reason(err: ValidationError) -> str:
     parts = []
     for e in err.errors(include_url=False):
@@ -59,7 +70,7 @@ def validate_records(table: str, records: Iterable[Record | Mapping[str, Any]], 
         try:
             ok.append(model.model_validate(data, context=context))
         except ValidationError as err:
-            drops.append(Drop(stage=stage, key=row_key(table, data), reason=f"invalid {table} row",
+            drops.append(Drop(stage=stage, key=row_key(table, data), reason=f"invalid_{table}_row",
                               detail=error_reason(err)))
     return ok, drops
 
@@ -155,6 +166,6 @@ def validate_arrow(table: str, data: pa.Table, stage: str) -> tuple[pa.Table, li
         return data, []
     bad_idx = np.flatnonzero(bad)
     bad_rows = data.take(pa.array(bad_idx)).to_pylist()
-    drops = [Drop(stage=stage, key=row_key(table, r), reason=f"invalid {table} row", detail=reasons[i])
+    drops = [Drop(stage=stage, key=row_key(table, r), reason=f"invalid_{table}_row", detail=reasons[i])
              for i, r in zip(bad_idx, bad_rows, strict=True)]
     return data.filter(pa.array(~bad)), drops

@@ -78,6 +78,7 @@ CANONICAL_SCHEMA = pa.schema([
     ("tasks", pa.map_(pa.string(), pa.string())), ("level", pa.int8()), ("hops", pa.int32()),
     ("negative_type", pa.string()), ("negative_level", pa.string()), ("negative_source", pa.string()),
     ("positive_id", pa.string()), ("needs_review", pa.bool_()), ("cot", pa.string()), ("path", pa.string()),
+    ("source_image_id", pa.string()), ("source_file_name", pa.string()),
 ])
 assert tuple(CANONICAL_SCHEMA.names) == CANONICAL_FIELDS
 
@@ -90,7 +91,10 @@ def canonical_record(expr: Mapping[str, Any], image: Mapping[str, Any], *, split
                      cot: str | None = None) -> dict[str, Any]:
     """The canonical record of one expression (a row of the ``expressions`` table, fixes applied)
     on its image (a row of ``images``); ``image`` becomes the images-table path (relative to the
-    export root, where the images are copied under the same relative path)."""
+    export root, where the images are copied under the same relative path). ``image`` may carry
+    ``source_image_id`` and ``source_file_name`` (the source's own id and file; see
+    :data:`~refforge.stages.export_records.CANONICAL_FIELDS`), else they come from its ``source_ids``
+    and ``source_ref``."""
     tasks = expr.get("tasks") or {}
     if isinstance(tasks, list):
         tasks = dict(tasks)
@@ -119,6 +123,8 @@ def canonical_record(expr: Mapping[str, Any], image: Mapping[str, Any], *, split
         "needs_review": bool(expr.get("needs_review") or False),
         "cot": cot,
         "path": expr.get("path"),
+        "source_image_id": image.get("source_image_id", (image.get("source_ids") or [None])[0]),
+        "source_file_name": image.get("source_file_name", image.get("source_ref")),
     }
 
 
@@ -201,13 +207,17 @@ def _level_int(level: str | None) -> int | None:
 def to_finecops(rec: Mapping[str, Any], *, shuffle_index: int | None = None, ori_type: str | None = None,
                 positive_object_id: str | None = None) -> dict[str, Any]:
     """A vanilla FineCops-Ref record. ``objects_id`` lists the referred object (for a negative: the
-    object of its positive); ``bbox`` (x1, y1, x2, y2 pixels, [] for a negative) and ``image`` (the
-    file, relative to the export root) are added so the record stands on its own."""
+    object of its positive); ``image_id`` is the source's own image id (GQA's, as FineCops-Ref has it),
+    refforge's content id where the source has none; ``refforge_image_id`` (the content id),
+    ``file_name`` (the source's file), ``bbox`` (x1, y1, x2, y2 pixels, [] for a negative) and ``image``
+    (the file, relative to the export root) are added so the record stands on its own."""
     t = path_tuple(rec.get("path"))
     obj = rec.get("target_object_id") or positive_object_id
     out: dict[str, Any] = {
         "id": rec["sample_id"],
-        "image_id": rec["image_id"],
+        "image_id": rec.get("source_image_id") or rec["image_id"],
+        "refforge_image_id": rec["image_id"],
+        "file_name": rec.get("source_file_name"),
         "image": rec["image"],
         "width": rec["width"],
         "height": rec["height"],
@@ -235,7 +245,8 @@ def to_finecops(rec: Mapping[str, Any], *, shuffle_index: int | None = None, ori
 def from_finecops(d: Mapping[str, Any]) -> dict[str, Any]:
     neg = "negative_type" in d
     return {
-        "sample_id": d["id"], "image_id": d["image_id"], "image": d["image"], "expression": d["expression"],
+        "sample_id": d["id"], "image_id": d.get("refforge_image_id", d["image_id"]), "image": d["image"],
+        "expression": d["expression"],
         "polarity": "negative" if neg else "positive", "level": d["level"],
         "bbox": None if neg or not d.get("bbox") else [float(v) for v in d["bbox"]],
         "negative_type": d.get("negative_type"), "positive_id": d.get("positive_id"),
@@ -265,7 +276,8 @@ def finecops_coco(records: Sequence[Mapping[str, Any]], categories: Mapping[str,
         images.append({
             "id": i, "file_name": r["image"], "height": r["height"], "width": r["width"],
             "caption": r["expression"], "dataset_name": "refforge", "sample_id": r["sample_id"],
-            "original_img_id": r["image_id"],
+            "original_img_id": r.get("source_image_id") or r["image_id"], "refforge_image_id": r["image_id"],
+            "source_file_name": r.get("source_file_name"),
             "tokens_positive_eval": [[[0, len(r["expression"])]]] if r["polarity"] == "positive" else [],
             "tokens_negative": [[0, len(r["expression"])]],
         })
@@ -480,7 +492,8 @@ def refcoco(records: Iterable[Mapping[str, Any]], categories: Mapping[str, int],
         if r["image_id"] not in img_ids:
             img_ids[r["image_id"]] = len(img_ids) + 1
             images.append({"id": img_ids[r["image_id"]], "file_name": r["image"], "width": r["width"],
-                           "height": r["height"], "refforge_image_id": r["image_id"]})
+                           "height": r["height"], "refforge_image_id": r["image_id"],
+                           "source_image_id": r.get("source_image_id"), "source_file_name": r.get("source_file_name")})
         key = (r["image_id"], r.get("target_object_id") or r["sample_id"])
         box = [float(v) for v in xyxy_to_xywh(r["bbox"])]
         if key not in anns:

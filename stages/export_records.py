@@ -14,7 +14,11 @@ CANONICAL_FIELDS: tuple[str, ...] = (
     "sample_id", "split", "image_id", "parent_image_id", "image", "width", "height", "expression",
     "template_text", "polarity", "bbox", "target_object_id", "task", "tasks", "level", "hops",
     "negative_type", "negative_level", "negative_source", "positive_id", "needs_review", "cot", "path",
+    "source_image_id", "source_file_name",
 )
+"""``image_id`` is refforge's content id (sha256 of the stored bytes); ``source_image_id`` and
+``source_file_name`` are the source's own (GQA image id, COCO image id and file name; for a derived
+image, those of the original it was made from), null where the source has none (synthetic scenes)."""
 
 
 def read_canonical(export_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:

@@ -432,8 +432,8 @@ def rewrite_expressions(
     """Rewrite template expressions into natural language; one outcome per item, in order.
 
     A rewrite is kept when :func:`check_rewrite` finds nothing lost and :func:`rewrite_additions`
-    nothing added; otherwise it is a drop with reason ``"rewrite lost: red, left of"`` or
-    ``"rewrite added: big"`` (detail: the rewrite). An unusable answer is a drop with the client's
+    nothing added; otherwise it is a drop with reason ``"rewrite_lost"`` (detail ``"red, left of: <text>"``) or
+    ``"rewrite_added"`` (detail ``"big: <text>"``). An unusable answer is a drop with the client's
     reason ("refusal", "empty", "unparseable", "schema_mismatch", "truncated").
 
     ``seed`` picks each item's style (stable per sample) and is sent as the API's ``seed`` unless
@@ -468,13 +468,16 @@ def rewrite_expressions(
         missing = check_rewrite(it.query, text, synonyms=synonyms)
         added = [] if missing else rewrite_additions(it.query, text)
         if missing or added:
-            reason = f"rewrite lost: {', '.join(missing)}" if missing else f"rewrite added: {', '.join(added)}"
-            out.append(RewriteOutcome(it.sample_id, it.text, None, _drop(stage, it.sample_id, reason, text), pv,
+            reason, words = ("rewrite lost", missing) if missing else ("rewrite added", added)
+            out.append(RewriteOutcome(it.sample_id, it.text, None,
+                                      _drop(stage, it.sample_id, reason, f"{', '.join(words)}: {text}"), pv,
                                       model, tuple(missing or added), res.cached))
             continue
         undone = check_negative_rewrite(it.edit[0], it.edit[1], it.text, text) if it.edit else None
         if undone:
-            out.append(RewriteOutcome(it.sample_id, it.text, None, _drop(stage, it.sample_id, undone, text), pv,
+            kind, _, words = undone.partition(": ")
+            out.append(RewriteOutcome(it.sample_id, it.text, None,
+                                      _drop(stage, it.sample_id, kind, f"{words}: {text}"), pv,
                                       model, cached=res.cached))
             continue
         out.append(RewriteOutcome(it.sample_id, it.text, text, None, pv, model, cached=res.cached))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
@@ -138,6 +139,27 @@ def _holder(fd: int) -> int | None:
             return int(text)
         time.sleep(0.025)
     return None
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, Infinity) replaced by None, through dicts, lists and
+    tuples: what strict JSON can hold.
+
+    >>> finite({"auroc": float("nan"), "n": [1, float("inf"), 0.5]})
+    {'auroc': None, 'n': [1, None, 0.5]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (RFC 8259: no NaN or Infinity tokens) of ``value``, non-finite floats written as null."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
 def _remove(path: Path) -> None:
@@ -319,7 +341,7 @@ class BuildDir:
 
     def mark_done(self, stage: str, work_key: str, record: dict[str, Any]) -> None:
         crash_point("ledger.before")
-        atomic_write_bytes(self._ledger_path(stage, work_key), json.dumps(record, sort_keys=True).encode())
+        atomic_write_bytes(self._ledger_path(stage, work_key), strict_json(record, sort_keys=True).encode())
 
     def ledger(self, stage: str) -> list[dict[str, Any]]:
         folder = self.state_dir / stage
@@ -327,8 +349,9 @@ class BuildDir:
 
     # -- provenance ----------------------------------------------------------------------------
     def write_run(self, run_id: str, payload: dict[str, Any]) -> Path:
+        """``runs/<run_id>.json``: strict JSON (a NaN or an infinity, say an AUROC of no negatives, is null)."""
         path = self.runs_dir / f"{run_id}.json"
-        atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+        atomic_write_bytes(path, strict_json(payload, indent=2, sort_keys=True, default=str).encode())
         return path
 
     def runs(self) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from refforge.config import ConfigError, load_config
 from refforge.optional import MissingPackage
 from refforge.storage import BuildConflict, Catalog
 
-from ._ui import INTERRUPTED, console, fail
+from ._ui import INTERRUPTED, console, fail, print_warning
 
 
 def build(
@@ -27,6 +27,8 @@ def build(
     except ConfigError as e:
         fail(str(e))
     out = out or Path("builds") / cfg.build.name
+    for line in cfg.unused_sections():
+        print_warning(line)
     # heavy: the build flow imports Prefect (about a second); loaded only when a build runs
     from refforge.flows.build import run_build
 
@@ -74,11 +76,21 @@ def _print_summary(record: dict) -> None:
     console.print(f"[bold]{record['root']}[/]: {n_images} images, {row['positives']} positive expressions "
                   f"(L1 {row['l1']}, L2 {row['l2']}, L3 {row['l3']}), {row['negatives']} negatives "
                   f"({row['image_negatives']} on edited images), {n_traces} reasoning traces", highlight=False)
+    mix = record["stages"].get("paths", {}).get("levels") or {}
+    if mix.get("asked_pct"):  # [paths] levels: achieved versus asked (warnings below, with the stages' own)
+        asked, got = mix["asked_pct"], mix["achieved_pct"]
+        console.print("level mix: " + ", ".join(f"{k} {got.get(k, 0.0):.1f}% (asked {v:.1f}%)" for k, v in asked.items())
+                      + f"; kept {sum(mix['kept'].values())} of {sum(mix['found'].values())} rows found", highlight=False)
     blind = record["stages"].get("refine", {}).get("blind_text")
-    if blind:
-        console.print(f"blind-text AUROC (held out): {blind['auroc_before']:.3f} before refinement, "
-                      f"{blind['auroc_after']:.3f} after ({blind['kept']} negatives kept, "
+    if blind and "auroc_before" in blind:
+        def f3(x):
+            return "n/a" if x is None else f"{x:.3f}"
+        console.print(f"blind-text AUROC (held out): {f3(blind['auroc_before'])} before refinement, "
+                      f"{f3(blind['auroc_after'])} after ({blind['kept']} negatives kept, "
                       f"{blind['rejected']} rejected)", highlight=False)
+    for stage, s in record["stages"].items():  # a stage's own warnings (e.g. a negative type that ended empty)
+        for line in s.get("warnings", ()):
+            print_warning(f"{stage}: {line}")
     console.print(f"try: refforge stats {record['root']}   ·   refforge sql {record['root']} "
                   "\"SELECT text, difficulty FROM expressions LIMIT 5\"", highlight=False)
 

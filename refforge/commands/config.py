@@ -9,7 +9,7 @@ import typer
 
 from refforge.config import ConfigError, load_config
 
-from ._ui import console, fail
+from ._ui import console, fail, print_warning
 
 
 def show_config(config: Annotated[Path | None, typer.Argument(help="TOML config; default: the embedded demo")] = None
@@ -20,6 +20,8 @@ def show_config(config: Annotated[Path | None, typer.Argument(help="TOML config;
         cfg.preflight()  # what a build would find missing (source files, local model paths)
     except ConfigError as e:
         fail(str(e))
+    for line in cfg.unused_sections():
+        print_warning(line)
     console.print(cfg.to_toml(), highlight=False, markup=False)
     console.print(f"# config hash {cfg.config_hash()}", highlight=False, markup=False)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import duckdb
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import typer
 from rich.table import Table
@@ -61,12 +63,44 @@ def sql(
     if fmt == "table":
         console.print(_arrow_table(result, limit=limit or None))
     elif fmt == "csv":
-        pacsv.write_csv(result, sys.stdout.buffer)
+        pacsv.write_csv(flat_for_csv(result), sys.stdout.buffer)
     elif fmt == "jsonl":
+        maps = [f.name for f in result.schema if pa.types.is_map(f.type)]  # Arrow gives (key, value) pairs
         for row in result.to_pylist():
-            sys.stdout.write(json.dumps(row, default=str) + "\n")
+            row.update({m: dict(row[m]) for m in maps if row[m] is not None})
+            sys.stdout.write(json.dumps(_plain(row), default=str, allow_nan=False) + "\n")
     else:
         fail(f"unknown --format {fmt!r}; allowed: table, csv, jsonl")
+
+
+def _nested(t: pa.DataType) -> bool:
+    return pa.types.is_struct(t) or pa.types.is_list(t) or pa.types.is_large_list(t) or \
+        pa.types.is_fixed_size_list(t) or pa.types.is_map(t)
+
+
+def _plain(v):
+    """A value as strict JSON holds it: NaN and infinities as null."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+def flat_for_csv(table: pa.Table) -> pa.Table:
+    """``table`` with every nested column (struct, list, map: ``images.edit``, ``objects.box``) as a JSON
+    string per cell, which CSV can hold (null stays an empty cell)."""
+    cols = []
+    for col in table.columns:
+        if _nested(col.type):
+            is_map = pa.types.is_map(col.type)
+            vals = [None if v is None else json.dumps(_plain(dict(v) if is_map else v), default=str, allow_nan=False)
+                    for v in col.to_pylist()]
+            col = pa.array(vals, type=pa.string())
+        cols.append(col)
+    return pa.table(cols, names=table.column_names)
 
 
 def stats(build_dir: Annotated[Path, typer.Argument(metavar="BUILD")]) -> None:

@@ -197,7 +197,7 @@ def describe_boxes(
     (``image`` may be that image at another size). Returns ``len(boxes) * len(categories)`` outcomes,
     box by box in the order of ``categories``. Drop reasons: the client's ("refusal", ...), "no
     description" (the category is missing from the answer or empty), "round trip found nothing",
-    "round trip IoU 0.31 < 0.5", "round trip <client reason>", "bad proposal box". Drop keys:
+    "round trip low IoU" (the IoU in the detail), "round trip <client reason>", "bad proposal box". Drop keys:
     ``"<box_id>/<category>"``.
     """
     if client is None:
@@ -293,8 +293,8 @@ def describe_boxes(
             score = iou(gb, box)
             if score < iou_threshold:
                 out[slot] = DescribeOutcome(box_id, c, box, None,
-                                            _drop(stage, key, f"round trip IoU {score:.2f} < {iou_threshold:g}",
-                                                  text), pv, model, gb, score, gv)
+                                            _drop(stage, key, "round trip low IoU",
+                                                  f"IoU {score:.2f} < {iou_threshold:g}: {text}"), pv, model, gb, score, gv)
             else:
                 out[slot] = DescribeOutcome(box_id, c, box, text, None, pv, model, gb, score, gv)
     return out

@@ -23,7 +23,7 @@ from refforge._strict import _Strict
 from refforge.pipeline.stage import Stage, UnitOutput
 from refforge.schemas import Drop, Expression
 from refforge.stages.paths import PathsConfig
-from refforge.stages.paths.search import referring_paths
+from refforge.stages.paths.search import TargetSelection, referring_paths
 from refforge.stages.scene.keys import stable_key
 from refforge.storage.atomic import atomic_write_bytes
 
@@ -122,7 +122,7 @@ SOURCE_KINDS = {"synthetic": SyntheticSource, "graphs": GraphsSource, "gqa": Gqa
 
 class IngestStage(Stage):
     name = "ingest"
-    version = 1
+    version = 2
     config = None  # its section is [source]
     uses: ClassVar[dict[str, Any]] = {"source": Source, "paths": PathsConfig}
     reads = ()
@@ -236,14 +236,8 @@ class IngestStage(Stage):
         tables: dict[str, list] = {}
         if out.refs:
             tables["expressions"] = ref_expressions(ctx.section("paths"), out)
-        seen: set[str] = set()
         images = []
-        for img in out.images:
-            if img.record.image_id in seen:
-                out.drops.append(Drop(stage="ingest", key=img.record.source_ref or img.record.image_id,
-                                      reason="duplicate image", detail=img.record.image_id))
-                continue
-            seen.add(img.record.image_id)
+        for img in out.images:  # one per image_id: identical bytes were merged (IngestOutput.add)
             ctx.build.images.put(img.data, img.ext)
             images.append(img.record)
         return UnitOutput({"images": images, "objects": out.objects, "relations": out.relations, **tables},
@@ -253,27 +247,62 @@ class IngestStage(Stage):
         return {"ingest": ctx.section("source").kind}
 
 
+def _excluded_reason(why: str) -> str:
+    """The drop reason of a ref whose target the ``[paths]`` target filter excludes, by the filter's
+    message (which may carry values): ``ref_target_stuff_category``, ``ref_target_too_small`` ..."""
+    text = why.lower()
+    for words, slug in ((("stuff",), "stuff_category"), (("below", "small"), "too_small"),
+                        (("above", "large"), "too_large"), (("border",), "cut_by_border")):
+        if any(w in text for w in words):
+            return f"ref_target_{slug}"
+    return "ref_target_excluded"
+
+
 def ref_expressions(p: PathsConfig, out: IngestOutput) -> list[Expression]:
     """RefCOCO-style human expressions as positive samples; the level is the target's minimal
-    constraint count in the scene graph (targets with no unique path within the ``[paths]`` bounds are
-    dropped)."""
-    levels: dict[str, dict[str, int]] = {}
+    constraint count in the scene graph, searched with the ``[paths]`` bounds and target filter (area,
+    stuff block-list, ``drop_border_cut``). A ref is dropped with its cause: its target excluded by
+    the filter (``ref_target_too_small``, ``ref_target_cut_by_border``, ...), no unique path within the
+    bounds (``ref_target_no_unique_path``) or no text (``ref_empty_text``); the detail holds the
+    filter's message, the ref id, the object id and name, and the sentence."""
+    selection = TargetSelection(min_area_frac=p.min_area_frac, max_area_frac=p.max_area_frac,
+                                blocklist=tuple(p.blocklist), drop_border_cut=p.drop_border_cut)
+    results: dict[str, tuple[dict[str, int], dict[str, str]]] = {}
     boxes = {(o.image_id, o.object_id): o.box for o in out.objects}
+    names = {(o.image_id, o.object_id): o.name for o in out.objects}
     rows = []
+    seen: set[str] = set()
     for ref in out.refs:
         image_id, target = ref["image_id"], ref["object_id"]
-        if image_id not in levels:
-            levels[image_id] = referring_paths(
-                out.graphs[image_id], max_hops=p.max_hops, max_constraints=p.max_constraints, max_per_target=1,
-                positions=p.positions).levels
-        level = levels[image_id].get(target)
+        if image_id not in results:
+            res = referring_paths(out.graphs[image_id], max_hops=p.max_hops, max_constraints=p.max_constraints,
+                                  max_per_target=1, positions=p.positions, selection=selection)
+            g = out.graphs[image_id]
+            results[image_id] = (res.levels, {o.id: why for o in g.objects
+                                              if (why := selection.reason(o, g.width, g.height)) is not None})
+        levels, excluded = results[image_id]
+        level = levels.get(target)
         if level is None or not ref["text"].strip():
-            out.drops.append(Drop(stage="ingest", key=f"{image_id}/ref/{ref['ref_id']}",
-                                  reason="ref target has no unique path, so no level" if level is None
-                                  else "empty ref expression"))
+            what = f"ref {ref['ref_id']}, object {target} ({names.get((image_id, target))}): {ref['text']!r}"
+            if not ref["text"].strip():
+                reason, detail = "ref_empty_text", what
+            elif target in excluded:
+                reason, detail = _excluded_reason(excluded[target]), f"{excluded[target]}; {what}"
+            else:
+                reason = "ref_target_no_unique_path"
+                detail = (f"no unique path within max_hops = {p.max_hops}, max_constraints = {p.max_constraints}"
+                          f"{'' if p.positions else ', positions = false'}; {what}")
+            out.drops.append(Drop(stage="ingest", key=f"{image_id}/ref/{ref['ref_id']}", reason=reason,
+                                  detail=detail))
             continue
+        sample_id = stable_key("ref", image_id, target, ref["ref_id"], ref["text"])
+        if sample_id in seen:  # the same sentence twice in one ref: one sample
+            out.drops.append(Drop(stage="ingest", key=f"{image_id}/ref/{ref['ref_id']}", reason="ref_duplicate_sentence",
+                                  detail=f"ref {ref['ref_id']}, object {target}: {ref['text']!r}"))
+            continue
+        seen.add(sample_id)
         rows.append(Expression(
-            sample_id=stable_key("ref", image_id, target, ref["ref_id"], ref["text"]), image_id=image_id,
+            sample_id=sample_id, image_id=image_id,
             text=ref["text"], polarity="positive", target_object_id=target, gt_box=boxes[(image_id, target)],
             task="refcoco", tasks={"source": "refcoco", "split": str(ref["split"])}, difficulty=level))
     return rows

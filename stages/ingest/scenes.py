@@ -58,6 +58,37 @@ class IngestOutput:
     scenes_in: int = 0
     refs: list[dict[str, Any]] = field(default_factory=list)  # human expressions from the source (RefCOCO)
     graphs: dict[str, SceneGraph] = field(default_factory=dict)  # image_id -> the validated graph
+    _where: dict[str, int] = field(default_factory=dict, repr=False)  # image_id -> index in images
+    _ids: dict[str, set[str]] = field(default_factory=dict, repr=False)  # image_id -> its object ids
+
+    def add(self, img: StoredImage, objects: list[Object], relations: list[Relation], key: str) -> bool:
+        """Add one scene's image and graph rows. Identical bytes seen before in this unit (one image
+        under two source ids) make one ``images`` row that keeps every source id (``source_ids``, the
+        file names in ``source_ref`` order where the source has no ids); the later graph's objects and
+        relations join the earlier ones, unless an object id is in both (then the later graph is a
+        ``duplicate_image_graph`` drop naming both files). Returns whether the graph's rows were added."""
+        rec = img.record
+        at = self._where.get(rec.image_id)
+        if at is None:
+            self._where[rec.image_id] = len(self.images)
+            self._ids[rec.image_id] = {o.object_id for o in objects}
+            self.images.append(img)
+            self.objects += objects
+            self.relations += relations
+            return True
+        first = self.images[at].record
+        ids = list(first.source_ids or [first.source_ref or ""])
+        ids += [i for i in (rec.source_ids or [rec.source_ref or ""]) if i not in ids]
+        self.images[at].record = first.model_copy(update={"source_ids": ids})
+        clash = self._ids[rec.image_id] & {o.object_id for o in objects}
+        if clash:
+            self.drops.append(Drop(stage=STAGE, key=key, reason="duplicate_image_graph", detail=(
+                f"same image bytes as {first.source_ref}; object ids {', '.join(sorted(clash)[:5])} in both graphs")))
+            return False
+        self._ids[rec.image_id] |= {o.object_id for o in objects}
+        self.objects += objects
+        self.relations += relations
+        return True
 
 
 def graph_records(image_id: str, graph: SceneGraph, key: str) -> tuple[list[Object], list[Relation], list[Drop]]:
@@ -68,7 +99,7 @@ def graph_records(image_id: str, graph: SceneGraph, key: str) -> tuple[list[Obje
     seen: set[str] = set()
     for o in graph.objects:
         if o.id in seen:
-            drops.append(Drop(stage=STAGE, key=f"{key}/{o.id}", reason="duplicate object id"))
+            drops.append(Drop(stage=STAGE, key=f"{key}/{o.id}", reason="duplicate_object_id"))
             continue
         seen.add(o.id)
         try:
@@ -83,25 +114,25 @@ def graph_records(image_id: str, graph: SceneGraph, key: str) -> tuple[list[Obje
         rkey = f"{key}/{r.subject}-{r.predicate}-{r.object}"
         missing = [x for x in (r.subject, r.object) if x not in kept]
         if missing:
-            why = "relation to an unknown object" if any(x not in seen for x in missing) \
-                else "relation to a dropped object"
+            why = "relation_to_unknown_object" if any(x not in seen for x in missing) \
+                else "relation_to_dropped_object"
             drops.append(Drop(stage=STAGE, key=rkey, reason=why, detail=f"missing {', '.join(missing)}"))
             continue
         try:
             relations.append(Relation(image_id=image_id, subject_id=r.subject, predicate=r.predicate,
                                       object_id=r.object))
         except ValidationError as err:
-            drops.append(Drop(stage=STAGE, key=rkey, reason="invalid relation", detail=error_reason(err)))
+            drops.append(Drop(stage=STAGE, key=rkey, reason="invalid_relation", detail=error_reason(err)))
     return objects, relations, drops
 
 
 def _object_reason(err: ValidationError) -> str:
     text = error_reason(err)
     if "outside" in text:
-        return "box outside the image"
+        return "box_outside_image"
     if "zero or negative" in text:
-        return "zero-area box"
-    return "invalid object"
+        return "zero_area_box"
+    return "invalid_object"
 
 
 # -- synthetic --------------------------------------------------------------------------------
@@ -119,7 +150,7 @@ def ingest_synthetic(indices: range, *, build_seed: int, width: int, height: int
             scene = generate_scene(synthetic_seed(build_seed, i), width=width, height=height,
                                    min_objects=min_objects, max_objects=max_objects)
         except ValueError as e:  # min_objects did not fit in this scene's layouts
-            out.drops.append(Drop(stage=STAGE, key=f"synthetic:{i}", reason="synthetic scene could not be placed",
+            out.drops.append(Drop(stage=STAGE, key=f"synthetic:{i}", reason="synthetic_scene_not_placed",
                                   detail=_one_line(e)))
             continue
         data = encode_png(render(scene.graph, scene.spec))
@@ -127,9 +158,7 @@ def ingest_synthetic(indices: range, *, build_seed: int, width: int, height: int
         rec = Image(image_id=image_id, source="synthetic", path=image_relpath(image_id, "png"), width=width,
                     height=height, source_ref=f"synthetic:{i}", spec=json.dumps(scene.spec, sort_keys=True))
         objs, rels, drops = graph_records(image_id, scene.graph, f"synthetic:{i}")
-        out.images.append(StoredImage(data, "png", rec))
-        out.objects += objs
-        out.relations += rels
+        out.add(StoredImage(data, "png", rec), objs, rels, f"synthetic:{i}")
         out.drops += drops
     return out
 
@@ -167,24 +196,24 @@ class _Refused(Exception):
 def _image_path(root: Path, name: Any, root_name: str) -> Path:
     """``root / name`` resolved (symlinks too), refused unless it stays inside ``root``."""
     if not isinstance(name, str):
-        raise _Refused("image path is not a string", type(name).__name__)
+        raise _Refused("invalid_image_path", f"not a string: {type(name).__name__}")
     if not name.strip():
-        raise _Refused("scene graph without an image")
-    outside = f"image path outside {root_name}"
+        raise _Refused("scene_graph_without_image")
+    outside = "image_path_outside_root"
     if "\x00" in name:
-        raise _Refused("invalid image path", "NUL character in the path")
+        raise _Refused("invalid_image_path", "NUL character in the path")
     win = PureWindowsPath(name)
     if PurePosixPath(name).is_absolute() or win.is_absolute() or win.drive or name.startswith("\\"):
-        raise _Refused(outside, "absolute path")
+        raise _Refused(outside, f"absolute path, outside {root_name}")
     if ".." in re.split(r"[\\/]", name):
-        raise _Refused(outside, "'..' in the path")
+        raise _Refused(outside, f"'..' in the path, outside {root_name}")
     try:
         base = Path(root).resolve()
         target = (base / name).resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
-        raise _Refused("unreadable image", _one_line(e)) from None
+        raise _Refused("unreadable_image", _one_line(e)) from None
     if not target.is_relative_to(base):
-        raise _Refused(outside, "a symlink leads outside")
+        raise _Refused(outside, f"a symlink leads outside {root_name}")
     return target
 
 
@@ -195,23 +224,23 @@ def _read_image_file(path: Path) -> bytes:
     try:
         fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
-        raise _Refused("image file missing") from None
+        raise _Refused("image_file_missing", str(path)) from None
     except OSError as e:
-        raise _Refused("unreadable image", _one_line(e.strerror or e)) from None
+        raise _Refused("unreadable_image", _one_line(e.strerror or e)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _Refused("not a regular file", "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket")
+            raise _Refused("not_a_regular_file", "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket")
         if st.st_size > MAX_IMAGE_BYTES:
-            raise _Refused("image file too large", f"{st.st_size} bytes, over {MAX_IMAGE_BYTES}")
+            raise _Refused("image_file_too_large", f"{st.st_size} bytes, over {MAX_IMAGE_BYTES}")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(st.st_size + 1)  # read(n) allocates n bytes up front: the file's size, not the limit
     except OSError as e:
-        raise _Refused("unreadable image", _one_line(e.strerror or e)) from None
+        raise _Refused("unreadable_image", _one_line(e.strerror or e)) from None
     finally:
         os.close(fd)
     if len(data) > st.st_size:
-        raise _Refused("unreadable image", "the file grew while it was read")
+        raise _Refused("unreadable_image", "the file grew while it was read")
     return data
 
 
@@ -219,7 +248,7 @@ def _check_pixels(size: tuple[int, int]) -> None:
     limit = PILImage.MAX_IMAGE_PIXELS
     w, h = size
     if limit is not None and w * h > limit:
-        raise _Refused("decompression bomb", f"{w}x{h} = {w * h} pixels, over PIL.Image.MAX_IMAGE_PIXELS ({limit})")
+        raise _Refused("decompression_bomb", f"{w}x{h} = {w * h} pixels, over PIL.Image.MAX_IMAGE_PIXELS ({limit})")
 
 
 def _decode(data: bytes) -> tuple[bytes, str, int, int]:
@@ -228,7 +257,7 @@ def _decode(data: bytes) -> tuple[bytes, str, int, int]:
         with PILImage.open(io.BytesIO(data)) as im:
             fmt = im.format or "?"
             if fmt in REFUSED_FORMATS:
-                raise _Refused("unsupported image format", fmt)
+                raise _Refused("unsupported_image_format", fmt)
             _check_pixels(im.size)  # the warning range too, before a pixel is decoded
             im.load()  # decodes fully: a truncated file raises here
             _check_pixels(im.size)
@@ -243,13 +272,13 @@ def _decode(data: bytes) -> tuple[bytes, str, int, int]:
     except _Refused:
         raise
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as e:
-        raise _Refused("decompression bomb", _one_line(e)) from None
+        raise _Refused("decompression_bomb", _one_line(e)) from None
     except UnidentifiedImageError:
-        raise _Refused("unreadable image", "not an image format Pillow reads") from None
+        raise _Refused("unreadable_image", "not an image format Pillow reads") from None
     except Exception as e:  # noqa: BLE001 - a decoder fed a hostile file fails in many ways; each is a drop
         text = str(e).lower()
         truncated = isinstance(e, EOFError) or "truncated" in text or "broken data stream" in text
-        raise _Refused("truncated image" if truncated else "unreadable image",
+        raise _Refused("truncated_image" if truncated else "unreadable_image",
                        f"{type(e).__name__}: {_one_line(e)}") from None
 
 
@@ -263,7 +292,7 @@ def _png(im: PILImage.Image) -> bytes:
         try:
             im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buf, format="PNG")
         except (OSError, KeyError, ValueError) as e:
-            raise _Refused("unsupported image mode", f"{im.mode}: {_one_line(e)}") from None
+            raise _Refused("unsupported_image_mode", f"{im.mode}: {_one_line(e)}") from None
     return buf.getvalue()
 
 
@@ -346,7 +375,7 @@ def read_graph_records(path: Path) -> list[Any]:
 def _json_error(path: Path, text: str, pos: int, msg: str, done: int) -> BadRecord:
     line = text.count("\n", 0, pos) + 1
     col = pos - (text.rfind("\n", 0, pos) + 1) + 1
-    return BadRecord(key=f"graphs:{path.name}", reason="invalid JSON: the rest of the file was not read",
+    return BadRecord(key=f"graphs:{path.name}", reason="invalid_json_rest_not_read",
                      detail=f"{path.name}: {_one_line(msg, 200)} at line {line} column {col}, after {done} records")
 
 
@@ -402,7 +431,7 @@ def _json_lines(path: Path, data: bytes) -> list[Any]:
         except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
             if not records and data.lstrip()[:1] == b"{":
                 _refuse_single_object(path, data)
-            records.append(BadRecord(key=f"graphs:{path.name}:line:{no}", reason="invalid JSON line",
+            records.append(BadRecord(key=f"graphs:{path.name}:line:{no}", reason="invalid_json_line",
                                      detail=f"{path.name} line {no}: {_one_line(getattr(e, 'msg', e), 200)}"))
     return records
 
@@ -426,18 +455,18 @@ def _local_id(v: Any) -> str | None:
 
 def _parse_object(o: Any, k: int, key: str, drops: list[Drop]) -> GObject | None:
     if not isinstance(o, dict):
-        drops.append(Drop(stage=STAGE, key=f"{key}/object:{k}", reason="malformed object: not an object",
-                          detail=type(o).__name__))
+        drops.append(Drop(stage=STAGE, key=f"{key}/object:{k}", reason="malformed_object",
+                          detail=f"not an object: {type(o).__name__}"))
         return None
     oid = _local_id(o.get("id"))
     if oid is None:
-        drops.append(Drop(stage=STAGE, key=f"{key}/object:{k}", reason="object without an id",
+        drops.append(Drop(stage=STAGE, key=f"{key}/object:{k}", reason="object_without_id",
                           detail=f"id is {type(o.get('id')).__name__}"))
         return None
     okey = f"{key}/{oid}"
     name = o.get("name")
     if not isinstance(name, str) or not name.strip():
-        drops.append(Drop(stage=STAGE, key=okey, reason="object without a name", detail=f"name is {type(name).__name__}"))
+        drops.append(Drop(stage=STAGE, key=okey, reason="object_without_name", detail=f"name is {type(name).__name__}"))
         return None
     box = o.get("box")
     coords: tuple[float, ...] | None = None
@@ -449,14 +478,14 @@ def _parse_object(o: Any, k: int, key: str, drops: list[Drop]) -> GObject | None
             coords = None
     if coords is None:
         what = f"{len(box)} values" if isinstance(box, list | tuple) else type(box).__name__
-        drops.append(Drop(stage=STAGE, key=okey, reason="object without a box",
+        drops.append(Drop(stage=STAGE, key=okey, reason="object_without_box",
                           detail=f"box must be 4 numbers, got {what}"))
         return None
     attrs = o.get("attributes")
     attrs = [] if attrs is None else attrs
     if not isinstance(attrs, list | tuple) or not all(isinstance(a, str) for a in attrs):
-        drops.append(Drop(stage=STAGE, key=okey, reason="malformed object: attributes is not a list of texts",
-                          detail=type(attrs).__name__))
+        drops.append(Drop(stage=STAGE, key=okey, reason="malformed_object",
+                          detail=f"attributes is not a list of texts: {type(attrs).__name__}"))
         return None
     return GObject(id=oid, name=name, box=coords, attributes=tuple(attrs))  # type: ignore[arg-type]
 
@@ -464,15 +493,15 @@ def _parse_object(o: Any, k: int, key: str, drops: list[Drop]) -> GObject | None
 def _parse_relation(r: Any, k: int, key: str, drops: list[Drop]) -> GRelation | None:
     rkey = f"{key}/relation:{k}"
     if not isinstance(r, dict):
-        drops.append(Drop(stage=STAGE, key=rkey, reason="malformed relation: not an object", detail=type(r).__name__))
+        drops.append(Drop(stage=STAGE, key=rkey, reason="malformed_relation", detail=f"not an object: {type(r).__name__}"))
         return None
     subject, obj, pred = _local_id(r.get("subject")), _local_id(r.get("object")), r.get("predicate")
     if not isinstance(pred, str) or not pred.strip():
-        drops.append(Drop(stage=STAGE, key=rkey, reason="relation without a predicate",
+        drops.append(Drop(stage=STAGE, key=rkey, reason="relation_without_predicate",
                           detail=f"predicate is {type(pred).__name__}"))
         return None
     if subject is None or obj is None:
-        drops.append(Drop(stage=STAGE, key=rkey, reason="relation without a subject or object"))
+        drops.append(Drop(stage=STAGE, key=rkey, reason="relation_without_subject_or_object"))
         return None
     return GRelation(subject, pred, obj)
 
@@ -482,8 +511,8 @@ def _items(rec: dict[str, Any], field_name: str, key: str, drops: list[Drop]) ->
     if items is None:
         return []
     if not isinstance(items, list):
-        drops.append(Drop(stage=STAGE, key=f"{key}/{field_name}", reason=f"malformed {field_name}: not a list",
-                          detail=type(items).__name__))
+        drops.append(Drop(stage=STAGE, key=f"{key}/{field_name}", reason=f"malformed_{field_name}",
+                          detail=f"not a list: {type(items).__name__}"))
         return []
     return items
 
@@ -512,12 +541,12 @@ def ingest_graphs(records: list[Any], indices: range, *, images_dir: Path,
             out.drops.append(Drop(stage=STAGE, key=rec.key, reason=rec.reason, detail=rec.detail))
             continue
         if not isinstance(rec, dict):
-            out.drops.append(Drop(stage=STAGE, key=key, reason="malformed scene graph: not an object",
-                                  detail=type(rec).__name__))
+            out.drops.append(Drop(stage=STAGE, key=key, reason="malformed_scene_graph",
+                                  detail=f"not an object: {type(rec).__name__}"))
             continue
         name = rec.get("image")
         if name is None or name == "":
-            out.drops.append(Drop(stage=STAGE, key=key, reason="scene graph without an image"))
+            out.drops.append(Drop(stage=STAGE, key=key, reason="scene_graph_without_image"))
             continue
         if isinstance(name, str):
             key = f"graphs:{name}"
@@ -527,23 +556,24 @@ def ingest_graphs(records: list[Any], indices: range, *, images_dir: Path,
         data, ext, w, h = loaded
         graph = _parse_graph(rec, key, w, h, relations_from_geometry, out.drops)
         image_id = hashlib.sha256(data).hexdigest()
+        sid = _local_id(rec.get("id"))  # the source's own image id (GQA, COCO), where the record has one
         img = Image(image_id=image_id, source=source, path=image_relpath(image_id, ext), width=w, height=h,
-                    source_ref=str(name))
+                    source_ref=str(name), source_ids=[sid] if sid is not None else [])
         objs, rels, drops = graph_records(image_id, graph, key)
-        out.images.append(StoredImage(data, ext, img))
-        out.objects += objs
-        out.relations += rels
         out.drops += drops
+        if not out.add(StoredImage(data, ext, img), objs, rels, key):
+            continue
         kept = {o.object_id for o in objs}
         expressions = _items(rec, "expressions", key, out.drops)
-        if expressions:
-            # the objects graph_records kept: the first of each id (a later one with the same id is a drop)
-            first: dict[str, GObject] = {}
-            for o in graph.objects:
-                if o.id in kept:
-                    first.setdefault(o.id, o)
-            out.graphs[image_id] = SceneGraph(w, h, list(first.values()),
-                                              [r for r in graph.relations if r.subject in kept and r.object in kept])
+        # the graph the refs are levelled on: the objects graph_records kept, the first of each id (a later
+        # one with the same id is a drop), after those of an earlier graph of the same bytes
+        first: dict[str, GObject] = {}
+        for o in graph.objects:
+            if o.id in kept:
+                first.setdefault(o.id, o)
+        before = out.graphs.get(image_id, SceneGraph(w, h))
+        out.graphs[image_id] = SceneGraph(w, h, before.objects + list(first.values()), before.relations + [
+            r for r in graph.relations if r.subject in kept and r.object in kept])
         for k, e in enumerate(expressions):
             ref = _parse_ref(e, k, key, kept, out.drops)
             if ref is not None:
@@ -553,23 +583,23 @@ def ingest_graphs(records: list[Any], indices: range, *, images_dir: Path,
 
 def _parse_ref(e: Any, k: int, key: str, kept: set[str], drops: list[Drop]) -> dict[str, Any] | None:
     if not isinstance(e, dict):
-        drops.append(Drop(stage=STAGE, key=f"{key}/ref/#{k}", reason="malformed ref: not an object",
-                          detail=type(e).__name__))
+        drops.append(Drop(stage=STAGE, key=f"{key}/ref/#{k}", reason="malformed_ref",
+                          detail=f"not an object: {type(e).__name__}"))
         return None
     ref_id = e.get("ref_id")
     if isinstance(ref_id, bool) or not isinstance(ref_id, str | int | float | None):
-        drops.append(Drop(stage=STAGE, key=f"{key}/ref/#{k}", reason="malformed ref: ref_id is not a scalar",
-                          detail=type(ref_id).__name__))
+        drops.append(Drop(stage=STAGE, key=f"{key}/ref/#{k}", reason="malformed_ref",
+                          detail=f"ref_id is not a scalar: {type(ref_id).__name__}"))
         return None
     rkey = f"{key}/ref/{ref_id}"
     text, split = e.get("text", ""), e.get("split")
     if not isinstance(text, str) or (split is not None and not isinstance(split, str | int)):
-        drops.append(Drop(stage=STAGE, key=rkey, reason="malformed ref: text or split is not a text",
+        drops.append(Drop(stage=STAGE, key=rkey, reason="malformed_ref",
                           detail=f"text is {type(text).__name__}, split is {type(split).__name__}"))
         return None
     target = _local_id(e.get("object"))
     if target not in kept:
-        drops.append(Drop(stage=STAGE, key=rkey, reason="ref to an object that was dropped or is unknown",
+        drops.append(Drop(stage=STAGE, key=rkey, reason="ref_to_dropped_or_unknown_object",
                           detail=str(e.get("object")) if target is not None else
                           f"object is {type(e.get('object')).__name__}"))
         return None
@@ -607,7 +637,6 @@ def ingest_folder(files: list[str], indices: range, *, root: Path) -> IngestOutp
             continue
         data, ext, w, h = loaded
         image_id = hashlib.sha256(data).hexdigest()
-        out.images.append(StoredImage(data, ext, Image(image_id=image_id, source="folder",
-                                                       path=image_relpath(image_id, ext), width=w, height=h,
-                                                       source_ref=name)))
+        out.add(StoredImage(data, ext, Image(image_id=image_id, source="folder", path=image_relpath(image_id, ext),
+                                             width=w, height=h, source_ref=name)), [], [], key)
     return out

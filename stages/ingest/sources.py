@@ -2,7 +2,7 @@
 
 The output is exactly what :func:`refforge.stages.ingest.scenes.ingest_graphs` reads, one JSON object per line::
 
-    {"image": "<path relative to images_dir>", "width": W, "height": H,
+    {"image": "<path relative to images_dir>", "id": "<the source's image id>", "width": W, "height": H,
      "objects": [{"id": str, "name": str, "attributes": [str], "box": [x1, y1, x2, y2]}],
      "relations": [{"subject": id, "predicate": str, "object": id}],
      "expressions": [{"object": id, "text": str, "split": str, "ref_id": ...}]}   # COCO with refs only
@@ -47,8 +47,8 @@ from refforge.stages.scene.graph import GObject
 from refforge.storage.atomic import atomic_write
 
 __all__ = [
-    "GQA_PREDICATES", "MAX_REFS_BUILD", "MAX_REFS_BYTES", "SourceStats", "UnsafePickleError", "convert_coco",
-    "convert_gqa", "ijson_backend", "line_offsets", "load_refs", "read_lines",
+    "COCO_STUFF", "GQA_PREDICATES", "MAX_REFS_BUILD", "MAX_REFS_BYTES", "STUFF_SUFFIXES", "SourceStats",
+    "UnsafePickleError", "convert_coco", "convert_gqa", "ijson_backend", "is_stuff_category", "line_offsets", "load_refs", "read_lines",
 ]
 
 # GQA predicate -> refforge predicate (lexicon / geometry strings); every other predicate is kept verbatim.
@@ -123,7 +123,7 @@ def _one_line(text: object, limit: int = 200) -> str:
 
 # -- streaming JSON that tolerates NaN and stops cleanly ---------------------------------------------
 
-STOPPED = "invalid JSON: the rest of the file was not read"
+STOPPED = "invalid_json_rest_not_read"
 
 
 class _Counting:
@@ -306,13 +306,13 @@ def _gqa_record(image_id: str, graph: Any, image_ext: str,
                 skipped: list[tuple[str, str]]) -> dict[str, Any] | None:
     key = f"gqa:{image_id}"
     if not isinstance(graph, dict):
-        skipped.append((key, "malformed scene graph: not an object"))
+        skipped.append((key, "malformed_scene_graph", f"not an object: {type(graph).__name__}"))
         return None
     raw_objects = graph.get("objects", {})
     if not isinstance(raw_objects, dict):
-        skipped.append((key, "malformed scene graph: objects is not an object"))
+        skipped.append((key, "malformed_scene_graph", "objects is not an object"))
         return None
-    rec: dict[str, Any] = {"image": f"{image_id}{image_ext}"}
+    rec: dict[str, Any] = {"image": f"{image_id}{image_ext}", "id": image_id}
     for dim in ("width", "height"):
         size = _size(graph.get(dim))
         if size is not None:
@@ -324,33 +324,33 @@ def _gqa_record(image_id: str, graph: Any, image_ext: str,
         oid = str(oid)
         okey = f"{key}/{oid}"
         if not isinstance(o, dict):
-            skipped.append((okey, "malformed object: not an object"))
+            skipped.append((okey, "malformed_object", f"not an object: {type(o).__name__}"))
             continue
         name = o.get("name")
         if not isinstance(name, str) or not name.strip():
-            skipped.append((okey, "object without a name"))
+            skipped.append((okey, "object_without_name"))
             continue
         box = _xywh_box(o.get("x"), o.get("y"), o.get("w"), o.get("h"))
         if box is None:
-            skipped.append((okey, "object without a box"))
+            skipped.append((okey, "object_without_box"))
             continue
         attrs = o.get("attributes") or []
         if not isinstance(attrs, list):
             attrs = [attrs]
         attributes = [a.strip() for a in attrs if isinstance(a, str) and a.strip()]
         if len(attributes) != len(attrs):
-            skipped.append((okey, "non-text attributes left out"))
+            skipped.append((okey, "non_text_attributes_left_out"))
         attributes = list(dict.fromkeys(attributes))
         objects.append({"id": oid, "name": name.strip(), "attributes": attributes, "box": box})
         rels = o.get("relations") or []
         if not isinstance(rels, list):
-            skipped.append((okey, "malformed relations: not a list"))
+            skipped.append((okey, "malformed_relations", "not a list"))
             continue
         for k, r in enumerate(rels):
             pred = r.get("name") if isinstance(r, dict) else None
             target = r.get("object") if isinstance(r, dict) else None
             if not isinstance(pred, str) or not pred.strip() or target is None or isinstance(target, dict | list):
-                skipped.append((f"{okey}/relation:{k}", "malformed relation"))
+                skipped.append((f"{okey}/relation:{k}", "malformed_relation"))
                 continue
             pred = " ".join(pred.split())
             pred = GQA_PREDICATES.get(pred, pred)
@@ -364,6 +364,36 @@ def _gqa_record(image_id: str, graph: Any, image_ext: str,
 
 
 # -- COCO + RefCOCO refs --------------------------------------------------------------------------
+
+#: COCO-stuff's 91 stuff classes (Caesar et al., "COCO-Stuff: Thing and Stuff Classes in Context", 2018)
+#: and "other", the class of unlabelled pixels in its files
+COCO_STUFF = frozenset("""
+banner blanket branch bridge building-other bush cabinet cage cardboard carpet ceiling-other ceiling-tile cloth
+clothes clouds counter cupboard curtain desk-stuff dirt door-stuff fence floor-marble floor-other floor-stone
+floor-tile floor-wood flower fog food-other fruit furniture-other grass gravel ground-other hill house leaves light
+mat metal mirror-stuff moss mountain mud napkin net paper pavement pillow plant-other plastic platform playingfield
+railing railroad river road rock roof rug salad sand sea shelf sky-other skyscraper snow solid-other stairs stone
+straw structural-other table tent textile-other towel tree vegetable wall-brick wall-concrete wall-other wall-panel
+wall-stone wall-tile wall-wood water-other waterdrops window-blind window-other wood other
+""".split())
+#: suffixes of COCO-stuff and COCO panoptic stuff names ("furniture-other", "tree-merged", "desk-stuff")
+STUFF_SUFFIXES = ("-other", "-merged", "-stuff")
+
+
+def is_stuff_category(category: dict[str, Any]) -> bool:
+    """Whether a COCO category is a stuff class (a region of amorphous material, not an instance a
+    referring expression can single out): ``isthing`` 0 (panoptic files), a name with a COCO-stuff
+    suffix (:data:`STUFF_SUFFIXES`), or a name of COCO-stuff's list (:data:`COCO_STUFF`; a COCO
+    instances file has none of them: its 80 thing classes are other names).
+
+    >>> [is_stuff_category(c) for c in ({"name": "furniture-other"}, {"name": "tree-merged"},
+    ...                                 {"name": "person"}, {"name": "table", "isthing": 1})]
+    [True, True, False, False]
+    """
+    if "isthing" in category:
+        return not category["isthing"]
+    name = str(category.get("name", "")).strip().lower()
+    return name.endswith(STUFF_SUFFIXES) or name in COCO_STUFF
 
 class UnsafePickleError(pickle.UnpicklingError):
     """A refs pickle refused: it asks for something other than plain data, is too large, or is not a
@@ -499,7 +529,8 @@ def convert_coco(instances_json: Path, out_jsonl: Path, *, refs: Path | None = N
 
     Records follow the order of ``images``; ``image`` is the ``file_name``. Objects are the non-crowd
     annotations in file order (id = ``str(annotation id)``, name = category name, no attributes,
-    box from ``bbox`` xywh). Relations are computed from the boxes with
+    box from ``bbox`` xywh), except those of stuff classes (:func:`is_stuff_category`: COCO-stuff and
+    panoptic files), skipped as ``stuff_category``; ``id`` is the COCO image id. Relations are computed from the boxes with
     :func:`refforge.stages.scene.geometry.compute_relations` over the objects whose boxes are valid inside
     the image (``relations_from_geometry=False`` writes none). With ``refs``, every record has
     ``expressions``: one per sentence of each ref of that image.
@@ -516,25 +547,28 @@ def convert_coco(instances_json: Path, out_jsonl: Path, *, refs: Path | None = N
             return _json_stream(instances_json, lambda f: ijson.items(f, prefix, use_float=True), skipped, key)
 
         images = list(stream("images.item"))
-        categories = {}
+        categories, stuff = {}, {}
         for c in stream("categories.item"):
             if isinstance(c, dict) and _id(c.get("id")) and isinstance(c.get("name"), str):
-                categories[c["id"]] = c["name"].strip()
+                if is_stuff_category(c):
+                    stuff[c["id"]] = c["name"].strip()
+                else:
+                    categories[c["id"]] = c["name"].strip()
             else:
                 cid = c.get("id") if isinstance(c, dict) and _id(c.get("id")) else "?"
-                skipped.append((f"coco:category:{cid}", "malformed category"))
+                skipped.append((f"coco:category:{cid}", "malformed_category"))
         by_image: dict[Any, dict[str, Any]] = {}
         for k, im in enumerate(images):
             ok = isinstance(im, dict) and _id(im.get("id")) and isinstance(im.get("file_name"), str)
             if not ok or im["id"] in by_image:
                 skipped.append((f"coco:image:{im.get('id') if ok else k}",
-                                "malformed image" if not ok else "duplicate image id"))
+                                "malformed_image" if not ok else "duplicate_image_id"))
                 continue
             by_image[im["id"]] = im
         del images
         anns: dict[Any, list[tuple[str, str, list[float | int]]]] = {i: [] for i in by_image}
         for k, a in enumerate(stream("annotations.item")):
-            item = _coco_annotation(k, a, by_image, categories, skipped)
+            item = _coco_annotation(k, a, by_image, categories, stuff, skipped)
             if item is not None:
                 anns[a["image_id"]].append(item)
         expressions = _group_refs(refs_data, by_image, skipped) if refs_data is not None else None
@@ -545,26 +579,30 @@ def convert_coco(instances_json: Path, out_jsonl: Path, *, refs: Path | None = N
 
 
 def _coco_annotation(k: int, a: Any, by_image: dict[Any, dict[str, Any]], categories: dict[Any, str],
-                     skipped: list[tuple[str, str]]) -> tuple[str, str, list[float | int]] | None:
+                     stuff: dict[Any, str], skipped: list[tuple[str, ...]]) -> tuple[str, str, list[float | int]] | None:
     if not isinstance(a, dict) or not _id(a.get("id")):
-        skipped.append((f"coco:annotation:#{k}", "malformed annotation"))
+        skipped.append((f"coco:annotation:#{k}", "malformed_annotation"))
         return None
     im = by_image.get(a.get("image_id")) if _id(a.get("image_id")) else None
     akey = f"coco:{im['file_name']}/{a['id']}" if im is not None else f"coco:annotation:{a['id']}"
     if im is None:
-        skipped.append((akey, "annotation for an unknown image"))
+        skipped.append((akey, "annotation_for_unknown_image"))
         return None
     if a.get("iscrowd"):
-        skipped.append((akey, "crowd annotation"))
+        skipped.append((akey, "crowd_annotation"))
         return None
-    name = categories.get(a.get("category_id")) if _id(a.get("category_id")) else None
+    cid = a.get("category_id") if _id(a.get("category_id")) else None
+    if cid in stuff:
+        skipped.append((akey, "stuff_category", stuff[cid]))
+        return None
+    name = categories.get(cid)
     if not name:
-        skipped.append((akey, "annotation with an unknown category"))
+        skipped.append((akey, "annotation_with_unknown_category"))
         return None
     bbox = a.get("bbox")
     box = _xywh_box(*bbox) if isinstance(bbox, list) and len(bbox) == 4 else None
     if box is None:
-        skipped.append((akey, "annotation without a box"))
+        skipped.append((akey, "annotation_without_box"))
         return None
     return str(a["id"]), name, box
 
@@ -574,7 +612,7 @@ def _coco_record(im: dict[str, Any], anns: list[tuple[str, str, list[float | int
                  relations_from_geometry: bool, skipped: list[tuple[str, str]]) -> dict[str, Any]:
     name = im["file_name"]
     width, height = _size(im.get("width")), _size(im.get("height"))
-    rec: dict[str, Any] = {"image": name}
+    rec: dict[str, Any] = {"image": name, "id": str(im["id"])}
     if width is not None:
         rec["width"] = width
     if height is not None:
@@ -582,7 +620,7 @@ def _coco_record(im: dict[str, Any], anns: list[tuple[str, str, list[float | int
     objects, seen = [], set()
     for oid, cat, box in anns:
         if oid in seen:
-            skipped.append((f"coco:{name}/{oid}", "duplicate annotation id"))
+            skipped.append((f"coco:{name}/{oid}", "duplicate_annotation_id"))
             continue
         seen.add(oid)
         objects.append({"id": oid, "name": cat, "attributes": [], "box": box})
@@ -599,7 +637,7 @@ def _coco_record(im: dict[str, Any], anns: list[tuple[str, str, list[float | int
             if e["object"] in seen:
                 exprs.append(e)
             else:
-                skipped.append((ref_key, "expression for an object the image does not have"))
+                skipped.append((ref_key, "ref_to_unknown_object", f"object {e['object']}: {e['text']!r}"))
         rec["expressions"] = exprs
     return rec
 
@@ -617,15 +655,15 @@ def _group_refs(refs: list[Any], by_image: dict[Any, dict[str, Any]],
         ref_id = ref.get("ref_id", f"#{k}") if isinstance(ref, dict) else f"#{k}"
         rkey = f"coco:ref:{ref_id if _id(ref_id) else f'#{k}'}"
         if not isinstance(ref, dict) or not _id(ref.get("ann_id")) or not isinstance(ref.get("sentences"), list):
-            skipped.append((rkey, "malformed ref"))
+            skipped.append((rkey, "malformed_ref"))
             continue
         if not _id(ref.get("image_id")) or ref["image_id"] not in by_image:
-            skipped.append((rkey, "ref for an unknown image"))
+            skipped.append((rkey, "ref_for_unknown_image"))
             continue
         for j, s in enumerate(ref["sentences"]):
             text = s.get("sent") if isinstance(s, dict) else None
             if not isinstance(text, str) or not text.strip():
-                skipped.append((f"{rkey}/{j}", "ref sentence without text"))
+                skipped.append((f"{rkey}/{j}", "ref_sentence_without_text"))
                 continue
             out.setdefault(ref["image_id"], []).append((f"{rkey}/{j}", {
                 "object": str(ref["ann_id"]), "text": text.strip(), "split": ref.get("split"),

@@ -13,6 +13,11 @@ anchor of the anchor), so swaps touch only context objects (L2).
 
 The expression keeps the target's level (its minimal constraint count) and is marked
 ``descriptive`` in its path JSON.
+
+Two paths of one target can enrich to the same query ("the pink cup inside a basket" and "the cup
+inside the green basket" both become "the pink cup inside the green basket"): :func:`descriptive_paths`
+adds each enriched query once per target, and never one that is already a path of that target, so the
+stage writes no sample twice (a sample_id is a hash of the target, the text and the path).
 """
 
 from __future__ import annotations
@@ -51,6 +56,27 @@ def _with_attr(node: Node, value: str, keep_one: bool) -> Node:
     if value in node.attributes:
         return node
     return replace(node, attributes=(value,) if keep_one else (*node.attributes, value))
+
+
+def descriptive_paths(graph: SceneGraph, paths, *, share: float, seed: int = 0) -> list[ReferringPath]:
+    """The descriptive variants to add to ``paths``: for a share of the relation paths (picked by a
+    hash of the target and the text, so the pick is stable), :func:`descriptive_variant`, skipping a
+    variant whose query is already among the target's paths or variants."""
+    if share <= 0:
+        return []
+    seen = {(p.target_id, p.query) for p in paths}
+    out = []
+    for path in paths:
+        if not path.query.relations:
+            continue
+        pick = int(stable_key("descriptive", seed, path.target_id, path.text, length=8), 16) / 16**8
+        if pick >= share:
+            continue
+        d = descriptive_variant(graph, path, seed=seed)
+        if d is not None and (d.target_id, d.query) not in seen:
+            seen.add((d.target_id, d.query))
+            out.append(d)
+    return out
 
 
 def descriptive_variant(graph: SceneGraph, path: ReferringPath, *, seed: int = 0) -> ReferringPath | None:

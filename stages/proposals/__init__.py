@@ -9,6 +9,8 @@ Modules: :mod:`.detectors` (taggers, detectors, :func:`~.detectors.propose`), :m
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +70,46 @@ class ProposalsConfig(_Strict):
         return self
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache folder, as huggingface_hub finds it (without importing it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def model_problem(field: str, value: str | None, *, folder: bool) -> str | None:
+    """Why a model setting cannot load, in one line, or None. A value that looks like a path (it starts
+    with '.', '/' or '~', or has more than one '/', or exists) must exist: a folder with a
+    ``config.json`` for a transformers model (``folder``), a file for an open_clip checkpoint. A hub id
+    (``org/name``) must be in the local hub cache when the hub is off (``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` set); online it is left to the download. An open_clip tag
+    (``laion2b_s34b_b79k``) is open_clip's to resolve."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    looks_local = value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1 or path.exists()
+    if looks_local:
+        if not path.exists():
+            return f"{field}: {value} does not exist (a local model {'folder' if folder else 'file'})"
+        if folder and not (path / "config.json").is_file():
+            return f"{field}: {value} is not a model folder (no config.json in it)"
+        if not folder and not path.is_file():
+            return f"{field}: {value} is not a checkpoint file"
+        return None
+    if folder and not _HUB_ID.match(value):
+        return f"{field}: {value!r} is neither a local folder nor a hub id like 'IDEA-Research/grounding-dino-tiny'"
+    offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE)
+    if folder and offline and not (_hub_cache() / f"models--{value.replace('/', '--')}").is_dir():
+        return (f"{field}: {value} is not a local folder, and the hub is off ({'/'.join(_OFFLINE)}) with no copy "
+                f"in {_hub_cache()}: give the folder of a downloaded model")
+    return None
+
+
 def load_models(p: ProposalsConfig) -> tuple[Any, Any]:
     """(tagger, detector) of a ``[proposals]`` section."""
     topts: dict[str, Any] = {}
@@ -85,7 +127,7 @@ def load_models(p: ProposalsConfig) -> tuple[Any, Any]:
 
 class ProposalsStage(Stage):
     name = "proposals"
-    version = 1
+    version = 2
     config = ProposalsConfig
     requires = ("ingest",)
     reads = ("images", "objects")
@@ -100,13 +142,15 @@ class ProposalsStage(Stage):
         return isinstance(cfg.source, FolderSource) or cfg.proposals.all_images
 
     def preflight(self, cfg: Any) -> list[str]:
-        """A detector or tagger model given as a local path (absolute or starting with '.') must exist."""
+        """The models the backends will load, checked before anything is written (a mistyped path is one
+        line here, not a traceback after the ingest): see :func:`model_problem`."""
         p = cfg.proposals
         out = []
-        for field, value in (("detector_model", p.detector_model), ("tagger_pretrained", p.tagger_pretrained)):
-            if value and (value.startswith(".") or Path(value).is_absolute()) and not Path(value).exists():
-                out.append(f"proposals.{field}: {value} does not exist")
-        return out
+        if p.detector == "grounding_dino":
+            out.append(model_problem("proposals.detector_model", p.detector_model, folder=True))
+        if p.tagger == "open_clip" and p.tagger_pretrained:
+            out.append(model_problem("proposals.tagger_pretrained", p.tagger_pretrained, folder=False))
+        return [x for x in out if x]
 
     def needed_packages(self, section: ProposalsConfig) -> list[tuple[str, str]]:
         out = []
@@ -140,7 +184,7 @@ class ProposalsStage(Stage):
             found = propose(pils, tagger, detector, params, vocabulary=p.vocabulary)
             for r, props in zip(batch, found, strict=True):
                 if not props:
-                    out.drops.append(Drop(stage="proposals", key=r["image_id"], reason="no proposals",
+                    out.drops.append(Drop(stage="proposals", key=r["image_id"], reason="no_proposals",
                                           detail=r["source_ref"]))
                     continue
                 gobjs = [GObject(f"det{i}", q.name, tuple(q.box), (), q.origin, q.score) for i, q in enumerate(props)]

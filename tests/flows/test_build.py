@@ -150,13 +150,13 @@ def test_bad_scene_graphs_and_images_become_drops_and_the_build_goes_on(tmp_path
     run_build(cfg, out)
     with Catalog(out) as cat:
         drops = {(r["key"], r["reason"]) for r in cat.sql("SELECT key, reason FROM drops").to_pylist()}
-        assert ("graphs:good.png/c", "box outside the image") in drops
-        assert ("graphs:good.png/d", "zero-area box") in drops
-        assert ("graphs:good.png/a-left of-ghost", "relation to an unknown object") in drops
-        assert ("graphs:good.png/b-left of-c", "relation to a dropped object") in drops
-        assert ("graphs:truncated.jpg", "truncated image") in drops
-        assert ("graphs:notanimage.png", "unreadable image") in drops
-        assert ("graphs:missing.png", "image file missing") in drops
+        assert ("graphs:good.png/c", "box_outside_image") in drops
+        assert ("graphs:good.png/d", "zero_area_box") in drops
+        assert ("graphs:good.png/a-left of-ghost", "relation_to_unknown_object") in drops
+        assert ("graphs:good.png/b-left of-c", "relation_to_dropped_object") in drops
+        assert ("graphs:truncated.jpg", "truncated_image") in drops
+        assert ("graphs:notanimage.png", "unreadable_image") in drops
+        assert ("graphs:missing.png", "image_file_missing") in drops
         originals = "SELECT image_id FROM images WHERE parent_image_id IS NULL"
         assert cat.sql(f"SELECT count(*) FROM ({originals})").column(0)[0].as_py() == 2
         assert sorted(cat.sql(f"SELECT object_id FROM objects WHERE image_id IN ({originals})").column(0)

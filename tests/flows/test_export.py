@@ -196,7 +196,7 @@ def test_refbench_and_groundingme_fields(full_export):
     rb = json.loads((out / "refbench-pro" / "test.json").read_text())
     assert {"image_path", "task_type", "expression", "bbox", "width", "height"} <= set(rb[0])
     assert {r["task_type"] for r in rb} <= {"attribute", "position", "interaction", "relation", "commonsense",
-                                           "reject"}
+                                           "reject", "category"}  # "category": refforge's label for level 1
     assert all((r["bbox"] == []) == (r["task_type"] == "reject") for r in rb)
     assert all(isinstance(r["width"], int) and all(isinstance(v, float) for v in r["bbox"]) for r in rb)
     gm = json.loads((out / "groundingme" / "train.json").read_text())

@@ -180,15 +180,15 @@ def test_unusable_answers_are_never_selected_nor_exported_and_drops_survive_a_re
         selected = Counter(t["sample_id"] for t in traces if t["selected"])
         assert set(selected.values()) == {1}
         # a sample is either traced (one selected trace) or dropped with the reason
-        no_trace = {d["key"]: d for d in drops if d["stage"] == "cot" and d["reason"] == "no usable trace"}
+        no_trace = {d["key"]: d for d in drops if d["stage"] == "cot" and d["reason"] == "no_usable_trace"}
         assert no_trace and set(no_trace) | set(selected) == set(samples) and not set(no_trace) & set(selected)
         assert all(d["detail"] == "2 candidate(s): 0: unparseable (no box and no rejection in the answer), "
                                   "1: unparseable (no box and no rejection in the answer)" for d in no_trace.values())
         # candidates that ended in an unusable answer are drops with the client's reason and detail
         reasons = Counter((d["stage"], d["reason"], d["detail"]) for d in drops)
         assert reasons[("cot", "refusal", "the model refused")] > 0
-        assert reasons[("negatives_text", "llm refusal", "the model refused")] > 0
-        assert any(st == "negatives_text" and r == "llm unparseable" for st, r, _ in reasons)
+        assert reasons[("negatives_text", "llm_refusal", "the model refused")] > 0
+        assert any(st == "negatives_text" and r == "llm_unparseable" for st, r, _ in reasons)
         assert not any(d["detail"] == "cached outcome" for d in drops)
 
         # the SFT export takes the selected traces only: no garbled answer in any assistant turn
@@ -285,7 +285,7 @@ def test_rewrite_build_rewrites_positives_and_negatives_checks_them_and_resumes_
             cands = cat.sql("SELECT sample_id, text, template_text FROM negative_candidates").to_pylist()
             flips = cat.sql("SELECT e.text, p.text AS pos_text FROM expressions e JOIN expressions p "
                             "ON p.sample_id = e.positive_id WHERE e.negative_type = 'flip'").to_pylist()
-        assert drops and all(d["reason"].startswith("rewrite lost: ") for d in drops.values())
+        assert drops and all(d["reason"] == "rewrite_lost" for d in drops.values())
         for rows in (pos, cands):
             kept = [r for r in rows if r["sample_id"] not in drops]
             refused = [r for r in rows if r["sample_id"] in drops]
@@ -297,7 +297,7 @@ def test_rewrite_build_rewrites_positives_and_negatives_checks_them_and_resumes_
             # a refused rewrite left the template text, and its drop row holds the refused rewrite
             for r in refused:
                 assert not r["text"].startswith("look at ") and not zlib.crc32(r["text"].encode()) % 4
-                detail = drops[r["sample_id"]]["detail"]
+                detail = drops[r["sample_id"]]["detail"].partition(": ")[2]  # "<lost words>: <rewrite>"
                 assert detail.startswith("look at ") and detail != _reworded(r["text"])
         assert flips and all(f["text"] == f["pos_text"] for f in flips)
 
@@ -402,7 +402,7 @@ def test_describe_build_keeps_round_tripped_descriptions_and_resumes_for_free(tm
             boxes = cat.sql("SELECT o.image_id, o.object_id, o.box FROM objects o JOIN images i USING (image_id) "
                             "WHERE o.origin = 'detector' AND i.parent_image_id IS NULL").to_pylist()
             described = cat.sql("SELECT * FROM expressions WHERE path LIKE '%\"source\": \"describe\"%'").to_pylist()
-            drops = cat.sql("SELECT key, reason FROM drops WHERE stage = 'describe'").to_pylist()
+            drops = cat.sql("SELECT key, reason, detail FROM drops WHERE stage = 'describe'").to_pylist()
             cot_drops = cat.sql("SELECT key, reason FROM drops WHERE stage = 'cot'").to_pylist()
         n = len(boxes)
         assert n == len(_rectangles())
@@ -417,12 +417,13 @@ def test_describe_build_keeps_round_tripped_descriptions_and_resumes_for_free(tm
         # the single rectangle of c.png is the only "object" of its image: L1; the others L2
         assert sorted(e["difficulty"] for e in described) == [1] + [2] * (n - 1)
         reasons = Counter(d["reason"] for d in drops)
-        assert reasons["duplicate description"] == n
-        assert sum(v for r, v in reasons.items() if r.startswith("round trip IoU 0.00 < 0.5")) == n
+        assert reasons["duplicate_description"] == n
+        assert reasons["round_trip_low_iou"] == n
+        assert all(d["detail"].startswith("IoU 0.00 < 0.5") for d in drops if d["reason"] == "round_trip_low_iou")
         # downstream: no text negatives from described expressions (counted), no offline traces (dropped)
         assert record["stages"]["negatives_text"]["skipped_without_path"] == n
         ids = {e["sample_id"] for e in described}
-        assert {d["key"] for d in cot_drops if d["reason"] == "no referring path for the offline trace"} == ids
+        assert {d["key"] for d in cot_drops if d["reason"] == "no_referring_path_for_the_offline_trace"} == ids
 
         before = snapshot(out)
         for stage in ("paths", "describe", "negatives_text", "refine", "negatives_image", "cot"):

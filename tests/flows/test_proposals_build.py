@@ -60,7 +60,7 @@ def test_folder_build_with_the_offline_detector_finds_the_drawn_objects(tmp_path
     assert cfg.build.stages == ["ingest", "proposals", "paths", "negatives_text", "negatives_image", "cot"]
     out = tmp_path / "build"
     record = run_build(cfg, out)
-    assert record["stages"]["ingest"]["drop_reasons"] == {"unreadable image": 1}
+    assert record["stages"]["ingest"]["drop_reasons"] == {"unreadable_image": 1}
     with Catalog(out) as cat:
         imgs = {r["image_id"]: r["source_ref"] for r in
                 cat.sql("SELECT image_id, source_ref FROM images WHERE source = 'folder' "

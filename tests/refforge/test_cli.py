@@ -86,3 +86,32 @@ def test_sql_reports_a_bad_query_clearly(built):
 def test_stats_on_a_folder_that_is_not_a_build(tmp_path):
     res = runner.invoke(app, ["stats", str(tmp_path)])
     assert res.exit_code == 2 and "not a refforge build" in " ".join(res.output.split())
+
+
+def test_sql_csv_and_jsonl_write_nested_columns_as_json(built):
+    """Struct, list and map columns (images.edit, expressions.gt_box and tasks): JSON objects and lists in
+    jsonl, JSON text in a csv cell; a null struct stays null / an empty cell."""
+    import csv
+    import io
+
+    q = ("SELECT sample_id, gt_box, tasks, {'type': 'flip', 'box': gt_box} AS edit, NULL::STRUCT(type VARCHAR) AS "
+         "none FROM expressions ORDER BY sample_id LIMIT 3")
+    res = runner.invoke(app, ["sql", str(built), q, "--format", "jsonl"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert isinstance(r["gt_box"], list) and len(r["gt_box"]) == 4
+        assert isinstance(r["tasks"], dict) and "refbench_pro" in r["tasks"]
+        assert r["edit"] == {"type": "flip", "box": r["gt_box"]} and r["none"] is None
+    res = runner.invoke(app, ["sql", str(built), q, "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    got = list(csv.DictReader(io.StringIO(res.output)))
+    assert [g["sample_id"] for g in got] == [r["sample_id"] for r in rows]
+    for g, r in zip(got, rows, strict=True):
+        assert json.loads(g["gt_box"]) == r["gt_box"] and json.loads(g["tasks"]) == r["tasks"]
+        assert json.loads(g["edit"]) == r["edit"] and g["none"] == ""
+    # the images table's own struct column, which crashed the csv writer
+    res = runner.invoke(app, ["sql", str(built), "SELECT image_id, edit, source_ids FROM images", "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    assert len(list(csv.DictReader(io.StringIO(res.output)))) == 8

@@ -168,14 +168,14 @@ def _stable(d: Drop) -> None:
 # -- images -----------------------------------------------------------------------------------------
 
 EXPECTED_IMAGE_DROPS = {
-    "bomb.png": "decompression bomb",
-    "warnbomb.png": "decompression bomb",
-    "truncated.jpg": "truncated image",
-    "garbage.jpg": "unreadable image",
-    "doc.png": "unsupported image format",
-    "dir.png": "not a regular file",
-    "pipe.png": "not a regular file",
-    "missing.png": "image file missing",
+    "bomb.png": "decompression_bomb",
+    "warnbomb.png": "decompression_bomb",
+    "truncated.jpg": "truncated_image",
+    "garbage.jpg": "unreadable_image",
+    "doc.png": "unsupported_image_format",
+    "dir.png": "not_a_regular_file",
+    "pipe.png": "not_a_regular_file",
+    "missing.png": "image_file_missing",
 }
 
 
@@ -233,14 +233,14 @@ def test_bomb_limits_follow_pillow_s_setting(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     out = ingest_folder(["a.png"], range(1), root=tmp_path)
     assert [(d.reason, d.detail) for d in out.drops] == [
-        ("decompression bomb", "40x30 = 1200 pixels, over PIL.Image.MAX_IMAGE_PIXELS (1000)")]
+        ("decompression_bomb", "40x30 = 1200 pixels, over PIL.Image.MAX_IMAGE_PIXELS (1000)")]
 
 
 def test_image_size_limit(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(_bytes("PNG"))
     monkeypatch.setattr(scenes, "MAX_IMAGE_BYTES", 100)
     out = ingest_folder(["a.png"], range(1), root=tmp_path)
-    assert [d.reason for d in out.drops] == ["image file too large"]
+    assert [d.reason for d in out.drops] == ["image_file_too_large"]
 
 
 # -- roots ------------------------------------------------------------------------------------------
@@ -259,13 +259,15 @@ def test_graph_image_paths_stay_inside_images_dir(tmp_path, monkeypatch):
     assert not outside, outside  # nothing outside the root was even opened
     drops = _drops(out.drops)
     escaped = [n for n in names if n not in ("good.png", "inner.png")]
-    assert {f"graphs:{n}": "image path outside images_dir" for n in escaped} == \
-        {k: r for k, (r, _) in drops.items()}
-    assert drops["graphs:../secret.png"][1] == "'..' in the path"
-    assert drops[f"graphs:{secret}"][1] == "absolute path"
-    assert drops["graphs:link.png"][1] == "a symlink leads outside"
-    assert drops["graphs:linkdir/x.png"][1] == "a symlink leads outside"
-    assert [i.record.source_ref for i in out.images] == ["good.png", "inner.png"]
+    # inner.png is good.png through a symlink: one image under both names; the second graph has the
+    # first's object id "a", so it is a drop of its own
+    assert {f"graphs:{n}": "image_path_outside_root" for n in escaped} | {"graphs:inner.png": "duplicate_image_graph"} \
+        == {k: r for k, (r, _) in drops.items()}
+    assert drops["graphs:../secret.png"][1] == "'..' in the path, outside images_dir"
+    assert drops[f"graphs:{secret}"][1] == "absolute path, outside images_dir"
+    assert drops["graphs:link.png"][1] == "a symlink leads outside images_dir"
+    assert drops["graphs:linkdir/x.png"][1] == "a symlink leads outside images_dir"
+    assert [(i.record.source_ref, i.record.source_ids) for i in out.images] == [("good.png", ["good.png", "inner.png"])]
     assert _sha(secret.read_bytes()) not in {i.record.image_id for i in out.images}
 
 
@@ -278,8 +280,8 @@ def test_folder_symlinks_out_of_the_folder_are_drops(tmp_path, monkeypatch):
     out = ingest_folder(files, range(len(files)), root=images)
     monkeypatch.undo()
     assert not [p for p in spy.paths if not p.is_relative_to(images.resolve())]
-    assert _drops(out.drops)["folder:link.png"] == ("image path outside the folder", "a symlink leads outside")
-    assert sorted(i.record.source_ref for i in out.images) == ["good.png", "inner.png"]
+    assert _drops(out.drops)["folder:link.png"] == ("image_path_outside_root", "a symlink leads outside the folder")
+    assert [(i.record.source_ref, i.record.source_ids) for i in out.images] == [("good.png", ["good.png", "inner.png"])]
 
 
 # -- scene-graph records ----------------------------------------------------------------------------
@@ -319,20 +321,20 @@ def test_one_bad_object_or_relation_drops_only_itself(tmp_path):
     assert [(r["object_id"], r["text"]) for r in out.refs] == [("a", "the red cup")]
     k = "graphs:a.png"
     assert {d.key: d.reason for d in out.drops} == {
-        f"{k}/s": "object without a box",
-        f"{k}/n": "object without a name",
-        f"{k}/t": "malformed object: attributes is not a list of texts",
-        f"{k}/h": "object without a box",
-        f"{k}/nan": "invalid object",
-        f"{k}/object:7": "object without an id",
-        f"{k}/object:8": "malformed object: not an object",
-        f"{k}/relation:1": "relation without a predicate",
-        f"{k}/relation:2": "relation without a predicate",
-        f"{k}/relation:3": "relation without a subject or object",
-        f"{k}/relation:4": "malformed relation: not an object",
-        f"{k}/ref/2": "malformed ref: text or split is not a text",
-        f"{k}/ref/#2": "malformed ref: not an object",
-        f"{k}/ref/#3": "malformed ref: ref_id is not a scalar",
+        f"{k}/s": "object_without_box",
+        f"{k}/n": "object_without_name",
+        f"{k}/t": "malformed_object",
+        f"{k}/h": "object_without_box",
+        f"{k}/nan": "invalid_object",
+        f"{k}/object:7": "object_without_id",
+        f"{k}/object:8": "malformed_object",
+        f"{k}/relation:1": "relation_without_predicate",
+        f"{k}/relation:2": "relation_without_predicate",
+        f"{k}/relation:3": "relation_without_subject_or_object",
+        f"{k}/relation:4": "malformed_relation",
+        f"{k}/ref/2": "malformed_ref",
+        f"{k}/ref/#2": "malformed_ref",
+        f"{k}/ref/#3": "malformed_ref",
     }
     for d in out.drops:
         _stable(d)
@@ -344,16 +346,16 @@ def test_malformed_records_are_drops(tmp_path):
                {"image": "a.png", "objects": {"a": 1}, "relations": "x", "expressions": "y"}]
     out = ingest_graphs(records, range(len(records)), images_dir=images)
     assert [(d.key, d.reason) for d in out.drops] == [
-        ("graphs:0", "image path is not a string"),
-        ("graphs:1", "malformed scene graph: not an object"),
-        ("graphs:2", "malformed scene graph: not an object"),
-        ("graphs:3", "malformed scene graph: not an object"),
-        ("graphs:4", "scene graph without an image"),
-        ("graphs:5", "scene graph without an image"),
-        ("graphs:6", "image path is not a string"),
-        ("graphs:a.png/objects", "malformed objects: not a list"),
-        ("graphs:a.png/relations", "malformed relations: not a list"),
-        ("graphs:a.png/expressions", "malformed expressions: not a list"),
+        ("graphs:0", "invalid_image_path"),
+        ("graphs:1", "malformed_scene_graph"),
+        ("graphs:2", "malformed_scene_graph"),
+        ("graphs:3", "malformed_scene_graph"),
+        ("graphs:4", "scene_graph_without_image"),
+        ("graphs:5", "scene_graph_without_image"),
+        ("graphs:6", "invalid_image_path"),
+        ("graphs:a.png/objects", "malformed_objects"),
+        ("graphs:a.png/relations", "malformed_relations"),
+        ("graphs:a.png/expressions", "malformed_expressions"),
     ]
     assert [i.record.source_ref for i in out.images] == ["a.png"]  # its image stays
 
@@ -371,14 +373,17 @@ def test_graphs_json_list_with_nan_and_truncation(tmp_path):
     assert math.isnan(records[1]["objects"][0]["box"][1])
     bad = records[-1]
     assert isinstance(bad, scenes.BadRecord)
-    assert (bad.key, bad.reason) == ("graphs:graphs.json", "invalid JSON: the rest of the file was not read")
+    assert (bad.key, bad.reason) == ("graphs:graphs.json", "invalid_json_rest_not_read")
     assert bad.detail.startswith("graphs.json: ") and "line 1 column" in bad.detail and "after 3 records" in bad.detail
     images = _graph_images(tmp_path / "images")
     out = ingest_graphs(records, range(len(records)), images_dir=images)
-    assert len(out.images) == 3  # the truncation lost no record before it
+    # the truncation lost no record before it: three records of one image (one images row), the third
+    # graph's object "a" clashes with the first's, so it is a drop of its own
+    assert out.scenes_in == 4 and len(out.images) == 1 and out.images[0].record.source_ids == ["a.png"]
     reasons = {(d.key, d.reason) for d in out.drops}
-    assert ("graphs:a.png/z", "invalid object") in reasons  # the NaN box, only that object
-    assert ("graphs:graphs.json", "invalid JSON: the rest of the file was not read") in reasons
+    assert ("graphs:a.png", "duplicate_image_graph") in reasons
+    assert ("graphs:a.png/z", "invalid_object") in reasons  # the NaN box, only that object
+    assert ("graphs:graphs.json", "invalid_json_rest_not_read") in reasons
     assert {o.object_id for o in out.objects} == {"a", "y"}
 
 
@@ -390,8 +395,8 @@ def test_graphs_json_lines_with_bad_lines(tmp_path):
     assert len(records) == 6
     assert records[0] == {"image": "a.png"} and records[3] == 12
     bad = {r.key: r.reason for r in records if isinstance(r, scenes.BadRecord)}
-    assert bad == {"graphs:graphs.jsonl:line:2": "invalid JSON line", "graphs:graphs.jsonl:line:4": "invalid JSON line",
-                   "graphs:graphs.jsonl:line:7": "invalid JSON line"}
+    assert bad == {"graphs:graphs.jsonl:line:2": "invalid_json_line", "graphs:graphs.jsonl:line:4": "invalid_json_line",
+                   "graphs:graphs.jsonl:line:7": "invalid_json_line"}
     out = ingest_graphs(records, range(len(records)), images_dir=_graph_images(tmp_path / "images"))
     assert len(out.images) == 1
     assert len(out.drops) == 5  # three bad lines, 12 and [inf] are not records
@@ -432,9 +437,9 @@ def test_gqa_nan_tokens_drop_only_their_object(tmp_path):
     assert [o["name"] for r in got for o in r["objects"]] == ["NaN bread", "kite"]
     assert got[0]["objects"][0]["attributes"] == ["NaN", 'a " NaN']
     assert "width" not in got[1]
-    assert sorted(stats.skipped) == [("gqa:1/b", "object without a box"), ("gqa:2/c", "object without a box"),
-                                     ("gqa:2/d", "object without a box"),
-                                     ("gqa:4", "malformed scene graph: not an object")]
+    assert sorted(stats.skipped) == [("gqa:1/b", "object_without_box"), ("gqa:2/c", "object_without_box"),
+                                     ("gqa:2/d", "object_without_box"),
+                                     ("gqa:4", "malformed_scene_graph", "not an object: NoneType")]
     assert stats.offsets == sources.line_offsets(out)
 
 
@@ -485,11 +490,11 @@ def test_coco_unhashable_ids_nan_and_truncation(tmp_path):
     out = tmp_path / "out.jsonl"
     stats = convert_coco(src, out, refs=tmp_path / "refs.json")
     skipped = set(stats.skipped)
-    assert {("coco:image:3", "malformed image"), ("coco:category:?", "malformed category"),
-            ("coco:annotation:900", "annotation for an unknown image"),
-            ("coco:COCO_train2014_000000000009.jpg/901", "annotation with an unknown category"),
-            ("coco:COCO_train2014_000000000009.jpg/902", "annotation without a box"),
-            ("coco:ref:77", "ref for an unknown image")} <= skipped
+    assert {("coco:image:3", "malformed_image"), ("coco:category:?", "malformed_category"),
+            ("coco:annotation:900", "annotation_for_unknown_image"),
+            ("coco:COCO_train2014_000000000009.jpg/901", "annotation_with_unknown_category"),
+            ("coco:COCO_train2014_000000000009.jpg/902", "annotation_without_box"),
+            ("coco:ref:77", "ref_for_unknown_image")} <= skipped
     assert len(out.read_text().splitlines()) == 3
     # truncated inside the annotations: the images and annotations before the break stand
     text = src.read_text()
@@ -610,7 +615,7 @@ def test_source_config_bounds_that_work():
 def test_a_synthetic_scene_that_cannot_be_placed_is_a_drop():
     out = ingest_synthetic(range(1), build_seed=0, width=64, height=8192, min_objects=48, max_objects=48)
     assert out.images == [] and [(d.key, d.reason) for d in out.drops] == [
-        ("synthetic:0", "synthetic scene could not be placed")]
+        ("synthetic:0", "synthetic_scene_not_placed")]
 
 
 # -- real builds ------------------------------------------------------------------------------------
@@ -650,9 +655,9 @@ def test_a_graphs_build_of_hostile_inputs_ends_with_drops(tmp_path, prefect_api)
     for name, reason in EXPECTED_IMAGE_DROPS.items():
         assert drops[f"graphs:{name}"] == reason, name
     for name in ("link.png", "linkdir/x.png", "../secret.png", str(secret)):
-        assert drops[f"graphs:{name}"] == "image path outside images_dir"
-    assert drops["graphs:graphs.json"] == "invalid JSON: the rest of the file was not read"
-    assert "image path is not a string" in drops.values()
+        assert drops[f"graphs:{name}"] == "image_path_outside_root"
+    assert drops["graphs:graphs.json"] == "invalid_json_rest_not_read"
+    assert "invalid_image_path" in drops.values()
     refs = {r["source_ref"]: r["path"] for r in rows}
     assert {n: refs[n].rsplit(".", 1)[1] for n in refs} == {
         "good.jpg": "jpg", "good.png": "png", "good.webp": "webp", "camera.jpg": "jpg", "cmyk.tif": "tiff",
@@ -674,10 +679,10 @@ def test_a_folder_build_of_odd_formats(tmp_path, prefect_api):
         drops = {r["key"]: r["reason"] for r in cat.sql("SELECT key, reason FROM drops WHERE stage = 'ingest'"
                                                          ).to_pylist()}
         refs = set(cat.sql("SELECT source_ref FROM images WHERE parent_image_id IS NULL").column(0).to_pylist())
-    assert drops["folder:link.png"] == "image path outside the folder"
-    assert drops["folder:bomb.png"] == drops["folder:warnbomb.png"] == "decompression bomb"
-    assert drops["folder:truncated.jpg"] == "truncated image"
-    assert drops["folder:doc.png"] == "unsupported image format"
+    assert drops["folder:link.png"] == "image_path_outside_root"
+    assert drops["folder:bomb.png"] == drops["folder:warnbomb.png"] == "decompression_bomb"
+    assert drops["folder:truncated.jpg"] == "truncated_image"
+    assert drops["folder:doc.png"] == "unsupported_image_format"
     assert {"camera.jpg", "good.jpg", "good.png", "good.webp", "cmyk.tif"} | {
         f"odd.{f.lower()}" for f in [*ODD_FORMATS, *KEPT_FORMATS]} <= refs
     assert _sha(secret.read_bytes()) not in _stored_hashes(out)

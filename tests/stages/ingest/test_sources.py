@@ -42,7 +42,7 @@ def expr(object, text, split, ref_id):
 
 
 GQA_EXPECTED = [
-    {"image": "2370799.jpg", "width": 64, "height": 48,
+    {"image": "2370799.jpg", "id": "2370799", "width": 64, "height": 48,
      "objects": [obj("1001", "man", ["standing", "young"], [4, 6, 24, 46]),
                  obj("1002", "shirt", ["white"], [6, 14, 22, 28]),
                  obj("1003", "table", ["wooden", "brown"], [30, 28, 60, 46]),
@@ -53,7 +53,7 @@ GQA_EXPECTED = [
                    rel("1003", "right of", "1001"),
                    rel("1004", "on", "1003"),
                    rel("1004", "right of", "1001")]},
-    {"image": "2383011.jpg", "width": 64, "height": 48,
+    {"image": "2383011.jpg", "id": "2383011", "width": 64, "height": 48,
      "objects": [obj("2001", "wall", ["white"], [0, 0, 64, 48]),
                  obj("2002", "window", ["open"], [10, 8, 30, 24]),
                  obj("2003", "sky", ["blue", "clear"], [12, 10, 28, 18]),
@@ -62,7 +62,7 @@ GQA_EXPECTED = [
                    rel("2002", "in front of", "9999"),                      # unknown object: kept, ingest drops it
                    rel("2003", "behind", "2002"),
                    rel("2004", "right of", "2002")]},
-    {"image": "2412050.jpg", "width": 64, "height": 48,
+    {"image": "2412050.jpg", "id": "2412050", "width": 64, "height": 48,
      "objects": [obj("3001", "car", ["red", "parked"], [40, 20, 70, 40]),  # past the right border
                  obj("3002", "tree", ["green", "tall"], [2, 4, 20, 40]),
                  obj("3005", "road", ["paved", "gray"], [0, 40, 64, 48])],
@@ -72,13 +72,13 @@ GQA_EXPECTED = [
 ]
 
 GQA_SKIPPED = [
-    ("gqa:2412050/3003", "object without a name"),
-    ("gqa:2412050/3004", "object without a box"),
-    ("gqa:2412050/3005/relation:0", "malformed relation"),
+    ("gqa:2412050/3003", "object_without_name"),
+    ("gqa:2412050/3004", "object_without_box"),
+    ("gqa:2412050/3005/relation:0", "malformed_relation"),
 ]
 
 COCO_EXPECTED = [
-    {"image": "COCO_train2014_000000000009.jpg", "width": 64, "height": 48,
+    {"image": "COCO_train2014_000000000009.jpg", "id": "9", "width": 64, "height": 48,
      "objects": [obj("101", "person", [], [4, 6, 20, 42]),
                  obj("102", "person", [], [40.5, 8, 55.75, 42]),
                  obj("103", "cup", [], [24, 30, 30, 38])],
@@ -91,7 +91,7 @@ COCO_EXPECTED = [
      "expressions": [expr("101", "man on the left", "train", 0),
                      expr("101", "left guy", "train", 0),
                      expr("102", "person on right", "train", 1)]},
-    {"image": "COCO_train2014_000000000025.jpg", "width": 80, "height": 60,
+    {"image": "COCO_train2014_000000000025.jpg", "id": "25", "width": 80, "height": 60,
      "objects": [obj("201", "dog", [], [4, 34, 28, 54]),
                  obj("202", "chair", [], [34.5, 18, 48.5, 48]),
                  obj("203", "dining table", [], [50.3, 30, 80, 52])],
@@ -106,18 +106,18 @@ COCO_EXPECTED = [
                    rel("203", "right of", "202"),
                    rel("203", "next to", "202")],
      "expressions": [expr("201", "brown dog", "val", 2)]},
-    {"image": "COCO_train2014_000000000030.jpg", "width": 64, "height": 48,
+    {"image": "COCO_train2014_000000000030.jpg", "id": "30", "width": 64, "height": 48,
      "objects": [obj("301", "bottle", [], [30, 10, 36, 30])],
      "relations": [],
      "expressions": [expr("301", "bottle by the café menu", "testB", 4)]},
 ]
 
 COCO_SKIPPED = {
-    ("coco:COCO_train2014_000000000009.jpg/104", "crowd annotation"),
-    ("coco:COCO_train2014_000000000030.jpg/302", "annotation with an unknown category"),
-    ("coco:annotation:303", "annotation for an unknown image"),
-    ("coco:ref:5", "ref for an unknown image"),
-    ("coco:ref:3/0", "expression for an object the image does not have"),  # ref to the crowd annotation
+    ("coco:COCO_train2014_000000000009.jpg/104", "crowd_annotation"),
+    ("coco:COCO_train2014_000000000030.jpg/302", "annotation_with_unknown_category"),
+    ("coco:annotation:303", "annotation_for_unknown_image"),
+    ("coco:ref:5", "ref_for_unknown_image"),
+    ("coco:ref:3/0", "ref_to_unknown_object", "object 104: 'the crowd'"),  # ref to the crowd annotation
 }
 
 
@@ -155,17 +155,17 @@ def test_gqa_image_ext_and_malformed_images(tmp_path):
     stats = convert_gqa(src, tmp_path / "out.jsonl", image_ext=".png")
     got = read_jsonl(tmp_path / "out.jsonl")
     assert got == [
-        {"image": "1.png", "width": 10, "height": 10,
+        {"image": "1.png", "id": "1", "width": 10, "height": 10,
          "objects": [obj("a", "cup", ["red"], [1, 1, 3, 3]), obj("b", "mug", [], [5.5, 1, 7.5, 3])],
          "relations": [rel("a", "left of", "b")]},
-        {"image": "4.png", "objects": [], "relations": []},
+        {"image": "4.png", "id": "4", "objects": [], "relations": []},
     ]
     assert stats.skipped == [
-        ("gqa:1/a", "non-text attributes left out"),
-        ("gqa:1/a/relation:1", "malformed relation"),
-        ("gqa:1/c", "malformed object: not an object"),
-        ("gqa:2", "malformed scene graph: not an object"),
-        ("gqa:3", "malformed scene graph: objects is not an object"),
+        ("gqa:1/a", "non_text_attributes_left_out"),
+        ("gqa:1/a/relation:1", "malformed_relation"),
+        ("gqa:1/c", "malformed_object", "not an object: str"),
+        ("gqa:2", "malformed_scene_graph", "not an object: list"),
+        ("gqa:3", "malformed_scene_graph", "objects is not an object"),
     ]
 
 
@@ -176,9 +176,9 @@ def test_broken_json_keeps_what_was_converted(tmp_path):
     src.write_text('{"1": {"width": 10, "height": 10, "objects": {}}, "2": {"objects": {"a": ')
     out = tmp_path / "out.jsonl"
     stats = convert_gqa(src, out)
-    assert read_jsonl(out) == [{"image": "1.jpg", "width": 10, "height": 10, "objects": [], "relations": []}]
+    assert read_jsonl(out) == [{"image": "1.jpg", "id": "1", "width": 10, "height": 10, "objects": [], "relations": []}]
     ((key, reason, detail),) = stats.skipped
-    assert (key, reason) == ("gqa:sg.json", "invalid JSON: the rest of the file was not read")
+    assert (key, reason) == ("gqa:sg.json", "invalid_json_rest_not_read")
     assert detail.startswith("sg.json: ") and "byte" in detail and "\n" not in detail
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "sg.json"]
 
@@ -193,13 +193,13 @@ def test_ingest_turns_bad_gqa_boxes_and_unknown_objects_into_drops(tmp_path):
         ("2370799.jpg", 64, 48), ("2383011.jpg", 64, 48), ("2412050.jpg", 64, 48)}
     drops = {(d.key, d.reason) for d in res.drops}
     assert drops == {
-        ("graphs:2383011.jpg/2004", "zero-area box"),
-        ("graphs:2412050.jpg/3001", "box outside the image"),
-        ("graphs:2383011.jpg/2002-in front of-9999", "relation to an unknown object"),
-        ("graphs:2383011.jpg/2004-right of-2002", "relation to a dropped object"),
-        ("graphs:2412050.jpg/3001-right of-3002", "relation to a dropped object"),
-        ("graphs:2412050.jpg/3002-left of-3001", "relation to a dropped object"),
-        ("graphs:2412050.jpg/3005-below-3001", "relation to a dropped object"),
+        ("graphs:2383011.jpg/2004", "zero_area_box"),
+        ("graphs:2412050.jpg/3001", "box_outside_image"),
+        ("graphs:2383011.jpg/2002-in front of-9999", "relation_to_unknown_object"),
+        ("graphs:2383011.jpg/2004-right of-2002", "relation_to_dropped_object"),
+        ("graphs:2412050.jpg/3001-right of-3002", "relation_to_dropped_object"),
+        ("graphs:2412050.jpg/3002-left of-3001", "relation_to_dropped_object"),
+        ("graphs:2412050.jpg/3005-below-3001", "relation_to_dropped_object"),
     }
     assert len(res.objects) == 11 - 2
     kept = {(r.subject_id, r.predicate, r.object_id) for r in res.relations}
@@ -255,7 +255,7 @@ def test_a_duplicate_object_id_is_dropped_from_the_graph_kept_for_refs(tmp_path)
     first = records[0]
     first["objects"].append(obj("101", "cup", [], [30, 4, 40, 14]))  # a second "101"
     res = ingest_graphs(records[:1], range(1), images_dir=COCO / "images")
-    assert [(d.key, d.reason) for d in res.drops] == [(f"graphs:{first['image']}/101", "duplicate object id")]
+    assert [(d.key, d.reason) for d in res.drops] == [(f"graphs:{first['image']}/101", "duplicate_object_id")]
     assert [o.object_id for o in res.objects] == ["101", "102", "103"]
     (graph,) = res.graphs.values()
     assert [(o.id, o.name) for o in graph.objects] == [("101", "person"), ("102", "person"), ("103", "cup")]
