@@ -146,7 +146,7 @@ from refforge.stages.scene.lexicon import (
 )
 from refforge.stages.scene.query import ORDER_MARGIN, REGIONS, Node, Position, Result, evaluate, region_of
 from refforge.stages.scene.slots import slot_constructor
-from refforge.stages.scene.templates import fill_template
+from refforge.stages.scene.templates import fill_template, slot_word
 from refforge.stages.scene.vocabulary import related
 
 __all__ = [
@@ -734,12 +734,7 @@ def fill_text(template_text: str, values: dict[str, str]) -> str:
             pass  # derive a missing X_PL, or raise for the first missing placeholder, as below
     out = []
     for lit, name, art in ops:
-        w = values.get(name)
-        if w is None:
-            if name.endswith("_PL") and name[:-3] in values:
-                w = plural(values[name[:-3]])
-            else:
-                raise KeyError(name)
+        w = slot_word(values, name)
         out.append(lit)
         if art:
             a = indefinite_article(w)

@@ -77,6 +77,7 @@ __all__ = [
     "compile_expression",
     "environment",
     "fill_template",
+    "slot_word",
     "load_template",
     "template_hash",
     "template_names",
@@ -202,6 +203,17 @@ def compile_expression(name: str, context: Mapping[str, object]) -> CompiledExpr
     return CompiledExpression(load_template(name).render(context))
 
 
+def slot_word(values: Mapping[str, str], name: str) -> str:
+    """The word for placeholder ``name``: its value, or for ``X_PL`` the plural of ``X``'s value;
+    ``KeyError(name)`` when neither is given."""
+    w = values.get(name)
+    if w is None:
+        if name.endswith("_PL") and name[:-3] in values:
+            return plural(values[name[:-3]])
+        raise KeyError(name)
+    return w
+
+
 def fill_template(template_text: str, values: Mapping[str, str]) -> str:
     """Substitute words into a filled ``template_text`` (``{O}``, ``{A1}``, ``{O2}``, ``{O2_PL}`` ...).
 
@@ -218,15 +230,7 @@ def fill_template(template_text: str, values: Mapping[str, str]) -> str:
       that word is plural (always after ``{X_PL}``): "the socks that are blue".
     """
     names, plan, tail = _fill_plan(template_text)
-    words = []
-    for name in names:
-        w = values.get(name)
-        if w is None:
-            if name.endswith("_PL") and name[:-3] in values:
-                w = plural(values[name[:-3]])
-            else:
-                raise KeyError(name)
-        words.append(w)
+    words = [slot_word(values, name) for name in names]
     out = []
     for k, (lit, lit_are, det, noun) in enumerate(plan):
         if lit_are is not None and _plural_word(names[k - 1], words[k - 1]):
