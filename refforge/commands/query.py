@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +14,7 @@ import typer
 from rich.table import Table
 
 from refforge.schemas import TABLES
-from refforge.storage import Catalog
+from refforge.storage import Catalog, finite
 
 from ._ui import console, fail
 
@@ -68,7 +67,7 @@ def sql(
         maps = [f.name for f in result.schema if pa.types.is_map(f.type)]  # Arrow gives (key, value) pairs
         for row in result.to_pylist():
             row.update({m: dict(row[m]) for m in maps if row[m] is not None})
-            sys.stdout.write(json.dumps(_plain(row), default=str, allow_nan=False) + "\n")
+            sys.stdout.write(json.dumps(finite(row), default=str, allow_nan=False) + "\n")
     else:
         fail(f"unknown --format {fmt!r}; allowed: table, csv, jsonl")
 
@@ -78,17 +77,6 @@ def _nested(t: pa.DataType) -> bool:
         pa.types.is_fixed_size_list(t) or pa.types.is_map(t)
 
 
-def _plain(v):
-    """A value as strict JSON holds it: NaN and infinities as null."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_plain(x) for x in v]
-    return v
-
-
 def flat_for_csv(table: pa.Table) -> pa.Table:
     """``table`` with every nested column (struct, list, map: ``images.edit``, ``objects.box``) as a JSON
     string per cell, which CSV can hold (null stays an empty cell)."""
@@ -96,7 +84,7 @@ def flat_for_csv(table: pa.Table) -> pa.Table:
     for col in table.columns:
         if _nested(col.type):
             is_map = pa.types.is_map(col.type)
-            vals = [None if v is None else json.dumps(_plain(dict(v) if is_map else v), default=str, allow_nan=False)
+            vals = [None if v is None else json.dumps(finite(dict(v) if is_map else v), default=str, allow_nan=False)
                     for v in col.to_pylist()]
             col = pa.array(vals, type=pa.string())
         cols.append(col)

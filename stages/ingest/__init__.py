@@ -23,7 +23,7 @@ from refforge._strict import _Strict
 from refforge.pipeline.stage import Stage, UnitOutput
 from refforge.schemas import Drop, Expression
 from refforge.stages.paths import PathsConfig
-from refforge.stages.paths.search import TargetSelection, referring_paths
+from refforge.stages.paths.search import TargetSelection, drop_category, referring_paths
 from refforge.stages.scene.keys import stable_key
 from refforge.storage.atomic import atomic_write_bytes
 
@@ -250,12 +250,8 @@ class IngestStage(Stage):
 def _excluded_reason(why: str) -> str:
     """The drop reason of a ref whose target the ``[paths]`` target filter excludes, by the filter's
     message (which may carry values): ``ref_target_stuff_category``, ``ref_target_too_small`` ..."""
-    text = why.lower()
-    for words, slug in ((("stuff",), "stuff_category"), (("below", "small"), "too_small"),
-                        (("above", "large"), "too_large"), (("border",), "cut_by_border")):
-        if any(w in text for w in words):
-            return f"ref_target_{slug}"
-    return "ref_target_excluded"
+    slug = drop_category(why)
+    return f"ref_target_{slug}" if slug != why else "ref_target_excluded"
 
 
 def ref_expressions(p: PathsConfig, out: IngestOutput) -> list[Expression]:
