@@ -32,14 +32,28 @@ a reason. A failed request (endpoint down past the retries, rate-limit budget sp
 prediction with status ``request_error``, scored wrong, and counted in ``metrics.json["incomplete"]``;
 answers that did arrive are cached, so a re-run sends only the failed requests again.
 
-``--predictions FILE`` (:func:`read_predictions`): JSON Lines with ``sample_id`` and either ``bbox``
-(``[x1, y1, x2, y2]`` pixels of the exported image; null, ``[]`` or four zeros = "no object") or
-``answer`` (raw model text, parsed like the model path; its boxes are pixels of the exported image,
-or a 0-1000 grid with ``coords="grid1000"``), optionally ``score``, and optionally ``status``: a
-failure status of :data:`refforge.stages.evaluate.STATUSES` keeps the line a failure, so a run's own
-predictions.jsonl scores again to the same metrics. A sample id that is not in the
-split is an error (wrong export or split); a sample of the split without a prediction is status
-``missing``, scored wrong, and counted in ``metrics.json["missing"]``.
+``--predictions FILE`` reads predictions made elsewhere. Its kind is detected from its lines
+(:func:`refforge.stages.benchmarks.detect_format`; ``predictions_format`` names it instead) and a file
+that fits several kinds, mixes kinds or fits none is refused with one line:
+
+* refforge's own (:func:`read_predictions`): JSON Lines with ``sample_id`` and either ``bbox``
+  (``[x1, y1, x2, y2]`` pixels of the exported image; null, ``[]`` or four zeros = "no object") or
+  ``answer`` (raw model text, parsed like the model path; its boxes are pixels of the exported image,
+  or a 0-1000 grid with ``coords="grid1000"``), optionally ``score``, and optionally ``status``: a
+  failure status of :data:`refforge.stages.evaluate.STATUSES` keeps the line a failure, so a run's own
+  predictions.jsonl scores again to the same metrics;
+* a benchmark's own prediction file (FineCops-Ref's jsonl with ``image_id`` / ``text`` / ``sum_log_prob``,
+  RefBench-PRO's with ``bbox`` (ground truth) and ``pred_bbox``, GroundingME's): its lines are mapped to
+  the split's samples by that benchmark's module (``from_native``) for refforge's metrics, and scored as
+  they are for that benchmark's metrics.
+
+A line that matches no sample of the split is an error (wrong export or split); a sample of the split
+without a prediction is status ``missing``, scored wrong, and counted in ``metrics.json["missing"]``.
+
+Besides refforge's own metrics, ``metrics.json["benchmarks"]`` holds each benchmark's metrics computed
+as its public scorer computes them (``finecops.*``, ``refbench_pro.*``, ``groundingme.*``), from the
+native prediction lines written to ``<out>/native/<benchmark>.jsonl``: run the benchmark's own scorer
+on that file and it prints the same numbers.
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ import pydantic
 from refforge import __version__
 from refforge.llm import ChatRequest, LLMOutputError, LLMRequestError
 from refforge.llm.endpoint import ModelEndpoint, endpoint_client
+from refforge.stages import benchmarks
 from refforge.stages import evaluate as ev
 from refforge.stages.answers import Answer, parse_answer
 from refforge.stages.export_records import read_canonical
@@ -81,8 +96,9 @@ def model_slug(name: str) -> str:
     return slug or "model"
 
 
-def _load_samples(export_dir: Path, split: str, limit: int | None) -> tuple[list[dict[str, Any]], set[str]]:
-    """The split's records (the first ``limit``), checked, and the sample ids of the whole split."""
+def _load_samples(export_dir: Path, split: str, limit: int | None
+                  ) -> tuple[list[dict[str, Any]], set[str], list[dict[str, Any]]]:
+    """The split's records (the first ``limit``), checked; the sample ids of the whole split; the whole split."""
     if not export_dir.is_dir():
         raise EvalError(f"{export_dir} is not a directory (an export made by `refforge export`)")
     try:
@@ -90,6 +106,7 @@ def _load_samples(export_dir: Path, split: str, limit: int | None) -> tuple[list
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
     all_ids = {str(r.get("sample_id")) for r in records}
+    whole = records
     if limit is not None:
         if limit < 1:
             raise EvalError("--limit must be at least 1")
@@ -98,7 +115,7 @@ def _load_samples(export_dir: Path, split: str, limit: int | None) -> tuple[list
         ev.check_records(records, split)
     except ValueError as e:
         raise EvalError(str(e)) from None
-    return records, all_ids
+    return records, all_ids, whole
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -122,11 +139,13 @@ def _finite(v: Any) -> Any:
 
 
 def _write_outputs(out: Path, samples: Sequence[Mapping[str, Any]], preds: Mapping[str, dict[str, Any]],
-                   meta: dict[str, Any]) -> dict[str, Any]:
+                   meta: dict[str, Any], native: tuple[str, Sequence[Mapping[str, Any]]] | None = None
+                   ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(_finite(preds[s["sample_id"]]), default=_json_default) for s in samples]
     _write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     metrics = {**meta, **ev.summarise(samples, preds)}
+    metrics["benchmarks"] = benchmark_metrics(samples, preds, out, native)
     metrics["n_samples"] = len(samples)
     metrics["incomplete"] = metrics["statuses"].get("request_error", 0)
     metrics["missing"] = metrics["statuses"].get("missing", 0)
@@ -242,35 +261,136 @@ def _make_client(model: str, base_url: str, api_key_env: str | None, concurrency
 # -------------------------------------------------------------------------------------- predictions path
 
 
-def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
-    """``{sample_id: line}`` of a predictions file (JSON Lines). Raises EvalError naming the line."""
+def read_prediction_lines(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a predictions file, each with ``_line`` (its line, or its index in an array).
+
+    JSON Lines (one object a line), or one JSON array of objects (GroundingME's ``results.json``
+    style), or one JSON object that a benchmark module unpacks (``lines_from_document``). Raises
+    EvalError naming the line."""
     p = Path(path)
     if not p.is_file():
         raise EvalError(f"predictions file {p} does not exist")
-    out: dict[str, dict[str, Any]] = {}
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
+    text = p.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    lines: list[dict[str, Any]] = []
+    whole: Any = None
+    if stripped[:1] in ("[", "{"):
+        try:
+            whole = json.loads(text)
+        except ValueError:
+            whole = None  # JSON Lines (several objects), read below
+    if isinstance(whole, list):
+        for i, obj in enumerate(whole, start=1):
+            if not isinstance(obj, dict):
+                raise EvalError(f"{p}: item {i} of the JSON array is not an object")
+            lines.append({**obj, "_line": i})
+    elif isinstance(whole, dict) and (got := _unpack_document(whole)) is not None:
+        lines = [{**obj, "_line": i} for i, obj in enumerate(got, start=1)]
+    else:  # JSON Lines (a one-line file parses as one object too)
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except ValueError as e:
                 raise EvalError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("sample_id"), str):
-                raise EvalError(f"{p}:{n}: each line must be a JSON object with a string sample_id")
-            if "bbox" not in obj and "answer" not in obj:
-                raise EvalError(f"{p}:{n}: sample {obj['sample_id']!r} has neither 'bbox' nor 'answer'")
-            if obj["sample_id"] in out:
-                raise EvalError(f"{p}:{n}: sample {obj['sample_id']!r} appears twice")
-            score = obj.get("score")
-            if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)
-                                      or not math.isfinite(score)):
-                raise EvalError(f"{p}:{n}: score must be a finite number or null, not {score!r}")
-            obj["_line"] = n
-            out[obj["sample_id"]] = obj
-    if not out:
+            if not isinstance(obj, dict):
+                raise EvalError(f"{p}:{n}: each line must be a JSON object")
+            lines.append({**obj, "_line": n})
+    if not lines:
         raise EvalError(f"predictions file {p} holds no predictions")
+    return lines
+
+
+def _unpack_document(doc: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The prediction lines of a whole-file JSON object, if a benchmark module knows the document."""
+    for m in benchmarks.scorers():
+        unpack = getattr(m, "lines_from_document", None)
+        got = unpack(doc) if unpack is not None else None
+        if got is not None:
+            return got
+    return None
+
+
+def _refforge_lines(lines: Sequence[Mapping[str, Any]], p: Path | str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for obj in lines:
+        n = obj["_line"]
+        if not isinstance(obj.get("sample_id"), str):
+            raise EvalError(f"{p}:{n}: each line must be a JSON object with a string sample_id")
+        if "bbox" not in obj and "answer" not in obj:
+            raise EvalError(f"{p}:{n}: sample {obj['sample_id']!r} has neither 'bbox' nor 'answer'")
+        if obj["sample_id"] in out:
+            raise EvalError(f"{p}:{n}: sample {obj['sample_id']!r} appears twice")
+        score = obj.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)
+                                  or not math.isfinite(score)):
+            raise EvalError(f"{p}:{n}: score must be a finite number or null, not {score!r}")
+        out[obj["sample_id"]] = dict(obj)
     return out
+
+
+def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``{sample_id: line}`` of a predictions file in refforge's own format (JSON Lines). Raises EvalError
+    naming the line."""
+    return _refforge_lines(read_prediction_lines(path), path)
+
+
+def _native_lines_as_refforge(kind: str, lines: Sequence[Mapping[str, Any]], split_samples: Sequence[Mapping[str, Any]],
+                              where: str) -> dict[str, dict[str, Any]]:
+    """A benchmark's native prediction lines as refforge prediction lines (``sample_id``, ``bbox`` or a
+    failure ``status``, ``score``, ``raw_answer``), through the benchmark module's ``from_native``."""
+    try:
+        got = benchmarks.scorer(kind).from_native([{k: v for k, v in ln.items() if k != "_line"} for ln in lines],
+                                                  list(split_samples))
+    except ValueError as e:
+        raise EvalError(f"{where}: {e}") from None
+    out: dict[str, dict[str, Any]] = {}
+    for n, (sid, p) in enumerate(got.items(), start=1):
+        status = p.get("status")
+        line: dict[str, Any] = {"sample_id": sid, "_line": n, "score": p.get("score"),
+                                "raw_answer": p.get("raw_answer")}
+        if status == "box":
+            line["bbox"] = [float(v) for v in p["bbox"]]
+        elif status == "rejection":
+            line["bbox"] = None
+        else:
+            line.update(bbox=None, status=status if status in ev.STATUSES else "unparseable",
+                        reason=p.get("reason") or f"the {kind} line gave no box")
+        score = line["score"]
+        if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)
+                                  or not math.isfinite(score)):
+            line["score"] = None
+        out[sid] = line
+    return out
+
+
+def benchmark_metrics(samples: Sequence[Mapping[str, Any]], preds: Mapping[str, Mapping[str, Any]], out: Path | None,
+                      native: tuple[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Any]:
+    """Each benchmark's metrics as its own code computes them (``stages/benchmarks``), from that
+    benchmark's native prediction lines: the file's own lines when ``native`` = (its benchmark, its
+    lines), else lines made from ``preds`` (written to ``out/native/<benchmark>.jsonl`` so that the
+    benchmark's scorer can be run on exactly what was scored)."""
+    result: dict[str, Any] = {}
+    for m in benchmarks.scorers():
+        if native is not None and native[0] == m.NAME:
+            lines = [{k: v for k, v in ln.items() if k != "_line"} for ln in native[1]]
+            origin = "the predictions file"
+        else:
+            lines = m.native_predictions(list(samples), preds)
+            origin = "converted from refforge's predictions"
+        entry: dict[str, Any] = {"title": m.TITLE, "upstream": m.UPSTREAM, "lines_from": origin}
+        try:
+            entry.update(m.score(list(samples), lines))
+        except ValueError as e:
+            entry.update(metrics={}, tables={}, notes=[f"not computed: {e}"])
+        if out is not None:
+            target = out / "native" / f"{m.NAME}.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_text(target, "".join(json.dumps(_finite(ln), default=_json_default) + "\n" for ln in lines))
+            entry["native_file"] = str(target.relative_to(out))
+        result[m.NAME] = entry
+    return result
 
 
 def _bbox_answer(value: Any, where: str) -> Answer:
@@ -331,7 +451,7 @@ def run_eval(export_dir: str | Path, *, model: str | None = None, base_url: str 
              split: str = "test", concurrency: int = 8, limit: int | None = None, logprobs: bool = False,
              predictions: str | Path | None = None, out: str | Path | None = None,
              image_longest_side: int = 1024, timeout_s: float = 60, max_retries: int = 5,
-             max_tokens: int | None = None, chunk_size: int = 256,
+             max_tokens: int | None = None, chunk_size: int = 256, predictions_format: str = "auto",
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate a model (or a predictions file) on one split of an export; returns metrics.json's
     content plus ``"out"`` (the output folder). See the module doc for the files and the policies."""
@@ -346,8 +466,23 @@ def run_eval(export_dir: str | Path, *, model: str | None = None, base_url: str 
         raise EvalError("--concurrency must be at least 1")
     if chunk_size < 1:
         raise EvalError("chunk_size must be at least 1")
-    samples, split_ids = _load_samples(root, split, limit)
-    given = read_predictions(predictions) if predictions is not None else None
+    samples, split_ids, whole = _load_samples(root, split, limit)
+    given: dict[str, dict[str, Any]] | None = None
+    native: tuple[str, list[dict[str, Any]]] | None = None
+    kind = None
+    if predictions is not None:
+        lines = read_prediction_lines(predictions)
+        try:
+            kind = benchmarks.detect_format(lines, predictions_format, where=str(predictions))
+        except benchmarks.FormatError as e:
+            raise EvalError(str(e)) from None
+        if kind == benchmarks.REFFORGE:
+            given = _refforge_lines(lines, predictions)
+        else:
+            given = _native_lines_as_refforge(kind, lines, whole, str(predictions))
+            # the file's own lines are scored as they are when they cover what is evaluated; with --limit
+            # the benchmark's lines are made again from the evaluated samples' predictions
+            native = (kind, lines) if limit is None else None
     name = model or (Path(predictions).stem if predictions is not None else "model")
     # one folder per model and dialect: a second dialect does not overwrite the first
     out_dir = Path(out) if out is not None else root / "eval" / (
@@ -360,12 +495,12 @@ def run_eval(export_dir: str | Path, *, model: str | None = None, base_url: str 
     if given is not None:
         preds = score_predictions(samples, given, coords, where=str(predictions), split_ids=split_ids)
         sources = {p["score_source"] for p in preds.values()}
-        meta.update(source="predictions", predictions_file=str(predictions), base_url=None, requests=None,
-                    logprobs_requested=False,
+        meta.update(source="predictions", predictions_file=str(predictions), predictions_format=kind,
+                    base_url=None, requests=None, logprobs_requested=False,
                     score_note="scores from the file" if sources == {"file"} else
                     "binary: 1 = answered a box, 0 = rejected or failed" if sources == {"binary"} else
                     "scores from the file where given, else binary")
-        return _write_outputs(out_dir, samples, preds, meta)
+        return _write_outputs(out_dir, samples, preds, meta, native)
 
     missing_images = sorted({str(s["image"]) for s in samples if not (root / str(s["image"])).is_file()})
     if missing_images:

@@ -40,21 +40,17 @@ import pyarrow.parquet as pq
 from refforge import __version__
 from refforge.config import Config
 from refforge.optional import require
+from refforge.stages.benchmarks import finecops as bm_finecops
+from refforge.stages.benchmarks import groundingme as bm_groundingme
+from refforge.stages.benchmarks import refbench_pro as bm_refbench_pro
+from refforge.stages.benchmarks import univg as bm_univg
 from refforge.stages.export_formats import (
     CANONICAL_SCHEMA,
     FORMATS,
     SPLIT_ORDER,
     canonical_record,
-    finecops_coco,
-    path_tuple,
     refcoco,
-    to_finecops,
-    to_groundingme,
-    to_r1,
-    to_refbench,
-    to_sft,
 )
-from refforge.stages.scene.boxes import DIALECTS
 from refforge.stages.scene.templates import load_template
 from refforge.stages.splits import (
     DEFAULT_PHASH_THRESHOLD,
@@ -72,7 +68,7 @@ from refforge.storage.atomic import atomic_write_bytes, fsync_dir
 from refforge.storage.build import BuildDir, new_run_id
 from refforge.storage.catalog import Catalog
 
-__all__ = ["ExportError", "LeakageError", "export_build", "parse_formats", "parse_ratios"]
+__all__ = ["ExportError", "LeakageError", "export_build", "left_out_by_format", "parse_formats", "parse_ratios"]
 
 FORMAT_HELP: dict[str, str] = {
     "parquet": "canonical records, `parquet/<split>.parquet`",
@@ -80,9 +76,12 @@ FORMAT_HELP: dict[str, str] = {
     "finecops": "FineCops-Ref vanilla JSON `finecops/<split>.json` and its MDETR-style COCO variant "
                 "`finecops/coco/final_finecops_<split>.json`",
     "refbench-pro": "RefBench-PRO records `refbench-pro/<split>.json`",
-    "groundingme": "GroundingME records `groundingme/<split>.json`",
+    "groundingme": "GroundingME as a Hugging Face dataset folder `groundingme/` (Parquet with an image feature; "
+                   "`datasets.load_dataset(\"<export>/groundingme\", split=\"test\")`; val is `validation`) and "
+                   "`groundingme/<split>.json`",
     "sft": "LLaMA-Factory ShareGPT conversations `sft/<split>.json` with `sft/dataset_info.json`",
-    "r1": "GRPO records (open-r1-multimodal / UniVG-R1) `r1/<split>.jsonl`",
+    "r1": "UniVG-R1 GRPO records `r1/<split>.json` (one JSON array, positives) and open-r1-multimodal records "
+          "`r1/open-r1/<split>.jsonl` (every sample)",
     "coco": "RefCOCO-style `coco/instances.json`, `coco/refs.json`, `coco/refs(refforge).p` (positives only)",
     "hf": "a `datasets.DatasetDict` in `hf/` (`datasets.load_from_disk`), images embedded",
 }
@@ -226,8 +225,43 @@ def _category_of(records: Sequence[Mapping[str, Any]], objects: Mapping[tuple[st
     return out
 
 
+_BENCHMARK_WRITERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "finecops": bm_finecops.write_export,
+    "refbench-pro": bm_refbench_pro.write_export,
+    "groundingme": bm_groundingme.write_export,
+    "sft": bm_univg.write_sft,
+    "r1": bm_univg.write_r1,
+}
+
+
+def left_out_by_format(manifests: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """``{format: {reason: count}}`` of the records a benchmark format could not hold (its manifest's
+    ``left_out*`` entries: lists of ``{reason}``, or per split a count or ``{reason: count}``)."""
+    out: dict[str, dict[str, int]] = {}
+    for fmt, man in manifests.items():
+        counts: Counter = Counter()
+        for key, value in (man or {}).items():
+            if not key.startswith("left_out"):
+                continue
+            items = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else []
+            for item in items:
+                if isinstance(item, dict) and "reason" in item:
+                    counts[str(item["reason"])] += 1
+                elif isinstance(item, dict):
+                    counts.update({str(k): int(v) for k, v in item.items() if int(v)})
+                elif isinstance(item, int) and item:
+                    counts["unspecified"] += item
+        if counts:
+            out[fmt] = dict(sorted(counts.items()))
+    return out
+
+
 def _write_formats(tmp: Path, formats: Sequence[str], by_split: Mapping[str, list[dict]], *, dialect: str,
-                   all_exprs: Sequence[Mapping[str, Any]], objects: Mapping[tuple[str, str], str]) -> None:
+                   all_exprs: Sequence[Mapping[str, Any]], objects: Mapping[tuple[str, str], str]
+                   ) -> dict[str, Any]:
+    """Write every format under ``tmp``; returns the benchmark formats' manifests (counts, what each
+    left out and why), which go into export.json."""
+    manifests: dict[str, Any] = {}
     records = [r for s in by_split for r in by_split[s]]
     by_id = {r["sample_id"]: r for r in records}
     cats: dict[str, str] = {}
@@ -245,46 +279,9 @@ def _write_formats(tmp: Path, formats: Sequence[str], by_split: Mapping[str, lis
         elif fmt == "jsonl":
             for s, rows in by_split.items():
                 _write_jsonl(d / f"{s}.jsonl", rows)
-        elif fmt == "finecops":
-            # shuffle_index: the negative's index among all negatives of its positive in the build
-            negs: dict[str, list[str]] = defaultdict(list)
-            for e in all_exprs:
-                if e["polarity"] == "negative" and e.get("positive_id"):
-                    negs[e["positive_id"]].append(e["sample_id"])
-            index = {sid: i for lst in negs.values() for i, sid in enumerate(sorted(lst))}
-            exprs = {e["sample_id"]: e for e in all_exprs}
-            (d / "coco").mkdir(exist_ok=True)
-            for s, rows in by_split.items():
-                out = []
-                for r in rows:
-                    pos = exprs.get(r.get("positive_id") or "")
-                    out.append(to_finecops(
-                        r, shuffle_index=index.get(r["sample_id"]),
-                        ori_type=path_tuple(pos.get("path"))["tuple_type"] if pos else None,
-                        positive_object_id=pos.get("target_object_id") if pos else None))
-                _write_json(d / f"{s}.json", out)
-                _write_json(d / "coco" / f"final_finecops_{s}.json", finecops_coco(rows, categories, cats))
-        elif fmt == "refbench-pro":
-            for s, rows in by_split.items():
-                _write_json(d / f"{s}.json", [to_refbench(r) for r in rows])
-        elif fmt == "groundingme":
-            for s, rows in by_split.items():
-                _write_json(d / f"{s}.json", [to_groundingme(r) for r in rows])
-        elif fmt == "sft":
-            info = {}
-            for s, rows in by_split.items():
-                _write_json(d / f"{s}.json", [to_sft(r, dialect) for r in rows])
-                info[f"refforge_{s}"] = {
-                    "file_name": f"{s}.json", "formatting": "sharegpt",
-                    "columns": {"messages": "messages", "images": "images"},
-                    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                             "assistant_tag": "assistant"}}
-            _write_json(d / "dataset_info.json", info, indent=2)
-            _write_json(d / "refforge.json", {"dialect": dialect, "image_root": ".."}, indent=2)
-        elif fmt == "r1":
-            for s, rows in by_split.items():
-                _write_jsonl(d / f"{s}.jsonl", [to_r1(r, "pixels") for r in rows])
-            _write_json(d / "refforge.json", {"dialect": "pixels", "image_root": ".."}, indent=2)
+        elif fmt in _BENCHMARK_WRITERS:
+            manifests[fmt] = _BENCHMARK_WRITERS[fmt](d, by_split, all_exprs=all_exprs, category_of=cats,
+                                                     categories=categories, dialect=dialect)
         elif fmt == "coco":
             refs, instances = refcoco(records, categories, cats)
             _write_json(d / "instances.json", instances)
@@ -294,6 +291,7 @@ def _write_formats(tmp: Path, formats: Sequence[str], by_split: Mapping[str, lis
             _write_hf(d, by_split, tmp)
         else:  # pragma: no cover - parse_formats refuses it first
             raise ExportError(f"unknown format {fmt!r}")
+    return manifests
 
 
 def _write_hf(d: Path, by_split: Mapping[str, list[dict]], tmp: Path) -> None:
@@ -514,8 +512,8 @@ def export_build(
     build_root = Path(build_dir)
     out = Path(out)
     formats = parse_formats(formats)
-    if dialect not in DIALECTS:
-        raise ExportError(f"unknown --dialect {dialect!r}; allowed: {', '.join(DIALECTS)}")
+    if dialect not in bm_univg.SFT_DIALECTS:
+        raise ExportError(f"unknown --dialect {dialect!r}; allowed: {', '.join(bm_univg.SFT_DIALECTS)}")
     if test_size is not None and (int(test_size) != test_size or test_size < 0):
         raise ExportError(f"--test-size must be a non-negative integer, got {test_size!r}")
     if phash_threshold is not None and not 0 <= int(phash_threshold) <= 64:
@@ -525,7 +523,7 @@ def export_build(
     except FileNotFoundError as e:
         raise ExportError(str(e)) from e
     _check_out(out, force, build.root)
-    if "hf" in formats:
+    if "hf" in formats or "groundingme" in formats:
         _datasets_module()
 
     data = _read_build(build.root)
@@ -629,7 +627,9 @@ def export_build(
     try:
         used = {r["image"] for rows in by_split.values() for r in rows}
         link_mode = _copy_images(build, tmp, used)
-        _write_formats(tmp, formats, by_split, dialect=dialect, all_exprs=samples, objects=data["objects"])
+        meta["format_manifests"] = _write_formats(tmp, formats, by_split, dialect=dialect, all_exprs=samples,
+                                                  objects=data["objects"])
+        meta["left_out_by_format"] = left_out_by_format(meta["format_manifests"])
         card = {"meta": meta, "splits": list(by_split), "stats": _stats(by_split), "link_mode": link_mode,
                 "formats": [(f, FORMAT_HELP[f]) for f in formats], "n_images": len(used)}
         atomic_write_bytes(tmp / "README.md", _render_card(card).encode("utf-8"))

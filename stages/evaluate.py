@@ -362,4 +362,57 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
             continue
         g = key[3:]
         lines += [f"## By {g}", "", *_md_table(g, [(str(r[g]), r) for r in rows]), ""]
+    for entry in (m.get("benchmarks") or {}).values():
+        lines += _benchmark_markdown(entry)
+    if m.get("benchmarks"):
+        lines += ["## refforge's definitions and the benchmarks'", "", *DEFINITIONS_MD, ""]
     return "\n".join(lines)
+
+
+DEFINITIONS_MD: tuple[str, ...] = (
+    "The tables above headed *Overall* and *By ...* use refforge's own definitions (stages/metrics.py); the "
+    "benchmark sections use each benchmark's, computed as its public code computes them, under its prefix. "
+    "Where they differ:",
+    "",
+    "- **Acc@t** (refforge): positives only, `IoU >= t` with a 1e-9 tolerance. **groundingme.acc@t**: every "
+    "sample, a correct rejection counting as IoU 1, so rejections raise or lower it.",
+    "- **mAcc** (refforge): thresholds 0.50..0.90 in exact steps, inclusive. **refbench_pro.macc**: numpy's "
+    "`np.arange(0.5, 0.95, 0.05)`, whose float steps make an IoU of exactly 0.6, 0.65, ..., 0.9 fail that "
+    "step; per task type, the reject type scored as rejection accuracy (`pred_bbox == [0, 0, 0, 0]`).",
+    "- **Recall@k** (refforge): a pool is the positive with its negatives by `positive_id`, ranked by one score "
+    "per sample, ties ranked against the positive; the box is not checked. **finecops.recall@k**: pools per "
+    "(negative type, negative level, negative category), every box's score >= 0 counted, ties counted as "
+    "hits, and a hit needs the positive's top box(es) at IoU >= 0.5.",
+    "- **AUROC / AUPR / FPR95** (refforge): all positives against all negatives; FPR95 at the first threshold "
+    "reaching TPR 0.95. **finecops.auroc** etc.: level-1 positives only against all negatives; FPR95 at the "
+    "threshold whose recall is closest to 0.95; per negative group, a positive counted once per paired negative.",
+    "- Answers: refforge reads pixels of the image (or a 0-1000 grid with `coords grid1000`); FineCops-Ref "
+    "decodes 0-1000 answers with integer truncation; GroundingME accepts 0-1, 0-999 and pixel coordinates.",
+)
+
+
+def _benchmark_markdown(entry: Mapping[str, Any]) -> list[str]:
+    up = entry.get("upstream") or {}
+    files = ", ".join(up.get("files") or ())
+    repo = str(up.get("repo", "?")).removeprefix("https://github.com/")
+    where = f"{repo} {files} at {str(up.get('commit', '?'))[:12]}"
+    lines = [f"## {entry.get('title')} (as {where} computes it)", ""]
+    if entry.get("native_file"):
+        lines.append(f"Scored from `{entry['native_file']}` ({entry.get('lines_from')}).")
+        lines.append("")
+    metrics = entry.get("metrics") or {}
+    if metrics:
+        lines += ["| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        lines.append("")
+    for name, rows in (entry.get("tables") or {}).items():
+        if not rows:
+            continue
+        cols = list(rows[0])
+        lines += [f"### {name}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+        lines.append("")
+    lines += [f"- {n}" for n in entry.get("notes") or ()]
+    if entry.get("notes"):
+        lines.append("")
+    return lines

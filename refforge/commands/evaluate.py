@@ -33,9 +33,13 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="evaluate only the first N samples of the split")] = None,
     logprobs: Annotated[bool, typer.Option("--logprobs", help="ask for token logprobs and score with them "
                                            "where returned")] = False,
-    predictions: Annotated[Path | None, typer.Option("--predictions", help="JSONL of predictions made "
-                                                     "elsewhere (sample_id + bbox or answer): score, "
-                                                     "no model")] = None,
+    predictions: Annotated[Path | None, typer.Option("--predictions", help="predictions made elsewhere: "
+                                                     "refforge's JSONL (sample_id + bbox or answer) or a "
+                                                     "FineCops-Ref, RefBench-PRO or GroundingME prediction "
+                                                     "file; score, no model")] = None,
+    predictions_format: Annotated[str, typer.Option("--predictions-format", help="kind of --predictions file: "
+                                                    "auto (detected; an ambiguous file is refused), refforge, "
+                                                    "finecops, refbench-pro or groundingme")] = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder; default "
                                              "EXPORT/eval/<model-slug>-<dialect>/")] = None,
     image_longest_side: Annotated[int, typer.Option("--image-longest-side", help="resize images to this "
@@ -57,7 +61,7 @@ def eval_command(
                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
         else:
             metrics = run_eval(export, model=model, dialect=dialect, coords=coords, split=split, limit=limit,
-                               predictions=predictions, out=out)
+                               predictions=predictions, out=out, predictions_format=predictions_format)
     except EvalError as e:
         fail(str(e))
     overall = metrics["overall"]
@@ -67,6 +71,11 @@ def eval_command(
         t.add_column(c, justify="right")
     t.add_row(*("–" if overall.get(c) is None else f"{overall[c]:.3f}" for c in _SHOWN))
     console.print(t)
+    for entry in (metrics.get("benchmarks") or {}).values():
+        shown = [(k, v) for k, v in (entry.get("metrics") or {}).items() if isinstance(v, int | float)][:8]
+        if shown:
+            console.print(f"{entry['title']} ({entry.get('lines_from')}): "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in shown), highlight=False)
     statuses = ", ".join(f"{k} {v}" for k, v in metrics["statuses"].items() if v)
     console.print(f"answers: {statuses}; score: {metrics['score_source']}", highlight=False)
     req = metrics.get("requests")
@@ -74,7 +83,7 @@ def eval_command(
         console.print(f"requests: {req.get('requests', 0)} ({req.get('cached', 0)} from the cache, "
                       f"{req.get('http_requests', 0)} HTTP), tokens: {req.get('prompt_tokens', 0)} in, "
                       f"{req.get('completion_tokens', 0)} out", highlight=False)
-    console.print(f"wrote {metrics['out']}/predictions.jsonl, metrics.json, metrics.md", highlight=False)
+    console.print(f"wrote {metrics['out']}/predictions.jsonl, metrics.json, metrics.md, native/", highlight=False)
     if metrics.get("missing"):
         console.print(f"[yellow]warning:[/] {metrics['missing']} sample(s) of the split have no prediction; "
                       "they are scored wrong (status 'missing')", highlight=False)

@@ -26,7 +26,9 @@ def export(
     test_size: Annotated[int | None, typer.Option(
         "--test-size", help="about this many test samples; the other splits share the rest")] = None,
     dialect: Annotated[str, typer.Option(
-        help="box dialect of the sft format: pixels, grid1000, pairs, qwen_json")] = "pixels",
+        help="box dialect of the sft and r1 formats: pixels, grid1000, pairs, qwen_json, qwen2vl "
+             "(r1: grid1000/qwen2vl answer on the 0-1000 grid UniVG-R1's Qwen2-VL uses, others in pixels)")]
+        = "pixels",
     reviewed_test: Annotated[bool, typer.Option(
         "--reviewed-test", help="keep only human-accepted (or fixed) samples in the test split")] = False,
     include_needs_review: Annotated[bool, typer.Option(
@@ -57,6 +59,10 @@ def export(
     if meta["dropped"]:
         console.print("left out: " + "; ".join(f"{n} {why}" for why, n in meta["dropped"].items()),
                       highlight=False)
+    for name, reasons in (meta.get("left_out_by_format") or {}).items():
+        console.print(f"[yellow]{escape(name)} could not hold:[/] "
+                      + "; ".join(f"{n} {escape(why)}" for why, n in reasons.items())
+                      + " (see export.json format_manifests)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
