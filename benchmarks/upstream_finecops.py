@@ -30,16 +30,14 @@ import importlib.util
 import io
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _upstream import demo_export  # noqa: E402  (benchmarks/ is the script's folder)
 
-ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 NEEDS = "numpy, pandas, torch, torchvision, pycocotools, scikit-learn, tqdm"
 
@@ -52,15 +50,7 @@ def _refforge() -> list[str]:
 def _demo_export(tmp: Path) -> Path:
     from refforge.stages.export_formats import FORMATS
 
-    env = {**os.environ, "PREFECT_HOME": str(tmp / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1"}
-    build, export = tmp / "build", tmp / "export"
-    for cmd in ([*_refforge(), "build", "--config", str(ROOT / "configs" / "demo.toml"), "--out", str(build)],
-                [*_refforge(), "export", str(build), "--out", str(export), "--format", ",".join(FORMATS)]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            sys.exit(f"{' '.join(cmd[:2])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return export
+    return demo_export(tmp, FORMATS)
 
 
 def _load_scorer(upstream: Path) -> Any:

@@ -42,20 +42,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _upstream import demo_export  # noqa: E402  (benchmarks/ is the script's folder)
+
 TOL = 1e-4
 
 
 def _build_demo(tmp: Path) -> Path:
-    env = {**os.environ, "PREFECT_HOME": str(tmp / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1"}
-    cli = [sys.executable, "-m", "refforge.cli"]
-    subprocess.run([*cli, "build", "--config", str(REPO / "configs" / "demo.toml"), "--out", str(tmp / "build")],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run([*cli, "export", str(tmp / "build"), "--out", str(tmp / "export"), "-f",
-                    "parquet,jsonl,finecops,refbench-pro,groundingme,sft,r1,coco,hf"],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    return tmp / "export"
+    return demo_export(tmp, ["parquet", "jsonl", "finecops", "refbench-pro", "groundingme", "sft", "r1", "coco", "hf"])
 
 
 def _gme_folder(export: Path, split: str, tmp: Path) -> Path:

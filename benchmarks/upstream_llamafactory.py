@@ -33,25 +33,17 @@ import ast
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _upstream import demo_export  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def _build_demo(tmp: Path) -> Path:
-    env = {**os.environ, "PREFECT_HOME": str(tmp / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1"}
-    cli = [sys.executable, "-m", "refforge.cli"]
-    subprocess.run([*cli, "build", "--config", str(REPO / "configs" / "demo.toml"), "--out", str(tmp / "build")],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run([*cli, "export", str(tmp / "build"), "--out", str(tmp / "export"), "-f", "parquet,jsonl,sft"],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    return tmp / "export"
+    return demo_export(tmp, ["parquet", "jsonl", "sft"])
 
 
 class _Logger:

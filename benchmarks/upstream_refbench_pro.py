@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import subprocess
@@ -36,7 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _upstream import demo_export  # benchmarks/ is the script's folder
+
 TOL = 1e-4
 PRINT_TOL = 0.005 + 1e-9
 
@@ -56,14 +56,7 @@ _PRINTED = re.compile(r"^\s*-\s*(\S+)\s*:\s*(-?[\d.]+|nan)\s*$")
 
 
 def _build_demo(tmp: Path) -> Path:
-    env = {**os.environ, "PREFECT_HOME": str(tmp / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1"}
-    cli = [sys.executable, "-m", "refforge.cli"]
-    subprocess.run([*cli, "build", "--config", str(REPO / "configs" / "demo.toml"), "--out", str(tmp / "build")],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run([*cli, "export", str(tmp / "build"), "--out", str(tmp / "export"), "-f",
-                    "parquet,jsonl,refbench-pro"], check=True, env=env, stdout=subprocess.DEVNULL)
-    return tmp / "export"
+    return demo_export(tmp, ["parquet", "jsonl", "refbench-pro"])
 
 
 def _moved(box: list[float], w: int, h: int, rng: random.Random, spread: float) -> list[float]:

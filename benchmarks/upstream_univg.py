@@ -37,14 +37,14 @@ import importlib.machinery
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import types
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _upstream import demo_export  # noqa: E402  (benchmarks/ is the script's folder)
+
 STUBBED = ("torch", "torchvision", "transformers", "trl", "math_verify", "yaml", "qwen_vl_utils", "trainer",
            "deepspeed", "accelerate", "peft", "flash_attn", "wandb")
 
@@ -76,14 +76,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def _build_demo(tmp: Path) -> Path:
-    env = {**os.environ, "PREFECT_HOME": str(tmp / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1"}
-    cli = [sys.executable, "-m", "refforge.cli"]
-    subprocess.run([*cli, "build", "--config", str(REPO / "configs" / "demo.toml"), "--out", str(tmp / "build")],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run([*cli, "export", str(tmp / "build"), "--out", str(tmp / "export"), "-f", "parquet,jsonl,r1,sft"],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    return tmp / "export"
+    return demo_export(tmp, ["parquet", "jsonl", "r1", "sft"])
 
 
 def load_upstream(checkout: Path) -> types.ModuleType:

@@ -95,6 +95,15 @@ def test_a_native_file_is_detected_and_scores_to_the_same_benchmark_metrics(expo
         assert (v is None and got["metrics"][k] is None) or got["metrics"][k] == pytest.approx(v, abs=1e-9), k
     # refforge's own metrics read the same answers back from the benchmark's file
     assert again["n_samples"] == first["n_samples"] and again["missing"] == 0
+    if bench == "groundingme":  # evaluate.py's results.json (one JSON document) reads the same
+        lines = [json.loads(x) for x in native.read_text().splitlines()]
+        doc = tmp_path / "results.json"
+        doc.write_text(json.dumps({"metrics": {}, "detailed_results": [
+            {**x, "subtask_l1": "", "subtask_l2": "", "iou": 0.0, "pred_bbox": None, "gt_bbox": None}
+            for x in lines]}))
+        third = run_eval(export, predictions=doc, out=tmp_path / "c")
+        assert third["predictions_format"] == "groundingme"
+        assert third["benchmarks"][bench]["metrics"] == got["metrics"]
     tol = 0.02 if bench == "finecops" else 1e-9  # FineCops-Ref's 0-1000 answers cost up to a pixel
     assert again["overall"]["rejection_acc"] == pytest.approx(first["overall"]["rejection_acc"], abs=1e-9)
     assert again["overall"]["acc@0.5"] == pytest.approx(first["overall"]["acc@0.5"], abs=tol)
