@@ -5,6 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := builds/demo
+VENV_LS := .venv-ls
+LS_VERSION := 1.23.2
 
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -25,11 +27,19 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 
 # test install: the dev tools and the model backends' extra
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,models]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q -e '.[dev,models,review]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import refforge.flows.build, pytest, hypothesis, torch"
 	# headless Chromium for the report tests (Debian's package; tests drive it with playwright)
 	command -v chromium >/dev/null || (S=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$S apt-get update -qq && $$S apt-get install -y -qq chromium)
 	touch $@ $(VENV)/.core
+
+# Label Studio in its own venv (its redis and python-json-logger pins conflict with Prefect's);
+# `refforge review server start` runs it from here, and the review tests start one
+$(VENV_LS)/.done:
+	$(PYTHON) -m venv $(VENV_LS)
+	$(VENV_LS)/bin/pip install -q label-studio==$(LS_VERSION) 2>&1 | grep -v "^WARNING: Location" || true
+	$(VENV_LS)/bin/python -c "import label_studio; assert label_studio.__version__ == '$(LS_VERSION)'"
+	touch $@
 
 demo: $(VENV)/.core
 	# --force: a demo build left by an older release (other stage versions) is replaced; an equal one resumes
@@ -42,7 +52,7 @@ demo: $(VENV)/.core
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 
-test: $(VENV)/.test lint
+test: $(VENV)/.test $(VENV_LS)/.done lint
 	$(BIN)/pytest -q
 
 bench: $(VENV)/.test

@@ -18,18 +18,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import jinja2
 import numpy as np
 from markupsafe import Markup
 
 from refforge.schemas import TABLES
 from refforge.stages import report as R
+from refforge.stages import review_stats as RS
 from refforge.storage import Catalog, ImageStore
 from refforge.storage.atomic import atomic_write_bytes
 
 TEMPLATE = "report.html.j2"
 THUMB_LONGEST = 320
 TOP_CATEGORIES = 15
+DISAGREEMENTS_SHOWN = 20
 
 
 def _rows(cat: Catalog, query: str, params: list | None = None) -> list[dict[str, Any]]:
@@ -206,18 +209,41 @@ def _blind(runs: list[dict]) -> dict[str, Any] | None:
     return None
 
 
-def _reviews(cat: Catalog) -> dict[str, Any] | None:
-    rows = _rows(cat, "SELECT sample_id, annotator, decision, time FROM reviews")
+def _review_strategies(cat: Catalog) -> dict[str, list[str]] | None:
+    """``sample_id -> strategies`` from the ``review_batches`` table; None when the build has no batch
+    records (a build from before review push, or reviews written by hand)."""
+    if "review_batches" not in TABLES:
+        return None
+    try:
+        rows = cat.con.execute("SELECT sample_id, list(DISTINCT strategy) FROM review_batches GROUP BY ALL").fetchall()
+    except duckdb.Error:  # an old or odd batches table: no strategy known (the report says so)
+        return None
     if not rows:
         return None
+    return {sid: [s for s in strategies if s is not None] for sid, strategies in rows}
+
+
+def _reviews(cat: Catalog) -> dict[str, Any] | None:
+    rows = _rows(cat, "SELECT sample_id, annotator, decision, fixed_box, fixed_text, time FROM reviews")
+    if not rows:
+        return None
+    exprs = _rows(cat, "SELECT sample_id, text, task, difficulty, polarity, negative_type, negative_level, gt_box "
+                       "FROM expressions WHERE sample_id IN (SELECT DISTINCT sample_id FROM reviews)")
+    population = _rows(cat, "SELECT sample_id, task, difficulty, polarity, negative_type, negative_level "
+                            "FROM expressions")
     ag = R.review_agreement(rows)
     pairs = R.html_table(["annotator A", "annotator B", "shared samples", "percent agreement", "Cohen's kappa"],
                          [(p["a"], p["b"], p["n"], _pct(p["agreement"]), R.fmt_float(p["kappa"])) for p in ag.pairs],
                          cls="data pairs", numeric=[False, False, True, True, True]) if ag.pairs else ""
     chart = R.bar_chart(sorted(ag.decisions.items()), chart="review_decision", title="decisions (latest per "
                         "annotator and sample)", color=R.PALETTE[4])
+    stats = RS.agreement(rows, exprs)
+    audit = RS.audit_error_rates(rows, population, _review_strategies(cat))
     return {"ag": ag, "pairs": Markup(pairs), "chart": Markup(chart),
-            "unanimous": _pct(ag.unanimous), "kappa": [R.fmt_float(p["kappa"]) for p in ag.pairs]}
+            "unanimous": _pct(ag.unanimous), "kappa": [R.fmt_float(p["kappa"]) for p in ag.pairs],
+            "strata": Markup(R.agreement_table(stats)), "n_disagreements": len(stats.disagreements),
+            "disagreements": Markup(R.disagreement_table(stats.disagreements, DISAGREEMENTS_SHOWN)),
+            "audit": audit, "audit_table": Markup(R.audit_table(audit))}
 
 
 def _pct(x: float) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from types import ModuleType
 
 # extra -> what pip installs for it (the extras of pyproject.toml)
-EXTRAS = ("models", "hf", "dask", "dev")
+EXTRAS = ("models", "hf", "dask", "review", "dev")
 
 
 class MissingPackage(ImportError):

@@ -14,6 +14,7 @@ from .tables import (
     Record,
     Relation,
     Review,
+    ReviewBatch,
     Score,
     Split,
     check_box,
@@ -23,6 +24,6 @@ from .validate import duplicate_keys, records_to_arrow, row_key, schema_for, val
 
 __all__ = [
     "KEYS", "SCHEMA_VERSION", "TABLES", "Box", "CotTrace", "Drop", "Edit", "Expression", "Image", "Object",
-    "Record", "Relation", "Review", "Score", "Split", "check_box", "duplicate_keys", "reason_slug", "records_to_arrow", "row_key",
+    "Record", "Relation", "Review", "ReviewBatch", "Score", "Split", "check_box", "duplicate_keys", "reason_slug", "records_to_arrow", "row_key",
     "schema_for", "validate_arrow", "validate_records",
 ]

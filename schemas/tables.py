@@ -181,6 +181,9 @@ class Score(Record):
 
 
 class Review(Record):
+    """One annotator's decision on a sample; ``time`` orders decisions (the latest counts). The fields
+    after ``time`` come from a Label Studio pull (a build from before them reads them as null)."""
+
     sample_id: str
     annotator: str
     decision: Literal["accept", "reject", "fix"]
@@ -188,6 +191,25 @@ class Review(Record):
     fixed_text: str | None = None
     task_id: str | None = None
     time: dt.datetime
+    created: dt.datetime | None = Field(default=None, description="when the annotation was first submitted")
+    updated: dt.datetime | None = Field(default=None, description="when it was last changed")
+    lead_time_s: float | None = Field(default=None, description="seconds the annotator spent on it")
+    project: str | None = Field(default=None, description="the Label Studio project it came from")
+    annotation_id: str | None = Field(default=None, description="the annotation's id in that project")
+
+
+class ReviewBatch(Record):
+    """A sample sent to a Label Studio project: written only once the server accepted its batch."""
+
+    project: str
+    project_id: int
+    task_id: str
+    sample_id: str
+    strategy: str
+    batch_id: str
+    time: dt.datetime
+    overlap: int | None = Field(default=None, description="annotators per task asked for")
+    url: str | None = Field(default=None, description="the server's URL (never a token)")
 
 
 class Drop(Record):
@@ -226,6 +248,7 @@ TABLES: dict[str, type[Record]] = {
     "cot_traces": CotTrace,
     "scores": Score,
     "reviews": Review,
+    "review_batches": ReviewBatch,
     "negative_candidates": Expression,
     "drops": Drop,
     "splits": Split,
@@ -240,6 +263,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "cot_traces": ("sample_id", "model", "trace"),
     "scores": ("subject_id", "filter"),
     "reviews": ("sample_id", "annotator", "time"),
+    "review_batches": ("project", "project_id", "sample_id"),
     "negative_candidates": ("sample_id",),
     "drops": ("stage", "key", "reason", "detail"),
     "splits": ("export_id", "sample_id"),

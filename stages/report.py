@@ -22,16 +22,30 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from .review_stats import (
+    Agreement,
+    AgreementReport,
+    AuditReport,
+    Disagreement,
+    cohen_kappa,
+    fmt_rate,
+    percent_agreement,
+    review_agreement,
+)
+
 __all__ = [
+    "Agreement",
     "Shot",
+    "agreement_table",
+    "audit_table",
     "bar_chart",
     "cohen_kappa",
+    "disagreement_table",
     "esc",
     "fmt_float",
     "fmt_int",
@@ -282,94 +296,96 @@ def level_mix(runs: Sequence[Mapping]) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------- reviews
+# The statistics live in :mod:`refforge.stages.review_stats` (percent_agreement, cohen_kappa,
+# review_agreement and Agreement are imported above and stay importable from here); these render them.
 
 
-def percent_agreement(a: Sequence[str], b: Sequence[str]) -> float:
-    """Share of items on which two annotators made the same decision.
+def _stratum_label(dimension: str, value: str) -> str:
+    return "all samples" if dimension == "all" else f"{dimension}: {value}"
 
-    >>> percent_agreement(["accept", "reject"], ["accept", "accept"])
-    0.5
+
+def _data_float(x: float | None) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
+
+
+def agreement_table(rep: AgreementReport) -> str:
+    """Agreement per stratum: samples with 2+ annotators, annotators, method, kappa, observed agreement,
+    mean box IoU (samples with 2+ boxes). Every row is ``<tr class="stratum" data-dimension=.. data-value=..
+    data-n=.. data-method=.. data-kappa=.. data-observed=.. data-iou=.. data-iou-n=..>`` (empty data values
+    where undefined).
+
+    >>> from refforge.stages.review_stats import StratumAgreement
+    >>> rep = AgreementReport(strata=[StratumAgreement("task", "<x>", n=4, annotators=2, method="cohen", kappa=0.5,
+    ...                                                observed=0.75)])
+    >>> html = agreement_table(rep)
+    >>> 'data-value="&lt;x&gt;" data-n="4" data-method="cohen" data-kappa="0.5"' in html, "n/a" in html
+    (True, True)
     """
-    if len(a) != len(b):
-        raise ValueError("both annotators need a decision for every item")
-    if not a:
-        return math.nan
-    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+    head = ("<tr><th>stratum</th><th class=num>samples with 2+ annotators</th><th class=num>annotators</th>"
+            "<th>method</th><th class=num>kappa</th><th class=num>observed agreement</th>"
+            "<th class=num>mean box IoU</th><th class=num>samples with 2+ boxes</th><th>note</th></tr>")
+    body = []
+    for st in rep.strata:
+        method = {"cohen": "Cohen", "fleiss": "Fleiss"}.get(st.method or "", "-")
+        body.append(
+            f'<tr class="stratum" data-dimension="{esc(st.dimension)}" data-value="{esc(st.value)}" '
+            f'data-n="{int(st.n)}" data-method="{esc(st.method or "")}" data-kappa="{_data_float(st.kappa)}" '
+            f'data-observed="{_data_float(st.observed)}" data-iou="{_data_float(st.iou)}" '
+            f'data-iou-n="{int(st.iou_n)}"><td>{esc(_stratum_label(st.dimension, st.value))}</td>'
+            f"<td class=num>{fmt_int(st.n)}</td><td class=num>{fmt_int(st.annotators)}</td><td>{esc(method)}</td>"
+            f"<td class=num>{esc(fmt_float(st.kappa))}</td><td class=num>{esc(_pct(st.observed))}</td>"
+            f"<td class=num>{esc(fmt_float(st.iou))}</td><td class=num>{fmt_int(st.iou_n)}</td>"
+            f"<td>{esc(st.note)}</td></tr>")
+    return (f'<table class="data strata"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')
 
 
-def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float:
-    """Cohen's kappa of two annotators over the same items: (p_o - p_e) / (1 - p_e).
+def disagreement_table(disagreements: Sequence[Disagreement], limit: int = 20) -> str:
+    """The first ``limit`` disagreements (sample id, stratum, each annotator's decision, why, expression);
+    rows ``<tr class="disagreement" data-sample-id=..>``; a note counts the ones left out."""
+    if not disagreements:
+        return '<p class="empty" id="no-disagreements">No disagreement between annotators.</p>'
+    head = ("<tr><th>sample</th><th>task</th><th>polarity / negative</th><th>decisions</th><th>why</th>"
+            "<th>expression</th></tr>")
+    body = []
+    for d in disagreements[:limit]:
+        decisions = ", ".join(f"{a}: {dec}" for a, dec in sorted(d.decisions.items()))
+        pol = d.polarity or "-"
+        if d.negative:
+            pol += f" ({d.negative})"
+        body.append(f'<tr class="disagreement" data-sample-id="{esc(d.sample_id)}"><td>{esc(d.sample_id)}</td>'
+                    f"<td>{esc(d.task or '-')}</td><td>{esc(pol)}</td><td>{esc(decisions)}</td>"
+                    f"<td>{esc(d.reason)}</td><td>{esc(d.text or '')}</td></tr>")
+    more = len(disagreements) - limit
+    note = f'<p class="note" id="more-disagreements">{fmt_int(more)} more not shown.</p>' if more > 0 else ""
+    return f'<table class="data disagreements"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>{note}'
 
-    NaN when it is undefined (no items, or both annotators used one and the same category only).
 
-    >>> cohen_kappa(["a", "a"], ["a", "a"])
-    nan
+def audit_table(rep: AuditReport) -> str:
+    """Error rate per stratum with its Wilson 95% interval; ``unknown`` where nothing was audited. Rows
+    ``<tr class="audit" data-dimension=.. data-value=.. data-population=.. data-audited=.. data-errors=..
+    data-rate=.. data-low=.. data-high=..>`` (rate and bounds empty when unknown).
+
+    >>> from refforge.stages.review_stats import StratumRate
+    >>> html = audit_table(AuditReport("audit", "n", strata=[StratumRate("negative", "flip L1", population=7)]))
+    >>> 'data-audited="0" data-errors="0" data-rate="" data-low="" data-high=""' in html, ">unknown<" in html
+    (True, True)
     """
-    po = percent_agreement(a, b)
-    if math.isnan(po):
-        return math.nan
-    n = len(a)
-    ca, cb = Counter(a), Counter(b)
-    pe = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / (n * n)
-    if pe >= 1.0:
-        return math.nan
-    return (po - pe) / (1.0 - pe)
+    head = ("<tr><th>stratum</th><th class=num>samples</th><th class=num>audited</th><th class=num>rejected</th>"
+            "<th class=num>fixed</th><th class=num>error rate (95% CI)</th></tr>")
+    body = []
+    for st in rep.strata:
+        body.append(
+            f'<tr class="audit" data-dimension="{esc(st.dimension)}" data-value="{esc(st.value)}" '
+            f'data-population="{int(st.population)}" data-audited="{int(st.audited)}" data-errors="{int(st.errors)}" '
+            f'data-rate="{_data_float(st.rate)}" data-low="{_data_float(st.low)}" data-high="{_data_float(st.high)}">'
+            f"<td>{esc(_stratum_label(st.dimension, st.value))}</td><td class=num>{fmt_int(st.population)}</td>"
+            f"<td class=num>{fmt_int(st.audited)}</td><td class=num>{fmt_int(st.rejected)}</td>"
+            f"<td class=num>{fmt_int(st.fixed)}</td><td class=num>{esc(fmt_rate(st))}</td></tr>")
+    return f'<table class="data audit"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
 
 
-@dataclass
-class Agreement:
-    n_reviews: int = 0
-    n_samples: int = 0
-    annotators: list[str] = field(default_factory=list)
-    decisions: dict[str, int] = field(default_factory=dict)
-    multi: int = 0
-    """samples with decisions from two or more annotators"""
-    unanimous: float = math.nan
-    """share of those samples on which every annotator made the same decision"""
-    pairs: list[dict] = field(default_factory=list)
-    """per pair of annotators with shared samples: a, b, n, agreement, kappa"""
-
-
-def review_agreement(rows: Iterable[Mapping]) -> Agreement:
-    """Agreement between annotators from ``reviews`` rows (sample_id, annotator, decision, time).
-
-    An annotator's latest decision on a sample counts (a re-review replaces the earlier one).
-    Percent agreement and Cohen's kappa are computed per pair of annotators over their shared samples.
-
-    >>> import datetime as dt
-    >>> t = dt.datetime(2025, 1, 1)
-    >>> r = [dict(sample_id=s, annotator=a, decision=d, time=t) for s, a, d in
-    ...      [("1", "x", "accept"), ("1", "y", "accept"), ("2", "x", "reject"), ("2", "y", "accept")]]
-    >>> ag = review_agreement(r)
-    >>> ag.multi, ag.unanimous, ag.pairs[0]["agreement"]
-    (2, 0.5, 0.5)
-    """
-    rows = list(rows)
-    latest: dict[tuple[str, str], tuple] = {}
-    for r in rows:
-        k = (r["sample_id"], r["annotator"])
-        if k not in latest or (r["time"], r["decision"]) >= latest[k]:
-            latest[k] = (r["time"], r["decision"])
-    by_sample: dict[str, dict[str, str]] = defaultdict(dict)
-    for (sid, ann), (_, dec) in latest.items():
-        by_sample[sid][ann] = dec
-    annotators = sorted({ann for _, ann in latest})
-    ag = Agreement(n_reviews=len(rows), n_samples=len(by_sample), annotators=annotators,
-                   decisions=dict(Counter(dec for _, dec in latest.values()).most_common()))
-    multi = [d for d in by_sample.values() if len(d) >= 2]
-    ag.multi = len(multi)
-    if multi:
-        ag.unanimous = sum(len(set(d.values())) == 1 for d in multi) / len(multi)
-    for i, a in enumerate(annotators):
-        for b in annotators[i + 1:]:
-            shared = sorted(s for s, d in by_sample.items() if a in d and b in d)
-            if not shared:
-                continue
-            da = [by_sample[s][a] for s in shared]
-            db = [by_sample[s][b] for s in shared]
-            ag.pairs.append({"a": a, "b": b, "n": len(shared), "agreement": percent_agreement(da, db),
-                             "kappa": cohen_kappa(da, db)})
-    return ag
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
 # ---------------------------------------------------------------------------------------- gallery

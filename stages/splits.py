@@ -7,7 +7,8 @@
   so that in each split every value of every stratification field (task, difficulty, polarity,
   negative type) and their joint key keeps its overall share, and each split its target size.
 * :func:`restrict_test_to_accepted` keeps in the test split only what a human accepted (or fixed);
-  :func:`apply_review_fixes` applies the fixed boxes and texts.
+  :func:`apply_review_fixes` applies the fixed boxes and texts, and turns a negative whose reviewer
+  drew its referent into a positive with that box.
 * :func:`check_leakage` finds images, image families and near-duplicate images (perceptual hash,
   :func:`phash`) that appear in more than one split; :func:`assert_no_leakage` raises
   :class:`LeakageError` naming them.
@@ -20,6 +21,7 @@ is handed a path.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from collections import Counter, defaultdict
@@ -30,7 +32,10 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image as PILImage
 
+from .scene.graph import SceneGraph
 from .scene.keys import stable_key
+from .scene.query import Node
+from .scene.taxonomy import GROUNDINGME, REFBENCH_PRO, TaxonomyConfig, tasks_for
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -512,31 +517,127 @@ def restrict_test_to_accepted(
     return out
 
 
+REFERENT_NOTE = "reviewed_referent"
+"""Key of the note in a turned negative's ``path`` JSON (and the flag on the sample dict)."""
+
+
+def _positive_tasks(d: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, dict]:
+    """Task labels for a negative that a reviewer found a referent for (now a positive).
+
+    1. The rules of :func:`refforge.stages.scene.taxonomy.tasks_for` applied, as a positive, to the
+       expression's own query (the ``path`` JSON of a text or image negative holds it), for the
+       taxonomies the sample is labelled in. The reviewed box is not an object of the scene graph, so
+       GroundingME's ``limited/*`` rules (box size, occlusion by graph objects) are not applied.
+    2. Else (no parseable query, or a taxonomy the rules do not know) the labels of the positive it
+       was made from (``positive_id``), which describes the same kind of expression.
+    3. Else the negative's label with its rejection part made positive: RefBench-PRO ``reject`` ->
+       ``category`` (refforge's label for an expression no rule could place), GroundingME
+       ``rejection/<l2>`` -> ``discriminative/<l2>``.
+
+    The primary task (the ``task`` column) is the label of the taxonomy whose old label was ``task``.
+    """
+    old = dict(d.get("tasks") or {})
+    primary = next((k for k, v in old.items() if v == d.get("task")), None)
+    new: dict[str, str] = {}
+    node = None
+    try:
+        raw = json.loads(d["path"]) if d.get("path") else None
+        node = Node.from_json(raw) if isinstance(raw, dict) and "category" in raw else None
+    except (ValueError, TypeError, KeyError):
+        node = None
+    known = [k for k in old if k in (REFBENCH_PRO, GROUNDINGME)]
+    if node is not None and known:
+        new.update(tasks_for(node, SceneGraph(width=1, height=1), polarity="positive",
+                             config=TaxonomyConfig(taxonomies=tuple(known))))
+    pos = by_id.get(d.get("positive_id") or "")
+    pos_tasks = dict((pos or {}).get("tasks") or {})
+    for k, v in old.items():
+        if k in new:
+            continue
+        if pos is not None and pos.get("polarity") == "positive" and k in pos_tasks:
+            new[k] = pos_tasks[k]
+        elif v == "reject":
+            new[k] = "category"
+        elif isinstance(v, str) and v.startswith("rejection/"):
+            new[k] = "discriminative/" + v.split("/", 1)[1]
+        else:
+            new[k] = v
+    if primary is not None:
+        task = new[primary]
+    elif pos is not None and pos.get("polarity") == "positive" and pos.get("task") is not None:
+        task = pos["task"]
+    elif d.get("task") == "reject":
+        task = "category"
+    elif isinstance(d.get("task"), str) and d["task"].startswith("rejection/"):
+        task = "discriminative/" + d["task"].split("/", 1)[1]
+    else:
+        task = d.get("task")
+    return task, new
+
+
+def _turn_positive(d: dict, box: tuple[float, ...], rev: Mapping[str, Any],
+                   by_id: Mapping[str, Mapping[str, Any]]) -> None:
+    """A negative whose reviewer drew its referent becomes a positive with that box (in place on ``d``)."""
+    was = {k: d.get(k) for k in ("negative_type", "negative_level", "negative_source", "positive_id", "task")}
+    task, tasks = _positive_tasks(d, by_id)
+    try:
+        path = json.loads(d["path"]) if d.get("path") else {}
+    except ValueError:
+        path = {"path": d["path"]}
+    if not isinstance(path, dict):
+        path = {"path": path}
+    path[REFERENT_NOTE] = {"was_negative": was, "annotator": rev.get("annotator"),
+                           "time": None if rev.get("time") is None else str(rev.get("time"))}
+    d.update(polarity="positive", gt_box=box, task=task, tasks=tasks, negative_type=None, negative_level=None,
+             negative_source=None, positive_id=None, needs_review=False,
+             path=json.dumps(path, sort_keys=True, default=str))
+    d[REFERENT_NOTE] = True
+
+
 def apply_review_fixes(samples: Iterable[Any], reviews: Any) -> list[dict]:
     """Samples (as new dicts) with the fixes of their latest ``fix`` review applied.
 
     A ``fix`` with ``fixed_box`` replaces ``gt_box``; with ``fixed_text`` replaces ``text``
-    (either may be None: that part is left as it was). The samples are not mutated. A fixed box on a
-    negative is refused with ``ValueError`` (a negative refers to nothing; an annotator who finds
-    its object should reject it instead).
+    (either may be None: that part is left as it was). The samples are not mutated.
+
+    **A negative found to have a referent**: a ``fix`` with ``fixed_box`` on a negative (the reviewer
+    drew the object the expression refers to) makes it a positive with that reviewed box:
+    ``polarity="positive"``, ``gt_box`` the box, ``negative_type`` / ``negative_level`` /
+    ``negative_source`` / ``positive_id`` cleared, ``needs_review`` False (a person decided),
+    ``target_object_id`` stays None (the box is not an object of the scene graph), task labels for a
+    positive (:func:`_positive_tasks`), and a note: the dict gets ``reviewed_referent=True`` and its
+    ``path`` JSON a ``"reviewed_referent"`` entry (what the negative was, who drew the box, when), which
+    the export's canonical records keep. Its split group does not change (same image; a derived image
+    still follows its parent). :func:`restrict_test_to_accepted` treats it as reviewed like any fix.
+
+    >>> import datetime as dt
+    >>> neg = {"sample_id": "n", "polarity": "negative", "text": "the red cup", "gt_box": None, "task": "reject",
+    ...        "tasks": {"refbench_pro": "reject"}, "negative_type": "attribute", "negative_level": "L1",
+    ...        "negative_source": "text", "positive_id": "p", "path": '{"category": "cup", "attributes": ["red"]}'}
+    >>> out = apply_review_fixes([neg], [{"sample_id": "n", "annotator": "a", "decision": "fix",
+    ...                                   "fixed_box": (1, 2, 3, 4), "time": dt.datetime(2025, 1, 1)}])[0]
+    >>> out["polarity"], out["gt_box"], out["task"], out["negative_type"], out["reviewed_referent"]
+    ('positive', (1.0, 2.0, 3.0, 4.0), 'attribute', None, True)
     """
     latest = latest_reviews(reviews)
+    rows = _rows(samples)
+    by_id: dict[str, Mapping[str, Any]] | None = None
     out = []
-    bad = []
-    for s in _rows(samples):
+    for s in rows:
         d = _as_dict(s)
         rev = latest.get(d.get("sample_id"))
         if rev is not None and rev["decision"] == "fix":
             if rev.get("fixed_box") is not None:
+                box = tuple(float(v) for v in rev["fixed_box"])
                 if d.get("polarity") == "negative":
-                    bad.append(d.get("sample_id"))
+                    if by_id is None:
+                        by_id = {_get(r, "sample_id"): _as_dict(r) for r in rows}
+                    _turn_positive(d, box, rev, by_id)
                 else:
-                    d["gt_box"] = tuple(float(v) for v in rev["fixed_box"])
+                    d["gt_box"] = box
             if rev.get("fixed_text") is not None:
                 d["text"] = rev["fixed_text"]
         out.append(d)
-    if bad:
-        raise ValueError(f"review fixes give a box to negative sample(s) {sorted(bad)}; reject them instead")
     return out
 
 

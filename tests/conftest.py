@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,67 @@ def small_build(tmp_path_factory, folder: str, name: str):
     out = tmp_path_factory.mktemp(folder) / name
     run_build(parse_config(small_config(images=16, shard_size=8)), out)
     return out
+
+
+@dataclass
+class LabelStudioServer:
+    """The session's Label Studio server (see the ``label_studio`` fixture); never print ``token``."""
+
+    url: str
+    token: str = field(repr=False)
+    files_root: Path
+    data_dir: Path
+    users: dict[str, int] = field(default_factory=dict)  # email -> user id, of make_user's annotators
+
+    def client(self, token: str | None = None):
+        from refforge.review.labelstudio import connect
+
+        return connect(self.url, token or self.token, files_root=self.files_root)
+
+    def make_user(self, email: str) -> str:
+        """Sign up another annotator through the server's own sign-up form; returns their API token."""
+        with self.client() as c:
+            user = c.create_user(email)
+        self.users[email] = user["id"]
+        return user["token"]
+
+
+_LS_ENV = ("REFFORGE_LS_URL", "REFFORGE_LS_TOKEN", "REFFORGE_LS_USERNAME", "REFFORGE_LS_PASSWORD",
+           "REFFORGE_LS_FILES_ROOT")
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory) -> LabelStudioServer:
+    """One real Label Studio server (from .venv-ls) on a free loopback port for the whole session.
+
+    Its files root is a temporary folder: tests place builds under ``files_root``. The admin and a random
+    token come through the environment as `refforge review server start` takes them; REFFORGE_LS_URL,
+    _TOKEN and _FILES_ROOT point at it for the session (restored afterwards). Stopped at the end.
+    """
+    import secrets
+    import socket
+
+    from refforge.review.server import server_status, start_server, stop_server
+
+    base = tmp_path_factory.mktemp("label-studio")
+    data_dir, files_root = base / "data", base / "files"
+    files_root.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = secrets.token_hex(20)
+    saved = {k: os.environ.get(k) for k in _LS_ENV}
+    os.environ.update({"REFFORGE_LS_USERNAME": "admin@example.com", "REFFORGE_LS_PASSWORD": secrets.token_urlsafe(16),
+                       "REFFORGE_LS_TOKEN": token})
+    try:
+        info = start_server(data_dir, port=port, files_root=files_root)
+        os.environ.update({"REFFORGE_LS_URL": info.url, "REFFORGE_LS_FILES_ROOT": str(files_root)})
+        yield LabelStudioServer(url=info.url, token=token, files_root=files_root, data_dir=data_dir)
+    finally:
+        stop_server(data_dir)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert server_status(data_dir) is None

@@ -455,6 +455,48 @@ def test_reviews_restrict_the_test_split_and_fixes_are_applied(small_build, full
     assert len(got2) == len(rows) - 1 and m2["dropped"] == {"rejected by a reviewer": 1}
 
 
+def test_a_negative_found_to_have_a_referent_is_exported_as_a_reviewed_positive(small_build, full_export, tmp_path):
+    """A reviewer drew the referent of a text negative and of a flip negative (decision fix with a box):
+    every format writes them as positives with the reviewed box; --reviewed-test keeps them in test."""
+    root = _copy_build(small_build, tmp_path / "b")
+    rows = read_canonical(full_export[0])
+    assignment = _assignment(full_export[0])
+    test = sorted((r for r in rows if r["split"] == "test"), key=lambda r: r["sample_id"])
+    text_neg = next(r for r in test if r["polarity"] == "negative" and r["negative_source"] == "text")
+    flip_neg = next((r for r in test if r["polarity"] == "negative" and r["negative_source"] == "image"), None)
+    turned = [r for r in (text_neg, flip_neg) if r is not None]
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    boxes = {r["sample_id"]: (2.0, 3.0, r["width"] / 2, r["height"] / 2) for r in turned}
+    reviews = [Review(sample_id=sid, annotator="ann", decision="fix", fixed_box=box, time=t0)
+               for sid, box in boxes.items()]
+    _, drops = BuildDir.open(root).writer("reviews").write("reviews", reviews, work_key="reviews-referent")
+    assert not drops
+    m = export_build(root, tmp_path / "ex", ALL, reviewed_test=True, assignment=assignment, record_splits=False)
+    got = {r["sample_id"]: r for r in read_canonical(tmp_path / "ex")}
+    assert sorted(s for s, r in got.items() if r["split"] == "test") == sorted(boxes)  # only the reviewed ones
+    assert flip_neg is not None  # the small build has flip negatives in test: both kinds are covered
+    for sid, box in boxes.items():
+        r = got[sid]
+        assert r["polarity"] == "positive" and r["bbox"] == list(box) and r["cot"] is None
+        assert r["negative_type"] is None and r["negative_level"] is None and r["positive_id"] is None
+        assert r["needs_review"] is False and r["target_object_id"] is None
+        assert r["task"] not in (None, "reject") and not any(v.startswith("rejection/") for v in r["tasks"].values())
+        was = json.loads(r["path"])["reviewed_referent"]["was_negative"]
+        before = next(x for x in rows if x["sample_id"] == sid)
+        assert was["negative_type"] == before["negative_type"] and was["positive_id"] == before["positive_id"]
+    assert m["reviews"]["fixes_applied"] == len(boxes) and m["counts"]["test"]["positives"] == len(boxes)
+    assert m["left_out_by_format"].get("r1", {}).keys() <= {"negative_no_target"}  # r1 leaves out negatives only
+    # the benchmark formats hold them as positives with the reviewed box
+    rb = {d["id"]: d for d in json.loads((tmp_path / "ex" / "refbench-pro" / "test.json").read_text())}
+    sft = {d["id"]: d for d in json.loads((tmp_path / "ex" / "sft" / "test.json").read_text())}
+    for sid, box in boxes.items():
+        assert sft[sid]["messages"][1]["content"] == f"<answer>{format_box(box)}</answer>"
+        assert rb[sid]["bbox"] and rb[sid]["task_type"] == got[sid]["task"]
+    refs = json.loads((tmp_path / "ex" / "coco" / "refs.json").read_text())
+    in_coco = {s["sample_id"] for ref in refs for s in ref["sentences"]}
+    assert set(boxes) <= in_coco
+
+
 # ------------------------------------------------------------------------------------------- safety, options
 
 def test_out_must_be_empty_unless_forced_and_is_replaced_whole(small_build, tmp_path):

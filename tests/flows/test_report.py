@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from refforge.flows.report import write_report
 from refforge.schemas import Expression, Review, Score
 from refforge.stages import report as R
+from refforge.stages import review_stats as RS
 from refforge.storage import BuildDir, Catalog, new_run_id
 from tests.conftest import small_build
 
@@ -283,6 +284,67 @@ def test_review_agreement_and_score_histogram(page):
                                           "els => els.map(r => [r.dataset.series, +r.dataset.count])")
     assert sum(c for s, c in bins if s == "passed") == 7 and sum(c for s, c in bins if s == "failed") == 5
     assert "clip_margin" in page.page.locator("section#scores table").text_content()
+
+
+def test_review_strata_disagreements_and_audit_rates(page, build):
+    with Catalog(build) as cat:
+        samples = [r[0] for r in cat.con.execute("SELECT sample_id FROM expressions WHERE polarity = 'positive' "
+                                                  "AND sample_id != ? ORDER BY sample_id LIMIT 11",
+                                                  [ESCAPE_ID]).fetchall()]  # as the fixture saw them
+        n_expr = cat.count("expressions")
+    strata = page.page.eval_on_selector_all("tr.stratum", """els => els.map(r => ({dim: r.dataset.dimension,
+        value: r.dataset.value, n: +r.dataset.n, method: r.dataset.method, kappa: r.dataset.kappa,
+        observed: r.dataset.observed, iou: r.dataset.iou, iou_n: +r.dataset.iouN}))""")
+    every = next(s for s in strata if s["dim"] == "all")
+    # as test_review_agreement...: 10 samples by both annotators, kappa 0.5833, 80% agreement; both kept the
+    # proposed box (accept) on 5 of them: IoU 1 over 5 samples (a reject gives no box)
+    assert every["method"] == "cohen" and every["n"] == 10
+    assert float(every["kappa"]) == pytest.approx(0.28 / 0.48, abs=1e-5) and float(every["observed"]) == 0.8
+    assert every["iou_n"] == 5 and float(every["iou"]) == 1.0
+    assert {s["dim"] for s in strata} >= {"all", "task", "difficulty", "polarity"}
+    assert sum(s["n"] for s in strata if s["dim"] == "task") == 10  # every multi sample in one task stratum
+    # disagreements: sample 5 (accept / reject) and sample 9 (reject / accept after the re-review)
+    rows = page.page.eval_on_selector_all("tr.disagreement", "els => els.map(r => [r.dataset.sampleId, "
+                                                             "r.textContent])")
+    assert [sid for sid, _ in rows] == sorted([samples[5], samples[9]])
+    assert all("ann_a: " in text and "ann_b: " in text for _, text in rows)
+    assert "(2)" in page.page.locator("#review-disagreements").text_content()
+    # audit: no batch records -> every reviewed sample counts, and the page says so
+    basis = page.page.locator("#audit-basis")
+    assert basis.get_attribute("data-basis") == "all_reviewed" and "biased" in basis.text_content()
+    audit = page.page.eval_on_selector_all("tr.audit", """els => els.map(r => ({dim: r.dataset.dimension,
+        value: r.dataset.value, pop: +r.dataset.population, n: +r.dataset.audited, errors: +r.dataset.errors,
+        rate: r.dataset.rate, low: r.dataset.low, high: r.dataset.high, text: r.lastElementChild.textContent}))""")
+    top = next(a for a in audit if a["dim"] == "all")
+    # 11 reviewed samples; latest decision per sample: 5 accept, 4 reject (samples 5-8), sample 9 accept, 1 fix
+    assert (top["pop"], top["n"], top["errors"]) == (n_expr, 11, 5)
+    lo, hi = RS.wilson_interval(5, 11)
+    assert float(top["rate"]) == pytest.approx(5 / 11, abs=1e-5)
+    assert (float(top["low"]), float(top["high"])) == pytest.approx((lo, hi), abs=1e-5)
+    assert top["text"] == f"45.5% ({100 * lo:.1f}-{100 * hi:.1f}%)"
+    # negative strata exist in the build but no negative was reviewed: unknown, never 0
+    negs = [a for a in audit if a["dim"] == "negative"]
+    assert negs and all(a["n"] == 0 and a["rate"] == "" and a["text"] == "unknown" for a in negs)
+
+
+def test_review_strategies_come_from_the_batch_records(monkeypatch):
+    """The audit basis: ``review_batches`` (written by `refforge review push`) maps samples to strategies."""
+    import duckdb
+
+    from refforge.flows import report as flow
+
+    class Cat:
+        con = duckdb.connect(":memory:")
+
+    Cat.con.execute("CREATE TABLE review_batches AS SELECT * FROM (VALUES ('s1', 'audit'), ('s1', 'stratified'), "
+                    "('s1', 'audit'), ('s2', 'needs_review')) t(sample_id, strategy)")
+    monkeypatch.setattr(flow, "TABLES", {**flow.TABLES, "review_batches": None})
+    got = {k: sorted(v) for k, v in flow._review_strategies(Cat).items()}
+    assert got == {"s1": ["audit", "stratified"], "s2": ["needs_review"]}
+    Cat.con.execute("DELETE FROM review_batches")
+    assert flow._review_strategies(Cat) is None  # no batch records: every reviewed sample counts
+    monkeypatch.setattr(flow, "TABLES", {k: v for k, v in flow.TABLES.items() if k != "review_batches"})
+    assert flow._review_strategies(Cat) is None
 
 
 def test_report_before_reviews_says_there_are_none(browser, plain):

@@ -15,6 +15,7 @@ FOLDERS = {"refforge": "refforge", "flows": "refforge.flows", "stages": "refforg
 ALLOWED_LOCAL = {
     ("refforge", "refforge.flows.build"),
     ("refforge.commands.build", "refforge.flows.build"),
+    ("refforge.commands.review", "refforge.flows.review"),  # Prefect loads only for the commands that need it
     ("refforge.testing", "refforge.testing.openai_server"),  # `python -m` runs it as a script too
 }
 

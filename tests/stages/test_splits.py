@@ -6,6 +6,7 @@ import datetime as dt
 import doctest
 import io
 import itertools
+import json
 import random
 from collections import Counter, defaultdict
 
@@ -422,8 +423,88 @@ def test_apply_review_fixes():
     assert out[2]["text"] == "the lime cup" and out[2]["gt_box"] is None
     assert out[3] == samples[3]
     assert samples[0]["gt_box"] == (0.0, 0.0, 5.0, 5.0)  # inputs not mutated
-    with pytest.raises(ValueError, match="negative"):
-        S.apply_review_fixes(samples, [review("n", "fix", fixed_box=(0, 0, 1, 1))])
+    assert "reviewed_referent" not in out[2]  # a text fix leaves a negative a negative
+
+
+def _negatives_with_referents():
+    pos = {"sample_id": "p", "image_id": "I", "polarity": "positive", "text": "the blue cup on the table",
+           "gt_box": (0.0, 0.0, 5.0, 5.0), "target_object_id": "o1", "task": "relation",
+           "tasks": {"refbench_pro": "relation", "groundingme": "spatial/relationship"}, "difficulty": 2,
+           "path": '{"attributes": ["blue"], "category": "cup", "relations": [["on", {"category": "table"}]]}'}
+    text_neg = {"sample_id": "n", "image_id": "I", "polarity": "negative", "text": "the red cup",
+                "gt_box": None, "target_object_id": None, "task": "reject",
+                "tasks": {"refbench_pro": "reject", "groundingme": "rejection/appearance"}, "difficulty": 1,
+                "negative_type": "attribute", "negative_level": "L1", "negative_source": "text", "positive_id": "p",
+                "needs_review": True,
+                "path": '{"attributes": ["red"], "category": "cup", "edit": "blue->red", "relations": []}'}
+    # no parseable query: the labels come from its positive
+    odd_neg = {**text_neg, "sample_id": "m", "path": None, "text": "a cup nobody described"}
+    # neither a query nor a positive: the rejection labels are made positive
+    lone_neg = {**text_neg, "sample_id": "k", "path": "not json", "positive_id": None}
+    return [pos, text_neg, odd_neg, lone_neg]
+
+
+def test_a_negative_found_to_have_a_referent_becomes_a_positive():
+    samples = _negatives_with_referents()
+    box = (1, 2, 30, 40)
+    reviews = [review("n", "fix", 5, "ann_b", fixed_box=box, fixed_text="the red mug"),
+               review("n", "reject", 0, "ann_a"),  # an earlier decision: the later fix wins
+               review("m", "fix", fixed_box=box), review("k", "fix", fixed_box=box)]
+    before = [dict(s) for s in samples]
+    out = {d["sample_id"]: d for d in S.apply_review_fixes(samples, reviews)}
+    assert samples == before  # inputs not mutated
+    n = out["n"]
+    assert n["polarity"] == "positive" and n["gt_box"] == (1.0, 2.0, 30.0, 40.0) and n["text"] == "the red mug"
+    assert (n["negative_type"], n["negative_level"], n["negative_source"], n["positive_id"]) == (None,) * 4
+    assert n["needs_review"] is False and n["target_object_id"] is None and n["reviewed_referent"] is True
+    # task labels by the taxonomy's rules, as a positive, on its own query ("the red cup": an attribute)
+    assert n["task"] == "attribute"
+    assert n["tasks"] == {"refbench_pro": "attribute", "groundingme": "discriminative/appearance"}
+    note = json.loads(n["path"])
+    assert note["category"] == "cup" and note["attributes"] == ["red"]  # the query is kept
+    assert note["reviewed_referent"]["was_negative"] == {"negative_type": "attribute", "negative_level": "L1",
+                                                         "negative_source": "text", "positive_id": "p",
+                                                         "task": "reject"}
+    assert note["reviewed_referent"]["annotator"] == "ann_b"
+    # the fallbacks: the positive's labels, then the rejection labels made positive
+    assert out["m"]["task"] == "relation" and out["m"]["tasks"]["groundingme"] == "spatial/relationship"
+    assert out["k"]["task"] == "category"
+    assert out["k"]["tasks"] == {"refbench_pro": "category", "groundingme": "discriminative/appearance"}
+    assert json.loads(out["k"]["path"])["reviewed_referent"]["was_negative"]["negative_type"] == "attribute"
+    assert out["p"] == samples[0]
+    # the record passes the expressions table's rules for a positive (except target_object_id: not a graph object)
+    from refforge.schemas import Expression
+
+    rec = {k: v for k, v in n.items() if k in Expression.model_fields}
+    Expression.model_validate({**rec, "target_object_id": "reviewed"})
+
+
+def test_a_turned_negative_counts_as_reviewed_in_test_and_keeps_its_group():
+    samples = _negatives_with_referents()[:2]
+    reviews = [review("n", "fix", fixed_box=(1, 2, 3, 4))]
+    fixed = S.apply_review_fixes(samples, reviews)
+    # restrict_test_to_accepted: the fix counts as reviewed; the unreviewed positive leaves test
+    assert S.restrict_test_to_accepted({"p": "test", "n": "test"}, reviews) == {"n": "test"}
+    # the turned sample has no positive_id any more, but it shares the image: one group still
+    assert S.sample_groups(fixed) == {"p": "n", "n": "n"}
+    # a later reject by another annotator takes it out again
+    later = [*reviews, review("n", "reject", 9, "other")]
+    assert S.restrict_test_to_accepted({"n": "test"}, later) == {}
+    assert S.apply_review_fixes(samples, later)[1]["polarity"] == "negative"
+
+
+def test_canonical_record_of_a_turned_negative():
+    from refforge.stages.export_formats import CANONICAL_SCHEMA, canonical_record
+
+    samples = _negatives_with_referents()
+    fixed = S.apply_review_fixes(samples, [review("n", "fix", fixed_box=(1, 2, 3, 4))])
+    image = {"image_id": "I", "path": "images/ab/I.png", "width": 64, "height": 48, "source_ids": ["7"]}
+    rec = canonical_record(fixed[1], image, split="test")
+    assert rec["polarity"] == "positive" and rec["bbox"] == [1.0, 2.0, 3.0, 4.0] and rec["task"] == "attribute"
+    assert rec["negative_type"] is None and json.loads(rec["path"])["reviewed_referent"]["was_negative"]
+    import pyarrow as pa
+
+    assert pa.Table.from_pylist([rec], schema=CANONICAL_SCHEMA).num_rows == 1
 
 
 # ---------------------------------------------------------------------------------------------------
