@@ -86,7 +86,7 @@ from pathlib import Path
 from typing import Any
 
 from refforge.optional import require
-from refforge.storage.atomic import atomic_write_bytes
+from refforge.storage.atomic import atomic_write, atomic_write_bytes
 
 __all__ = [
     "L1_LABELS",
@@ -236,18 +236,25 @@ def _card(configs: Mapping[str, list[str]], counts: Mapping[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parquet_bytes(rows: Sequence[Mapping[str, Any]], image_root: Path, datasets: Any) -> bytes:
-    """The rows of one split as Parquet with the datasets features in its schema metadata; rows are
-    grouped by image and the image bytes dictionary-encoded (an image is stored once per row group)."""
+ROW_GROUP_BYTES = 64 << 20
+"""Image bytes (counted once per row that carries them, as Arrow holds them) per Parquet row group."""
+
+
+def _write_parquet(fh: Any, rows: Sequence[Mapping[str, Any]], image_root: Path, datasets: Any) -> None:
+    """The rows of one split as Parquet into ``fh``, with the datasets features in its schema metadata.
+
+    Rows are grouped by image and the image bytes dictionary-encoded, so an image is stored once per row
+    group; row groups are cut between images once their rows hold ``ROW_GROUP_BYTES`` of image bytes (an
+    image with 60 expressions is 60 row values in Arrow before encoding), so memory stays bounded by that,
+    not by the split."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = _features(datasets).arrow_schema
-    sink = pa.BufferOutputStream()
     by_image: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
         by_image[r["image_path"]].append(r)
-    with pq.ParquetWriter(sink, schema, compression="zstd", use_dictionary=["image.bytes"],
+    with pq.ParquetWriter(fh, schema, compression="zstd", use_dictionary=["image.bytes"],
                           dictionary_pagesize_limit=256 << 20) as writer:
         batch: list[dict[str, Any]] = []
         size = 0
@@ -255,13 +262,12 @@ def _parquet_bytes(rows: Sequence[Mapping[str, Any]], image_root: Path, datasets
             data = (image_root / path).read_bytes()
             for r in group:
                 batch.append({**r, "image": {"bytes": data, "path": Path(path).name}})
-            size += len(data)
-            if size >= 64 << 20:
+            size += len(data) * len(group)
+            if size >= ROW_GROUP_BYTES:
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
                 batch, size = [], 0
         if batch or not by_image:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-    return sink.getvalue().to_pybytes()
 
 
 def write_export(folder: Path, by_split: Mapping[str, list[dict]], *, all_exprs: Sequence[Mapping] = (),
@@ -307,7 +313,8 @@ def write_export(folder: Path, by_split: Mapping[str, list[dict]], *, all_exprs:
         counts[name] = len(out)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     for name, rows in written.items():
-        atomic_write_bytes(folder / "data" / f"{name}-00000-of-00001.parquet", _parquet_bytes(rows, root, datasets))
+        atomic_write(folder / "data" / f"{name}-00000-of-00001.parquet",
+                     lambda fh, rows=rows: _write_parquet(fh, rows, root, datasets))
         atomic_write_bytes(folder / f"{name}.json",
                            json.dumps(rows, ensure_ascii=False).encode("utf-8"))
     configs: dict[str, list[str]] = {}
