@@ -312,6 +312,15 @@ def _unpack_document(doc: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     return None
 
 
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _without_line_numbers(lines: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The lines as the file holds them (without the ``_line`` that :func:`read_prediction_lines` adds)."""
+    return [{k: v for k, v in ln.items() if k != "_line"} for ln in lines]
+
+
 def _refforge_lines(lines: Sequence[Mapping[str, Any]], p: Path | str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for obj in lines:
@@ -323,8 +332,7 @@ def _refforge_lines(lines: Sequence[Mapping[str, Any]], p: Path | str) -> dict[s
         if obj["sample_id"] in out:
             raise EvalError(f"{p}:{n}: sample {obj['sample_id']!r} appears twice")
         score = obj.get("score")
-        if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)
-                                  or not math.isfinite(score)):
+        if score is not None and not _finite_number(score):
             raise EvalError(f"{p}:{n}: score must be a finite number or null, not {score!r}")
         out[obj["sample_id"]] = dict(obj)
     return out
@@ -341,8 +349,7 @@ def _native_lines_as_refforge(kind: str, lines: Sequence[Mapping[str, Any]], spl
     """A benchmark's native prediction lines as refforge prediction lines (``sample_id``, ``bbox`` or a
     failure ``status``, ``score``, ``raw_answer``), through the benchmark module's ``from_native``."""
     try:
-        got = benchmarks.scorer(kind).from_native([{k: v for k, v in ln.items() if k != "_line"} for ln in lines],
-                                                  list(split_samples))
+        got = benchmarks.scorer(kind).from_native(list(lines), list(split_samples))
     except ValueError as e:
         raise EvalError(f"{where}: {e}") from None
     out: dict[str, dict[str, Any]] = {}
@@ -357,9 +364,7 @@ def _native_lines_as_refforge(kind: str, lines: Sequence[Mapping[str, Any]], spl
         else:
             line.update(bbox=None, status=status if status in ev.STATUSES else "unparseable",
                         reason=p.get("reason") or f"the {kind} line gave no box")
-        score = line["score"]
-        if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)
-                                  or not math.isfinite(score)):
+        if not _finite_number(line["score"]):
             line["score"] = None
         out[sid] = line
     return out
@@ -374,7 +379,7 @@ def benchmark_metrics(samples: Sequence[Mapping[str, Any]], preds: Mapping[str, 
     result: dict[str, Any] = {}
     for m in benchmarks.scorers():
         if native is not None and native[0] == m.NAME:
-            lines = [{k: v for k, v in ln.items() if k != "_line"} for ln in native[1]]
+            lines = list(native[1])
             origin = "the predictions file"
         else:
             lines = m.native_predictions(list(samples), preds)
@@ -479,6 +484,7 @@ def run_eval(export_dir: str | Path, *, model: str | None = None, base_url: str 
         if kind == benchmarks.REFFORGE:
             given = _refforge_lines(lines, predictions)
         else:
+            lines = _without_line_numbers(lines)
             given = _native_lines_as_refforge(kind, lines, whole, str(predictions))
             # the file's own lines are scored as they are when they cover what is evaluated; with --limit
             # the benchmark's lines are made again from the evaluated samples' predictions

@@ -52,6 +52,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .scene.boxes import box_iou as pairwise_iou
 from .splits import latest_reviews
 
 __all__ = [
@@ -209,18 +210,13 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes.
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes (:func:`refforge.stages.scene.boxes.box_iou`
+    of the pair).
 
     >>> box_iou((0, 0, 2, 2), (1, 0, 3, 2))
     0.3333333333333333
     """
-    ax1, ay1, ax2, ay2 = (float(v) for v in a)
-    bx1, by1, bx2, by2 = (float(v) for v in b)
-    iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
-    ih = max(0.0, min(ay2, by2) - max(ay1, by1))
-    inter = iw * ih
-    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-    return inter / union if union > 0 else 0.0
+    return float(pairwise_iou([a], [b])[0, 0])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["REFFORGE", "SCORERS", "FormatError", "detect_format", "is_refforge_line", "scorer", "scorers"]
+__all__ = ["REFFORGE", "SCORERS", "FormatError", "detect_format", "scorer", "scorers"]
 
 SCORERS: tuple[str, ...] = ("finecops", "refbench_pro", "groundingme")
 """The benchmarks whose metrics refforge eval computes as their own code does (module names)."""
@@ -55,11 +55,6 @@ def scorer(name: str) -> ModuleType:
 def scorers() -> list[ModuleType]:
     """Every scoring module, in :data:`SCORERS` order."""
     return [scorer(n) for n in SCORERS]
-
-
-def is_refforge_line(line: Mapping[str, Any]) -> bool:
-    """A line of refforge's own predictions format: a string ``sample_id`` with ``bbox`` or ``answer``."""
-    return isinstance(line.get("sample_id"), str) and ("bbox" in line or "answer" in line)
 
 
 def detect_format(lines: Sequence[Mapping[str, Any]], forced: str | None = None, where: str = "predictions") -> str:

@@ -102,6 +102,7 @@ import numpy as np
 
 from refforge.storage.atomic import atomic_write_bytes
 
+from ..metrics import auroc, average_precision
 from ..scene.boxes import xywh_to_xyxy, xyxy_to_xywh
 from ..scene.taxonomy import predicate_class
 
@@ -788,23 +789,6 @@ def _curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return tps, fps, s[ends]
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """``sklearn.metrics.roc_auc_score`` (binary): the trapezoid area under the ROC curve."""
-    tps, fps, _ = _curve(labels, scores)
-    tpr = np.r_[0.0, tps] / tps[-1]
-    fpr = np.r_[0.0, fps] / fps[-1]
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
-
-
-def _average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """``sklearn.metrics.average_precision_score`` (binary): sum over thresholds of recall gained x precision."""
-    tps, fps, _ = _curve(labels, scores)
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    gains = np.diff(np.r_[0.0, recall])
-    return float(max(0.0, np.sum(gains * precision)))
-
-
 def _fpr_at_recall(labels: np.ndarray, scores: np.ndarray, level: float = 0.95) -> float:
     """``fpr_and_fdr_at_recall``'s FPR95: the false-positive rate at the threshold whose recall is closest
     to ``level`` (first such on the curve walked from the lowest threshold reaching full recall up,
@@ -830,7 +814,7 @@ def _measures(pos: Sequence[Any], neg: Sequence[Any]) -> tuple[float, float, flo
     if not np.all(np.isfinite(scores)):
         raise ValueError("a score is NaN or infinite (scikit-learn refuses it)")
     labels = np.r_[np.ones(p.size, dtype=np.int32), np.zeros(q.size, dtype=np.int32)]
-    return _auroc(labels, scores), _average_precision(labels, scores), _fpr_at_recall(labels, scores)
+    return auroc(labels, scores), average_precision(labels, scores), _fpr_at_recall(labels, scores)
 
 
 def _in_top_k(pos_scores: list[Any], neg_scores: list[Any], k: int) -> int:

@@ -506,9 +506,7 @@ def native_lines(obj: Any) -> list[dict[str, Any]]:
 def lines_from_document(doc: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     """The response lines of a whole-file JSON object (evaluate.py's ``results.json``: its
     ``detailed_results``), or None when ``doc`` is no such document."""
-    if isinstance(doc.get("detailed_results"), list):
-        return [dict(x) for x in doc["detailed_results"]]
-    return None
+    return native_lines(doc) if isinstance(doc.get("detailed_results"), list) else None
 
 
 def _lines(lines: Any) -> list[dict[str, Any]]:
