@@ -2,7 +2,8 @@
 
 ``OpenAITestServer``: a local test server speaking the OpenAI chat-completions protocol, scriptable
 per request (replies, 429 with Retry-After, 5xx, stalls, dropped connections, malformed bodies,
-truncation, refusals), recording every request it received. Run it standalone with
+truncation, refusals), recording every request it received; ``flavour=`` makes it refuse what a given
+real server (vLLM, SGLang, llama.cpp, Ollama, Gemini...) refuses, with that server's status and text. Run it standalone with
 ``python -m refforge.testing.openai_server --latency-ms 100``.
 """
 
@@ -11,17 +12,23 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "FLAVOURS",
     "Drop",
     "Fail",
+    "Flavour",
     "Malformed",
     "OpenAITestServer",
+    "RawError",
     "RecordedRequest",
     "Reply",
     "Stall",
     "drop_connection",
     "empty",
+    "estimate_prompt_tokens",
     "fail",
     "http_date",
+    "image_size",
+    "image_tokens",
     "malformed_body",
     "rate_limit",
     "refusal",
@@ -29,6 +36,7 @@ __all__ = [
     "reply",
     "server_error",
     "stall",
+    "structured_form",
     "truncated",
 ]
 
