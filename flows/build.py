@@ -141,6 +141,13 @@ def run_build(config: ConfigBase, out: Path, *, force: bool = False, progress: P
         build.release()
 
 
+def check_endpoints(ctx: BuildContext) -> None:
+    """Every model endpoint the build calls answers, serves its model and (a [vlm]) takes images, before
+    any unit runs (:meth:`refforge.llm.LLMClient.preflight`); else :class:`~refforge.llm.EndpointError`."""
+    for which in ctx.config.endpoints_needed():
+        ctx.client(which).preflight(images=which == "vlm", label=f"[{which}]")
+
+
 def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, progress: ProgressFn | None
          ) -> dict[str, Any]:
     start_temporary_server()  # without PREFECT_API_URL: Prefect's temporary server, stopped even on SIGKILL
@@ -150,8 +157,13 @@ def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, p
     results: dict[str, list[UnitResult]] = defaultdict(list)
     gc_before = tune_gc()
     try:
+        check_endpoints(ctx)
         results.update(build_flow.with_options(task_runner=task_runner)(
             str(ctx.root), config.model_dump(mode="json"), run_id))
+    except BaseException as exc:
+        # a failed or interrupted run still leaves its run file: what it sent (and paid for) is recorded
+        _write_failed_run(build, config, ctx, run_id, started, resumed, exc)
+        raise
     finally:
         gc.set_threshold(*gc_before)
         ctx.close()
@@ -162,6 +174,20 @@ def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, p
                 usage = usage_sum(usage, u.usage)
     by_name = {s.name: s for s in config.registry}
     record = {
+        **_record_head(config, ctx, run_id, started, resumed),
+        "outcome": "completed",
+        "stages": {name: summarise(by_name[name], units) for name, units in results.items()},
+        "model_usage": usage,
+        "warnings": config.unused_sections(),
+    }
+    build.write_run(run_id, record)
+    record["root"] = str(build.root)
+    return record
+
+
+def _record_head(config: ConfigBase, ctx: BuildContext, run_id: str, started: dt.datetime, resumed: bool
+                 ) -> dict[str, Any]:
+    return {
         "run_id": run_id,
         "build": config.build.name,
         "started": started.isoformat(),
@@ -174,13 +200,26 @@ def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, p
         "prompt_hashes": all_template_hashes(),
         "models": model_ids(ctx),
         "model_prompts": model_prompts(ctx),
-        "stages": {name: summarise(by_name[name], units) for name, units in results.items()},
-        "model_usage": usage,
-        "warnings": config.unused_sections(),
     }
-    build.write_run(run_id, record)
-    record["root"] = str(build.root)
-    return record
 
 
-__all__ = ["EmptySource", "build_flow", "check_packages", "check_source", "plan", "run_build", "run_stage"]
+def _write_failed_run(build: BuildDir, config: ConfigBase, ctx: BuildContext, run_id: str, started: dt.datetime,
+                      resumed: bool, exc: BaseException) -> None:
+    """The run file of a run that ended in an error or an interrupt: its model usage is what this
+    process's clients sent (worker processes of the process runner keep their own counts)."""
+    try:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        record = {
+            **_record_head(config, ctx, run_id, started, resumed),
+            "outcome": "interrupted" if interrupted else "failed",
+            "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:1000],
+            "stages": {},
+            "model_usage": ctx.usage(),
+            "warnings": config.unused_sections(),
+        }
+        build.write_run(run_id, record)
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        pass
+
+
+__all__ = ["EmptySource", "build_flow", "check_endpoints", "check_packages", "check_source", "plan", "run_build", "run_stage"]

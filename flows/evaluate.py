@@ -68,7 +68,7 @@ from typing import Any
 import pydantic
 
 from refforge import __version__
-from refforge.llm import ChatRequest, LLMOutputError, LLMRequestError
+from refforge.llm import ChatRequest, EndpointError, LLMOutputError, LLMRequestError
 from refforge.llm.endpoint import ModelEndpoint, endpoint_client
 from refforge.stages import benchmarks
 from refforge.stages import evaluate as ev
@@ -516,6 +516,10 @@ def run_eval(export_dir: str | Path, *, model: str | None = None, base_url: str 
     client = _make_client(model, base_url, api_key_env, concurrency, timeout_s, max_retries, image_longest_side,
                           out_dir / "cache" / "llm.sqlite")
     try:
+        try:  # the endpoint answers, serves the model and takes images: else one line, before any sample
+            client.preflight(images=True, label="eval")
+        except EndpointError as e:
+            raise EvalError(str(e)) from None
         preds = _run_model(samples, root, client, dialect, coords, logprobs, max_tokens, chunk_size, progress)
         usage = client.usage().get(STAGE, {})
     finally:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 
 from refforge._strict import ConfigError, _Strict
 from refforge.flows.registry import REGISTRY, by_name, sections, unit_stages
-from refforge.llm.endpoint import OPERATIONAL_ENDPOINT_KEYS, ModelEndpoint
+from refforge.llm.endpoint import OPERATIONAL_ENDPOINT_KEYS, UNSET_ENDPOINT_KEYS, ModelEndpoint
 from refforge.pipeline.stage import GlobalStage, Stage
 from refforge.stages.ingest import SOURCE_KINDS
 
@@ -138,6 +138,11 @@ class ConfigBase(_Strict):
                            f"{', '.join(self.build.stages)}); add its stage to [build] stages or remove it")
         return out
 
+    def endpoints_needed(self) -> list[str]:
+        """The model endpoints ("llm", "vlm") a running stage's settings call."""
+        running = self.running()
+        return [w for w in ("llm", "vlm") if getattr(self, w) is not None and self._endpoint_needed(w, running)]
+
     def _endpoint_needed(self, which: str, running: list[Stage]) -> bool:
         """Whether a running stage's settings need endpoint ``which``: a check of a section it reads fails
         without it."""
@@ -175,7 +180,8 @@ class ConfigBase(_Strict):
                 d.pop(name, None)
         for name in ("llm", "vlm"):
             if d.get(name):
-                d[name] = {k: v for k, v in d[name].items() if k not in OPERATIONAL_ENDPOINT_KEYS}
+                d[name] = {k: v for k, v in d[name].items() if k not in OPERATIONAL_ENDPOINT_KEYS
+                           and not (k in UNSET_ENDPOINT_KEYS and v is None)}
         versions = {s: self.stage(s).version for s in stages}
         # a global step's version is recorded once it is bumped (builds from before it had one keep their hash)
         versions.update({g.name: g.version for g in self.registry

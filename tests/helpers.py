@@ -38,3 +38,31 @@ def duplicate_keys(build: Path, table: str) -> list[tuple]:
 def files(build: Path, sub: str) -> dict[str, float]:
     root = Path(build) / sub
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def is_probe(req) -> bool:
+    """A request of the client's endpoint check (:meth:`refforge.llm.LLMClient.preflight`), not of a stage."""
+    from refforge.llm.client import PROBE_TEXT
+
+    for msg in req.messages:
+        content = msg.get("content")
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        if any(isinstance(p, dict) and p.get("text") == PROBE_TEXT for p in parts):
+            return True
+    return False
+
+
+def model_requests(srv) -> list:
+    """The chat requests a test server got from stages (the endpoint check's probes left out)."""
+    return [r for r in srv.chat_requests() if not is_probe(r)]
+
+
+def answers_probes(handler):
+    """A test server handler that also answers the endpoint check's probes (with "OK", as a model would)."""
+    import functools
+
+    @functools.wraps(handler)
+    def wrapped(req):
+        return "OK" if is_probe(req) else handler(req)
+
+    return wrapped

@@ -13,21 +13,30 @@ See :mod:`refforge.llm.client` for the retry, rate-limit, structured-output and 
 """
 
 from .cache import CachedResponse, ResponseCache, request_key
+from .capabilities import FORMS, Capabilities
 from .client import (
+    DEFAULT_MAX_TOKENS,
     ChatRequest,
     ChatResult,
     EncodedImage,
+    EndpointError,
     LLMClient,
     LLMError,
     LLMOutputError,
     LLMRequestError,
     Usage,
+    abort_all,
     encode_image,
     image_part,
 )
 from .structured import OutputParseError, extract_json, parse_model, response_format_for, strict_json_schema
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "FORMS",
+    "Capabilities",
+    "EndpointError",
+    "abort_all",
     "CachedResponse",
     "ChatRequest",
     "ChatResult",

@@ -9,7 +9,8 @@ cache; the API key and the HTTP headers are never part of the key nor stored.
 An entry holds the raw answer text, the finish reason, the token usage, and whether the call ended
 in a model-side refusal/garbled answer (``error`` = the reason, ``detail`` = its explanation), so
 that a re-run replays the same drops, word for word, instead of paying for them again. Transport
-failures are never cached. Columns added since the first version (``logprobs``, ``detail``) are
+failures are never cached. A second table, ``capabilities``, keeps what each endpoint and model was
+found to accept (:mod:`refforge.llm.capabilities`). Columns added since the first version (``logprobs``, ``detail``) are
 added in place to an older file when it is opened; its entries read them as NULL.
 
 Safe from several threads (one connection per thread) and several processes (SQLite locking,
@@ -31,6 +32,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CachedResponse", "ResponseCache", "request_key"]
+
+_CAPABILITIES = """
+CREATE TABLE IF NOT EXISTS capabilities (
+    endpoint TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    updated REAL NOT NULL
+) WITHOUT ROWID
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -160,6 +169,7 @@ class ResponseCache:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(_SCHEMA)
+            conn.execute(_CAPABILITIES)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
             for name, kind in _ADDED_COLUMNS:  # a cache file written before the column was kept
                 if name not in columns:
@@ -211,6 +221,15 @@ class ResponseCache:
             raise
         with self._stats.lock:
             self._stats.puts += len(items)
+
+    # -- what an endpoint can do (refforge.llm.capabilities), per "<base url>|<model>"
+    def get_capabilities(self, endpoint: str) -> str | None:
+        row = self._conn().execute("SELECT data FROM capabilities WHERE endpoint = ?", (endpoint,)).fetchone()
+        return None if row is None else row[0]
+
+    def put_capabilities(self, endpoint: str, data: str) -> None:
+        self._conn().execute("INSERT OR REPLACE INTO capabilities (endpoint, data, updated) VALUES (?, ?, ?)",
+                             (endpoint, data, time.time()))
 
     def __contains__(self, key: str) -> bool:
         return self._conn().execute("SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone() is not None

@@ -18,18 +18,44 @@ refforge owns the request policy; the SDK's own retries are off (``max_retries=0
   max_wait_s 300 ...; run the build again later ..."); a build's unit then fails and is done on the
   next run. A 429 whose code is ``insufficient_quota`` fails at once (``"quota"``): waiting does not
   refill a quota.
+- **An unreachable endpoint is waited out**: a refused or dropped connection and HTTP 502/503/504 are
+  retried with backoff for as long as this request has waited on the outage less than
+  ``max_outage_s`` (300 s by default), then fail with one line ("connection: ... unreachable for
+  300 s ..."); a build's unit then fails and a resume completes it. A refused connection is reported
+  as one, not as a timeout.
+- **Refusals are recognised by their words, whatever the status** (400, 422 or 500:
+  :func:`refforge.llm.capabilities.classify_refusal`): a field the server does not take moves the
+  client to the next structured-output form, or turns logprobs off, at once, without spending a
+  retry; an image the model cannot take, and a model the server does not serve, fail at once
+  (``LLMRequestError`` "unsupported_input" / "not_found"); a prompt over the model's context is an
+  unusable answer (``LLMOutputError`` "context_overflow", a drops row), never retried.
 - **Other client errors** (400, 401, 403, 404, 422) fail at once with :class:`LLMRequestError`.
-- Each HTTP request has its own timeout (``timeout_s``).
+- Each HTTP request has its own timeout (``timeout_s``); other 5xx, timeouts and malformed bodies are
+  retried up to ``max_retries`` times.
+- **Every request has a max_tokens**: the caller's, else the endpoint's for the stage (``max_tokens``:
+  an int, or a table by stage name), else :data:`DEFAULT_MAX_TOKENS` for the stage.
 
 Structured output: with ``response_schema`` (a pydantic model) the answer is parsed and validated.
-``structured_output="json_schema"`` sends ``response_format={"type": "json_schema", ...}`` (strict);
-``"instructions"`` appends the schema to the system prompt and digs the first JSON object out of the
-answer; ``"auto"`` (default) starts with json_schema and, the first time the server answers 400 about
-``response_format``, switches to instructions for the rest of the client's life. A bad answer
-(unparseable, wrong schema, empty, cut off) gets ``repair_retries`` repair turns (default 1) that send
-it back with the error; a refusal gets none. What stays bad raises :class:`LLMOutputError` with a
-machine-readable ``reason``: "refusal", "empty", "unparseable", "schema_mismatch", "truncated"
-(``finish_reason="length"``), for the stage to write as a drops row.
+The forms (:data:`refforge.llm.capabilities.FORMS`): ``"json_schema"`` sends
+``response_format={"type": "json_schema", ...}`` (strict); ``"json_object"`` sends
+``response_format={"type": "json_object", "schema": ...}`` (llama-cpp-python); ``"guided_json"``
+(older vLLM); ``"ollama_format"`` (``format``); ``"instructions"`` only puts the schema in the system
+prompt (every form but json_schema does that too) and digs the first JSON object out of the answer.
+``"auto"`` (default) starts with json_schema, or with the form the build's cache remembers for this
+endpoint and model, and moves down the list when the server refuses a form; the form that answered
+is remembered in the cache (table ``capabilities``). A bad answer (unparseable, wrong schema, empty)
+gets ``repair_retries`` repair turns (default 1) that send it back, clipped, with the error; a refusal
+and an answer cut off at max_tokens get none (resending a cut-off answer could only overflow the
+context). What stays bad raises :class:`LLMOutputError` with a machine-readable ``reason``:
+"refusal", "empty", "unparseable", "schema_mismatch", "truncated" (``finish_reason="length"``),
+"context_overflow", for the stage to write as a drops row.
+
+Before a build's first unit, :meth:`LLMClient.preflight` checks that the endpoint answers, that it
+serves the model, and (for a VLM) that it takes an image: an error answer that says so, or a prompt
+that does not grow when an image is added (the server dropped it), fails with one line.
+
+Ctrl-C: :func:`abort_all` (called by the CLI's signal handlers) cancels every request in flight and
+refuses new ones at once.
 
 Secrets: the API key is read from the environment variable named by ``api_key_env`` and handed to
 the SDK only. It is in no log record, no exception text (server messages are scrubbed of it), no
@@ -73,6 +99,15 @@ from typing import Any, Literal
 import pydantic
 
 from .cache import CachedResponse, ResponseCache, request_key
+from .capabilities import (
+    FORM_FIELDS,
+    FORM_NAMES,
+    FORMS,
+    Capabilities,
+    classify_refusal,
+    next_form,
+    structured_body,
+)
 from .structured import (
     OutputParseError,
     looks_like_refusal,
@@ -90,14 +125,39 @@ __all__ = [
     "LLMError",
     "LLMOutputError",
     "LLMRequestError",
+    "EndpointError",
+    "DEFAULT_MAX_TOKENS",
     "Usage",
+    "abort_all",
     "encode_image",
     "image_part",
 ]
 
 log = logging.getLogger("refforge.llm")
 
-StructuredMode = Literal["auto", "json_schema", "instructions"]
+StructuredMode = Literal["auto", "json_schema", "json_object", "guided_json", "ollama_format", "instructions"]
+STRUCTURED_MODES = ("auto", *FORMS)
+
+# max_tokens per stage when neither the call nor the endpoint sets one: sized for each stage's answer
+# (a candidate list, a description, a box, a trace), with room to spare; a stage name's last word
+# ("describe_ground" -> "ground", "cot_judge" -> "judge") is looked up when the whole name is not.
+DEFAULT_MAX_TOKENS: dict[str, int] = {
+    "rewrite": 256, "negatives_text": 192, "describe": 384, "ground": 128, "cot": 768, "judge": 96,
+    "eval": 256, "preflight": 1,
+}
+FALLBACK_MAX_TOKENS = 512
+REPAIR_ECHO_CHARS = 1_500  # at most this much of a rejected answer goes back in a repair turn
+
+_LIVE_CLIENTS: weakref.WeakSet = weakref.WeakSet()
+
+
+def abort_all() -> int:
+    """Cancel every request in flight of every client in this process and refuse new ones (Ctrl-C).
+    Returns the number of clients aborted."""
+    clients = list(_LIVE_CLIENTS)
+    for c in clients:
+        c.abort()
+    return len(clients)
 LANE_WIDTH = 16  # connections per SDK client (see LLMClient._ensure_sdk)
 
 
@@ -135,7 +195,9 @@ class LLMRequestError(LLMError):
     """The request itself failed: retries exhausted, or an error that retrying cannot fix.
 
     ``reason``: "rate_limited", "quota", "timeout", "connection", "server_error", "bad_response",
-    "auth", "bad_request", "not_found". ``status`` is the HTTP status when there was one.
+    "auth", "bad_request", "not_found" (the model is not served), "unsupported_input" (an image for a
+    text-only model, a structured-output form the server refuses when it was set explicitly),
+    "cancelled" (Ctrl-C). ``status`` is the HTTP status when there was one.
     """
 
     def __init__(self, reason: str, detail: str = "", *, status: int | None = None, stage: str = "",
@@ -146,6 +208,11 @@ class LLMRequestError(LLMError):
         self.status = status
         self.stage = stage
         self.attempts = attempts
+
+
+class EndpointError(LLMError):
+    """An endpoint that cannot serve the build, found before any unit runs (:meth:`LLMClient.preflight`):
+    one line naming the endpoint and what failed."""
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -205,6 +272,7 @@ class _StageUsage:
     http_requests: int = 0
     rate_limited: int = 0
     repairs: int = 0
+    negotiated: int = 0  # requests sent again at once after a refusal of an optional field (no retry spent)
     output_errors: Counter = field(default_factory=Counter)
     request_errors: Counter = field(default_factory=Counter)
 
@@ -320,8 +388,8 @@ def _schema_json(model: type[pydantic.BaseModel]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=256)
-def _response_format(model: type[pydantic.BaseModel]) -> dict[str, Any]:
-    return response_format_for(model)
+def _schema_name(model: type[pydantic.BaseModel]) -> str:
+    return response_format_for(model)["json_schema"]["name"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -410,9 +478,99 @@ def _redact(text: str | None, secret: str) -> str | None:
     return text.replace(secret, "***") if text and secret in text else text
 
 
-def _about_response_format(exc: Any) -> bool:
-    text = f"{getattr(exc, 'message', '')} {getattr(exc, 'param', '') or ''}".lower()
-    return any(w in text for w in ("response_format", "json_schema", "structured output", "guided_json"))
+class _Overflow(Exception):
+    """The server said the prompt and max_tokens do not fit the model's context."""
+
+    def __init__(self, detail: str, attempts: int) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.attempts = attempts
+
+
+def _sendable(messages: list[dict[str, Any]], *, fold_system: bool) -> list[dict[str, Any]]:
+    """Messages as sent: a content list of text parts only becomes one string (every server takes a
+    string; some chat templates, llama-cpp-python's, silently drop list content), and with
+    ``fold_system`` the system messages go to the start of the first user message (a server whose
+    template drops the system role)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list) and content and all(
+                isinstance(p, dict) and p.get("type") == "text" for p in content):
+            m = {**m, "content": "\n\n".join(str(p.get("text", "")) for p in content)}
+        out.append(m)
+    if not fold_system:
+        return out
+    system = [m for m in out if m.get("role") in ("system", "developer")]
+    if not system:
+        return out
+    text = "\n\n".join(m["content"] if isinstance(m.get("content"), str)
+                        else "\n\n".join(p.get("text", "") for p in m.get("content") or () if isinstance(p, dict))
+                        for m in system)
+    rest = [m for m in out if m.get("role") not in ("system", "developer")]
+    for i, m in enumerate(rest):
+        if m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, list):
+                merged = [{"type": "text", "text": text}, *content]
+            else:
+                merged = f"{text}\n\n{content}" if content else text
+            rest[i] = {**m, "content": merged}
+            return rest
+    return [{"role": "user", "content": text}, *rest]
+
+
+def _has_images(messages: list[dict[str, Any]]) -> bool:
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            return True
+    return False
+
+
+# the request fields a refusal may blame: everything but the core of the protocol
+_CORE_FIELDS = frozenset({"model", "messages", "temperature", "max_tokens"})
+
+
+def _optional_fields(body: dict[str, Any]) -> set[str]:
+    out = {k for k in body if k not in _CORE_FIELDS}
+    rf = body.get("response_format")
+    if isinstance(rf, dict) and rf.get("type"):
+        out.add(str(rf["type"]))  # "json_schema" / "json_object": the refusal may name the type only
+    return out
+
+
+def _error_text(exc: Any) -> str:
+    """The server's own words: the SDK's message, else the raw body (a server whose error body is not
+    OpenAI's shape, e.g. llama-cpp-python's validation errors or a list of errors)."""
+    message = str(getattr(exc, "message", "") or "")
+    body = getattr(exc, "body", None)
+    if body is not None and not isinstance(body, dict | str):
+        try:
+            message = f"{message} {json.dumps(body)[:800]}"
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(body, dict) and "error" not in body:
+        message = f"{message} {json.dumps(body, default=str)[:800]}"
+    return message
+
+
+def _refused_connection(exc: BaseException) -> bool:
+    """Whether an SDK connection/timeout error was a refused connection (aiohttp's connector errors
+    come through the SDK as a timeout)."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, ConnectionRefusedError):
+            return True
+        name = type(cur).__name__
+        if name in ("ClientConnectorError", "ConnectError") and "refused" in str(cur).lower():
+            return True
+        if isinstance(cur, OSError) and cur.errno in (111, 61, 10061):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
 
 
 class _Resources:
@@ -575,7 +733,11 @@ class LLMClient:
         backoff_base_s, backoff_max_s: full-jitter exponential backoff.
         max_rate_limit_wait_s: how long one request may wait on 429s in total before failing.
         image_longest_side: :meth:`image_part` resizes images to it.
-        structured_output: "auto", "json_schema" or "instructions" (see the module doc).
+        structured_output: "auto" or one of :data:`~refforge.llm.capabilities.FORMS` (see the module doc).
+        max_tokens: the answer limit when a call sets none: an int for every stage, or ``{stage: n}``
+            (a stage missing there gets :data:`DEFAULT_MAX_TOKENS`).
+        max_outage_s: how long one request waits out an unreachable endpoint (refused connections,
+            HTTP 502/503/504) before failing.
         repair_retries: repair turns for a bad structured answer.
         http_backend: "aiohttp" (``openai[aiohttp]``, a dependency of refforge), "httpx", or "auto" (aiohttp).
         cache: a :class:`ResponseCache`; identical calls are then answered from it.
@@ -604,9 +766,12 @@ class LLMClient:
         cache_failures: bool = True,
         price_per_1k_input: float | None = None,
         price_per_1k_output: float | None = None,
+        max_tokens: int | Mapping[str, int] | None = None,
+        max_outage_s: float = 300,
     ) -> None:
-        if structured_output not in ("auto", "json_schema", "instructions"):
-            raise ValueError(f"structured_output must be 'auto', 'json_schema' or 'instructions', not {structured_output!r}")
+        if structured_output not in STRUCTURED_MODES:
+            raise ValueError(f"structured_output must be one of {', '.join(map(repr, STRUCTURED_MODES))}, "
+                             f"not {structured_output!r}")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.base_url = base_url
@@ -629,8 +794,14 @@ class LLMClient:
         self.cache_failures = cache_failures
         self.price_per_1k_input = price_per_1k_input
         self.price_per_1k_output = price_per_1k_output
-        # "auto" starts as json_schema and may fall back to instructions once, for good.
-        self._mode: str = "json_schema" if structured_output == "auto" else structured_output
+        self.max_tokens = dict(max_tokens) if isinstance(max_tokens, Mapping) else max_tokens
+        self.max_outage_s = max_outage_s
+        # what the endpoint takes: read from the cache on first use, updated as refusals come
+        self._caps = Capabilities()
+        self._caps_loaded = False
+        self._dropped_fields: set[str] = set()  # optional request fields the server refused (e.g. seed)
+        self._aborted = False
+        self.on_progress: Any = None  # on_progress(stage, {"done", "total", "completion_tokens"}) per answer
         self._lock = threading.Lock()
         self._res = _Resources()  # the loop thread and the SDK clients, closed by close() or on collection
         self._slots: asyncio.Queue[int] | None = None
@@ -640,6 +811,7 @@ class LLMClient:
         self._response_cls: type | None = None  # the SDK's HTTP response class (set with the SDK clients)
         self._request_options: dict[str, Any] = {}
         weakref.finalize(self, self._res.close)
+        _LIVE_CLIENTS.add(self)
 
     # -- identity, pickling, context manager
     def __repr__(self) -> str:
@@ -657,8 +829,79 @@ class LLMClient:
 
     @property
     def structured_mode(self) -> str:
-        """The structured-output mode in use now ("json_schema" or "instructions")."""
-        return self._mode
+        """The structured-output form in use now (one of :data:`~refforge.llm.capabilities.FORMS`)."""
+        if self.structured_output != "auto":
+            return self.structured_output
+        self._load_caps()
+        return self._caps.structured or next_form("", self._caps.refused_forms)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this endpoint and model were found to take (a copy)."""
+        self._load_caps()
+        with self._lock:
+            return Capabilities.from_json(self._caps.to_json())
+
+    @property
+    def endpoint_key(self) -> str:
+        return f"{self.base_url.rstrip('/')}|{self.model}"
+
+    def _load_caps(self) -> None:
+        if self._caps_loaded:
+            return
+        with self._lock:
+            if self._caps_loaded:
+                return
+            self._caps_loaded = True
+            if self.cache is not None:
+                raw = self.cache.get_capabilities(self.endpoint_key)
+                if raw:
+                    try:
+                        self._caps = Capabilities.from_json(raw)
+                    except (ValueError, TypeError):
+                        self._caps = Capabilities()
+
+    def _learn(self, **changes: Any) -> None:
+        """Update what the endpoint takes and keep it in the cache (when something changed)."""
+        with self._lock:
+            changed = False
+            for k, v in changes.items():
+                if getattr(self._caps, k) != v:
+                    setattr(self._caps, k, v)
+                    changed = True
+            if not changed:
+                return
+            data = self._caps.stamp().to_json()
+        if self.cache is not None:
+            self.cache.put_capabilities(self.endpoint_key, data)
+
+    def max_tokens_for(self, stage: str) -> int:
+        """The answer limit of a call of ``stage`` that sets none itself."""
+        mt = self.max_tokens
+        last = stage.rsplit("_", 1)[-1]
+        if isinstance(mt, int):
+            return mt
+        if isinstance(mt, dict):
+            for k in (stage, last, "default"):
+                if k in mt:
+                    return int(mt[k])
+        return DEFAULT_MAX_TOKENS.get(stage, DEFAULT_MAX_TOKENS.get(last, FALLBACK_MAX_TOKENS))
+
+    def abort(self) -> None:
+        """Cancel this client's requests in flight and refuse new ones (Ctrl-C)."""
+        self._aborted = True
+        runner = self._res.runner
+        if runner is None or runner.loop.is_closed():
+            return
+
+        def cancel_all() -> None:
+            for t in asyncio.all_tasks(runner.loop):
+                t.cancel()
+
+        try:
+            runner.loop.call_soon_threadsafe(cancel_all)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
 
     # -- the private loop
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -725,6 +968,102 @@ class LLMClient:
         A client that is garbage-collected, or still open at interpreter exit, is closed too.
         """
         self._res.close()
+
+    # -- before a build: does the endpoint serve this model (and images)?
+    def preflight(self, *, images: bool = False, label: str = "") -> Capabilities:
+        """Check the endpoint before any unit runs: it answers (``GET /models``), it serves the model,
+        and with ``images`` it takes an image. Raises :class:`EndpointError` (one line naming the endpoint
+        and what failed). What was found is kept in the cache: a later build sends no probe again
+        (only the ``GET /models``)."""
+        return self._wait(self._preflight(images, label))
+
+    async def _preflight(self, images: bool, label: str) -> Capabilities:
+        import openai
+
+        self._ensure_sdk()
+        self._load_caps()
+        where = f"{label + ' ' if label else ''}endpoint {self.base_url} (model {self.model})"
+        sdk = self._res.sdks[0]
+        listed: list[str] | None = None
+        for attempt in range(3):
+            if self._aborted:
+                raise EndpointError(f"{where}: interrupted")
+            try:
+                response = await sdk.get("/models", cast_to=self._response_cls, options=self._request_options)
+                data = json.loads(response.content)
+                items = data.get("data") if isinstance(data, dict) else data
+                if isinstance(items, list):
+                    listed = [str(m.get("id") or m.get("name") or "") for m in items if isinstance(m, dict)]
+                break
+            except openai.APIStatusError as exc:
+                if exc.status_code in (401, 403):
+                    hint = f" (the key is read from ${self.api_key_env})" if self.api_key_env else ""
+                    raise EndpointError(f"{where} refuses the API key: HTTP {exc.status_code}: "
+                                        f"{self._scrub(_error_text(exc))[:200]}{hint}") from None
+                if exc.status_code in (404, 405, 501):  # a server that does not list its models
+                    break
+                if attempt == 2:
+                    raise EndpointError(f"{where} answers GET /models with HTTP {exc.status_code}: "
+                                        f"{self._scrub(_error_text(exc))[:200]}") from None
+            except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+                if attempt == 2:
+                    why = ("connection refused" if _refused_connection(exc)
+                           else "no answer" if isinstance(exc, openai.APITimeoutError)
+                           else self._scrub(str(exc.__cause__ or exc))[:200])
+                    raise EndpointError(f"{where} does not answer ({why}); start the server or fix base_url") from None
+            except ValueError:  # not JSON: a server without a models list
+                break
+            await asyncio.sleep(0.5 * (attempt + 1))
+        named = _listed_name(self.model, listed) if listed else True
+        stats = self._stage("preflight")
+        text_probe: _Answer | None = None
+        if not named or self._caps.system is None or (images and self._caps.images is not True):
+            try:
+                text_probe, _ = await self._send(_probe_request(None), _probe_request(None).messages, stats, sdk)
+            except LLMRequestError as exc:
+                shown = f"; it lists {', '.join(listed[:8])}" if listed else ""
+                if exc.reason == "not_found":
+                    raise EndpointError(f"{where}: the server does not serve this model{shown}") from None
+                raise EndpointError(f"{where} fails a one-token request: {exc}") from None
+            except _Overflow as exc:
+                raise EndpointError(f"{where} fails a one-token request: {exc.detail}") from None
+        if self._caps.system is None:
+            probe = _probe_request(None, system=True)
+            try:
+                with_system, _ = await self._send(probe, probe.messages, stats, sdk)
+            except (LLMRequestError, _Overflow) as exc:
+                raise EndpointError(f"{where} fails a one-token request with a system message: "
+                                    f"{getattr(exc, 'detail', exc)}") from None
+            plain, seen = text_probe.usage.prompt_tokens, with_system.usage.prompt_tokens
+            if plain and seen and seen <= plain:
+                log.warning("%s drops system messages (a prompt with one counted %d tokens, without %d): the "
+                            "system text goes into the first user message", where, seen, plain)
+                self._learn(system=False)
+            elif plain and seen:
+                self._learn(system=True)
+        if images and self._caps.images is not True:
+            probe = _probe_request(_PROBE_IMAGE)
+            try:
+                with_image, _ = await self._send(probe, probe.messages, stats, sdk)
+            except LLMRequestError as exc:
+                if exc.reason == "unsupported_input":
+                    raise EndpointError(f"{where} does not take images: {exc.detail}") from None
+                raise EndpointError(f"{where} fails a request with an image: {exc}") from None
+            except _Overflow as exc:
+                raise EndpointError(f"{where} fails a request with an image: {exc.detail}") from None
+            plain, seen = text_probe.usage.prompt_tokens, with_image.usage.prompt_tokens
+            if plain and seen and seen <= plain:
+                why = (f"a prompt with an image counted {seen} tokens, the same prompt without it {plain}: the "
+                       "server dropped the image (a text-only model, or a server without its vision part)")
+                self._learn(images=False, images_detail=why)
+                raise EndpointError(f"{where} does not take images: {why}")
+            if not (plain and seen):
+                log.warning("%s reports no prompt tokens: whether it sees images cannot be checked", where)
+            else:
+                self._learn(images=True, images_detail="")
+        if listed is not None:
+            self._learn(models=listed)
+        return self.capabilities
 
     # -- public calls
     def image_part(self, image: Any, fmt: Literal["png", "jpeg"] | None = None) -> dict[str, Any]:
@@ -805,6 +1144,10 @@ class LLMClient:
         answers turns into a spread of new requests instead of another burst.)"""
         results: list[Any] = [None] * len(reqs)
         todo = iter(range(len(reqs)))
+        report = self.on_progress
+        if report is not None and reqs:
+            for stage, n in Counter(r.stage for r in reqs).items():
+                self._report(report, stage, {"done": 0, "total": n, "completion_tokens": 0})
 
         async def worker() -> None:
             for i in todo:
@@ -812,6 +1155,10 @@ class LLMClient:
                     results[i] = await self._chat(reqs[i])
                 except (LLMOutputError, LLMRequestError) as exc:
                     results[i] = exc
+                if report is not None:
+                    res = results[i]
+                    tokens = res.usage.completion_tokens if isinstance(res, ChatResult) else 0
+                    self._report(report, reqs[i].stage, {"done": 1, "total": 0, "completion_tokens": tokens})
 
         workers = [asyncio.ensure_future(worker()) for _ in range(min(self.concurrency, len(reqs)))]
         try:
@@ -821,6 +1168,13 @@ class LLMClient:
                 w.cancel()
             raise
         return results
+
+    @staticmethod
+    def _report(report: Any, stage: str, info: dict[str, int]) -> None:
+        try:
+            report(stage, info)
+        except Exception:  # noqa: BLE001 - a progress display never fails a request
+            log.debug("progress callback failed", exc_info=True)
 
     # -- accounting
     def usage(self, scope: int | None = None) -> dict[str, dict[str, Any]]:
@@ -859,6 +1213,7 @@ class LLMClient:
                 "requests": u.requests, "cached": u.cached, "prompt_tokens": u.prompt_tokens,
                 "completion_tokens": u.completion_tokens, "retries": u.retries, "estimated_cost_usd": cost,
                 "http_requests": u.http_requests, "rate_limited": u.rate_limited, "repairs": u.repairs,
+                "negotiated": u.negotiated,
                 "output_errors": dict(u.output_errors), "request_errors": dict(u.request_errors),
             }
         return out
@@ -872,6 +1227,8 @@ class LLMClient:
 
     # -- one logical call (runs on the private loop)
     async def _chat(self, req: ChatRequest) -> ChatResult:
+        if req.max_tokens is None:
+            req = dataclasses.replace(req, max_tokens=self.max_tokens_for(req.stage))
         schema_doc = _schema_json(req.response_schema) if req.response_schema is not None else None
         key = request_key(
             model=self.model, messages=req.messages, prompt_version=req.prompt_version,
@@ -943,7 +1300,15 @@ class LLMClient:
         attempts = 0
         turns = self.repair_retries + 1 if schema is not None else 1
         for turn in range(turns):
-            answer, n = await self._send(req, conversation, stats, sdk)
+            try:
+                answer, n = await self._send(req, conversation, stats, sdk)
+            except _Overflow as exc:  # the prompt does not fit the model's context: a drop, not a failure
+                attempts += exc.attempts
+                stats.prompt_tokens += usage.prompt_tokens
+                stats.completion_tokens += usage.completion_tokens
+                log.info("stage=%s: the prompt does not fit the model's context (%s)", req.stage, exc.detail)
+                raise LLMOutputError("context_overflow", exc.detail, text=None, stage=req.stage, key=key,
+                                     attempts=attempts) from None
             attempts += n
             usage = usage + answer.usage
             text, refusal, finish, served_model = answer.text, answer.refusal, answer.finish_reason, answer.model
@@ -957,7 +1322,7 @@ class LLMClient:
             elif not (text or "").strip():
                 problem = ("empty", _DETAILS["empty"])
             elif finish == "length":
-                problem = ("truncated", _DETAILS["truncated"])
+                problem = ("truncated", f"{_DETAILS['truncated']} (max_tokens {req.max_tokens})")
             elif schema is not None:
                 try:
                     parsed = parse_model(text, schema)
@@ -967,19 +1332,25 @@ class LLMClient:
                     else:
                         problem = (exc.reason, exc.message)
             reason, detail = problem or (None, "")
-            if reason not in (None, "refusal") and turn < turns - 1:  # a repair turn
+            # a repair turn; never for a refusal, nor for an answer cut off at max_tokens (sending it back
+            # could only make the next prompt longer than the context)
+            if reason not in (None, "refusal", "truncated") and turn < turns - 1:
                 stats.repairs += 1
-                hint = " Answer more briefly." if reason == "truncated" else ""
+                echo = text or ""
+                if len(echo) > REPAIR_ECHO_CHARS:
+                    echo = echo[:REPAIR_ECHO_CHARS] + " [...]"
                 conversation = [
-                    *conversation,
-                    {"role": "assistant", "content": text or ""},
-                    {"role": "user", "content": f"Your previous answer was rejected ({detail}). Answer again "
-                                                f"with only one JSON object that matches the schema.{hint}"},
+                    *req.messages,
+                    {"role": "assistant", "content": echo},
+                    {"role": "user", "content": f"Your previous answer was rejected ({detail[:300]}). Answer again "
+                                                f"with only one JSON object that matches the schema."},
                 ]
                 continue
             stats.prompt_tokens += usage.prompt_tokens
             stats.completion_tokens += usage.completion_tokens
             if reason is None:
+                if schema is not None and self.structured_output == "auto" and self._caps.structured != answer.form:
+                    self._learn(structured=answer.form)
                 if self.cache is not None:
                     self.cache.put(key, CachedResponse(text, finish, None, usage.prompt_tokens,
                                                        usage.completion_tokens, served_model, req.stage,
@@ -993,6 +1364,34 @@ class LLMClient:
             log.info("stage=%s: unusable answer (%s) after %d request(s)", req.stage, reason, attempts)
             raise LLMOutputError(reason, detail, text=shown, stage=req.stage, key=key, attempts=attempts)
         raise AssertionError("unreachable")
+
+    def _body(self, req: ChatRequest, conversation: list[dict[str, Any]], form: str) -> dict[str, Any]:
+        """The JSON body of one HTTP request of ``req`` with structured-output form ``form``."""
+        extra = {k: v for k, v in (req.extra or {}).items() if k not in self._dropped_fields}
+        body: dict[str, Any] = {"model": self.model, **extra}
+        messages = conversation
+        if req.response_schema is not None:
+            fields, in_prompt = structured_body(form, _schema_name(req.response_schema), _schema_json(req.response_schema))
+            body.update(fields)
+            if in_prompt:
+                messages = _with_instructions(messages, _instructions(req.response_schema))
+        body["messages"] = _sendable(messages, fold_system=self._caps.system is False)
+        if req.temperature is not None:
+            body["temperature"] = req.temperature
+        if req.max_tokens is not None:
+            body["max_tokens"] = req.max_tokens
+        if body.get("logprobs"):
+            if self._caps.logprobs == "none":
+                body.pop("logprobs", None)
+                body.pop("top_logprobs", None)
+            elif self._caps.logprobs == "top_logprobs":
+                body.setdefault("top_logprobs", 1)
+        return body
+
+    def _form(self) -> str:
+        if self.structured_output != "auto":
+            return self.structured_output
+        return self._caps.structured or next_form("", self._caps.refused_forms)
 
     async def _send(self, req: ChatRequest, conversation: list[dict[str, Any]], stats: _StageUsage,
                     sdk: Any) -> tuple[_Answer, int]:
@@ -1008,27 +1407,25 @@ class LLMClient:
         """
         import openai
 
+        self._load_caps()
         attempts = 0
         retries = 0
         rate_limited = 0
         waited_on_429 = 0.0
+        outage_since: float | None = None
+        has_images = _has_images(conversation)
         while True:
-            body: dict[str, Any] = {"model": self.model, **(req.extra or {})}
-            body["messages"] = conversation
-            if req.response_schema is not None:
-                if self._mode == "json_schema":
-                    body["response_format"] = _response_format(req.response_schema)
-                else:
-                    body["messages"] = _with_instructions(conversation, _instructions(req.response_schema))
-            if req.temperature is not None:
-                body["temperature"] = req.temperature
-            if req.max_tokens is not None:
-                body["max_tokens"] = req.max_tokens
+            if self._aborted:
+                raise LLMRequestError("cancelled", "interrupted: no more requests are sent", stage=req.stage,
+                                      attempts=attempts)
+            form = self._form() if req.response_schema is not None else ""
+            body = self._body(req, conversation, form)
             attempts += 1
             stats.http_requests += 1
             # The outcome is classified inside the except blocks, acted on outside them, so that no
             # refforge exception chains the SDK's (whose request object holds the auth header).
             outcome: tuple[str, str, int | None, float | None] | None = None
+            refusal = None
             try:
                 response = await sdk.post("/chat/completions", cast_to=self._response_cls, body=body,
                                           options=self._request_options)
@@ -1036,44 +1433,57 @@ class LLMClient:
                 if answer is None:
                     outcome = ("bad_response", "the response body is not a chat completion", 200, None)
                 else:
+                    answer = dataclasses.replace(answer, form=form)
+                    if body.get("logprobs") and self._caps.logprobs is None:
+                        if answer.logprobs is None and "top_logprobs" not in body:
+                            # llama-cpp-python returns logprobs only when top_logprobs is sent too: ask once more
+                            self._learn(logprobs="top_logprobs")
+                            stats.negotiated += 1
+                            continue
+                        self._learn(logprobs="none" if answer.logprobs is None
+                                    else ("top_logprobs" if "top_logprobs" in body else "logprobs"))
                     return answer, attempts
             except openai.RateLimitError as exc:
                 code = str(getattr(exc, "code", "") or "")
                 kind = "quota" if code == "insufficient_quota" else "rate_limited"
                 outcome = (kind, self._scrub(exc.message), 429, _retry_after(exc))
-            except openai.BadRequestError as exc:
-                if ("response_format" in body and self.structured_output == "auto"
-                        and _about_response_format(exc)):
-                    outcome = ("fallback", self._scrub(exc.message), 400, None)
-                else:
-                    outcome = ("bad_request", self._scrub(exc.message), 400, None)
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                if status in (408, 409) or status >= 500:
-                    kind = "server_error"
+                message = self._scrub(_error_text(exc))
+                refusal = classify_refusal(status, message, param=getattr(exc, "param", None),
+                                           code=str(getattr(exc, "code", "") or ""),
+                                           sent=_optional_fields(body), has_images=has_images)
+                if refusal is not None:
+                    outcome = ("refused", message, status, None)
+                elif status in (502, 503, 504):
+                    outcome = ("outage", message, status, _retry_after(exc))
+                elif status in (408, 409) or status >= 500:
+                    outcome = ("server_error", message, status, _retry_after(exc))
                 elif status in (401, 403):
-                    kind = "auth"
+                    outcome = ("auth", message, status, None)
                 elif status == 404:
-                    kind = "not_found"
+                    outcome = ("not_found", message, status, None)
                 else:
-                    kind = "bad_request"
-                outcome = (kind, self._scrub(exc.message), status, _retry_after(exc))
-            except openai.APITimeoutError:
-                outcome = ("timeout", f"no answer within {self.timeout_s:g} s", None, None)
+                    outcome = ("bad_request", message, status, None)
+            except openai.APITimeoutError as exc:
+                if _refused_connection(exc):
+                    outcome = ("outage", f"cannot connect to {self.base_url} (connection refused)", None, None)
+                else:
+                    outcome = ("timeout", f"no answer within {self.timeout_s:g} s", None, None)
             except openai.APIConnectionError as exc:
-                outcome = ("connection", self._scrub(str(exc.__cause__ or exc.message)), None, None)
+                why = "connection refused" if _refused_connection(exc) else self._scrub(str(exc.__cause__ or exc.message))
+                outcome = ("outage", f"cannot connect to {self.base_url} ({why})", None, None)
             except (openai.APIResponseValidationError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
                 outcome = ("bad_response", self._scrub(f"{type(exc).__name__}: {exc}"), None, None)
 
             kind, detail, status, retry_after = outcome
-            if kind == "fallback":
-                with self._lock:
-                    if self._mode == "json_schema":
-                        self._mode = "instructions"
-                        log.warning("%s at %s rejected response_format json_schema; using schema instructions "
-                                    "in the prompt from now on", self.model, self.base_url)
-                stats.retries += 1
-                continue
+            if kind == "refused":
+                if self._negotiate(refusal, form, body, req):
+                    stats.negotiated += 1
+                    continue
+                if refusal.kind == "context_overflow":
+                    raise _Overflow(f"HTTP {status}: {detail}", attempts)
+                raise self._permanent(refusal, status, req, attempts)
             if kind == "rate_limited":
                 rate_limited += 1
                 stats.rate_limited += 1
@@ -1085,7 +1495,21 @@ class LLMClient:
                 if retry_after is not None:  # a little jitter, within the budget, so waiters do not return together
                     wait = min(budget_left, wait + random.uniform(0, min(self.backoff_base_s, 1.0)))
                 waited_on_429 += wait
-            elif kind in ("server_error", "timeout", "connection", "bad_response"):
+            elif kind == "outage":
+                now = time.monotonic()
+                outage_since = now if outage_since is None else outage_since
+                waited = now - outage_since
+                if waited >= self.max_outage_s:
+                    raise LLMRequestError(
+                        "connection", f"{self.base_url} unreachable for {_seconds(waited)} s (max_outage_s "
+                        f"{_seconds(self.max_outage_s)}): {detail}{f' (HTTP {status})' if status else ''}; run the "
+                        "same command again when it is back (the answers so far are cached)",
+                        status=status, stage=req.stage, attempts=attempts)
+                wait = min(self._backoff(retries), 10.0)
+                wait = max(wait, min(retry_after or 0.0, 10.0), 0.05)
+                wait = min(wait, max(0.05, self.max_outage_s - waited))
+                retries += 1
+            elif kind in ("server_error", "timeout", "bad_response"):
                 if retries >= self.max_retries:
                     raise LLMRequestError(kind, f"gave up after {attempts} attempt(s): {detail}", status=status,
                                           stage=req.stage, attempts=attempts)
@@ -1100,6 +1524,50 @@ class LLMClient:
             stats.retries += 1
             log.info("stage=%s: %s%s, retry in %.2f s", req.stage, kind, f" (HTTP {status})" if status else "", wait)
             await asyncio.sleep(wait)
+
+    def _negotiate(self, refusal: Any, form: str, body: dict[str, Any], req: ChatRequest) -> bool:
+        """Act on a refused optional field: True when the request is to be sent again at once."""
+        if refusal.kind != "unsupported":
+            return False
+        feature = refusal.feature
+        if form and feature in FORM_FIELDS.get(form, ()) or (form == "json_schema" and feature == "json_schema"):
+            if self.structured_output != "auto":
+                return False
+            with self._lock:
+                refused = {**self._caps.refused_forms, form: refusal.message[:300]}
+            following = next_form(form, refused)
+            log.warning("%s at %s refused %s (%s); using %s from now on", self.model, self.base_url,
+                        FORM_NAMES[form], refusal.message[:200], FORM_NAMES[following])
+            self._learn(refused_forms=refused, structured=following)
+            return True
+        if feature in ("logprobs", "top_logprobs") and body.get("logprobs"):
+            log.warning("%s at %s refused logprobs (%s); scores fall back to the answer", self.model, self.base_url,
+                        refusal.message[:200])
+            self._learn(logprobs="none")
+            return True
+        if feature in body and feature not in ("model", "messages") and feature in (req.extra or {}):
+            log.warning("%s at %s refused %r (%s); sending requests without it", self.model, self.base_url,
+                        feature, refusal.message[:200])
+            with self._lock:
+                self._dropped_fields.add(feature)
+            return True
+        return False
+
+    def _permanent(self, refusal: Any, status: int | None, req: ChatRequest, attempts: int) -> LLMRequestError:
+        where = f"{self.model} at {self.base_url}"
+        msg = refusal.message[:300]
+        if refusal.kind == "images":
+            self._learn(images=False, images_detail=msg)
+            return LLMRequestError("unsupported_input", f"{where} does not take images: HTTP {status}: {msg}",
+                                   status=status, stage=req.stage, attempts=attempts)
+        if refusal.kind == "unknown_model":
+            return LLMRequestError("not_found", f"the server does not serve model {self.model!r} "
+                                   f"({self.base_url}): HTTP {status}: {msg}", status=status, stage=req.stage,
+                                   attempts=attempts)
+        form = FORM_NAMES.get(self.structured_output, refusal.feature)
+        return LLMRequestError("unsupported_input", f"{where} refuses {form} (HTTP {status}: {msg}); set "
+                               "structured_output = \"auto\" to let refforge find a form it takes",
+                               status=status, stage=req.stage, attempts=attempts)
 
     def _rate_limit_message(self, retry_after: float | None, waited: float) -> str:
         """One line: why a rate-limited request gives up, and what to do."""
@@ -1125,6 +1593,7 @@ class _Answer:
     model: str
     usage: Usage
     logprobs: tuple[float, ...] | None = None
+    form: str = ""  # the structured-output form the request carried
 
 
 def _token_logprobs(choice: dict) -> tuple[float, ...] | None:
@@ -1161,6 +1630,51 @@ def _decode(content: bytes) -> _Answer | None:
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
     return _Answer(text if isinstance(text, str) else None, message.get("refusal") or None,
                    choice.get("finish_reason"), model, tokens, _token_logprobs(choice))
+
+
+def _listed_name(model: str, listed: list[str]) -> bool:
+    """Whether ``model`` is among the ids a server lists (Gemini lists "models/<id>", Ollama "<name>:latest")."""
+    names = set()
+    for m in listed:
+        names.add(m)
+        names.add(m.removeprefix("models/"))
+        if m.endswith(":latest"):
+            names.add(m[: -len(":latest")])
+    return model in names or model.removeprefix("models/") in names
+
+
+def _probe_png() -> str:
+    """A 64x64 two-colour PNG as a data URL (made without PIL: zlib and a hand-made PNG)."""
+    import struct
+    import zlib
+
+    w = h = 64
+    rows = b"".join(b"\x00" + (b"\xd0\x30\x30" * (w // 2) + b"\x30\x30\xd0" * (w // 2)) for _ in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+_PROBE_IMAGE = _probe_png()
+PROBE_TEXT = "refforge endpoint check: answer with the word OK."
+
+
+PROBE_SYSTEM = "You are a careful assistant. Follow the user's instructions exactly, and answer briefly."
+
+
+def _probe_request(image_url: str | None, *, system: bool = False) -> ChatRequest:
+    """A one-token request (with or without an image, or a system message) for :meth:`LLMClient.preflight`."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": PROBE_TEXT}]
+    if image_url is not None:
+        content.append({"type": "image_url", "image_url": {"url": image_url}})
+    messages = [{"role": "user", "content": content}]
+    if system:
+        messages.insert(0, {"role": "system", "content": PROBE_SYSTEM})
+    return ChatRequest(messages, "preflight", "preflight", temperature=0, max_tokens=1)
 
 
 def _seconds(x: float) -> str:

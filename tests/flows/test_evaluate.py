@@ -25,6 +25,7 @@ from refforge.flows.evaluate import EvalError, read_predictions, run_eval
 from refforge.stages.answers import Answer
 from refforge.stages.metrics import metric_table
 from refforge.testing import OpenAITestServer, empty, fail, refusal, reply
+from tests.helpers import is_probe, model_requests
 
 KEY_ENV = "REFFORGE_EVAL_TEST_KEY"
 SECRET = "sk-eval-test-9f8e7d6c5b4a"
@@ -105,7 +106,7 @@ def _expression(req) -> str:
 
 
 def scripted(srv, answers: dict):
-    srv.handler = lambda req: answers[_expression(req)]
+    srv.handler = lambda req: "OK" if is_probe(req) else answers[_expression(req)]
 
 
 def _sent_size(req) -> tuple[int, int]:
@@ -205,8 +206,8 @@ def test_groundingme_run_predictions_and_metrics_match_hand_computed_numbers(exp
     scripted(srv, GROUNDINGME)
     out = tmp_path / "gm"
     m = _run(export, srv, "groundingme", out, concurrency=3)
-    assert len(srv.chat_requests()) == 7 and srv.max_in_flight <= 3
-    for req in srv.chat_requests():
+    assert len(model_requests(srv)) == 7 and srv.max_in_flight <= 3
+    for req in model_requests(srv):
         assert req.authorized and len(req.image_urls()) == 1
         assert _sent_size(req) in [(392, 280), (196, 112)]
         assert req.body["messages"][0]["role"] == "system" and req.body["temperature"] == 0
@@ -260,11 +261,11 @@ def test_a_rerun_is_answered_from_the_cache(export, srv, tmp_path):
     scripted(srv, GROUNDINGME)
     out = tmp_path / "gm"
     first = _run(export, srv, "groundingme", out)
-    sent = len(srv.chat_requests())
+    sent = len(model_requests(srv))
     assert sent == 7
     srv.handler = lambda req: "[0, 0, 1, 1]"  # would change every answer if asked
     second = _run(export, srv, "groundingme", out)
-    assert len(srv.chat_requests()) == sent   # zero new requests
+    assert len(model_requests(srv)) == sent   # zero new requests
     assert second["requests"]["http_requests"] == 0 and second["requests"]["cached"] == 7
     assert second["overall"] == first["overall"]
     assert all(p["cached"] for p in _preds(out).values())
@@ -288,7 +289,7 @@ def test_refbench_pro_dialect(export, srv, tmp_path):
     p = _preds(out)
     assert [p[k]["status"] for k in ("p1", "p2", "p3", "p4", "n1", "n2", "n3")] == [
         "box", "rejection", "unparseable", "box", "rejection", "empty", "rejection"]
-    assert "<answer>[]</answer>" in srv.chat_requests()[0].body["messages"][1]["content"][1]["text"]
+    assert "<answer>[]</answer>" in model_requests(srv)[0].body["messages"][1]["content"][1]["text"]
     o = m["overall"]
     assert o["acc@0.5"] == 0.5 and o["acc@0.9"] == 0.5 and o["macc"] == 0.5
     assert o["rejection_acc"] == pytest.approx(2 / 3) and o["false_rejection_rate"] == 0.25
@@ -325,7 +326,7 @@ def test_images_are_resized_and_boxes_mapped_back_to_original_pixels(export, srv
     scripted(srv, {**GROUNDINGME, "the red ball": "[20, 15, 60, 45]"})
     out = tmp_path / "small"
     _run(export, srv, "groundingme", out, image_longest_side=196)
-    req = next(r for r in srv.chat_requests() if _expression(r) == "the red ball")
+    req = next(r for r in model_requests(srv) if _expression(r) == "the red ball")
     assert _sent_size(req) == (196, 140) and "196x140" in req.body["messages"][1]["content"][1]["text"]
     p = _preds(out)["p1"]
     assert p["bbox"] == [40, 30, 120, 90] and p["sent_size"] == [196, 140] and p["correct@0.5"]
@@ -336,7 +337,7 @@ def test_images_are_resized_and_boxes_mapped_back_to_original_pixels(export, srv
     srv.reset()
     scripted(srv, {"the red ball": '[{"bbox_2d": [28, 27.44, 140, 98], "label": "ball"}]'})
     m = _run(exp2, srv, "qwen-json", tmp_path / "qc")
-    assert _sent_size(srv.chat_requests()[0]) == (280, 196)
+    assert _sent_size(model_requests(srv)[0]) == (280, 196)
     c1 = _preds(tmp_path / "qc")["c1"]
     assert c1["bbox"] == pytest.approx([30, 28, 150, 100]) and c1["iou"] == pytest.approx(1.0)
     assert m["overall"]["acc@0.9"] == 1.0
@@ -346,7 +347,7 @@ def test_grid1000_coordinates_for_a_model_and_for_a_predictions_file(export, srv
     scripted(srv, {**GROUNDINGME, "the red ball": "[102, 107, 306, 321]"})  # 0-1000 grid of 392x280
     out = tmp_path / "grid"
     _run(export, srv, "refbench-pro", out, coords="grid1000")
-    req = next(r for r in srv.chat_requests() if _expression(r) == "the red ball")
+    req = next(r for r in model_requests(srv) if _expression(r) == "the red ball")
     assert "0-1000 grid" in req.body["messages"][1]["content"][1]["text"]
     p1 = _preds(out)["p1"]
     assert p1["bbox"] == pytest.approx([39.984, 29.96, 119.952, 89.88]) and p1["iou"] > 0.99
@@ -362,7 +363,7 @@ def test_grid1000_coordinates_for_a_model_and_for_a_predictions_file(export, srv
 def test_logprobs_are_requested_and_the_score_source_is_documented(export, srv, tmp_path):
     scripted(srv, GROUNDINGME)
     m = _run(export, srv, "groundingme", tmp_path / "lp", logprobs=True)
-    assert all(r.body.get("logprobs") is True for r in srv.chat_requests())
+    assert all(r.body.get("logprobs") is True for r in model_requests(srv))
     # the test server (like many) returns no logprobs: the binary score is used, and said so
     assert m["score_source"] == "binary" and m["logprobs_requested"] is True
     assert "requested but not returned" in m["score_note"]
@@ -390,9 +391,9 @@ def test_token_logprobs_become_the_scores_of_auroc(export, srv, tmp_path):
     # positives 0.9, 0.8, 0.3, 0.4 against negatives 0.1, 0.5, 0.35: 9 of 12 pairs ordered right
     assert m["overall"]["auroc"] == pytest.approx(9 / 12)
     # the logprobs are cached with the answers: a re-run sends nothing and scores the same
-    n = len(srv.chat_requests())
+    n = len(model_requests(srv))
     again = _run(export, srv, "groundingme", out, logprobs=True)
-    assert len(srv.chat_requests()) == n and again["overall"]["auroc"] == pytest.approx(9 / 12)
+    assert len(model_requests(srv)) == n and again["overall"]["auroc"] == pytest.approx(9 / 12)
 
 
 def test_failed_requests_are_recorded_and_retried_on_the_next_run(export, srv, tmp_path):
@@ -405,9 +406,9 @@ def test_failed_requests_are_recorded_and_retried_on_the_next_run(export, srv, t
     assert p["p4"]["status"] == "request_error" and "bad_request" in p["p4"]["reason"]
     assert m["incomplete"] == 1 and m["overall"]["acc@0.5"] == 0.5
     answers["the blue kite"] = "[100, 20, 180, 90]"
-    before = len(srv.chat_requests())
+    before = len(model_requests(srv))
     m2 = _run(export, srv, "groundingme", out)
-    assert len(srv.chat_requests()) == before + 1 and m2["incomplete"] == 0
+    assert len(model_requests(srv)) == before + 1 and m2["incomplete"] == 0
     assert m2["overall"]["acc@0.5"] == 0.75
 
 
@@ -423,7 +424,7 @@ def test_bad_input_gives_clear_errors(export, srv, tmp_path):
     (export / "images" / "b.png").unlink()
     with pytest.raises(EvalError, match=r"1 image\(s\) of split 'test' are missing.*images/b.png"):
         _run(export, srv, "groundingme", tmp_path / "o")
-    assert srv.chat_requests() == []
+    assert model_requests(srv) == []
 
 
 # ----------------------------------------------------------------------------------------- --predictions

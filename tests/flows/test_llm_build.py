@@ -17,7 +17,7 @@ from refforge.stages.scene.lexicon import ATTRIBUTE_FAMILIES, CATEGORIES, INVERS
 from refforge.storage import Catalog
 from refforge.testing import OpenAITestServer, refusal
 from tests.conftest import small_config
-from tests.helpers import snapshot
+from tests.helpers import answers_probes, model_requests, snapshot
 
 
 def _user_text(req) -> str:
@@ -53,7 +53,7 @@ def model(req):
 
 @pytest.fixture(scope="module")
 def server():
-    with OpenAITestServer(handler=model) as srv:
+    with OpenAITestServer(handler=answers_probes(model)) as srv:
         yield srv
 
 
@@ -70,7 +70,7 @@ def _config(server):
 def test_model_backed_build_and_a_resume_that_sends_zero_requests(tmp_path, prefect_api, server):
     out = tmp_path / "build"
     record = run_build(_config(server), out)
-    sent = len(server.requests)
+    sent = len(model_requests(server))
     assert sent > 0
     assert record["models"]["negatives_text"] == "test-model" and record["models"]["cot"] == "test-vlm"
     usage = record["model_usage"]
@@ -90,7 +90,7 @@ def test_model_backed_build_and_a_resume_that_sends_zero_requests(tmp_path, pref
 
     # a re-run of the finished build: nothing to do, no request
     run_build(_config(server), out)
-    assert len(server.requests) == sent
+    assert len(model_requests(server)) == sent
 
     # lose the model stages' work (as after a crash) and resume: every answer comes from the cache
     for stage in ("negatives_text", "refine", "cot"):
@@ -101,7 +101,7 @@ def test_model_backed_build_and_a_resume_that_sends_zero_requests(tmp_path, pref
     shutil.rmtree(out / "state" / "paths")
     shutil.rmtree(out / "state" / "negatives_image")
     run_build(_config(server), out)
-    assert len(server.requests) == sent
+    assert len(model_requests(server)) == sent
     assert snapshot(out) == before
 
 
@@ -109,9 +109,9 @@ def test_process_runner_reports_the_model_usage_of_its_worker_processes(tmp_path
     """Clients live in the worker processes: their usage comes back with each unit's result."""
     cfg = _config(server).model_dump(mode="json")
     cfg["runner"] = {"kind": "process", "workers": 2}
-    first = len(server.requests)
+    first = len(model_requests(server))
     record = run_build(parse_config(cfg), tmp_path / "build")
-    sent = len(server.requests) - first
+    sent = len(model_requests(server)) - first
     assert sent > 0
     usage = record["model_usage"]
     http = sum(s["http_requests"] for ep in usage.values() for s in ep.values())
@@ -165,10 +165,10 @@ def _unreliable_config(server):
 def test_unusable_answers_are_never_selected_nor_exported_and_drops_survive_a_resume(tmp_path, prefect_api):
     from refforge.flows.export import export_build
 
-    with OpenAITestServer(handler=_unreliable_model) as server:
+    with OpenAITestServer(handler=answers_probes(_unreliable_model)) as server:
         first = tmp_path / "first"
         run_build(_unreliable_config(server), first)
-        sent = len(server.requests)
+        sent = len(model_requests(server))
         with Catalog(first) as cat:
             traces = cat.sql("SELECT sample_id, trace, verdict, selected FROM cot_traces").to_pylist()
             drops = cat.sql("SELECT stage, key, reason, detail FROM drops").to_pylist()
@@ -207,7 +207,7 @@ def test_unusable_answers_are_never_selected_nor_exported_and_drops_survive_a_re
         for table in ("expressions", "negative_candidates", "scores", "cot_traces", "drops"):
             shutil.rmtree(resumed / "tables" / table)
         run_build(_unreliable_config(server), resumed)
-        assert len(server.requests) == sent
+        assert len(model_requests(server)) == sent
         assert snapshot(resumed)["drops"] == snapshot(first)["drops"]
         assert snapshot(resumed) == snapshot(first)
 
@@ -221,7 +221,7 @@ def test_a_retry_after_past_max_wait_fails_the_build_with_one_line_and_a_rerun_f
         return rate_limit(retry_after=5) if limited.on else model(req)
 
     limited.on = True
-    with OpenAITestServer(handler=limited) as server:
+    with OpenAITestServer(handler=answers_probes(limited)) as server:
         cfg = _config(server).model_dump(mode="json")
         cfg["llm"]["max_wait_s"] = 1
         cfg = parse_config(cfg)
@@ -269,12 +269,12 @@ def _rewrite_config(server, backend="llm"):
 
 
 def test_rewrite_build_rewrites_positives_and_negatives_checks_them_and_resumes_for_free(tmp_path, prefect_api):
-    with OpenAITestServer(handler=_rewrite_model) as server:
+    with OpenAITestServer(handler=answers_probes(_rewrite_model)) as server:
         out = tmp_path / "build"
         record = run_build(_rewrite_config(server), out)
-        sent = len(server.requests)
+        sent = len(model_requests(server))
         assert sent > 0
-        assert all(r.messages[0]["content"].startswith("You rewrite") for r in server.requests)
+        assert all(r.messages[0]["content"].startswith("You rewrite") for r in model_requests(server))
         assert record["models"]["rewrite"] == "test-rewriter"
         assert record["model_prompts"]["rewrite"].startswith("llm/rewrite.j2@")
         assert record["model_usage"]["llm"]["rewrite"]["requests"] > 0
@@ -308,7 +308,7 @@ def test_rewrite_build_rewrites_positives_and_negatives_checks_them_and_resumes_
         for table in ("expressions", "negative_candidates", "scores", "cot_traces", "drops"):
             shutil.rmtree(out / "tables" / table)
         run_build(_rewrite_config(server), out)
-        assert len(server.requests) == sent
+        assert len(model_requests(server)) == sent
         assert snapshot(out) == before
 
 
@@ -388,13 +388,13 @@ def test_describe_build_keeps_round_tripped_descriptions_and_resumes_for_free(tm
     from .test_proposals_build import draw_folder
 
     images = draw_folder(tmp_path)
-    with OpenAITestServer(handler=_describe_model) as server:
+    with OpenAITestServer(handler=answers_probes(_describe_model)) as server:
         cfg = _describe_config(server, images)
         assert cfg.build.stages == ["ingest", "proposals", "paths", "describe", "negatives_text",
                                     "negatives_image", "cot"]
         out = tmp_path / "build"
         record = run_build(cfg, out)
-        sent = len(server.requests)
+        sent = len(model_requests(server))
         assert record["models"]["describe"] == "test-vlm"
         assert set(record["model_prompts"]) == {"describe", "ground"}
         assert record["model_usage"]["vlm"]["describe"]["requests"] > 0
@@ -431,5 +431,5 @@ def test_describe_build_keeps_round_tripped_descriptions_and_resumes_for_free(tm
         for table in ("expressions", "negative_candidates", "scores", "cot_traces"):
             shutil.rmtree(out / "tables" / table, ignore_errors=True)
         run_build(_describe_config(server, images), out)
-        assert len(server.requests) == sent
+        assert len(model_requests(server)) == sent
         assert snapshot(out) == before

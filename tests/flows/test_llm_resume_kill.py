@@ -13,7 +13,7 @@ from refforge.schemas import TABLES
 from refforge.testing import OpenAITestServer, refusal
 from tests.conftest import cli_build, reference_env, small_config
 from tests.flows.test_llm_build import model
-from tests.helpers import duplicate_keys, snapshot
+from tests.helpers import answers_probes, duplicate_keys, snapshot
 
 
 def faulty(req):
@@ -31,7 +31,7 @@ def faulty(req):
 
 @pytest.fixture(scope="module")
 def server():
-    with OpenAITestServer(handler=faulty) as srv:
+    with OpenAITestServer(handler=answers_probes(faulty)) as srv:
         yield srv
 
 

@@ -14,6 +14,7 @@ from refforge.flows.registry import REGISTRY
 from refforge.pipeline.context import BuildContext
 from refforge.pipeline.stage import GlobalStage
 from refforge.testing import OpenAITestServer
+from tests.helpers import answers_probes
 
 from .test_llm_build import _describe_config, _describe_model
 from .test_proposals_build import draw_folder
@@ -36,7 +37,7 @@ def offline_build(tmp_path_factory, prefect_api):
 def describe_build(tmp_path_factory, prefect_api):
     tmp = tmp_path_factory.mktemp("describe-units")
     images = draw_folder(tmp)
-    with OpenAITestServer(handler=_describe_model) as server:
+    with OpenAITestServer(handler=answers_probes(_describe_model)) as server:
         cfg = _describe_config(server, images)
         run_build(cfg, tmp / "b")
         yield cfg, tmp / "b"

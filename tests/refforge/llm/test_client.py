@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 import refforge.llm.client as client_mod
 from refforge.llm import (
+    DEFAULT_MAX_TOKENS,
     CachedResponse,
     ChatRequest,
     LLMClient,
@@ -381,8 +382,8 @@ def test_json_schema_mode_sends_a_strict_schema(srv, make):
     assert client.structured_mode == "json_schema"
 
 
-@pytest.mark.parametrize("bad", [reply('{"label": "red ball", "box": [1, 2'), truncated()])
-def test_garbled_or_truncated_json_is_repaired(srv, make, bad):
+@pytest.mark.parametrize("bad", [reply('{"label": "red ball", "box": [1, 2'), reply('{"label": "red ball"} no box')])
+def test_garbled_json_is_repaired(srv, make, bad):
     srv.script(bad, reply(f"```json\n{GOOD}\n```"))
     client = make(srv)
     out = call(client, response_schema=Described)
@@ -406,7 +407,8 @@ def test_answers_that_stay_bad_raise_output_errors(srv, make, behaviour, reason)
     with pytest.raises(LLMOutputError) as info:
         call(client, response_schema=Described)
     assert info.value.reason == reason
-    assert srv.request_count == 2  # the answer and one repair
+    # the answer and one repair; an answer cut off at max_tokens gets none (it would only grow the prompt)
+    assert srv.request_count == (1 if reason == "truncated" else 2)
     assert client.usage()["describe"]["output_errors"] == {reason: 1}
     if reason == "schema_mismatch":
         assert "box" in info.value.detail
@@ -438,28 +440,31 @@ def test_plain_text_output_errors(srv, make):
     assert srv.request_count == 3  # no repair turns without a schema
 
 
-def test_json_schema_rejected_falls_back_to_instructions_for_good(srv, make):
+def test_json_schema_rejected_moves_to_the_next_form_for_good(srv, make):
     srv.script(reject_response_format(), reply(f"Here you go: {GOOD} Anything else?"))
     client = make(srv)
     out = call(client, response_schema=Described)
     assert out.parsed.label == "red ball" and out.attempts == 2
-    assert client.structured_mode == "instructions"
+    assert client.structured_mode == "json_object"
+    assert client.usage()["describe"]["negotiated"] == 1 and client.usage()["describe"]["retries"] == 0
     fallback = srv.requests[1].body
-    assert "response_format" not in fallback
+    assert fallback["response_format"]["type"] == "json_object"
+    assert fallback["response_format"]["schema"]["required"] == ["label", "box", "confidence"]
     assert fallback["messages"][0]["role"] == "system"
     assert fallback["messages"][0]["content"].startswith("You describe objects.")
     assert '"required":["label","box","confidence"]' in fallback["messages"][0]["content"]
     srv.script(reply(GOOD))
     call(client, messages=[{"role": "user", "content": "another"}], response_schema=Described)
     later = srv.requests[2].body
-    assert "response_format" not in later and later["messages"][0]["role"] == "system"  # added system prompt
+    assert later["response_format"]["type"] == "json_object" and later["messages"][0]["role"] == "system"
 
 
 def test_json_schema_mode_does_not_fall_back(srv, make):
     srv.script(reject_response_format())
     with pytest.raises(LLMRequestError) as info:
         call(make(srv, structured_output="json_schema"), response_schema=Described)
-    assert info.value.reason == "bad_request" and srv.request_count == 1
+    assert info.value.reason == "unsupported_input" and srv.request_count == 1
+    assert 'structured_output = "auto"' in str(info.value)
 
 
 def test_instructions_mode_from_the_start(srv, make):
@@ -570,10 +575,11 @@ def test_a_cached_failure_from_a_cache_file_without_details_rebuilds_them(srv, m
     import sqlite3
 
     path = tmp_path / "old.sqlite"
+    mt = DEFAULT_MAX_TOKENS["describe"]  # what the client sends when the call sets no max_tokens
     key = request_key(model="test-model", messages=MSG, prompt_version="describe@1", temperature=0,
-                      response_schema=strict_json_schema(Described))
+                      max_tokens=mt, response_schema=strict_json_schema(Described))
     other = request_key(model="test-model", messages=MSG, prompt_version="describe@2", temperature=0,
-                        response_schema=strict_json_schema(Described))
+                        max_tokens=mt, response_schema=strict_json_schema(Described))
     con = sqlite3.connect(path)  # the layout before details were kept (logprobs already there)
     con.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, model TEXT NOT NULL, stage TEXT NOT NULL, "
                 "prompt_version TEXT NOT NULL, text TEXT, finish_reason TEXT, error TEXT, prompt_tokens INTEGER "
