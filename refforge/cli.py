@@ -1,7 +1,7 @@
 """refforge's command line: the Typer app, assembled from the command modules of refforge.commands.
 
 Every failure reaches the user as one ``error:`` line on stderr (exit 2) saying what to do; the
-traceback only with ``refforge --debug ...``. SIGTERM stops a command like Ctrl-C: the build's
+traceback only with ``refforge --debug ...``. SIGTERM stops a command like Ctrl-C (model requests in flight are cancelled at once): the build's
 ``finally`` blocks run (its lock, the model clients and Prefect's temporary server are released) and
 the command exits with 130 after one line; what was committed stays committed and a re-run resumes.
 """
@@ -40,7 +40,13 @@ for _module in (build, query, config, export, evaluate, report, review):
     _module.register(app)
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
+def _on_signal(signum: int, frame: object) -> None:
+    """Ctrl-C and SIGTERM: every model request in flight is cancelled and no new one is sent (the
+    build's worker threads would otherwise go on sending until their batches end), then the command
+    stops as on a KeyboardInterrupt."""
+    client = sys.modules.get("refforge.llm.client")  # loaded only by commands that call models
+    if client is not None:
+        client.abort_all()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -54,7 +60,8 @@ def describe_failure(e: BaseException) -> str:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         app()
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from refforge.config import ConfigError, load_config
+from refforge.llm import EndpointError, LLMRequestError
 from refforge.optional import MissingPackage
 from refforge.storage import BuildConflict, Catalog
 
@@ -33,12 +35,24 @@ def build(
     from refforge.flows.build import run_build
 
     columns = (TextColumn("{task.description:<15}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rows]} rows, {task.fields[dropped]} dropped"), TimeElapsedColumn())
+               TextColumn("{task.fields[rows]} rows, {task.fields[dropped]} dropped{task.fields[model]}"),
+               TimeElapsedColumn())
     bars: dict[str, Any] = {}
+    calls: dict[str, dict[str, float]] = {}  # per bar: model requests done / total, tokens, first seen
     with Progress(*columns, console=console, transient=False) as progress:
         def on_progress(stage: str, event: str, info: dict) -> None:
             if event == "start":
-                bars[stage] = progress.add_task(stage, total=info["total"], rows=0, dropped=0)
+                bars[stage] = progress.add_task(stage, total=info["total"], rows=0, dropped=0, model="")
+            elif event == "requests":  # a model call's stage ("cot_judge") counts on its stage's bar ("cot")
+                bar = stage if stage in bars else next((b for b in reversed(bars) if stage.startswith(b)), None)
+                if bar is None:
+                    return
+                c = calls.setdefault(bar, {"done": 0, "total": 0, "tokens": 0, "t0": time.monotonic()})
+                c["done"] += info["done"]
+                c["total"] += info["total"]
+                c["tokens"] += info["completion_tokens"]
+                rate = c["tokens"] / max(time.monotonic() - c["t0"], 1e-3)
+                progress.update(bars[bar], model=f", requests {c['done']:.0f}/{c['total']:.0f}, {rate:.0f} tok/s")
             else:
                 t = progress.tasks[bars[stage]]
                 progress.update(bars[stage], advance=1, rows=t.fields["rows"] + sum(info["rows"].values()),
@@ -46,9 +60,13 @@ def build(
 
         try:
             record = run_build(cfg, out, force=force, progress=on_progress)
-        except (BuildConflict, ConfigError, MissingPackage) as e:
+        except (BuildConflict, ConfigError, MissingPackage, EndpointError) as e:
             progress.stop()
             fail(str(e))
+        except LLMRequestError as e:  # a model endpoint failed past its budgets: the unit is done next run
+            progress.stop()
+            fail(f"{e.stage + ': ' if e.stage else ''}{e}; run the same command again to resume "
+                 "(answers so far are cached)", 1)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (refforge.cli turns it into one)
             progress.stop()
             fail(INTERRUPTED, 130)

@@ -109,12 +109,15 @@ class Refusal:
 _CONTEXT = re.compile(
     r"maximum context length|context length exceeded|context_length_exceeded|exceed(?:s|ed)? (?:the )?"
     r"(?:available )?context|exceed_context_size|context window|too many tokens|prompt is too long|"
-    r"input is too long|requested tokens \(\d+\) exceed",
+    r"input is too long|requested tokens \(\d+\) exceed|longer than the model's context length|"
+    r"exceeds the maximum number of tokens allowed",
     re.IGNORECASE)
 # OpenAI: "This model's maximum context length is 8192 tokens..." (code context_length_exceeded);
 # vLLM: "This model's maximum context length is N tokens. However, you requested M tokens ...";
 # llama-cpp-python: "Requested tokens (N) exceed context window of M";
-# llama-server: "the request exceeds the available context size, try increasing it" (exceed_context_size_error)
+# llama-server: "the request exceeds the available context size, try increasing it" (exceed_context_size_error);
+# SGLang: "The input (P tokens) is longer than the model's context length (N tokens)."; Gemini: "The input
+# token count (P) exceeds the maximum number of tokens allowed (N)."
 
 _IMAGES = re.compile(
     r"image input is not supported|image_url is only supported|does not support (?:image|vision|multimodal)|"

@@ -552,7 +552,7 @@ def _error_text(exc: Any) -> str:
             pass
     elif isinstance(body, dict) and "error" not in body:
         message = f"{message} {json.dumps(body, default=str)[:800]}"
-    return message
+    return " ".join(message.split())  # one line: validation errors come with newlines
 
 
 def _refused_connection(exc: BaseException) -> bool:
@@ -1052,9 +1052,10 @@ class LLMClient:
             except _Overflow as exc:
                 raise EndpointError(f"{where} fails a request with an image: {exc.detail}") from None
             plain, seen = text_probe.usage.prompt_tokens, with_image.usage.prompt_tokens
-            if plain and seen and seen <= plain:
-                why = (f"a prompt with an image counted {seen} tokens, the same prompt without it {plain}: the "
-                       "server dropped the image (a text-only model, or a server without its vision part)")
+            if plain and seen and seen - plain < PROBE_IMAGE_MIN_TOKENS:
+                why = (f"a prompt with a {PROBE_IMAGE_SIDE}x{PROBE_IMAGE_SIDE} image counted {seen} tokens, the same "
+                       f"prompt without it {plain}: the server dropped the image (a text-only model, or a server "
+                       "without its vision part)")
                 self._learn(images=False, images_detail=why)
                 raise EndpointError(f"{where} does not take images: {why}")
             if not (plain and seen):
@@ -1643,12 +1644,19 @@ def _listed_name(model: str, listed: list[str]) -> bool:
     return model in names or model.removeprefix("models/") in names
 
 
+# The probe image and what it must add to a prompt at least: every vision model known spends more tokens
+# on a 224x224 image (Qwen2-VL 64, OpenAI low detail 85, Gemma 3 256, LLaVA 576); a server that drops it
+# adds none, or fewer (llama-cpp-python drops the whole message)
+PROBE_IMAGE_SIDE = 224
+PROBE_IMAGE_MIN_TOKENS = 16
+
+
 def _probe_png() -> str:
-    """A 64x64 two-colour PNG as a data URL (made without PIL: zlib and a hand-made PNG)."""
+    """A two-colour PNG of PROBE_IMAGE_SIDE pixels a side as a data URL (made without PIL: zlib and a hand-made PNG)."""
     import struct
     import zlib
 
-    w = h = 64
+    w = h = PROBE_IMAGE_SIDE
     rows = b"".join(b"\x00" + (b"\xd0\x30\x30" * (w // 2) + b"\x30\x30\xd0" * (w // 2)) for _ in range(h))
 
     def chunk(kind: bytes, data: bytes) -> bytes:

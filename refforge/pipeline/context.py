@@ -26,7 +26,9 @@ from refforge.storage import BuildDir
 from .stage import Stage
 
 ProgressFn = Callable[[str, str, dict[str, Any]], None]
-"""progress(stage, event, info): event is "start" (info: total units) or "unit" (info: unit counts)."""
+"""progress(stage, event, info): event is "start" (info: total units), "unit" (info: unit counts) or
+"requests" (a model call's stage, info: {"done", "total", "completion_tokens"} to add; sent from the
+model client's thread as answers arrive, in the build's own process)."""
 
 _LIVE: dict[str, BuildContext] = {}  # run id -> its context in this process (removed by close())
 _LIVE_LOCK = threading.Lock()
@@ -85,7 +87,11 @@ class BuildContext:
                 if ep is None:
                     raise RuntimeError(f"the config has no [{which}] section")
                 (self.root / "cache").mkdir(exist_ok=True)
-                self._clients[which] = endpoint_client(ep, self.root / "cache" / "llm.sqlite")
+                client = endpoint_client(ep, self.root / "cache" / "llm.sqlite")
+                if self.progress is not None:  # requests done / total and tokens, per stage, as answers arrive
+                    progress = self.progress
+                    client.on_progress = lambda stage, info: progress(stage, "requests", info)
+                self._clients[which] = client
             return self._clients[which]
 
     def stage_hash(self, stage: str) -> str:
