@@ -20,6 +20,16 @@
 2. Cache. A ResponseCache of 100,000 entries: ``get`` hits and misses per second, ``request_key``
    per second, and fully cached ``run_many`` calls per second (what a resumed build pays per call).
 
+3. ``--real-server``: instead of 1 and 2, a real model server (llama-cpp-python's, from .venv-llm,
+   with gemma-3-270m; refforge.testing.llama_cpp.LlamaCppServer) answers ``--n`` structured requests
+   (``--max-tokens`` each) sent (a) through LLMClient.run_many and (b) as direct HTTP calls (httpx,
+   the same JSON bodies the client sent, captured from it beforehand with the test server; the same
+   number of requests in flight) from this process, alternately, ``--repeats`` times. The client's
+   overhead is its extra wall time as a share of the direct calls' time, with both answers compared.
+
+    .venv/bin/python benchmarks/bench_llm.py --real-server [--n 20] [--max-tokens 32] [--real-concurrency 4]
+        [--repeats 3]   (about 20 s per run of 20 requests on 2 cores)
+
     .venv/bin/python benchmarks/bench_llm.py [--latency-ms 100] [--rounds 10] [--repeats 3]
         [--server process|thread] [--backend auto|aiohttp|httpx] [--jitter-ms 50] [--cache-entries 100000]
 
@@ -37,8 +47,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
-from refforge.llm import CachedResponse, LLMClient, ResponseCache, request_key
+import pydantic
+
+from refforge.llm import CachedResponse, ChatRequest, LLMClient, ResponseCache, request_key
 from refforge.testing import OpenAITestServer
 
 
@@ -154,6 +167,139 @@ def cache_bench(entries: int, probes: int) -> list[tuple[str, float]]:
     ]
 
 
+class _Verdict(pydantic.BaseModel):
+    # short, closed answers: a free string under a grammar runs to max_tokens on this small model
+    # (measured: every answer cut off at 32 tokens), which would time the cut-offs, not the client
+    refers: bool
+    color: Literal["red", "blue", "green"]
+
+
+def _structured_mode() -> str:
+    """json_object (llama-cpp-python's schema-constrained form) when the client knows it, else instructions."""
+    try:
+        LLMClient("http://127.0.0.1:9/v1", "m", api_key_env=None, structured_output="json_object").close()
+        return "json_object"
+    except ValueError:
+        return "instructions"
+
+
+def _real_requests(n: int, max_tokens: int) -> list[ChatRequest]:
+    return [ChatRequest(
+        messages=[{"role": "system", "content": "Does the expression refer to the ball? Answer in JSON."},
+                  {"role": "user", "content": f"Expression {i}: the red ball left of the blue box."}],
+        prompt_version="bench@1", stage="bench-real", temperature=0, max_tokens=max_tokens, response_schema=_Verdict)
+        for i in range(n)]
+
+
+def _captured_bodies(reqs: list[ChatRequest], mode: str, model: str) -> list[dict]:
+    """The JSON bodies LLMClient sends for ``reqs`` (first attempts), captured with the scripted test server."""
+    from refforge.testing import reply
+
+    srv = OpenAITestServer(model=model, default=reply('{"refers": true, "color": "red"}')).start()
+    try:
+        client = LLMClient(srv.base_url, model, api_key_env=None, structured_output=mode, concurrency=1)
+        try:
+            client.run_many(reqs)
+        finally:
+            client.close()
+        bodies = [r.body for r in srv.requests if r.path.endswith("/chat/completions")]
+    finally:
+        srv.stop()
+    assert len(bodies) == len(reqs), f"captured {len(bodies)} bodies for {len(reqs)} requests"
+    return bodies
+
+
+async def _direct(base_url: str, bodies: list[dict], concurrency: int) -> list[dict]:
+    import asyncio
+
+    import httpx
+
+    out: list[dict | None] = [None] * len(bodies)
+    todo = iter(range(len(bodies)))
+    async with httpx.AsyncClient(base_url=base_url, timeout=300,
+                                 limits=httpx.Limits(max_connections=concurrency)) as http:
+        async def worker() -> None:
+            for i in todo:
+                r = await http.post("/chat/completions", json=bodies[i])
+                r.raise_for_status()
+                out[i] = r.json()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
+    return out  # type: ignore[return-value]
+
+
+def real_server_bench(n: int, max_tokens: int, concurrency: int, repeats: int) -> int:
+    import asyncio
+
+    from refforge.testing.llama_cpp import LlamaCppServer
+
+    mode = _structured_mode()
+    reqs = _real_requests(n, max_tokens)
+    with LlamaCppServer() as srv:
+        bodies = _captured_bodies(reqs, mode, srv.model)
+        print(f"setup: llama-cpp-python server ({' '.join(srv.command()[3:])}), one request at a time; "
+              f"client: refforge LLMClient(structured_output={mode!r}, concurrency={concurrency}) run_many vs "
+              f"httpx.AsyncClient with the same {n} bodies and {concurrency} in flight; max_tokens {max_tokens}; "
+              f"temperature 0; {os.cpu_count()} cores; python {sys.version.split()[0]}; "
+              f"load average {_loadavg()}")
+        asyncio.run(_direct(srv.base_url, bodies[:1], 1))  # warm-up: model pages, first-request costs
+        rows = []
+        for rep in range(repeats):
+            for kind in (("client", "direct") if rep % 2 == 0 else ("direct", "client")):
+                gc.collect()
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                if kind == "client":
+                    client = LLMClient(srv.base_url, srv.model, api_key_env=None, structured_output=mode,
+                                       concurrency=concurrency, timeout_s=300)
+                    try:
+                        results = client.run_many(reqs, raise_request_errors=False)
+                        wall = time.perf_counter() - t0
+                        usage = client.usage().get("bench-real", {})
+                    finally:
+                        client.close()
+                    ok = sum(1 for r in results if not isinstance(r, Exception))
+                    texts = [r.text if not isinstance(r, Exception) else None for r in results]
+                    http_n, tokens = usage.get("http_requests", n), usage.get("completion_tokens", 0)
+                else:
+                    answers = asyncio.run(_direct(srv.base_url, bodies, concurrency))
+                    wall = time.perf_counter() - t0
+                    texts = [a["choices"][0]["message"]["content"] for a in answers]
+                    ok = sum(1 for t in texts if _parses(t))
+                    http_n, tokens = len(bodies), sum(a["usage"]["completion_tokens"] for a in answers)
+                rows.append({"rep": rep, "kind": kind, "wall": wall, "cpu": time.process_time() - c0, "ok": ok,
+                             "http": http_n, "tokens": tokens, "texts": texts})
+
+    print()
+    print("| run | path | wall s | requests/s | s/request | completion tokens | tokens/s | HTTP requests | valid answers "
+          "| this process's CPU/request |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['rep']} | {r['kind']} | {r['wall']:.2f} | {n / r['wall']:.2f} | {r['wall'] / n:.3f} | {r['tokens']} "
+              f"| {r['tokens'] / r['wall']:.1f} | {r['http']} | {r['ok']}/{n} | {r['cpu'] / n * 1000:.1f} ms |")
+    client_rows = [r for r in rows if r["kind"] == "client"]
+    direct_rows = [r for r in rows if r["kind"] == "direct"]
+    cw = sorted(r["wall"] for r in client_rows)[len(client_rows) // 2]
+    dw = sorted(r["wall"] for r in direct_rows)[len(direct_rows) // 2]
+    same = all(c["texts"] == d["texts"] for c, d in zip(client_rows, direct_rows, strict=True))
+    extra_cpu = (sum(r["cpu"] for r in client_rows) / len(client_rows)
+                 - sum(r["cpu"] for r in direct_rows) / len(direct_rows)) / n
+    print()
+    print("| summary | client (median) | direct (median) | client overhead, share of request time | "
+          "client's extra CPU/request | same answers |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {n} requests, max_tokens {max_tokens}, {concurrency} in flight | {cw:.2f} s | {dw:.2f} s | "
+          f"{(cw - dw) / dw:+.1%} | {extra_cpu * 1000:.1f} ms | {same} |")
+    return 0
+
+
+def _parses(text: str) -> bool:
+    try:
+        _Verdict.model_validate_json(text)
+        return True
+    except pydantic.ValidationError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--latency-ms", type=float, default=100.0)
@@ -167,7 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jitter-ms", type=float, default=50.0,
                     help="also run concurrency >= 64 with latency +/- this (uniform, same mean); 0: skip")
     ap.add_argument("--skip-cache", action="store_true")
+    ap.add_argument("--real-server", action="store_true",
+                    help="benchmark against llama-cpp-python's server (from .venv-llm) instead")
+    ap.add_argument("--n", type=int, default=20, help="--real-server: requests per run")
+    ap.add_argument("--max-tokens", type=int, default=32, help="--real-server: max_tokens per request")
+    ap.add_argument("--real-concurrency", type=int, default=4, help="--real-server: requests in flight")
     args = ap.parse_args(argv)
+    if args.real_server:
+        return real_server_bench(args.n, args.max_tokens, args.real_concurrency, args.repeats)
     latency = args.latency_ms / 1000
 
     import openai
