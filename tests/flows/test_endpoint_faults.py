@@ -140,3 +140,18 @@ def test_ctrl_c_stops_sending_at_once(tmp_path, prefect_api):
         assert exited < 30
         run = next(json.loads(p.read_text()) for p in (tmp_path / "b" / "runs").glob("*.json"))
         assert run["outcome"] == "interrupted"
+
+
+@pytest.mark.parametrize("flavour", ["llama-server", "llama-cpp-python"])
+def test_a_vlm_build_on_a_text_only_server_stops_before_any_unit(flavour, tmp_path, prefect_api):
+    with OpenAITestServer(flavour=flavour, vision=False) as srv:
+        cfg = small_config(images=2, shard_size=2)
+        cfg["cot"] = {"backend": "vlm", "k": 1}
+        cfg["vlm"] = {"base_url": srv.base_url, "model": "test-model", "api_key_env": None}
+        res = CliRunner().invoke(app, ["build", "--config", str(_write(tmp_path, cfg)), "--out", str(tmp_path / "b")])
+        assert res.exit_code == 2
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: [vlm] endpoint {srv.base_url} (model test-model) "
+                                                         "does not take images")
+        assert len(srv.chat_requests()) <= 3  # the check's probes; no unit asked anything
+    assert not list((tmp_path / "b" / "state").glob("*/*.json"))
