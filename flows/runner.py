@@ -36,8 +36,11 @@ class UnitResult:
     drop_reasons: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     resumed: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # the unit's wall time, from its start to its commit
     usage: dict[str, Any] = field(default_factory=dict)  # the unit's model usage (endpoint -> stage -> counters)
+    cpu_seconds: float = 0.0  # CPU time of the thread that ran the unit (not of the threads it started)
+    started: float = 0.0  # wall clock (epoch seconds) when the unit started, and when it was committed:
+    ended: float = 0.0  # the stage's wall time is from its first start to its last end
 
     def ledger(self) -> dict[str, Any]:
         d = self.__dict__.copy()
@@ -71,7 +74,16 @@ def check_keys(stage: str, key: str, table: str, data) -> None:
             f"({', '.join(KEYS[table])}): {'; '.join(dups)}; nothing of the unit was written")
 
 
-def _commit(b: BuildDir, run_id: str, stage: Stage, key: str, out: UnitOutput, t0: float,
+class _Clock:
+    """When a unit started: wall (perf counter and epoch) and the CPU time of its thread."""
+
+    __slots__ = ("cpu", "perf", "wall")
+
+    def __init__(self) -> None:
+        self.perf, self.wall, self.cpu = time.perf_counter(), time.time(), time.thread_time()
+
+
+def _commit(b: BuildDir, run_id: str, stage: Stage, key: str, out: UnitOutput, t0: _Clock,
             usage: dict[str, Any]) -> UnitResult:
     """Validate every output table first, then write each one whose shard for ``key`` is missing."""
     undeclared = set(out.tables) - set(stage.writes)
@@ -92,8 +104,8 @@ def _commit(b: BuildDir, run_id: str, stage: Stage, key: str, out: UnitOutput, t
     if drops and not b.reader.has_work("drops", key):
         writer.write("drops", drops, work_key=key, stage=stage.name)
     res = UnitResult(stage.name, key, out.items_in, {t: d.num_rows for t, d in prepared.items()}, len(drops),
-                     dict(Counter(d.reason for d in drops)), out.extra, False, round(time.perf_counter() - t0, 4),
-                     usage)
+                     dict(Counter(d.reason for d in drops)), out.extra, False, round(time.perf_counter() - t0.perf, 4),
+                     usage, round(time.thread_time() - t0.cpu, 4), round(t0.wall, 4), round(time.time(), 4))
     b.mark_done(stage.name, key, res.ledger())
     return res
 
@@ -112,7 +124,7 @@ def run_unit(ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) 
     b = ctx.build
     if (r := _resumed(b, stage.name, key)) is not None:
         return r
-    t0 = time.perf_counter()
+    t0 = _Clock()
     out, usage = run_scoped(lambda: stage.run(ctx.view(stage), ctx.config.section_of(stage), inputs), ctx)
     return _commit(b, ctx.run_id, stage, key, out, t0, usage)
 
@@ -124,13 +136,13 @@ def run_global(ctx: BuildContext, stage: GlobalStage, units: list[dict[str, Any]
     done = [_resumed(b, stage.name, u["key"]) for u in units]
     if all(d is not None for d in done):
         return done  # type: ignore[return-value]
-    t0 = time.perf_counter()
+    t0 = _Clock()
     outputs, usage = run_scoped(lambda: stage.run_all(ctx.view(stage), ctx.config.section_of(stage), units), ctx)
     results = []
     for u, prev in zip(units, done, strict=True):
         if prev is None:
             prev = _commit(b, ctx.run_id, stage, u["key"], outputs[u["key"]], t0, usage)
-            t0 = time.perf_counter()  # the global fit is counted in the first unit committed only
+            t0 = _Clock()  # the global fit is counted in the first unit committed only
             usage = {}
         results.append(prev)
     return results
@@ -147,7 +159,12 @@ def summarise(stage: Stage, units: list[UnitResult]) -> dict[str, Any]:
         "dropped": sum(u.dropped for u in units),
         "drop_reasons": dict(sum((Counter(u.drop_reasons) for u in units), Counter())),
         "written_this_run": dict(sum((Counter(u.rows) for u in new), Counter())),
+        # the sum of its units' times (several run at once), the stage's wall time (first start to last
+        # commit of this run's units) and the CPU time of the threads that ran them
         "seconds": round(sum(u.seconds for u in new), 3),
+        "wall_seconds": round(max(u.ended for u in new) - min(u.started for u in new), 3)
+        if new and all(u.started for u in new) else 0.0,
+        "cpu_seconds": round(sum(u.cpu_seconds for u in new), 3),
     }
     summary.update(stage.summary([u.extra for u in units]))
     return summary

@@ -75,12 +75,13 @@ def build(
 
 def _print_summary(record: dict) -> None:
     t = Table(title=f"build {record['build']} · run {record['run_id']}", title_justify="left")
-    for col in ("stage", "units", "resumed", "in", "written", "dropped", "seconds"):
+    # wall: the stage's first unit start to its last commit; cpu: CPU time of the threads that ran its units
+    for col in ("stage", "units", "resumed", "in", "written", "dropped", "wall s", "cpu s"):
         t.add_column(col, justify="left" if col == "stage" else "right")
     for stage, s in record["stages"].items():
         written = ", ".join(f"{k} {v}" for k, v in s["out"].items()) or "-"
         t.add_row(stage, str(s["units"]), str(s["units_resumed"]), str(s["in"]), written, str(s["dropped"]),
-                  f"{s['seconds']:.1f}")
+                  f"{s.get('wall_seconds', s['seconds']):.1f}", f"{s.get('cpu_seconds', 0.0):.1f}")
     console.print(t)
     with Catalog(Path(record["root"])) as cat:
         row = cat.sql("""SELECT count(*) FILTER (polarity = 'positive') AS positives,

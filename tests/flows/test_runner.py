@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from refforge.config import parse_config
-from refforge.flows.runner import _commit, stable_drop
+from refforge.flows.runner import _Clock, _commit, stable_drop
 from refforge.pipeline.stage import UnitOutput
 from refforge.schemas import Drop
 from refforge.storage import BuildDir
@@ -22,7 +20,7 @@ def test_drops_lose_memory_addresses_so_two_builds_write_the_same_rows(tmp_path)
     b, _ = BuildDir.create_or_resume(tmp_path / "b", parse_config(small_config(images=2)))
     try:
         out = UnitOutput(drops=[d, Drop(stage="toy", key="k2", reason="id 0xdeadbeefcafe unknown")])
-        res = _commit(b, "run", TOY, "key-1", out, time.perf_counter(), {})
+        res = _commit(b, "run", TOY, "key-1", out, _Clock(), {})
         rows = b.reader.read("drops").to_pylist()
     finally:
         b.release()
@@ -41,14 +39,14 @@ def test_a_unit_whose_rows_share_a_key_is_refused_naming_table_key_and_values(tm
                 Score(subject_id="s2", filter="toy", value=0.5, passed=True),
                 Score(subject_id="s1", filter="toy", value=0.2, passed=False)]
         with pytest.raises(DuplicateKeyError) as e:
-            _commit(b, "run", TOY, "key-dup", UnitOutput({"scores": rows}), time.perf_counter(), {})
+            _commit(b, "run", TOY, "key-dup", UnitOutput({"scores": rows}), _Clock(), {})
         msg = str(e.value)
         assert "\n" not in msg and "'scores'" in msg and "(subject_id, filter)" in msg and "s1/toy" in msg
         assert "s2/toy" not in msg
         # nothing of the unit was written, and it is not marked done
         assert b.reader.read("scores").num_rows == 0 and b.done("toy", "key-dup") is None
         # the same rows without the collision commit
-        _commit(b, "run", TOY, "key-ok", UnitOutput({"scores": rows[:2]}), time.perf_counter(), {})
+        _commit(b, "run", TOY, "key-ok", UnitOutput({"scores": rows[:2]}), _Clock(), {})
         assert b.reader.read("scores").num_rows == 2
     finally:
         b.release()
@@ -59,7 +57,7 @@ def test_a_drop_said_twice_is_written_once(tmp_path):
     try:
         d = Drop(stage="toy", key="k", reason="box_too_small", detail="area 3")
         other = Drop(stage="toy", key="k", reason="box_too_small", detail="area 4")
-        res = _commit(b, "run", TOY, "key-1", UnitOutput(drops=[d, d, other]), time.perf_counter(), {})
+        res = _commit(b, "run", TOY, "key-1", UnitOutput(drops=[d, d, other]), _Clock(), {})
         rows = b.reader.read("drops").to_pylist()
     finally:
         b.release()
