@@ -174,15 +174,6 @@ class _Verdict(pydantic.BaseModel):
     color: Literal["red", "blue", "green"]
 
 
-def _structured_mode() -> str:
-    """json_object (llama-cpp-python's schema-constrained form) when the client knows it, else instructions."""
-    try:
-        LLMClient("http://127.0.0.1:9/v1", "m", api_key_env=None, structured_output="json_object").close()
-        return "json_object"
-    except ValueError:
-        return "instructions"
-
-
 def _real_requests(n: int, max_tokens: int) -> list[ChatRequest]:
     return [ChatRequest(
         messages=[{"role": "system", "content": "Does the expression refer to the ball? Answer in JSON."},
@@ -232,7 +223,7 @@ def real_server_bench(n: int, max_tokens: int, concurrency: int, repeats: int) -
 
     from refforge.testing.llama_cpp import LlamaCppServer
 
-    mode = _structured_mode()
+    mode = "json_object"  # llama-cpp-python's schema-constrained form (what "auto" settles on there)
     reqs = _real_requests(n, max_tokens)
     with LlamaCppServer() as srv:
         bodies = _captured_bodies(reqs, mode, srv.model)

@@ -70,7 +70,6 @@ class Capabilities:
     logprobs: Literal["logprobs", "top_logprobs", "none"] | None = None
     images: bool | None = None
     images_detail: str = ""  # why images are taken to be unsupported
-    n: bool | None = None
     system: bool | None = None  # whether a system message reaches the model (False: folded into the user turn)
     models: list[str] | None = None  # what GET /models listed (None: not asked or not served)
     checked: float = 0.0

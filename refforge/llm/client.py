@@ -830,10 +830,8 @@ class LLMClient:
     @property
     def structured_mode(self) -> str:
         """The structured-output form in use now (one of :data:`~refforge.llm.capabilities.FORMS`)."""
-        if self.structured_output != "auto":
-            return self.structured_output
         self._load_caps()
-        return self._caps.structured or next_form("", self._caps.refused_forms)
+        return self._form()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -1018,8 +1016,9 @@ class LLMClient:
         stats = self._stage("preflight")
         text_probe: _Answer | None = None
         if not named or self._caps.system is None or (images and self._caps.images is not True):
+            probe = _probe_request(None)
             try:
-                text_probe, _ = await self._send(_probe_request(None), _probe_request(None).messages, stats, sdk)
+                text_probe, _ = await self._send(probe, probe.messages, stats, sdk)
             except LLMRequestError as exc:
                 shown = f"; it lists {', '.join(listed[:8])}" if listed else ""
                 if exc.reason == "not_found":
@@ -1531,7 +1530,7 @@ class LLMClient:
         if refusal.kind != "unsupported":
             return False
         feature = refusal.feature
-        if form and feature in FORM_FIELDS.get(form, ()) or (form == "json_schema" and feature == "json_schema"):
+        if form and feature in FORM_FIELDS[form]:
             if self.structured_output != "auto":
                 return False
             with self._lock:
