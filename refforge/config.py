@@ -178,6 +178,10 @@ class ConfigBase(_Strict):
             in_data = getattr(getattr(self, name), "in_data", None)
             if in_data is not None and not in_data():
                 d.pop(name, None)
+            # a section whose new fields only count once used (negatives_image's edits)
+            hash_data = getattr(getattr(self, name), "hash_data", None)
+            if hash_data is not None and name in d:
+                d[name] = hash_data(d[name])
         for name in ("llm", "vlm"):
             if d.get(name):
                 d[name] = {k: v for k, v in d[name].items() if k not in OPERATIONAL_ENDPOINT_KEYS

@@ -78,11 +78,22 @@ class Record(BaseModel):
 
 
 class Edit(BaseModel):
+    """How a derived image was made from its parent. ``type``: ``flip``, ``remove``, ``replace_category``,
+    ``change_attribute``. The fields after ``prompt`` come with the inpainting edits (a build from before
+    them reads them as null)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: str
     object_id: str | None = None
     box: Box | None = None
     prompt: str | None = None
+    word: str | None = Field(default=None, description="the replacement word (a category or an attribute value)")
+    attribute: str | None = Field(default=None, description="change_attribute: the value replaced")
+    mask: str | None = Field(default=None, description="the mask (PNG, white = may change), relative to the build root")
+    seed: int | None = None
+    model: str | None = Field(default=None, description="what made the pixels (a model id, or the algorithm)")
+    group: str | None = Field(default=None, description="the edit: candidates of one edit share it")
+    candidate: int | None = Field(default=None, description="the candidate's index within its edit (0..N-1)")
 
 
 class Image(Record):
@@ -174,10 +185,16 @@ class CotTrace(Record):
 
 
 class Score(Record):
+    """A filter's measurement of a sample (``subject_id`` = sample_id) or of an image (= image_id).
+    Scores never delete anything: exports choose by ``passed``. ``threshold`` and ``detail`` came with
+    the image filters (a build from before them reads them as null)."""
+
     subject_id: str
     filter: str
     value: float
     passed: bool
+    threshold: float | None = None
+    detail: str | None = Field(default=None, description="what was compared (JSON), for the report")
 
 
 class Review(Record):

@@ -23,7 +23,7 @@ strictly inside its box, drawn over it) or free (floor objects with their bottom
 shelves/kites/stars on the wall). Boxes never overlap except for "inside" pairs. An object inside a
 container that stands on a table is usually also "on" the table by the geometric rule.
 
-Edits (``remove_object``, ``set_attribute``, ``mirror``) return a new ``(graph, spec)`` with relations
+Edits (``remove_object``, ``set_attribute``, ``set_category``, ``mirror``) return a new ``(graph, spec)`` with relations
 recomputed; inputs are never mutated. Rendering the result gives the edited image with exact boxes
 again (box == tight bounds of the object's mask). A grown object (size edit) may overlap others: it is
 still painted in ``draw_order``, so it can occlude, or be occluded by, a neighbour; its box stays the
@@ -846,6 +846,18 @@ def remove_object(graph: SceneGraph, spec: dict, object_id: str) -> tuple[SceneG
     """The scene without ``object_id``. Objects resting on or inside it stay where they are."""
     i = _find(graph, object_id)
     objects = graph.objects[:i] + graph.objects[i + 1 :]
+    return _rebuild(graph, objects), copy.deepcopy(spec)
+
+
+def set_category(graph: SceneGraph, spec: dict, object_id: str, category: str) -> tuple[SceneGraph, dict]:
+    """The scene with one object drawn as another category in the same box: the new category's shape
+    fills the old box (so the box can only shrink to the new mask's tight bounds); attributes are kept.
+    ``category`` must be one the renderer draws (``NOMINAL``)."""
+    if category not in NOMINAL:
+        raise ValueError(f"the synthetic renderer cannot draw {category!r}; it draws {sorted(NOMINAL)}")
+    i = _find(graph, object_id)
+    objects = list(graph.objects)
+    objects[i] = _exact(replace(objects[i], name=category), spec)
     return _rebuild(graph, objects), copy.deepcopy(spec)
 
 
