@@ -51,6 +51,7 @@ from refforge.stages.export_formats import (
     canonical_record,
     refcoco,
 )
+from refforge.stages.filters import gate as filter_gate
 from refforge.stages.scene.templates import load_template
 from refforge.stages.splits import (
     DEFAULT_PHASH_THRESHOLD,
@@ -154,6 +155,9 @@ def _read_build(build_dir: Path) -> dict[str, Any]:
                          WHERE selected GROUP BY sample_id""").to_pylist()
         reviews = cat.sql("SELECT * FROM reviews").to_pylist()
         objects = cat.sql("SELECT image_id, object_id, name FROM objects").to_pylist()
+        scores = cat.sql("SELECT * FROM scores").to_pylist()
+        edits = {r["image_id"]: r["edit"] for r in
+                 cat.sql("SELECT image_id, edit FROM images WHERE edit IS NOT NULL").to_pylist()}
     for e in expressions:
         if isinstance(e.get("tasks"), list):
             e["tasks"] = dict(e["tasks"])
@@ -166,7 +170,7 @@ def _read_build(build_dir: Path) -> dict[str, Any]:
         i["source_image_id"] = (root.get("source_ids") or [None])[0]
         i["source_file_name"] = root.get("source_ref")
     return {"expressions": expressions, "images": by_id,
-            "cot": {c["sample_id"]: c["trace"] for c in cot}, "reviews": reviews,
+            "cot": {c["sample_id"]: c["trace"] for c in cot}, "reviews": reviews, "scores": scores, "edits": edits,
             "objects": {(o["image_id"], o["object_id"]): o["name"] for o in objects}}
 
 
@@ -482,6 +486,7 @@ def export_build(
     dialect: str = "pixels",
     reviewed_test: bool = False,
     include_needs_review: bool = False,
+    include_failed_filters: bool = False,
     phash_threshold: int | None = DEFAULT_PHASH_THRESHOLD,
     group_near_duplicates: bool = True,
     assignment: Mapping[str, str] | None = None,
@@ -502,6 +507,10 @@ def export_build(
     * Reviews: the latest decision per sample; fixes (box, text) are applied, rejected samples are left
       out; ``reviewed_test`` keeps in test only accepted or fixed samples (an error if the build has
       no reviews). ``needs_review`` samples are left out of test unless ``include_needs_review``.
+    * Filters (the ``scores`` table): a sample whose own or whose image's score failed is left out, and
+      of an edit's N candidates only the best-of-N choice (or the first) is kept, unless
+      ``include_failed_filters``; a model edit a verifying filter passed is no longer ``needs_review``
+      (:func:`refforge.stages.filters.gate`).
     * Leakage (one image, an image family, or near-duplicate images across splits) raises
       :class:`~refforge.stages.splits.LeakageError` naming the images and samples; nothing is written.
     * ``out`` must be absent or empty, or with ``force`` an earlier export (replaced only once the new
@@ -540,6 +549,9 @@ def export_build(
         raise ExportError("--reviewed-test asks for a human-reviewed test split, but the build has no reviews")
     latest = latest_reviews(reviews)
     samples = apply_review_fixes(exprs, reviews) if reviews else [dict(e) for e in exprs]
+    filtered: Counter = Counter()
+    if not include_failed_filters:
+        samples, filtered = filter_gate(samples, data["scores"], data["edits"])
     fixed = {sid for sid, r in latest.items() if r["decision"] == "fix"}
 
     hashes = _hashes(build, images, (e["image_id"] for e in samples)) if phash_threshold is not None else {}
@@ -569,7 +581,7 @@ def export_build(
             names.append("test")
     before = dict(splits)
     splits = restrict_test_to_accepted(splits, reviews, restricted=("test",) if reviewed_test else ())
-    dropped: Counter = Counter()
+    dropped: Counter = Counter(filtered)
     for sid, sp in before.items():
         if sid not in splits:
             dropped["rejected by a reviewer" if latest.get(sid, {}).get("decision") == "reject"
@@ -613,7 +625,8 @@ def export_build(
         "counts": counts,
         "leakage": {"checked": True, "phash_threshold": phash_threshold, "leaks": []},
         "options": {"dialect": dialect, "reviewed_test": reviewed_test,
-                    "include_needs_review": include_needs_review, "group_near_duplicates": group_near_duplicates,
+                    "include_needs_review": include_needs_review, "include_failed_filters": include_failed_filters,
+                    "group_near_duplicates": group_near_duplicates,
                     "assignment_given": assignment is not None},
         "dropped": dict(dropped),
         "reviews": {"samples_reviewed": len(latest), "fixes_applied": len(fixed)},

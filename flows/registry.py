@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from refforge.pipeline.stage import GlobalStage, Stage
-from refforge.stages import cot, describe, ingest, negatives_image, negatives_text, paths, proposals
+from refforge.stages import cot, describe, filters, ingest, negatives_image, negatives_text, paths, proposals
 
 REGISTRY: list[Stage] = [
     ingest.STAGE,
@@ -21,6 +21,7 @@ REGISTRY: list[Stage] = [
     negatives_text.STAGE,
     negatives_text.REFINE,
     negatives_image.STAGE,
+    filters.STAGE,
     cot.STAGE,
 ]
 

@@ -33,6 +33,9 @@ def export(
         "--reviewed-test", help="keep only human-accepted (or fixed) samples in the test split")] = False,
     include_needs_review: Annotated[bool, typer.Option(
         "--include-needs-review", help="keep needs_review samples in the test split too")] = False,
+    include_failed_filters: Annotated[bool, typer.Option(
+        "--include-failed-filters",
+        help="keep samples a filter failed, and every candidate of an edit (not only the best-of-N choice)")] = False,
     phash_threshold: Annotated[int, typer.Option(
         help="near-duplicate threshold (pHash Hamming bits) for grouping and the leakage check; "
              "-1 turns the near-duplicate check off")] = 6,
@@ -45,7 +48,7 @@ def export(
         meta = export_build(
             build_dir, out, fmt, seed=seed, ratios=parse_ratios(ratios) if ratios else None,
             test_size=test_size, dialect=dialect, reviewed_test=reviewed_test,
-            include_needs_review=include_needs_review,
+            include_needs_review=include_needs_review, include_failed_filters=include_failed_filters,
             phash_threshold=None if phash_threshold < 0 else phash_threshold,
             group_near_duplicates=group_near_duplicates, force=force)
     except LeakageError as e:

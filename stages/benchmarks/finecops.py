@@ -160,6 +160,7 @@ NEGATIVE_TYPES: dict[str, str] = {
     "flip": "relation",
     "inpaint_object": "object",
     "inpaint_attribute": "attribute",
+    "inpaint_remove": "object",
 }
 """refforge's negative_type -> FineCops-Ref's (see the module docstring)."""
 

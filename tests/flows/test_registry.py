@@ -31,7 +31,8 @@ def test_derived_tables_follow_the_registry():
     assert registry.STAGE_VERSIONS["paths"] == registry.by_name(registry.REGISTRY)["paths"].version >= 3
     assert registry.REQUIRES["cot"] == ("paths",)
     assert list(Config.model_fields) == ["build", "source", "proposals", "paths", "rewrite", "describe",
-                                         "negatives_text", "negatives_image", "cot", "llm", "vlm", "runner"]
+                                         "negatives_text", "negatives_image", "filters", "cot", "llm", "vlm",
+                                         "runner"]
     # every stage's own section is its config model, and declares only tables of the schema
     from refforge.schemas import TABLES
 
