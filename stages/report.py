@@ -23,7 +23,7 @@ import html
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from .review_stats import (
 
 __all__ = [
     "Agreement",
+    "ScoreLine",
     "Shot",
     "agreement_table",
     "audit_table",
@@ -47,6 +48,7 @@ __all__ = [
     "cohen_kappa",
     "disagreement_table",
     "esc",
+    "fidelity_table",
     "fmt_float",
     "fmt_int",
     "histogram",
@@ -413,6 +415,71 @@ def scale_box(box: Sequence[float], orig: tuple[int, int], thumb: tuple[int, int
 
 
 @dataclass
+class ScoreLine:
+    """One filter score of a picture: ``value`` against ``threshold`` (``sense``: how it must compare to
+    pass, e.g. ``"≤"``), and whether it passed."""
+
+    filter: str
+    value: float
+    threshold: float | None
+    passed: bool
+    sense: str = "vs"
+    label: str = ""
+    """what is scored when it is not the picture itself (e.g. one of its negatives)"""
+    note: str = ""
+
+
+def _exact(x: float | None) -> str:
+    """A float for a data attribute, exactly (Python's shortest repr); empty when undefined."""
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
+
+
+def _g(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
+
+
+def score_list(scores: Sequence[ScoreLine]) -> str:
+    """``<ul class="scores">`` with one ``<li class="score pass|fail" data-filter=.. data-value=..
+    data-threshold=.. data-passed=..>`` per score.
+
+    >>> html = score_list([ScoreLine("seam", 0.51234, 3.0, True, "≤")])
+    >>> 'data-value="0.51234" data-threshold="3.0" data-passed="true"' in html, "seam: 0.5123 ≤ 3" in html
+    (True, True)
+    """
+    if not scores:
+        return ""
+    items = []
+    for sc in scores:
+        verdict = "pass" if sc.passed else "fail"
+        name = sc.filter + (f" ({sc.label})" if sc.label else "")
+        cmp = f"{_g(sc.value)} {sc.sense} {_g(sc.threshold)}" if sc.threshold is not None else _g(sc.value)
+        note = f" · {sc.note}" if sc.note else ""
+        items.append(f'<li class="score {verdict}" data-filter="{esc(sc.filter)}" data-label="{esc(sc.label)}" '
+                     f'data-value="{_exact(sc.value)}" data-threshold="{_exact(sc.threshold)}" '
+                     f'data-passed="{"true" if sc.passed else "false"}">{esc(name)}: {esc(cmp)} '
+                     f'<b>{verdict}</b>{esc(note)}</li>')
+    return f'<ul class="scores">{"".join(items)}</ul>'
+
+
+def fidelity_table(fidelity: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> str:
+    """One row per inpainter: ``<tr class="fidelity" data-backend=.. data-<column>=..>`` with the run
+    file's numbers exactly in the data attributes (``_`` -> ``-`` in the names), 4 decimals shown.
+
+    >>> html = fidelity_table({"offline": {"edits": 3, "masked_error": 0.071414}}, ["edits", "masked_error"])
+    >>> 'data-backend="offline" data-edits="3.0" data-masked-error="0.071414"' in html, ">0.0714<" in html
+    (True, True)
+    """
+    head = "<tr><th>inpainter</th>" + "".join(f"<th class=num>{esc(c)}</th>" for c in columns) + "</tr>"
+    body = []
+    for backend, m in fidelity.items():
+        data = " ".join(f'data-{esc(c.replace("_", "-"))}="{_exact(m.get(c))}"' for c in columns)
+        cells = "".join(f"<td class=num>{fmt_int(m[c]) if c == 'edits' and m.get(c) is not None else esc(fmt_float(m.get(c), 4))}"
+                        "</td>" for c in columns)
+        body.append(f'<tr class="fidelity" data-backend="{esc(backend)}" {data}><td>{esc(backend)}</td>{cells}</tr>')
+    return f'<table class="data fidelity"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
+
+
+@dataclass
 class Shot:
     """One picture of a gallery card: an image (as a data URI thumbnail) with at most one box."""
 
@@ -428,6 +495,14 @@ class Shot:
     dashed: bool = False
     sample_id: str | None = None
     caption: str = ""
+    role: str = ""
+    """what the picture is on its card (``original``, ``mask``, ``candidate``, ``flipped``): ``data-role``"""
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    """more ``data-*`` attributes of the figure (names must start with ``data-``)"""
+    scores: Sequence[ScoreLine] = ()
+    """filter scores listed under the picture"""
+    badge: str = ""
+    """a short mark above the caption (e.g. the best-of-N choice)"""
 
 
 def shot_figure(shot: Shot) -> str:
@@ -443,6 +518,12 @@ def shot_figure(shot: Shot) -> str:
              f'data-height="{int(shot.height)}"']
     if shot.sample_id:
         attrs.append(f'data-sample-id="{esc(shot.sample_id)}"')
+    if shot.role:
+        attrs.append(f'data-role="{esc(shot.role)}"')
+    for k, v in shot.attrs.items():
+        if not k.startswith("data-"):
+            raise ValueError(f"Shot.attrs names must start with 'data-': {k!r}")
+        attrs.append(f'{esc(k)}="{esc(v)}"')
     if shot.box is not None and shot.data_uri:
         attrs.append(f'data-box="{esc(json.dumps([float(v) for v in shot.box]))}"')
         attrs.append(f'data-box-kind="{esc(shot.box_kind)}"')
@@ -467,19 +548,29 @@ def shot_figure(shot: Shot) -> str:
                 lx = min(max(x1, 2), max(tw - 7 * len(shot.label) - 4, 2))
                 parts.append(f'<text class="boxlabel" x="{_num(lx)}" y="{_num(ly)}">{esc(shot.label)}</text>')
         parts.append("</svg>")
-    if shot.caption:
-        parts.append(f"<figcaption>{esc(shot.caption)}</figcaption>")
+    if shot.badge or shot.caption or shot.scores:
+        parts.append("<figcaption>")
+        if shot.badge:
+            parts.append(f'<span class="badge">{esc(shot.badge)}</span> ')
+        parts.append(esc(shot.caption))
+        parts.append(score_list(shot.scores))
+        parts.append("</figcaption>")
     parts.append("</figure>")
     return "".join(parts)
 
 
 def card(shots: Sequence[Shot], lines: Sequence[tuple[str, str]], *, kind: str, sample_id: str | None = None,
-         headline: str | None = None) -> str:
-    """A gallery card: the shots side by side, a headline (the expression) and ``(key, value)`` lines."""
-    attrs = f'class="card" data-kind="{esc(kind)}"'
+         headline: str | None = None, cls: str = "", attrs: Mapping[str, str] | None = None) -> str:
+    """A gallery card: the shots side by side, a headline (the expression) and ``(key, value)`` lines;
+    ``cls`` adds classes, ``attrs`` more ``data-*`` attributes."""
+    head = f'class="card{" " + esc(cls) if cls else ""}" data-kind="{esc(kind)}"'
     if sample_id:
-        attrs += f' data-sample-id="{esc(sample_id)}"'
-    parts = [f"<div {attrs}>", '<div class="shots">', *(shot_figure(s) for s in shots), "</div>"]
+        head += f' data-sample-id="{esc(sample_id)}"'
+    for k, v in (attrs or {}).items():
+        if not k.startswith("data-"):
+            raise ValueError(f"card attrs names must start with 'data-': {k!r}")
+        head += f' {esc(k)}="{esc(v)}"'
+    parts = [f"<div {head}>", '<div class="shots">', *(shot_figure(s) for s in shots), "</div>"]
     if headline is not None:
         parts.append(f'<p class="expr">{esc(headline)}</p>')
     if lines:
