@@ -74,3 +74,20 @@ def test_demo_run_file_reports_blind_auroc_and_entropies(demo):
     ent = run["stages"]["paths"]
     assert set(ent["entropy_bits_before"]) >= {"category", "attribute", "relation"}
     assert set(ent["entropy_bits_after"]) == set(ent["entropy_bits_before"])
+
+
+def test_demo_has_image_negatives_of_every_edit_kind_at_both_levels_with_scores(demo):
+    out, record = demo
+    with Catalog(out) as cat:
+        pairs = {(r["t"], r["negative_level"]) for r in q(cat, """
+            SELECT DISTINCT i.edit.type AS t, e.negative_level FROM expressions e JOIN images i USING (image_id)
+            WHERE e.negative_source = 'image' AND i.edit.type <> 'flip'""")}
+        assert {(k, lvl) for k in ("remove", "replace_category", "change_attribute") for lvl in ("L1", "L2")} <= pairs
+        # every edited image has its three offline filter scores, with their thresholds
+        unscored = q(cat, """SELECT count(*) AS n FROM images i WHERE i.edit.type IN
+                               ('remove', 'replace_category', 'change_attribute')
+                             AND (SELECT count(*) FROM scores s WHERE s.subject_id = i.image_id
+                                  AND s.threshold IS NOT NULL) <> 3""")[0]["n"]
+        assert unscored == 0
+    fid = record["stages"]["negatives_image"]["fidelity"]["offline"]
+    assert fid["edits"] > 0 and fid["outside_change"] == 0.0
