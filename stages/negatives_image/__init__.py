@@ -137,9 +137,7 @@ class NegativesImageStage(Stage):
     default = True
 
     def needed_packages(self, section: NegativesImageConfig) -> list[tuple[str, str]]:
-        out = list(self.packages)
-        if section.edits:
-            out.append(("cv2", "models"))
+        out = list(self.packages)  # OpenCV (the offline inpainter) is a core dependency
         if section.edits and "diffusers" in (section.inpainter, *section.fidelity_backends):
             out += [("torch", "models"), ("diffusers", "models")]
         return out

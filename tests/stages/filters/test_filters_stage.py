@@ -30,7 +30,7 @@ def model_build(tmp_path_factory, prefect_api):
     dire = save_tiny_pixel_diffusion(root / "dire")
     cfg = parse_config({
         "build": {"name": "filters", "seed": 0, "shard_size": 2,
-                  "stages": ["ingest", "paths", "negatives_image", "filters"]},
+                  "stages": ["ingest", "paths", "negatives_text", "negatives_image", "filters"]},
         "source": {"kind": "synthetic", "images": 3, "width": 128, "height": 96, "max_objects": 5},
         "paths": {"max_hops": 1},
         "negatives_image": {"flip": False, "edits": ["remove", "replace_category"], "per_image": 1,
@@ -39,7 +39,7 @@ def model_build(tmp_path_factory, prefect_api):
         "filters": {"run": ["clip_margin", "dire", "dinov2", "outside_change", "masked_change", "seam"],
                     "clip_model": clip_name, "clip_pretrained": clip_ckpt, "dinov2_model": dino,
                     "dire_model": dire, "dire_steps": 2, "dire_size": 32, "clip_margin": -1.0,
-                    "dire_threshold": 1.0},
+                    "dire_threshold": 1.0, "text_negatives": True, "clip_text_margin": 0.0},
         "runner": {"kind": "thread", "workers": 1}})
     out = root / "build"
     try:
@@ -56,7 +56,8 @@ def test_every_candidate_is_scored_and_one_per_edit_is_chosen(model_build):
             "SELECT image_id, parent_image_id, edit FROM images WHERE edit IS NOT NULL").to_pylist()}
         scores = cat.sql("SELECT * FROM scores").to_pylist()
         negs = cat.sql("SELECT * FROM expressions WHERE negative_source = 'image'").to_pylist()
-    assert images and negs
+        texts = cat.sql("SELECT * FROM expressions WHERE negative_source = 'text'").to_pylist()
+    assert images and negs and texts
     groups = defaultdict(list)
     for i, r in images.items():
         assert r["edit"]["model"] == str(out.parent / "inpaint") or r["edit"]["model"]
@@ -75,10 +76,18 @@ def test_every_candidate_is_scored_and_one_per_edit_is_chosen(model_build):
         assert by[best]["dinov2"]["passed"]
     for n in negs:  # the CLIP margin scores the sample, beside its image's scores
         assert by[n["sample_id"]]["clip_margin"]["threshold"] == -1.0
+        assert json.loads(by[n["sample_id"]]["clip_margin"]["detail"])["kind"] == "image"
         assert n["needs_review"]
+    margins = []
+    for t in texts:  # text negatives: the positive must lead the negative on the original image
+        s = by[t["sample_id"]]["clip_margin"]
+        assert json.loads(s["detail"])["kind"] == "text" and s["threshold"] == 0.0
+        assert s["passed"] == (s["value"] >= 0.0)
+        margins.append(s["value"])
+    assert len(set(margins)) > 1  # measured per sample, not a constant
     summary = record["stages"]["filters"]["scores"]
     assert summary["dinov2"] == {"passed": len(groups), "failed": len(groups)}
-    assert summary["clip_margin"]["passed"] + summary["clip_margin"]["failed"] == len(negs)
+    assert summary["clip_margin"]["passed"] + summary["clip_margin"]["failed"] == len(negs) + len(texts)
 
 
 def test_the_export_keeps_the_chosen_candidate_and_clears_needs_review(model_build, tmp_path):
@@ -102,4 +111,7 @@ def test_the_export_keeps_the_chosen_candidate_and_clears_needs_review(model_bui
     everything = export_build(out, tmp_path / "y", ["jsonl"], include_needs_review=True, phash_threshold=None,
                               include_failed_filters=True)
     assert sum(c["negatives"] for c in everything["counts"].values()) == \
-        sum(c["negatives"] for c in meta["counts"].values()) + meta["dropped"]["failed filter dinov2"]
+        sum(c["negatives"] for c in meta["counts"].values()) + \
+        sum(v for k, v in meta["dropped"].items() if k.startswith("failed filter"))
+    # text negatives the random CLIP prefers to their positives are left out too
+    assert meta["dropped"].get("failed filter clip_margin", 0) > 0
