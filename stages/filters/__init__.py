@@ -253,7 +253,10 @@ class FiltersStage(Stage):
         for k, v in sorted(counts.items()):
             name, verdict = k.rsplit("/", 1)
             out.setdefault(name, {"passed": 0, "failed": 0})[verdict] += v
-        return {"scores": out}
+        # a filter that failed everything it measured leaves exports without those negatives: say so
+        warnings = [f"filters: {name} failed all {c['failed']} it scored (exports leave them out; check its "
+                    f"threshold and model)" for name, c in out.items() if c["failed"] and not c["passed"]]
+        return {"scores": out, **({"warnings": warnings} if warnings else {})}
 
 
 STAGE = FiltersStage()

@@ -242,6 +242,18 @@ class NegativesImageStage(Stage):
                         acc[k] = acc.get(k, 0.0) + v
             out["fidelity"] = {k: {"edits": int(m["n"]), **{f: round(m[f] / m["n"], 6) for f in sorted(m) if f != "n"}}
                                for k, m in sorted(fid.items()) if m.get("n")}
+            warnings = []
+            asked = dict.fromkeys(k for e in extras for k in e.get("edits_asked", ()))
+            made = Counter()
+            for key, n in out["edits"].items():
+                made[key.split("/")[0]] += n
+            refusals = ", ".join(f"{r} {n}" for r, n in Counter(out["edit_refusals"]).most_common(3)) or "none"
+            for kind in asked:
+                if not made.get(kind):
+                    warnings.append(f"negatives_image: no negative was made by the {kind!r} edit "
+                                    f"(refusals: {refusals}); check the inpainter supports it")
+            if warnings:
+                out["warnings"] = warnings
         return out
 
 
@@ -344,7 +356,8 @@ class _EditRun:
             for kind in self.section.fidelity_backends:
                 if kind != self.kind:
                     self._model_made(self._inpainter(kind), kind, plans, write=False)
-        self.out.extra.update({"edits": dict(self.counts), "edit_refusals": dict(self.refusals),
+        self.out.extra.update({"edits_asked": list(self.section.edits), "levels_asked": list(self.section.levels),
+                               "edits": dict(self.counts), "edit_refusals": dict(self.refusals),
                                "edit_images": self.n_images,
                                "fidelity": {k: dict(v) for k, v in self.fidelity.items()}})
 

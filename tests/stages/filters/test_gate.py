@@ -45,3 +45,12 @@ def test_a_verifying_pass_clears_model_edits_only():
     kept, _ = gate(samples, scores, EDITS)
     assert {s["sample_id"]: s["needs_review"] for s in kept} == {"a": False, "b": True, "c": True}
     assert samples[0]["needs_review"] is True  # the input rows are not changed
+
+
+def test_a_filter_that_fails_everything_is_a_warning():
+    from refforge.stages.filters import STAGE
+
+    out = STAGE.summary([{"scores": {"dire/failed": 3, "seam/passed": 2}}, {"scores": {"dire/failed": 1, "seam/failed": 1}}])
+    assert out["scores"] == {"dire": {"passed": 0, "failed": 4}, "seam": {"passed": 2, "failed": 1}}
+    assert len(out["warnings"]) == 1 and out["warnings"][0].startswith("filters: dire failed all 4")
+    assert "warnings" not in STAGE.summary([{"scores": {"seam/passed": 1}}])

@@ -199,3 +199,13 @@ def test_flip_only_configs_keep_their_hash():
     other = _cfg("h", SYNTH, {"flip": True, "edits": ["remove"]})
     assert base.stage_hash("negatives_image") == same.stage_hash("negatives_image")
     assert base.stage_hash("negatives_image") != other.stage_hash("negatives_image")
+
+
+def test_an_edit_kind_that_makes_nothing_is_a_warning(tmp_path, prefect_api):
+    # OpenCV cannot draw a new category: asked for alone, it makes no negative, and the run file says so
+    cfg = _cfg("empty-kind", {**SYNTH, "images": 4}, {"flip": False, "edits": ["replace_category", "remove"],
+                                                      "inpainter": "offline"})
+    record = run_build(cfg, tmp_path / "build")
+    summary = record["stages"]["negatives_image"]
+    assert any("'replace_category'" in w for w in summary["warnings"])
+    assert not any("'remove'" in w for w in summary["warnings"])
