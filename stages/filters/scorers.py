@@ -34,6 +34,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,29 @@ def _dedup(images: Sequence[Image.Image]) -> tuple[list[Image.Image], np.ndarray
     return unique, inverse
 
 
+def _prepared(items: Sequence[Any], size: int, prep, workers: int):
+    """Batches of ``[prep(item), ...]``, ``size`` items each; the next batch is prepared on ``workers``
+    threads while the caller runs the model on the current one (PIL resizing releases the GIL), so
+    preprocessing and the forward pass overlap instead of taking turns."""
+    chunks = [items[s:s + size] for s in range(0, len(items), size)]
+    if not chunks:
+        return
+    if workers <= 1:
+        for c in chunks:
+            yield [prep(x) for x in c]
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="refforge-prep") as pool:
+        futures = [pool.submit(prep, x) for x in chunks[0]]
+        for k in range(len(chunks)):
+            ready = [f.result() for f in futures]
+            futures = [pool.submit(prep, x) for x in chunks[k + 1]] if k + 1 < len(chunks) else []
+            yield ready
+
+
+def _prep_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 1)))
+
+
 def _normalise_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -131,6 +155,7 @@ class ClipScorer:
         self.torch = torch = require("torch", "models", feature="the CLIP scorer")
         open_clip = require("open_clip", "models", feature="the CLIP scorer")
         self.device, self.batch_size = device, batch_size
+        self.prep_workers = _prep_workers()  # threads preparing the next batch (set 1 to prepare in turn)
         self.dtype = _torch_dtype(torch, device, dtype)
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype]
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
@@ -145,8 +170,8 @@ class ClipScorer:
         torch = self.torch
         unique, inverse = _dedup(_rgb(images))
         rows = []
-        for start in range(0, len(unique), self.batch_size):
-            batch = torch.stack([self.preprocess(im) for im in unique[start:start + self.batch_size]])
+        for prepared in _prepared(unique, self.batch_size, self.preprocess, self.prep_workers):
+            batch = torch.stack(prepared)
             with torch.inference_mode():
                 emb = self.model.encode_image(batch.to(self.device, self.dtype)).float()
             rows.append(emb.cpu().numpy())
@@ -220,6 +245,7 @@ class DinoScorer:
         self.torch = torch = require("torch", "models", feature="the DINOv2 scorer")
         transformers = require("transformers", "models", feature="the DINOv2 scorer")
         self.device, self.batch_size = device, batch_size
+        self.prep_workers = _prep_workers()  # threads preparing the next batch (set 1 to prepare in turn)
         self.dtype = _torch_dtype(torch, device, dtype)
         self.processor = transformers.AutoImageProcessor.from_pretrained(model)
         self.model = transformers.Dinov2Model.from_pretrained(model).to(device=device, dtype=self.dtype).eval()
@@ -230,8 +256,12 @@ class DinoScorer:
         torch = self.torch
         unique, inverse = _dedup(_rgb(images))
         rows = []
-        for start in range(0, len(unique), self.batch_size):
-            pixels = self.processor(images=unique[start:start + self.batch_size], return_tensors="pt")["pixel_values"]
+
+        def prep(im):
+            return self.processor(images=im, return_tensors="pt")["pixel_values"][0]
+
+        for prepared in _prepared(unique, self.batch_size, prep, self.prep_workers):
+            pixels = torch.stack(prepared)
             with torch.inference_mode():
                 out = self.model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output.float()
             rows.append(out.cpu().numpy())

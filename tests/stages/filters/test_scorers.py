@@ -412,3 +412,11 @@ def test_offline_checks_shapes():
         masked_change(orig, edited[:-1], mask)
     with pytest.raises(ValueError, match="width"):
         seam_score(orig, edited, mask, width=0)
+
+
+def test_preparing_the_next_batch_on_threads_changes_no_number(clip, dino_path, images):
+    for make, call in ((lambda: ClipScorer(clip[0], clip[1], batch_size=2), "image_embeddings"),
+                       (lambda: DinoScorer(dino_path, batch_size=2), "embeddings")):
+        threaded, serial = make(), make()
+        threaded.prep_workers, serial.prep_workers = 3, 1
+        np.testing.assert_array_equal(getattr(threaded, call)(images), getattr(serial, call)(images))
