@@ -52,7 +52,8 @@ field for spatial information about the target) and to ``tuple`` as ``[target, p
 ``replace_relation`` -> ``"relation"``, ``swap_object`` -> ``"swap_object"``, ``swap_attribute`` ->
 ``"swap_attribute"``; image negatives: ``flip`` (the mirrored image, where a left/right constraint no
 longer holds) -> ``"relation"`` with ``negative_cate="image"``; ``inpaint_object`` /
-``inpaint_attribute`` -> ``"object"`` / ``"attribute"``. A type outside the table keeps refforge's
+``inpaint_attribute`` -> ``"object"`` / ``"attribute"``, and ``inpaint_remove`` (the object removed) ->
+``"object"`` too (FineCops-Ref has no word for a removal; ``refforge_negative_type`` keeps them apart). A type outside the table keeps refforge's
 word. ``negative_cate`` is refforge's ``negative_source`` ("text" / "image"; a record without one is
 "image" on a derived image, else "text"). ``negative_level``: "L1" -> 1, "L2" -> 2.
 

@@ -217,13 +217,21 @@ def _features(datasets: Any) -> Any:
     })
 
 
-def _card(configs: Mapping[str, list[str]], counts: Mapping[str, int]) -> str:
+def _card(configs: Mapping[str, list[str]], counts: Mapping[str, int], digest: str = "") -> str:
     lines = ["---", "configs:"]
     for name, splits in configs.items():
         lines.append(f"- config_name: {name}")
         lines.append("  data_files:")
         for s in splits:
             lines += [f"  - split: {s}", f"    path: data/{s}-*"]
+    if digest:
+        # `datasets` keys its cache of a local folder by the card's dataset_info and configs, not by the
+        # folder's path or its files: without the content digest here, a second export with the same
+        # configs would load the first one's cached rows (datasets 5.2, load.py LocalDatasetModuleFactory)
+        lines.append("dataset_info:")
+        for name in configs:
+            lines += [f"- config_name: {name}",
+                      f"  description: refforge groundingme data sha256 {digest}"]
     lines += ["---", "", "# GroundingME-format export (refforge)", "",
               "Rows with the features of huggingface.co/datasets/lirang04/GroundingME (`id`, `description`, "
               "`image`, `bbox` [x1, y1, x2, y2] int pixels, `detection_type`, `subtask_l1`, `subtask_l2`, `width`, "
@@ -323,7 +331,10 @@ def write_export(folder: Path, by_split: Mapping[str, list[dict]], *, all_exprs:
         configs["default"] = evals
     if "train" in written:
         configs["train" if evals else "default"] = ["train"]
-    atomic_write_bytes(folder / "README.md", _card(configs, counts).encode("utf-8"))
+    digest = hashlib.sha256()
+    for p in sorted((folder / "data").glob("*.parquet")):
+        digest.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    atomic_write_bytes(folder / "README.md", _card(configs, counts, digest.hexdigest()).encode("utf-8"))
     return {
         "format": NAME, "counts": counts,
         "split_names": {s: export_split_name(s) for s in by_split if export_split_name(s) != s},

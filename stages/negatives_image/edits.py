@@ -11,8 +11,9 @@ then are pixels made (by re-rendering a synthetic scene, or by an inpainting bac
 Edits are planned per image (:func:`plan_image`): each positive proposes its edits in a seeded order
 (kinds and levels taken in turn, so every kind appears), an edit already planned for the image is
 shared (one edited image serves every positive it negates), and at most ``per_image`` edits are made.
-Every positive the edit negates at level L1 or L2 becomes a negative of that edit; a positive the
-edit leaves referring to something, or referring ambiguously, is not.
+Every positive the edit negates at level L1 or L2 becomes a negative of that edit, provided its path
+says what the edit changed (an attribute edit counts only for paths that name the attribute at the
+edited object); a positive the edit leaves referring to something, or referring ambiguously, is not.
 
 Replacement words come from the unit's own vocabulary (the build's categories and attributes, the
 fixed lexicon as the fallback: :class:`~refforge.stages.negatives_text.plausible.VocabularyBackend`)
@@ -116,6 +117,16 @@ def node_of(query: Node, graph: SceneGraph, target_id: str, object_id: str) -> N
         if ids == [object_id]:
             return child
     return None
+
+
+def names_the_change(query: Node, graph: SceneGraph, target_id: str, edit: ImageEdit) -> bool:
+    """Whether the path says what the edit changed, so the negative's type tells the truth: an attribute
+    edit counts only for a path whose node of the edited object names that attribute (a path that never
+    says "large" is not an attribute negative when a resize happens to break one of its relations)."""
+    if edit.kind != "change_attribute":
+        return True
+    node = node_of(query, graph, target_id, edit.object_id)
+    return node is not None and edit.attribute in node.attributes
 
 
 def real_edit(graph: SceneGraph, edit: ImageEdit) -> SceneGraph:
@@ -267,10 +278,12 @@ class Planner:
                     level = "L2"
                 else:
                     continue
-                if level in self.levels and verify(p.graph, query) is None:
+                if level not in self.levels or not names_the_change(query, graph, target, p.edit):
+                    continue
+                if verify(p.graph, query) is None:
                     p.negations.append(Negation(pos, query, level))
         return list(planned.values()), refused
 
 
 __all__ = ["EDIT_KINDS", "LEVELS", "NEGATIVE_TYPES", "ImageEdit", "Negation", "PlannedEdit", "Planner", "anchors",
-           "node_of", "real_edit", "synthetic_edit", "verify"]
+           "names_the_change", "node_of", "real_edit", "synthetic_edit", "verify"]

@@ -212,10 +212,29 @@ def test_refbench_and_groundingme_fields(full_export):
     # the image is an image feature, and the val split loads as "validation"
     import datasets
 
-    ds = datasets.load_dataset(str(out / "groundingme"), split="validation")
+    cache = out.parent / "hf-cache"
+    ds = datasets.load_dataset(str(out / "groundingme"), split="validation", cache_dir=str(cache))
+    assert sorted(ds["id"]) == sorted(r["id"] for r in json.loads((out / "groundingme" / "validation.json").read_text()))
     row = ds[0]
     assert row["image"].convert("RGB").size == (row["width"], row["height"])
     assert isinstance(row["id"], int) and row["subtask_l1"] in {"Discriminative", "Spatial", "Limited", "Rejection"}
+
+
+def test_two_groundingme_exports_never_share_datasets_cached_rows(small_build, tmp_path):
+    """`datasets` keys a local folder's cache by its card, not its path or files: each export's card carries
+    its data's digest, so a second export (other ratios: other rows) loads its own rows, not the first's."""
+    import datasets
+
+    cache = str(tmp_path / "hf-cache")
+    loaded = {}
+    for seed, ratios in ((0, None), (1, {"train": 0.4, "val": 0.4, "test": 0.2})):
+        out = tmp_path / f"seed{seed}" / "ex"
+        export_build(small_build, out, ["groundingme"], seed=seed, ratios=ratios, record_splits=False)
+        expected = sorted(r["sample_id"] for r in json.loads((out / "groundingme" / "validation.json").read_text()))
+        got = sorted(datasets.load_dataset(str(out / "groundingme"), split="validation", cache_dir=cache)["sample_id"])
+        assert got == expected
+        loaded[seed] = got
+    assert loaded[0] != loaded[1]
 
 
 def test_finecops_vanilla_and_coco_fields(small_build, full_export):

@@ -129,6 +129,12 @@ def test_synthetic_edits_of_every_kind_are_exact_negatives(synthetic_build):
         img = images[n["image_id"]]
         edit, parent = img["edit"], images[img["parent_image_id"]]
         assert not n["needs_review"] and n["gt_box"] is None and n["negative_source"] == "image"
+        if edit["type"] == "change_attribute":  # the expression names the attribute the edit changed
+            assert E.names_the_change(Node.from_json(json.loads(n["path"])), graphs[parent["image_id"]],
+                                      positives[n["positive_id"]]["target_object_id"],
+                                      E.ImageEdit("change_attribute", edit["object_id"], edit["word"],
+                                                  edit["attribute"]))
+            assert edit["attribute"] in n["text"]
         assert positives[n["positive_id"]]["text"] == n["text"]
         # the negative's path refers to nothing on the edited image's graph, and its positive's target before
         q = Node.from_json(json.loads(n["path"]))
