@@ -116,6 +116,15 @@ def _prep_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 1)))
 
 
+PREP_THREADS_MIN_PIXELS = 256 * 256
+"""Images smaller than this are prepared in turn: a thread pool costs more than resizing them
+(measured in benchmarks/bench_inpaint.py: threads halved the tiny models' throughput at 128x96)."""
+
+
+def _workers_for(images: Sequence[Image.Image], workers: int) -> int:
+    return workers if images and images[0].width * images[0].height >= PREP_THREADS_MIN_PIXELS else 1
+
+
 def _normalise_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -170,7 +179,7 @@ class ClipScorer:
         torch = self.torch
         unique, inverse = _dedup(_rgb(images))
         rows = []
-        for prepared in _prepared(unique, self.batch_size, self.preprocess, self.prep_workers):
+        for prepared in _prepared(unique, self.batch_size, self.preprocess, _workers_for(unique, self.prep_workers)):
             batch = torch.stack(prepared)
             with torch.inference_mode():
                 emb = self.model.encode_image(batch.to(self.device, self.dtype)).float()
@@ -260,7 +269,7 @@ class DinoScorer:
         def prep(im):
             return self.processor(images=im, return_tensors="pt")["pixel_values"][0]
 
-        for prepared in _prepared(unique, self.batch_size, prep, self.prep_workers):
+        for prepared in _prepared(unique, self.batch_size, prep, _workers_for(unique, self.prep_workers)):
             pixels = torch.stack(prepared)
             with torch.inference_mode():
                 out = self.model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output.float()

@@ -419,4 +419,5 @@ def test_preparing_the_next_batch_on_threads_changes_no_number(clip, dino_path, 
                        (lambda: DinoScorer(dino_path, batch_size=2), "embeddings")):
         threaded, serial = make(), make()
         threaded.prep_workers, serial.prep_workers = 3, 1
-        np.testing.assert_array_equal(getattr(threaded, call)(images), getattr(serial, call)(images))
+        big = [im.resize((320, 240)) for im in images]  # large enough to be prepared on threads
+        np.testing.assert_array_equal(getattr(threaded, call)(big), getattr(serial, call)(big))
