@@ -103,6 +103,9 @@ class NegativesImageConfig(_Strict):
         return self
 
     def check_against(self, cfg: Any) -> None:
+        if self.edits and self.inpainter == "synthetic" and not isinstance(cfg.source, SyntheticSource):
+            raise ValueError(f"negatives_image.inpainter = 'synthetic' re-renders synthetic scenes; the source is "
+                             f"{cfg.source.kind!r}: use 'offline' or 'diffusers'")
         if self.edits and self.words == "llm":
             require_endpoint(cfg, "llm", "negatives_image.words = 'llm'")
 
@@ -283,6 +286,7 @@ class _EditRun:
             backend = negative_backend(ctx.client("llm"), fallback=backend, vocabulary=vocabulary)
         self.backend = backend
         self.inpainter = None if self.kind == "synthetic" else self._inpainter(self.kind)
+        self.samples: set[str] = set()
         self.counts: Counter = Counter()
         self.refusals: Counter = Counter()
         self.fidelity: dict[str, Counter] = defaultdict(Counter)
@@ -309,19 +313,39 @@ class _EditRun:
         return self.ctx.cached(f"inpainter:{kind}:{json.dumps(opts, sort_keys=True)}",
                                lambda: make_inpainter(kind, **opts))
 
-    def _supports(self, kind: str, family: str | None) -> bool:
-        if self.kind == "synthetic":
-            return kind != "change_attribute" or family in syn.FAMILIES
-        return self.inpainter.supports(kind, family)
+    def _exact(self, image_id: str) -> bool:
+        """The image's graph is exactly its synthetic scene (no detector objects merged in), so the
+        renderer can re-draw it after an edit."""
+        img = self.images[image_id]
+        return bool(self.synthetic_source and img.get("spec")) and all(
+            o.origin == "scene_graph" for o in self.graphs[image_id].objects)
 
-    def _drawable(self, word: str) -> bool:
-        if self.kind != "synthetic":
-            return True
-        return word in syn.NOMINAL
+    def _kind_for(self, image_id: str) -> str:
+        """Who makes this image's pixels: the renderer for an exact synthetic scene; else the configured
+        inpainter (OpenCV where the renderer was asked for but cannot re-draw the image)."""
+        if self.kind == "synthetic":
+            return "synthetic" if self._exact(image_id) else "offline"
+        return self.kind
+
+    def _backend(self, kind: str):
+        if kind == "synthetic":
+            return None
+        return self.inpainter if kind == self.kind else self._inpainter(kind)
+
+    def _supports_for(self, kind: str):
+        def supports(edit_kind: str, family: str | None) -> bool:
+            if kind == "synthetic":
+                return edit_kind != "change_attribute" or family in syn.FAMILIES
+            return self._backend(kind).supports(edit_kind, family)
+        return supports
+
+    @staticmethod
+    def _drawable_for(kind: str):
+        return (lambda word: word in syn.NOMINAL) if kind == "synthetic" else (lambda word: True)
 
     def _spec_edit(self, image_id: str):
         img = self.images[image_id]
-        spec = json.loads(img["spec"]) if self.synthetic_source and img.get("spec") else None
+        spec = json.loads(img["spec"]) if self._exact(image_id) else None
 
         def edit(graph, e: E.ImageEdit):
             if spec is not None:
@@ -342,9 +366,11 @@ class _EditRun:
             self.backend.prefetch([q for items in by_image.values() for _, q in items])
         plans: list[tuple[str, E.PlannedEdit]] = []
         for image_id, items in by_image.items():
+            kind = self._kind_for(image_id)
             planner = E.Planner(kinds=self.section.edits, levels=self.section.levels,
-                                per_image=self.section.per_image, backend=self.backend, supports=self._supports,
-                                drawable=self._drawable, seed=self.ctx.seed, spec_edit=self._spec_edit(image_id))
+                                per_image=self.section.per_image, backend=self.backend,
+                                supports=self._supports_for(kind), drawable=self._drawable_for(kind), seed=self.ctx.seed,
+                                spec_edit=self._spec_edit(image_id))
             planned, refused = planner.plan_image(self.graphs[image_id], items)
             for sid, reason, detail in refused:
                 self.refusals[reason] += 1
@@ -352,12 +378,19 @@ class _EditRun:
             plans += [(image_id, p) for p in planned if p.negations]
         if hasattr(self.backend, "take_drops"):
             self.out.drops += self.backend.take_drops()
-        if self.kind == "synthetic":
-            made = [self._render(image_id, p) for image_id, p in plans]
-        else:
-            made = self._model_made(self.inpainter, self.kind, plans)
+        made: dict[int, Any] = {}
+        by_kind: dict[str, list[int]] = defaultdict(list)
+        for i, (image_id, _) in enumerate(plans):
+            by_kind[self._kind_for(image_id)].append(i)
+        for kind, idx in by_kind.items():
+            if kind == "synthetic":
+                made.update({i: self._render(*plans[i]) for i in idx})
+            else:
+                made.update(zip(idx, self._model_made(self._backend(kind), kind, [plans[i] for i in idx]),
+                                strict=True))
         try:
-            for (image_id, p), result in zip(plans, made, strict=True):
+            for i, (image_id, p) in enumerate(plans):
+                result = made[i]
                 if isinstance(result, str):
                     self._refuse(p, result, image_id)
                     continue
@@ -366,10 +399,11 @@ class _EditRun:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
-        if self.synthetic_source and plans:
+        exact = [(image_id, p) for image_id, p in plans if p.spec is not None]
+        if exact:
             for kind in self.section.fidelity_backends:
                 if kind != self.kind:
-                    self._model_made(self._inpainter(kind), kind, plans, write=False)
+                    self._model_made(self._inpainter(kind), kind, exact, write=False)
         self.out.extra.update({"edits_asked": list(self.section.edits), "levels_asked": list(self.section.levels),
                                "edits": dict(self.counts), "edit_refusals": dict(self.refusals),
                                "edit_images": self.n_images,
@@ -388,7 +422,7 @@ class _EditRun:
     def _region(self, image_id: str, object_id: str) -> np.ndarray | None:
         """The object's own pixels (synthetic scenes: its exact mask), else None."""
         img = self.images[image_id]
-        if not (self.synthetic_source and img.get("spec")):
+        if not self._exact(image_id):
             return None
         graph = self.graphs[image_id]
         obj = graph.by_id()[object_id]
@@ -480,13 +514,17 @@ class _EditRun:
                 self.out.drops += drops
             for n in p.negations:
                 pos = n.positive
+                sample_id = stable_key("inpaint", pos["sample_id"], mid, self.ctx.stage_hash)
+                if sample_id in self.samples:  # two edits that drew the same pixels: one negative
+                    continue
+                self.samples.add(sample_id)
                 tasks = tasks_for(n.query, p.graph, polarity="negative", negative_type=negative_type)
                 path = {**json.loads(pos["path"]), "edit": p.edit.describe(graph)}
                 if by_model:
                     path.update({"review_reason": "model_edit",
                                  "review_detail": f"{model} made the pixels; a filter or a reviewer must pass it"})
                 self.rows["expressions"].append(Expression(
-                    sample_id=stable_key("inpaint", pos["sample_id"], mid, self.ctx.stage_hash), image_id=mid,
+                    sample_id=sample_id, image_id=mid,
                     text=pos["text"], template_text=pos["template_text"], template_name=pos["template_name"],
                     polarity="negative", task=tasks.get(taxonomy), tasks=tasks, difficulty=pos["difficulty"],
                     hops=pos["hops"], path=json.dumps(path, sort_keys=True), negative_type=negative_type,

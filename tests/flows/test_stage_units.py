@@ -20,9 +20,10 @@ from .test_llm_build import _describe_config, _describe_model
 from .test_proposals_build import draw_folder
 
 OFFLINE = {"build": {"name": "units", "shard_size": 4,
-                     "stages": ["ingest", "proposals", "paths", "negatives_text", "negatives_image", "cot"]},
+                     "stages": ["ingest", "proposals", "paths", "negatives_text", "negatives_image", "filters", "cot"]},
            "source": {"kind": "synthetic", "images": 8, "width": 256, "height": 192},
-           "proposals": {"all_images": True, "max_per_image": 4}, "paths": {"max_hops": 1}}
+           "proposals": {"all_images": True, "max_per_image": 4}, "paths": {"max_hops": 1},
+           "negatives_image": {"edits": ["remove", "replace_category", "change_attribute"]}}
 
 
 @pytest.fixture(scope="module")

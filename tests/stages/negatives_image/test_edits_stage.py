@@ -215,3 +215,27 @@ def test_an_edit_kind_that_makes_nothing_is_a_warning(tmp_path, prefect_api):
     summary = record["stages"]["negatives_image"]
     assert any("'replace_category'" in w for w in summary["warnings"])
     assert not any("'remove'" in w for w in summary["warnings"])
+
+
+def test_synthetic_scenes_with_detector_objects_fall_back_to_opencv(tmp_path, prefect_api):
+    # proposals merged into the scene graph: the renderer cannot re-draw detector objects, so OpenCV edits them
+    cfg = parse_config({"build": {"name": "mixed", "seed": 0, "shard_size": 4,
+                                  "stages": ["ingest", "proposals", "paths", "negatives_image"]},
+                        "source": {**SYNTH, "images": 4}, "proposals": {"all_images": True, "max_per_image": 4},
+                        "paths": {"max_hops": 1}, "negatives_image": {"flip": False, "edits": KINDS},
+                        "runner": {"kind": "thread", "workers": 1}})
+    out = tmp_path / "build"
+    run_build(cfg, out)
+    graphs, images, negs, _ = _tables(out)
+    assert negs
+    for n in negs:
+        img = images[n["image_id"]]
+        assert any(o.origin == "detector" for o in graphs[img["parent_image_id"]].objects)
+        assert img["edit"]["model"].startswith("opencv") and n["needs_review"]
+        assert img["edit"]["type"] in ("remove", "change_attribute")  # what OpenCV can draw
+    assert len({n["sample_id"] for n in negs}) == len(negs)
+
+
+def test_the_renderer_is_refused_for_a_real_source():
+    with pytest.raises(ValueError, match="re-renders synthetic scenes"):
+        _cfg("x", {"kind": "folder", "path": str(REAL)}, {"edits": ["remove"], "inpainter": "synthetic"})
