@@ -29,7 +29,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 
 # test install: the dev tools and the model backends' extra
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,models,review]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q -e '.[dev,models,review,dask]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import refforge.flows.build, pytest, hypothesis, torch"
 	# headless Chromium for the report tests (Debian's package; tests drive it with playwright)
 	command -v chromium >/dev/null || (S=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$S apt-get update -qq && $$S apt-get install -y -qq chromium)
