@@ -32,7 +32,7 @@ from markupsafe import Markup
 from refforge.schemas import TABLES
 from refforge.stages import report as R
 from refforge.stages import review_stats as RS
-from refforge.stages.filters import BEST_OF_N_FILTERS
+from refforge.stages.filters import BEST_OF_N_FILTERS, gate
 from refforge.storage import Catalog, ImageStore
 from refforge.storage.atomic import atomic_write_bytes
 
@@ -491,8 +491,6 @@ def _edit_card(cat: Catalog, thumbs: Thumbs, members: list[dict], negatives: lis
     """One edit (its ``group``): the original with the edit box, the mask, every candidate (up to
     :data:`CANDIDATES_SHOWN`) with its scores and the best-of-N / export mark, the edit's words and the
     negatives it made."""
-    from refforge.stages.filters import gate
-
     edit = dict(members[0]["edit"] or {})
     etype, group, parent = edit.get("type") or "-", members[0]["grp"], members[0]["parent_image_id"]
     ids = {m["image_id"] for m in members}
