@@ -91,7 +91,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -744,6 +744,12 @@ class LLMClient:
         cache_failures: also cache calls that ended in an :class:`LLMOutputError` (a re-run replays
             the same drop instead of paying again).
         price_per_1k_input, price_per_1k_output: USD per 1,000 tokens, for the cost estimate.
+        request_slot: None, or a callable returning a (sync) context manager held around each HTTP
+            request this client sends (each retry is a request of its own): a bound shared with other
+            clients and processes, e.g. a Prefect global concurrency limit
+            (:mod:`refforge.pipeline.limits`). It is entered and left in a thread of its own, so a
+            wait for a slot never blocks the client's event loop. It must pickle (it travels with
+            the client).
     """
 
     def __init__(
@@ -768,6 +774,7 @@ class LLMClient:
         price_per_1k_output: float | None = None,
         max_tokens: int | Mapping[str, int] | None = None,
         max_outage_s: float = 300,
+        request_slot: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         if structured_output not in STRUCTURED_MODES:
             raise ValueError(f"structured_output must be one of {', '.join(map(repr, STRUCTURED_MODES))}, "
@@ -796,6 +803,7 @@ class LLMClient:
         self.price_per_1k_output = price_per_1k_output
         self.max_tokens = dict(max_tokens) if isinstance(max_tokens, Mapping) else max_tokens
         self.max_outage_s = max_outage_s
+        self.request_slot = request_slot
         # what the endpoint takes: read from the cache on first use, updated as refusals come
         self._caps = Capabilities()
         self._caps_loaded = False
@@ -1426,6 +1434,7 @@ class LLMClient:
             # refforge exception chains the SDK's (whose request object holds the auth header).
             outcome: tuple[str, str, int | None, float | None] | None = None
             refusal = None
+            held = await _hold_slot(self.request_slot) if self.request_slot is not None else None
             try:
                 response = await sdk.post("/chat/completions", cast_to=self._response_cls, body=body,
                                           options=self._request_options)
@@ -1475,6 +1484,9 @@ class LLMClient:
                 outcome = ("outage", f"cannot connect to {self.base_url} ({why})", None, None)
             except (openai.APIResponseValidationError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
                 outcome = ("bad_response", self._scrub(f"{type(exc).__name__}: {exc}"), None, None)
+            finally:
+                if held is not None:
+                    await held.release()  # the shared slot goes back as soon as the HTTP request is over
 
             kind, detail, status, retry_after = outcome
             if kind == "refused":
@@ -1696,6 +1708,67 @@ def _copy_error(exc: BaseException) -> BaseException:
     if isinstance(exc, LLMRequestError):
         return LLMRequestError(exc.reason, exc.detail, status=exc.status, stage=exc.stage, attempts=0)
     return exc
+
+
+def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if not fut.done():
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop closed meanwhile (the client was closed)
+        pass
+
+
+class _HeldSlot:
+    """A ``request_slot`` context entered in a thread of its own (a blocking wait for a shared slot must
+    not stop the client's loop, and a context manager is left in the thread that entered it)."""
+
+    __slots__ = ("_left", "_release")
+
+    def __init__(self, release: threading.Event, left: asyncio.Future) -> None:
+        self._release, self._left = release, left
+
+    async def release(self) -> None:
+        """Leave the context and wait until it is left (the slot is back before the request's answer is
+        used: a process that ends right after its last request leaks no slot)."""
+        self._release.set()
+        await asyncio.shield(self._left)
+
+
+async def _hold_slot(factory: Callable[[], contextlib.AbstractContextManager[Any]]) -> _HeldSlot:
+    """Enter ``factory()`` in a thread of its own and keep it entered until :meth:`_HeldSlot.release`.
+    An error entering it is raised here; an error leaving it is logged."""
+    loop = asyncio.get_running_loop()
+    entered: asyncio.Future = loop.create_future()
+    left: asyncio.Future = loop.create_future()
+    release = threading.Event()
+
+    def hold() -> None:
+        try:
+            with factory():
+                _call_in(loop, _settle, entered, None)
+                release.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request, or logged
+            if release.is_set():
+                log.warning("releasing a request slot failed: %s: %s", type(exc).__name__, exc)
+            else:
+                _call_in(loop, _settle, entered, exc)
+        finally:
+            _call_in(loop, _settle, left, None)
+
+    threading.Thread(target=hold, name="refforge-request-slot", daemon=True).start()
+    try:
+        await entered
+    except BaseException:
+        release.set()  # cancelled while waiting: a slot taken later is given back at once
+        raise
+    return _HeldSlot(release, left)
 
 
 def _rebuild_client(config: dict[str, Any]) -> LLMClient:

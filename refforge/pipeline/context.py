@@ -23,6 +23,7 @@ from refforge.llm.client import usage_scope
 from refforge.llm.endpoint import endpoint_client
 from refforge.storage import BuildDir
 
+from .limits import request_slot_for
 from .stage import Stage
 
 ProgressFn = Callable[[str, str, dict[str, Any]], None]
@@ -88,6 +89,8 @@ class BuildContext:
                     raise RuntimeError(f"the config has no [{which}] section")
                 (self.root / "cache").mkdir(exist_ok=True)
                 client = endpoint_client(ep, self.root / "cache" / "llm.sqlite")
+                if self.config.runner.limits_endpoints:  # one bound for the clients of every process
+                    client.request_slot = request_slot_for(ep)
                 if self.progress is not None:  # requests done / total and tokens, per stage, as answers arrive
                     progress = self.progress
                     client.on_progress = lambda stage, info: progress(stage, "requests", info)
@@ -138,6 +141,15 @@ class StageContext:
     @property
     def seed(self) -> int:
         return self._ctx.config.build.seed
+
+    @property
+    def shard_size(self) -> int:
+        return self._ctx.config.build.shard_size
+
+    @property
+    def removed_items(self) -> str:
+        """``[build] removed_items``: what the source's listing does with vanished items (keep / retract)."""
+        return self._ctx.config.build.removed_items
 
     @property
     def stage_hash(self) -> str:
