@@ -25,23 +25,41 @@ def plan(cfg: ConfigBase, root: Path | str, ctx: BuildContext | None = None) -> 
     """The units of every stage, per shard, with their work keys (``ctx``: the run's context, whose
     caches then hold the source files the planner read)."""
     ctx = ctx or BuildContext(root, cfg, run_id="plan", _register=False)
+    keyed, hashes, running = _keying(cfg, ctx)
+    source = cfg.registry[0]
+    return [_unit(start, stop, rest[0] if rest else [], keyed, hashes, running)
+            for start, stop, *rest in source.shard_ranges(ctx.view(source), cfg.build.shard_size)]
+
+
+def _keying(cfg: ConfigBase, ctx: BuildContext) -> tuple[list, dict[str, str], set[str]]:
     running = {s.name for s in cfg.running()}
     keyed = [s for s in cfg.registry if s.core or s.name in running]
     hashes = {s.name: ctx.stage_hash(s.name) for s in keyed}  # the hashes the run's units use
-    source = cfg.registry[0]
-    shards = []
-    for start, stop in source.shard_ranges(ctx.view(source), cfg.build.shard_size):
-        unit: dict[str, Any] = {"start": start, "stop": stop, **{name: [] for name in JOIN_LISTS}}
-        for s in keyed:
-            parts: list[Any] = []
-            for k in s.key_inputs:
-                v = unit[k]
-                parts += v if isinstance(v, list) else [v]
-            unit[s.name] = stable_key(s.name, hashes[s.name], *parts)
-            if s.joins and (s.core or s.name in running):
-                unit[s.joins].append(unit[s.name])
-        shards.append(unit)
-    return shards
+    return keyed, hashes, running
 
 
-__all__ = ["plan"]
+def _unit(start: int, stop: int, without: list[str], keyed: list, hashes: dict[str, str], running: set[str]
+          ) -> dict[str, Any]:
+    unit: dict[str, Any] = {"start": start, "stop": stop, **{name: [] for name in JOIN_LISTS}}
+    if without:  # keys retracted from the shard (stages/ingest/listing.py): they enter its keys
+        unit["without"] = list(without)
+    for s in keyed:
+        parts: list[Any] = []
+        for k in s.key_inputs:
+            v = unit.get(k, [])
+            parts += v if isinstance(v, list) else [v]
+        unit[s.name] = stable_key(s.name, hashes[s.name], *parts)
+        if s.joins and (s.core or s.name in running):
+            unit[s.joins].append(unit[s.name])
+    return unit
+
+
+def unit_keys(cfg: ConfigBase, ctx: BuildContext, start: int, stop: int, without: list[str]) -> dict[str, str]:
+    """stage -> work key of the shard ``start:stop`` had it been planned with ``without`` (the keys an
+    earlier run of a shard used, before a retraction changed them)."""
+    keyed, hashes, running = _keying(cfg, ctx)
+    unit = _unit(start, stop, without, keyed, hashes, running)
+    return {s.name: unit[s.name] for s in keyed}
+
+
+__all__ = ["plan", "unit_keys"]

@@ -347,6 +347,32 @@ class BuildDir:
         folder = self.state_dir / stage
         return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
 
+    def retract(self, keys: dict[str, str], run_id: str) -> dict[str, int]:
+        """Move the work of one unit (``keys``: stage -> work key) out of the build, nothing deleted:
+        every table part whose footer carries one of the keys, and each stage's ledger entry, go to
+        ``retracted/<run_id>/`` under the same relative paths. Returns the parts and entries moved per
+        table / ``state``."""
+        wanted = set(keys.values())
+        dest = self.root / "retracted" / run_id
+        moved: dict[str, int] = {}
+        for table_dir in sorted(p for p in self.tables_dir.glob("*") if p.is_dir()):
+            table = table_dir.name
+            for part, key in self.reader.work_keys(table).items():
+                if key in wanted and part.exists():
+                    target = dest / "tables" / table / part.name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    part.replace(target)
+                    moved[table] = moved.get(table, 0) + 1
+        for stage, key in keys.items():
+            entry = self._ledger_path(stage, key)
+            if entry.exists():
+                target = dest / "state" / stage / entry.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                entry.replace(target)
+                moved["state"] = moved.get("state", 0) + 1
+        self.reader.forget()
+        return moved
+
     # -- provenance ----------------------------------------------------------------------------
     def write_run(self, run_id: str, payload: dict[str, Any]) -> Path:
         """``runs/<run_id>.json``: strict JSON (a NaN or an infinity, say an AUROC of no negatives, is null)."""

@@ -113,6 +113,11 @@ class TableReader:
                     idx[p] = md.get(META_WORK_KEY, b"").decode()
             return dict(idx)
 
+    def forget(self) -> None:
+        """Drop the footer index (parts were moved away: :meth:`BuildDir.retract`)."""
+        with self._lock:
+            self._index.clear()
+
     def has_work(self, table: str, work_key: str) -> bool:
         return work_key in self.work_keys(table).values()
 

@@ -107,6 +107,14 @@ def _print_summary(record: dict) -> None:
         console.print(f"blind-text AUROC (held out): {f3(blind['auroc_before'])} before refinement, "
                       f"{f3(blind['auroc_after'])} after ({blind['kept']} negatives kept, "
                       f"{blind['rejected']} rejected)", highlight=False)
+    src = record.get("source")
+    if src and (src["new_items"] != src["items"] or src["removed_items"]):  # a grown or shrunk source
+        console.print(f"source: {src['items']} items listed, {src['new_items']} new this run in {src['new_shards']} "
+                      f"new shard(s); {src['removed_items']} gone from the source ({src['removed_policy']})",
+                      highlight=False)
+    for line in record.get("warnings", ()):
+        if line.startswith("source:"):
+            print_warning(line)
     for stage, s in record["stages"].items():  # a stage's own warnings (e.g. a negative type that ended empty)
         for line in s.get("warnings", ()):
             print_warning(f"{stage}: {line}")

@@ -4,7 +4,10 @@ expressions where the source has them).
 The ``[source]`` section picks the source: ``synthetic`` (rendered scenes with exact graphs),
 ``graphs`` (refforge's scene-graph JSON), ``gqa``, ``coco`` (with optional refs) or ``folder`` (images
 only; the proposals stage finds their objects). This stage also makes the build's shards: a unit is
-a range of scene indices (:meth:`IngestStage.shard_ranges`).
+a range of scene indices (:meth:`IngestStage.shard_ranges`); for every source but ``synthetic`` the
+indices are positions in the build's append-only listing of the source (:mod:`.listing`), so a source
+that grew adds shards instead of shifting them, and an item that disappeared is kept or retracted as
+``[build] removed_items`` says.
 
 Modules: :mod:`.scenes` (graph validation and the per-source readers), :mod:`.sources` (streaming
 GQA/COCO conversion), :mod:`.synthetic` (the scene generator and renderer).
@@ -27,6 +30,7 @@ from refforge.stages.paths.search import TargetSelection, drop_category, referri
 from refforge.stages.scene.keys import stable_key
 from refforge.storage.atomic import atomic_write_bytes
 
+from . import listing as L
 from . import scenes, sources
 from .scenes import IngestOutput
 
@@ -127,7 +131,7 @@ class IngestStage(Stage):
     uses: ClassVar[dict[str, Any]] = {"source": Source, "paths": PathsConfig}
     reads = ()
     writes = ("images", "objects", "relations", "expressions")
-    key_inputs = ("start", "stop")
+    key_inputs = ("start", "stop", "without")  # "without": retracted keys, only where a shard has some
     joins = "graph"
     core = True
     default = True
@@ -164,34 +168,82 @@ class IngestStage(Stage):
     def _folder_listing(root: Path) -> Path:
         return root / "sources" / "folder.json"
 
+    @staticmethod
+    def listing_path(root: Path) -> Path:
+        return root / "sources" / "listing.json"
+
+    @staticmethod
+    def _fingerprint(src: Any) -> list:
+        """What identifies the source files' content cheaply: (path, size, mtime) of each."""
+        paths = [getattr(src, k, None) for k in ("scene_graphs", "instances", "refs", "path")]
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p is not None and Path(p).is_file()]
+
     def prepare(self, ctx) -> None:
-        """GQA and COCO files are converted once, streaming, into the build's own scene-graph JSON
-        Lines; a folder is listed once into ``sources/folder.json`` (a resumed build sees the same
-        images, in the same shards, even when files were added to the folder since)."""
+        """GQA and COCO files are converted, streaming, into the build's own scene-graph JSON Lines (again
+        when the source file changed); then every source but ``synthetic`` is listed into the build's
+        append-only listing (:mod:`.listing`): new items make new shards, vanished ones are kept or
+        retracted (``[build] removed_items``). What changed is kept for the run record
+        (``ctx.cached("source_growth")``)."""
         src, b = ctx.section("source"), ctx.build
-        if isinstance(src, FolderSource):
-            listing = self._folder_listing(b.root)
-            if not listing.exists():
-                files = scenes.list_folder(src.path, src.extensions, src.recursive)
-                listing.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(listing, json.dumps(files).encode())
+        if isinstance(src, SyntheticSource):
             return
-        if not isinstance(src, GqaSource | CocoSource):
-            return
+        if isinstance(src, GqaSource | CocoSource):
+            self._convert(ctx, src)
+        keys = self._current_keys(ctx, src)
+        path = self.listing_path(b.root)
+        old = L.load(path)
+        if old is None and isinstance(src, FolderSource) and self._folder_listing(b.root).exists():
+            # a build from before listings: its first listing is the folder listing it made then
+            first = json.loads(self._folder_listing(b.root).read_text())
+            old = L.Listing(first, [(r.start, r.stop) for r in scenes.iter_shards(len(first), ctx.shard_size)])
+        new, growth = L.update(old, keys, ctx.shard_size, ctx.removed_items)
+        if old is None or new.to_json() != old.to_json():
+            L.save(path, new)
+        ctx.cached("source_listing", lambda: new)
+        ctx.cached("source_growth", lambda: growth)
+
+    def _convert(self, ctx, src: Any) -> None:
+        b = ctx.build
         out = self._prepared(b.root, src)
         index = out.with_suffix(".offsets.json")
+        ids = out.with_suffix(".ids.json")
+        stamp = out.with_suffix(".source.json")
+        fingerprint = self._fingerprint(src)
         if index.exists():
-            return
+            seen = json.loads(stamp.read_text()) if stamp.exists() else None
+            if seen is None or seen == fingerprint:  # a build from before stamps: its conversion stands
+                if not stamp.exists():
+                    atomic_write_bytes(stamp, json.dumps(fingerprint).encode())
+                return
+        tmp = out.with_name(out.name + ".new")
         if isinstance(src, GqaSource):
-            stats = sources.convert_gqa(src.scene_graphs, out, image_ext=src.image_ext)
+            stats = sources.convert_gqa(src.scene_graphs, tmp, image_ext=src.image_ext)
         else:
-            stats = sources.convert_coco(src.instances, out, refs=src.refs)
-        key = stable_key("prepare", ctx.stage_hash)
-        if stats.skipped and not b.reader.has_work("drops", key):
-            b.writer("prepare").write("drops", [Drop(stage="ingest", key=str(k), reason=str(r),
-                                                     detail=str(d[0]) if d else None)
-                                                for k, r, *d in stats.skipped], work_key=key, stage="ingest")
+            stats = sources.convert_coco(src.instances, tmp, refs=src.refs)
+        reconverted = index.exists()
+        tmp.replace(out)
+        # a reconversion (the source file changed) writes drops only for what the earlier one did not skip
+        key = stable_key("prepare", ctx.stage_hash, *([json.dumps(fingerprint)] if reconverted else []))
+        skipped = [tuple(str(v) for v in k) for k in stats.skipped]
+        done_file = out.with_suffix(".skipped.json")
+        before = {tuple(x) for x in json.loads(done_file.read_text())} if done_file.exists() else set()
+        todo = [k for k in skipped if k[:2] not in {t[:2] for t in before}]
+        if todo and not b.reader.has_work("drops", key):
+            b.writer("prepare").write("drops", [Drop(stage="ingest", key=k, reason=r, detail=d[0] if d else None)
+                                                for k, r, *d in todo], work_key=key, stage="ingest")
+        atomic_write_bytes(done_file, json.dumps(skipped).encode())
+        atomic_write_bytes(ids, json.dumps(stats.ids).encode())
         atomic_write_bytes(index, json.dumps(stats.offsets).encode())
+        atomic_write_bytes(stamp, json.dumps(fingerprint).encode())
+
+    def _current_keys(self, ctx, src: Any) -> list[str]:
+        """The source's items now, in its own order, by a key that survives growth: the file (folder), the
+        record's image (graphs), the source's image id (GQA, COCO)."""
+        if isinstance(src, FolderSource):
+            return scenes.list_folder(src.path, src.extensions, src.recursive)
+        if isinstance(src, GraphsSource):
+            return _record_keys(self._graph_records(ctx, src.path))
+        return _unique(self._ids(ctx, src))
 
     def _graph_records(self, ctx, path: Path) -> list:
         return ctx.cached(str(path), lambda: scenes.read_graph_records(path))
@@ -200,22 +252,37 @@ class IngestStage(Stage):
         index = self._prepared(ctx.build.root, src).with_suffix(".offsets.json")
         return ctx.cached(str(index), lambda: json.loads(index.read_text()))
 
-    def _folder_files(self, ctx) -> list[str]:
-        listing = self._folder_listing(ctx.build.root)
-        return ctx.cached(str(listing), lambda: json.loads(listing.read_text()))
+    def _ids(self, ctx, src: Any) -> list[str]:
+        """Each converted line's image id (read from the lines once for a conversion from before ids)."""
+        path = self._prepared(ctx.build.root, src)
+        ids = path.with_suffix(".ids.json")
 
-    def shard_ranges(self, ctx, shard_size: int) -> list[tuple[int, int]]:
-        """The build's units: ranges of scene indices, ``shard_size`` scenes each."""
+        offsets = self._offsets(ctx, src) if not ids.exists() else None  # (never ctx.cached inside ctx.cached)
+
+        def load() -> list[str]:
+            if offsets is None:
+                return json.loads(ids.read_text())
+            found = [str(r.get("id", f"#{i}")) for i, r in enumerate(sources.read_lines(path, offsets, 0, len(offsets)))]
+            atomic_write_bytes(ids, json.dumps(found).encode())
+            return found
+        return ctx.cached(str(ids), load)
+
+    def _listing(self, ctx) -> L.Listing:
+        """The build's listing (made by prepare in this run; read back in a worker process)."""
+        return ctx.cached("source_listing", lambda: L.load(self.listing_path(ctx.build.root)))
+
+    def shard_ranges(self, ctx, shard_size: int) -> list[tuple]:
+        """The build's units: ranges of scene indices, ``shard_size`` scenes each; for a listed source the
+        ranges of its listing, with the retracted keys of a range as a third element where it has any."""
         src = ctx.section("source")
         if isinstance(src, SyntheticSource):
-            n = src.images
-        elif isinstance(src, GraphsSource):
-            n = len(self._graph_records(ctx, src.path))
-        elif isinstance(src, FolderSource):
-            n = len(self._folder_files(ctx))
-        else:
-            n = len(self._offsets(ctx, src))
-        return [(r.start, r.stop) for r in scenes.iter_shards(n, shard_size)]
+            return [(r.start, r.stop) for r in scenes.iter_shards(src.images, shard_size)]
+        listing = self._listing(ctx)
+        out: list[tuple] = []
+        for i, (start, stop) in enumerate(listing.shards):
+            without = listing.without(i)
+            out.append((start, stop, without) if without else (start, stop))
+        return out
 
     # -- one unit ----------------------------------------------------------------------------
     def run(self, ctx, section, inputs) -> UnitOutput:
@@ -225,14 +292,32 @@ class IngestStage(Stage):
             out = scenes.ingest_synthetic(range(start, stop), build_seed=ctx.seed, width=src.width,
                                           height=src.height, min_objects=src.min_objects,
                                           max_objects=src.max_objects)
-        elif isinstance(src, GraphsSource):
-            out = scenes.ingest_graphs(self._graph_records(ctx, src.path), range(start, stop),
+            return self._output(ctx, out)
+        # the unit's items: its range of the listing, less the retracted ones, found by key in the source now
+        without = set(inputs.get("without") or ())
+        keys = [k for k in self._listing(ctx).keys(start, stop) if k not in without]
+        if isinstance(src, GraphsSource):
+            records = self._graph_records(ctx, src.path)
+            where = ctx.cached(f"{src.path}:keys", lambda: {k: i for i, k in enumerate(_record_keys(records))})
+            out = scenes.ingest_graphs(records, [where[k] for k in keys if k in where],
                                        images_dir=src.images_dir, relations_from_geometry=src.relations_from_geometry)
         elif isinstance(src, FolderSource):
-            out = scenes.ingest_folder(self._folder_files(ctx), range(start, stop), root=src.path)
+            out = scenes.ingest_folder(keys, range(len(keys)), root=src.path)
         else:
-            records = sources.read_lines(self._prepared(ctx.build.root, src), self._offsets(ctx, src), start, stop)
+            path, offsets = self._prepared(ctx.build.root, src), self._offsets(ctx, src)
+            ids = self._ids(ctx, src)
+            where = ctx.cached(f"{path}:keys", lambda: _first_index(ids))
+            records = [sources.read_lines(path, offsets, where[k], where[k] + 1)[0] for k in keys if k in where]
             out = scenes.ingest_graphs(records, range(len(records)), images_dir=src.images_dir, source=src.kind)
+        if not isinstance(src, FolderSource):  # (a vanished file is a drop of ingest_folder's own)
+            for k in keys:
+                if k not in where:  # kept though gone from the source, and the unit ran again (a config change)
+                    out.drops.append(Drop(stage="ingest", key=f"{src.kind}:{k}", reason="gone_from_source",
+                                          detail="listed by an earlier run; [build] removed_items = 'retract' "
+                                                 "leaves it out"))
+        return self._output(ctx, out)
+
+    def _output(self, ctx, out: IngestOutput) -> UnitOutput:
         tables: dict[str, list] = {}
         if out.refs:
             tables["expressions"] = ref_expressions(ctx.section("paths"), out)
@@ -245,6 +330,30 @@ class IngestStage(Stage):
 
     def model_ids(self, ctx, section) -> dict[str, str]:
         return {"ingest": ctx.section("source").kind}
+
+
+def _unique(keys: list[str]) -> list[str]:
+    """Keys made distinct in order: a second ``k`` is ``k#2`` (a source listing one image twice)."""
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        n = seen.get(k, 0) + 1
+        seen[k] = n
+        out.append(k if n == 1 else f"{k}#{n}")
+    return out
+
+
+def _record_keys(records: list) -> list[str]:
+    """A graphs file's records by their image (a record without one: its position)."""
+    return _unique([r["image"] if isinstance(r, dict) and isinstance(r.get("image"), str) and r["image"]
+                    else f"#{i}" for i, r in enumerate(records)])
+
+
+def _first_index(keys: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i, k in enumerate(_unique(keys)):
+        out.setdefault(k, i)
+    return out
 
 
 def _excluded_reason(why: str) -> str:

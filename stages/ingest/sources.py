@@ -69,6 +69,7 @@ class SourceStats:
     expressions: int = 0
     skipped: list[tuple[str, ...]] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # each line's image id (the build's listing keys)
 
 
 def ijson_backend() -> str:
@@ -263,6 +264,7 @@ class _LineWriter:
     def write(self, record: dict[str, Any]) -> None:
         data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         self.stats.offsets.append(self.pos)
+        self.stats.ids.append(str(record.get("id", f"#{len(self.stats.ids)}")))
         self.fh.write(data)
         self.pos += len(data)
         self.stats.images += 1
