@@ -12,6 +12,7 @@ whole build, right after the stage it belongs to, and commits per shard like the
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 from collections import Counter, defaultdict
@@ -27,11 +28,13 @@ from refforge._strict import ConfigError
 from refforge.config import ConfigBase, parse_config
 from refforge.optional import require
 from refforge.pipeline.context import BuildContext, ProgressFn
+from refforge.pipeline.limits import ensure_endpoint_limits
 from refforge.pipeline.stage import GlobalStage, Stage
 from refforge.stages.scene.templates import all_template_hashes
 from refforge.storage import BuildDir, new_run_id
 
-from .plan import plan
+from .dask_runner import dask_task_runner, release, stage_annotations
+from .plan import plan, unit_keys
 from .provenance import model_ids, model_prompts, usage_sum, versions
 from .runner import UnitResult, run_global, run_unit, summarise
 from .watchdog import start_temporary_server
@@ -43,6 +46,7 @@ def _collect(ctx: BuildContext, stage: Stage, futures: list, total: int) -> list
         ctx.progress(stage.name, "start", {"total": total})
     for fut in as_completed(futures):
         res = fut.result()
+        release(fut)  # a Dask worker lost later does not run this unit again
         batch = res if isinstance(res, list) else [res]
         results.extend(batch)
         if ctx.progress:
@@ -53,12 +57,18 @@ def _collect(ctx: BuildContext, stage: Stage, futures: list, total: int) -> list
 
 def run_stage(ctx: BuildContext, stage: Stage, shards: list[dict[str, Any]]) -> list[UnitResult]:
     """Every unit of one stage (one task per shard; one task in all for a global step)."""
-    if isinstance(stage, GlobalStage):
-        units = [stage.inputs(s) for s in shards]
-        return _collect(ctx, stage, [run_global.with_options(name=stage.name).submit(ctx, stage, units)], len(units))
-    task = run_unit.with_options(name=f"{stage.name}-shard")
-    return _collect(ctx, stage, [task.submit(ctx, stage, s[stage.name], stage.inputs(s)) for s in shards],
-                    len(shards))
+    with stage_annotations(ctx.config, stage):  # the Dask runner: a GPU stage's units on GPU workers only
+        if isinstance(stage, GlobalStage):
+            units = [stage.inputs(s) for s in shards]
+            futures = [run_global.with_options(name=stage.name).submit(ctx, stage, units)]
+            total = len(units)
+        else:
+            task = run_unit.with_options(name=f"{stage.name}-shard")
+            # one task run per stage and shard, named so Prefect's UI reads like the pipeline
+            futures = [task.with_options(task_run_name=f"{stage.name} {s['start']}:{s['stop']}")
+                       .submit(ctx, stage, s[stage.name], stage.inputs(s)) for s in shards]
+            total = len(shards)
+    return _collect(ctx, stage, futures, total)
 
 
 @flow(name="refforge-build", log_prints=False, validate_parameters=False)
@@ -69,12 +79,40 @@ def build_flow(root: str, config: dict, run_id: str) -> dict[str, list[UnitResul
     for stage in stages:
         stage.prepare(ctx.view(stage))
     shards = plan(ctx.config, root, ctx)
+    retract_changed_shards(ctx)
     results = {}
     for stage in stages:
         results[stage.name] = run_stage(ctx, stage, shards)
         if stage is ctx.config.registry[0]:
             check_source(ctx.config, results[stage.name])
     return results
+
+
+def retract_changed_shards(ctx: BuildContext) -> dict[str, int]:
+    """Shards whose retracted items changed this run (``[build] removed_items = 'retract'``,
+    stages/ingest/listing.py): the work of their old keys, every stage's, moves to
+    ``<build>/retracted/<run id>/`` before any unit runs, so the tables hold each item once."""
+    growth = ctx.cached("source_growth", lambda: None)
+    moved: dict[str, int] = {}
+    if growth is None or not growth.changed_shards:
+        return moved
+    listing = ctx.cached("source_listing", lambda: None)
+    for i in growth.changed_shards:
+        start, stop = listing.shards[i]
+        old = unit_keys(ctx.config, ctx, start, stop, growth.old_without[i])
+        for k, n in ctx.build.retract(old, ctx.run_id).items():
+            moved[k] = moved.get(k, 0) + n
+    ctx.cached("source_retracted", lambda: moved)
+    return moved
+
+
+def source_record(ctx: BuildContext) -> dict[str, Any] | None:
+    """The run record's ``source`` line: items listed, new, removed (kept or retracted), and what a
+    retraction moved (None for the synthetic source, which has no listing)."""
+    growth = ctx.cached("source_growth", lambda: None)
+    if growth is None:
+        return None
+    return {**growth.as_dict(), "moved_to_retracted": ctx.cached("source_retracted", lambda: {})}
 
 
 class EmptySource(ConfigError):
@@ -118,14 +156,14 @@ def check_packages(cfg: ConfigBase) -> None:
         stage.check_packages(cfg.section_of(stage))
 
 
-def _task_runner(cfg: ConfigBase):
+def _task_runner(cfg: ConfigBase) -> contextlib.AbstractContextManager[Any]:
+    """The build's task runner, for a ``with`` block (the Dask runner's cluster lives as long as it)."""
     runner = cfg.runner
     if runner.kind == "dask":
-        prefect_dask = require("prefect_dask", "dask", feature="runner.kind = 'dask'")
-        return prefect_dask.DaskTaskRunner(cluster_kwargs={"n_workers": runner.workers, "processes": False})
+        return dask_task_runner(cfg)
     if runner.kind == "process":
-        return ProcessPoolTaskRunner(max_workers=runner.workers, initializer=tune_gc)
-    return ThreadPoolTaskRunner(max_workers=runner.workers)
+        return contextlib.nullcontext(ProcessPoolTaskRunner(max_workers=runner.workers, initializer=tune_gc))
+    return contextlib.nullcontext(ThreadPoolTaskRunner(max_workers=runner.workers))
 
 
 def run_build(config: ConfigBase, out: Path, *, force: bool = False, progress: ProgressFn | None = None
@@ -133,12 +171,15 @@ def run_build(config: ConfigBase, out: Path, *, force: bool = False, progress: P
     """Create or resume the build in ``out`` and run the flow; returns the run record."""
     config.preflight()  # missing source files, model paths: before anything is written
     check_packages(config)
-    task_runner = _task_runner(config)
-    build, resumed = BuildDir.create_or_resume(Path(out), config, force=force)
-    try:  # the build's lock is held until the run ends, however it ends
-        return _run(config, build, resumed, task_runner, progress)
-    finally:
-        build.release()
+    if config.runner.kind == "dask":
+        require("prefect_dask", "dask", feature="runner.kind = 'dask'")
+        start_temporary_server()  # the workers report to the build's server: it runs before the cluster
+    with _task_runner(config) as task_runner:  # a Dask cluster: checked and started before the build dir
+        build, resumed = BuildDir.create_or_resume(Path(out), config, force=force)
+        try:  # the build's lock is held until the run ends, however it ends
+            return _run(config, build, resumed, task_runner, progress)
+        finally:
+            build.release()
 
 
 def check_endpoints(ctx: BuildContext) -> None:
@@ -157,8 +198,11 @@ def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, p
     results: dict[str, list[UnitResult]] = defaultdict(list)
     gc_before = tune_gc()
     try:
+        if config.runner.limits_endpoints:  # before the first request (the endpoint check's)
+            ensure_endpoint_limits(config)
         check_endpoints(ctx)
-        results.update(build_flow.with_options(task_runner=task_runner)(
+        results.update(build_flow.with_options(task_runner=task_runner,
+                                               flow_run_name=f"build {config.build.name} {run_id}")(
             str(ctx.root), config.model_dump(mode="json"), run_id))
     except BaseException as exc:
         # a failed or interrupted run still leaves its run file: what it sent (and paid for) is recorded
@@ -178,11 +222,25 @@ def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, p
         "outcome": "completed",
         "stages": {name: summarise(by_name[name], units) for name, units in results.items()},
         "model_usage": usage,
-        "warnings": config.unused_sections(),
+        "warnings": config.unused_sections() + _source_warnings(ctx),
     }
+    source = source_record(ctx)
+    if source is not None:
+        record["source"] = source
     build.write_run(run_id, record)
     record["root"] = str(build.root)
     return record
+
+
+def _source_warnings(ctx: BuildContext) -> list[str]:
+    growth = ctx.cached("source_growth", lambda: None)
+    if growth is None or not growth.removed_items:
+        return []
+    if growth.policy == "retract":
+        return [f"source: {growth.removed_items} listed item(s) are gone from the source and retracted "
+                f"({growth.newly_removed} this run; their old rows are in retracted/)"]
+    return [f"source: {growth.removed_items} listed item(s) are gone from the source; their rows are kept "
+            f"([build] removed_items = 'retract' remakes their shards without them)"]
 
 
 def _record_head(config: ConfigBase, ctx: BuildContext, run_id: str, started: dt.datetime, resumed: bool

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from refforge import _env  # noqa: F401  (Prefect's environment defaults, before any command loads it)
-from refforge.commands import build, config, evaluate, export, query, report, review
+from refforge.commands import build, config, evaluate, export, query, report, review, serve, server
 from refforge.commands._ui import INTERRUPTED, print_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build visual-grounding datasets.",
@@ -36,7 +36,7 @@ def _options(debug: Annotated[bool, typer.Option("--debug", help="show the full 
 
 
 # the order of `refforge --help`
-for _module in (build, query, config, export, evaluate, report, review):
+for _module in (build, query, config, export, evaluate, report, review, server, serve):
     _module.register(app)
 
 

@@ -36,6 +36,10 @@ class _BuildSection(_Strict):
     shard_size: int = Field(default=40, ge=1, le=100_000,
                             description="images per unit of work (one Prefect task per shard and stage)")
     stages: list[str] | None = None  # narrowed to the registry's stage names by config_model()
+    removed_items: Literal["keep", "retract"] = Field(default="keep", description=(
+        "source items that disappeared since an earlier run of this build: 'keep' their rows (counted in the run "
+        "record) or 'retract' them (their shards are remade without them; the old rows are moved to "
+        "<build>/retracted/). Not part of the config hash: a decision about the source, not the recipe"))
 
     stage_order: ClassVar[tuple[str, ...]] = ()
     stage_requires: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -68,6 +72,23 @@ class _BuildSection(_Strict):
 class RunnerSection(_Strict):
     kind: Literal["thread", "process", "dask"] = "thread"
     workers: int = Field(default=2, ge=1, le=1024)
+    address: str | None = Field(default=None, description="dask: tcp://host:port of an existing scheduler")
+    gpu_workers: int | None = Field(default=None, ge=0, le=1024,
+                                    description="dask, local cluster: workers started with the GPU=1 resource")
+    endpoint_limits: bool | None = Field(default=None, description=(
+        "hold a Prefect global concurrency limit per model endpoint around each request (default: on for dask)"))
+
+    @model_validator(mode="after")
+    def _dask_only(self):
+        if self.kind != "dask" and (self.address is not None or self.gpu_workers is not None):
+            raise ValueError("runner.address and runner.gpu_workers are for kind = 'dask'")
+        if self.address is not None and not self.address.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+            raise ValueError(f"runner.address must be tcp://host:port (a Dask scheduler), not {self.address!r}")
+        return self
+
+    @property
+    def limits_endpoints(self) -> bool:
+        return self.kind == "dask" if self.endpoint_limits is None else self.endpoint_limits
 
 
 class ConfigBase(_Strict):
@@ -168,6 +189,7 @@ class ConfigBase(_Strict):
         """Everything that changes the data (the runner and where models are served do not), with the
         stage code versions."""
         d = self.model_dump(mode="json", exclude={"runner"})
+        d["build"].pop("removed_items", None)  # what to do with vanished source items: not the recipe
         stages = self.build.stages
         # sections that cannot change this build's data are left out, so adding a stage to refforge does
         # not change the hash (and the identity) of existing builds that do not use it

@@ -16,6 +16,8 @@ ALLOWED_LOCAL = {
     ("refforge", "refforge.flows.build"),
     ("refforge.commands.build", "refforge.flows.build"),
     ("refforge.commands.review", "refforge.flows.review"),  # Prefect loads only for the commands that need it
+    ("refforge.commands.serve", "refforge.flows.serve"),
+    ("refforge.commands.serve", "refforge.flows.export"),
     ("refforge.testing", "refforge.testing.openai_server"),  # `python -m` runs it as a script too
 }
 
