@@ -82,14 +82,18 @@ def test_folder_build_with_the_offline_detector_finds_the_drawn_objects(tmp_path
     assert n_rel > 0  # relations from the boxes' geometry
     assert targets and {t["origin"] for t in targets} == {"detector"}
 
-    # the folder is listed once: a resumed build does not pick up a file added since
-    listing = json.loads((out / "sources" / "folder.json").read_text())
-    assert sorted(listing) == sorted([*RECTANGLES, "broken.png"])
+    # the folder's listing is append-only: a file added since makes a new shard, the old ones resume untouched
+    listing = json.loads((out / "sources" / "listing.json").read_text())
+    assert sorted(listing["items"]) == sorted([*RECTANGLES, "broken.png"])
     Image.new("RGB", (64, 64), (10, 200, 10)).save(images / "late.png")
     before = snapshot(out)
     again = run_build(cfg, out)
-    assert all(s["written_this_run"] == {} for s in again["stages"].values())
-    assert snapshot(out) == before
+    assert again["source"]["new_items"] == 1 and again["source"]["new_shards"] == 1
+    for s in again["stages"].values():
+        assert s["units"] - s["units_resumed"] == 1
+    after = snapshot(out)
+    assert all(set(before[t]) <= set(after[t]) for t in before)  # every old row is still there
+    assert json.loads((out / "sources" / "listing.json").read_text())["items"][-1] == "late.png"
 
 
 def test_proposals_config_is_strict_and_old_stage_lists_stay_valid():

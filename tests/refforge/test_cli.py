@@ -24,10 +24,10 @@ def built(tmp_path_factory, prefect_api):
 
 @pytest.mark.parametrize("toml,expected", [
     ("[build]\nstagez = ['ingest']\n", "unknown key 'build.stagez'; allowed keys here: name, seed, shard_size, stages"),
-    ("[build]\nstages = ['ingest', 'teleport']\n", "unknown stage 'teleport'; allowed: 'ingest', 'proposals', 'paths', 'describe', 'negatives_text', 'negatives_image' or 'cot'"),
+    ("[build]\nstages = ['ingest', 'teleport']\n", "unknown stage 'teleport'; allowed: 'ingest', 'proposals', 'paths', 'describe', 'negatives_text', 'negatives_image', 'filters' or 'cot'"),
     ("[paths]\nbackend = 'gpt-9'\n", "paths.backend: unknown backend 'gpt-9'; allowed: 'offline'"),
     ("[source]\nkind = 'flickr'\n", "unknown source kind 'flickr'; allowed: 'synthetic', 'graphs', 'gqa', 'coco'"),
-    ("[colour]\nx = 1\n", "unknown key 'colour'; allowed keys here: build, source, proposals, paths, rewrite, describe, negatives_text, negatives_image, cot, llm, vlm, runner"),
+    ("[colour]\nx = 1\n", "unknown key 'colour'; allowed keys here: build, source, proposals, paths, rewrite, describe, negatives_text, negatives_image, filters, cot, llm, vlm, runner"),
     ("[source]\nkind = 'synthetic'\nmin_objects = 9\nmax_objects = 3\n", "min_objects must be <= max_objects"),
     ("[build\n", "is not valid TOML"),
 ])
