@@ -28,7 +28,6 @@ import errno
 import ipaddress
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from refforge._daemon import log_tail, process_alive, read_state, terminate
 
 __all__ = [
     "DEFAULT_HOME",
@@ -189,72 +190,15 @@ def _port_in_use(host: str, port: int) -> bool:
 
 def _pid_alive(pid: int) -> bool:
     """The process runs (not a zombie) and is a Prefect server."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path(f"/proc/{pid}")
-    if proc.exists():
-        try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0")]
-        except (OSError, IndexError):
-            return False
-        return state != "Z" and "server" in argv and "start" in argv and any("prefect" in a for a in argv)
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    """Any process of the group is still there (the leader reaped first when it is our child)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pgid, os.WNOHANG)
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        return True
-    for stat in proc.glob("[0-9]*/stat"):  # zombies left to a container's init do not count
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
+    return process_alive(pid, lambda argv: "server" in argv and "start" in argv and any("prefect" in a for a in argv))
 
 
 def _terminate(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM the process group of ``pid``, then SIGKILL it if it is still there after ``timeout``."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        except PermissionError as e:
-            raise PrefectServerError(f"cannot stop the Prefect server (pid {pid}): {e}") from None
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _group_alive(pid):
-                return
-            time.sleep(0.2)
+    terminate(pid, timeout, PrefectServerError, "the Prefect server")
 
 
 def _read_state(home: Path) -> dict | None:
-    path = home / STATE_NAME
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise PrefectServerError(f"cannot read {path}: {e}") from None
+    return read_state(home / STATE_NAME, PrefectServerError)
 
 
 def _info(state: dict, *, up: bool, version: str | None = None, already_running: bool = False) -> ServerInfo:
@@ -263,11 +207,7 @@ def _info(state: dict, *, up: bool, version: str | None = None, already_running:
 
 
 def _log_tail(log: Path, lines: int = 3) -> str:
-    try:
-        text = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])[-600:]
+    return log_tail(log, lines, limit=600)
 
 
 def _resolve(home: str | os.PathLike | None) -> Path:

@@ -17,10 +17,8 @@ the builds; a project's local-files storage must be a subfolder of it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -28,6 +26,8 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from refforge._daemon import log_tail, process_alive, read_state, terminate
 
 __all__ = [
     "LOG_NAME",
@@ -97,41 +97,19 @@ def health(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    """The process runs (not a zombie) and is a Label Studio server."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path(f"/proc/{pid}")
-    if proc.exists():
-        try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
-            return False
-        return state != "Z" and "label-studio" in cmdline
-    return True
-
-
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(1.0)
         return s.connect_ex((host, port)) == 0
 
 
+def _pid_alive(pid: int) -> bool:
+    """The process runs (not a zombie) and is a Label Studio server."""
+    return process_alive(pid, lambda argv: "label-studio" in " ".join(argv))
+
+
 def _read_state(data_dir: Path) -> dict | None:
-    path = data_dir / STATE_NAME
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise ReviewServerError(f"cannot read {path}: {e}") from None
+    return read_state(data_dir / STATE_NAME, ReviewServerError)
 
 
 def _info(state: dict, up: bool, already_running: bool = False) -> ServerInfo:
@@ -140,11 +118,7 @@ def _info(state: dict, up: bool, already_running: bool = False) -> ServerInfo:
 
 
 def _log_tail(log: Path, lines: int = 1) -> str:
-    try:
-        text = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])
+    return log_tail(log, lines)
 
 
 def _credentials() -> tuple[str, str, str]:
@@ -236,42 +210,7 @@ def start_server(data_dir: str | os.PathLike, port: int = 8080, host: str = "127
 
 
 def _terminate(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM the process group of ``pid``, then SIGKILL it if it is still there after ``timeout``."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        except PermissionError as e:
-            raise ReviewServerError(f"cannot stop Label Studio (pid {pid}): {e}") from None
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _group_alive(pid):
-                return
-            time.sleep(0.2)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Any process of the group is still there (the leader reaped first when it is our child)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pgid, os.WNOHANG)
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        return True
-    for stat in proc.glob("[0-9]*/stat"):  # zombies left to a container's init do not count
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
+    terminate(pid, timeout, ReviewServerError, "Label Studio")
 
 
 def stop_server(data_dir: str | os.PathLike) -> ServerInfo | None:

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from refforge.optional import check_packages, require
+from refforge.stages.ingest.synthetic import COLOURS as SYNTHETIC_COLOURS
 
 KINDS: tuple[str, ...] = ("remove", "replace_category", "change_attribute")
 
@@ -182,18 +183,8 @@ def fidelity(original, edited, truth, mask) -> dict[str, float]:
 
 # colour name -> RGB (the synthetic source's palette where it has the name, common web colours otherwise)
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
-    "red": (212, 38, 38),
-    "orange": (246, 138, 28),
-    "yellow": (246, 214, 46),
-    "green": (46, 158, 66),
-    "blue": (40, 88, 214),
-    "purple": (132, 58, 184),
-    "pink": (242, 128, 182),
-    "brown": (128, 78, 38),
-    "white": (246, 246, 246),
-    "black": (26, 26, 26),
-    "gray": (128, 128, 128),
-    "grey": (128, 128, 128),
+    **SYNTHETIC_COLOURS,
+    "grey": SYNTHETIC_COLOURS["gray"],
     "silver": (192, 192, 196),
     "beige": (222, 206, 170),
     "tan": (210, 180, 140),

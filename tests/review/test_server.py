@@ -10,11 +10,11 @@ import uuid
 import httpx
 import pytest
 
+from refforge._daemon import group_alive as _group_alive
 from refforge.review import labelstudio as L
 from refforge.review.server import (
     STATE_NAME,
     ReviewServerError,
-    _group_alive,
     health,
     server_status,
     start_server,
