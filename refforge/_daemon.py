@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,4 +98,38 @@ def log_tail(log: Path, lines: int = 1, limit: int | None = None) -> str:
     return out[-limit:] if limit else out
 
 
-__all__ = ["group_alive", "log_tail", "process_alive", "read_state", "terminate"]
+def launch(cmd: list[str], *, env: dict[str, str], cwd: Path, log: Path, state_path: Path, state: dict,
+           healthy: Callable[[], bool], timeout: float, poll_s: float, error: Callable[[str], Exception],
+           what: str, where: str, tail_lines: int = 1, tail_chars: int = 200, banner: str | None = None) -> dict:
+    """Start ``cmd`` detached (its own session, output appended to ``log``), write ``state`` (plus its pid)
+    to ``state_path`` atomically, and wait until ``healthy()``; returns the state. A process that exits
+    first, or no answer within ``timeout``, removes the state file and raises ``error`` naming ``what``,
+    ``where`` (the health URL) and the log's last lines."""
+    with open(log, "ab") as out:
+        if banner:
+            out.write(banner.encode())
+            out.flush()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    state = {"pid": proc.pid, **state}
+    tmp = state_path.with_name(state_path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, state_path)
+
+    def failed(message: str) -> Exception:
+        state_path.unlink(missing_ok=True)
+        tail = log_tail(log, tail_lines, limit=tail_chars)
+        return error(f"{message}; see {log}" + (f" (last lines: {tail})" if tail else ""))
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise failed(f"{what} exited with code {proc.returncode} while starting")
+        if healthy():
+            return state
+        time.sleep(poll_s)
+    terminate(proc.pid, 20.0, error, what)
+    raise failed(f"{what} did not answer {where} within {timeout:.0f} s")
+
+
+__all__ = ["group_alive", "launch", "log_tail", "process_alive", "read_state", "terminate"]

@@ -29,16 +29,14 @@ import ipaddress
 import json
 import os
 import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from refforge._daemon import log_tail, process_alive, read_state, terminate
+from refforge._daemon import launch, log_tail, process_alive, read_state, terminate
 
 __all__ = [
     "DEFAULT_HOME",
@@ -259,32 +257,13 @@ def start_server(home: str | os.PathLike | None = None, *, host: str = "127.0.0.
     for k in ("PREFECT_UI_ENABLED", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "PYTHONPATH", "PYTHONHOME"):
         env.pop(k, None)
     cmd = [*prefect_command(), "server", "start", "--host", host, "--port", str(port)]
-    with open(log, "ab") as out:
-        out.write(f"\n--- refforge server start {dt.datetime.now(dt.UTC).isoformat()}: {' '.join(cmd)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(cmd, env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    state = {"pid": proc.pid, "host": host, "port": port, "url": url, "api_url": api_url, "home": str(home),
-             "log": str(log), "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    tmp = home / (STATE_NAME + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, home / STATE_NAME)
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            (home / STATE_NAME).unlink(missing_ok=True)
-            tail = _log_tail(log)
-            raise PrefectServerError(f"Prefect's server exited with code {proc.returncode} while starting; see {log}"
-                                     + (f" (last lines: {tail})" if tail else ""))
-        if health(api_url, timeout=2.0):
-            return _info(state, up=True, version=api_version(api_url))
-        time.sleep(0.5)
-    _terminate(proc.pid)
-    (home / STATE_NAME).unlink(missing_ok=True)
-    tail = _log_tail(log)
-    raise PrefectServerError(f"Prefect's server did not answer {api_url}/health within {timeout:.0f} s; see {log}"
-                             + (f" (last lines: {tail})" if tail else ""))
+    state = launch(cmd, env=env, cwd=home, log=log, state_path=home / STATE_NAME,
+                   state={"host": host, "port": port, "url": url, "api_url": api_url, "home": str(home), "log": str(log),
+                          "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
+                   healthy=lambda: health(api_url, timeout=2.0), timeout=timeout, poll_s=0.5, error=PrefectServerError,
+                   what="Prefect's server", where=f"{api_url}/health", tail_lines=3, tail_chars=600,
+                   banner=f"\n--- refforge server start {dt.datetime.now(dt.UTC).isoformat()}: {' '.join(cmd)}\n")
+    return _info(state, up=True, version=api_version(api_url))
 
 
 def stop_server(home: str | os.PathLike | None = None, timeout: float = STOP_TIMEOUT_S) -> ServerInfo | None:

@@ -17,17 +17,15 @@ the builds; a project's local-files storage must be a subfolder of it.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from refforge._daemon import log_tail, process_alive, read_state, terminate
+from refforge._daemon import launch, log_tail, process_alive, read_state, terminate
 
 __all__ = [
     "LOG_NAME",
@@ -185,28 +183,12 @@ def start_server(data_dir: str | os.PathLike, port: int = 8080, host: str = "127
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     cmd = [str(exe), "start", "--internal-host", host, "--port", str(port), "--no-browser",
            "--enable-legacy-api-token"]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    state = {"pid": proc.pid, "host": host, "port": port, "url": url, "files_root": str(root),
-             "data_dir": str(data_dir), "log": str(log), "started_at": time.time()}
-    tmp = data_dir / (STATE_NAME + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, data_dir / STATE_NAME)
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            (data_dir / STATE_NAME).unlink(missing_ok=True)
-            tail = _log_tail(log)
-            raise ReviewServerError(f"Label Studio exited with code {proc.returncode} while starting; see {log}"
-                                    + (f" (last line: {tail[:200]})" if tail else ""))
-        if health(url, timeout=2.0):
-            return _info(state, up=True)
-        time.sleep(1.0)
-    _terminate(proc.pid)
-    (data_dir / STATE_NAME).unlink(missing_ok=True)
-    raise ReviewServerError(f"Label Studio did not answer {url}/health within {timeout:.0f} s; see {log}")
+    state = launch(cmd, env=env, cwd=data_dir, log=log, state_path=data_dir / STATE_NAME,
+                   state={"host": host, "port": port, "url": url, "files_root": str(root), "data_dir": str(data_dir),
+                          "log": str(log), "started_at": time.time()},
+                   healthy=lambda: health(url, timeout=2.0), timeout=timeout, poll_s=1.0, error=ReviewServerError,
+                   what="Label Studio", where=f"{url}/health")
+    return _info(state, up=True)
 
 
 def _terminate(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:

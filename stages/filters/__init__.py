@@ -207,10 +207,9 @@ class FiltersStage(Stage):
         groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
         for d, parent in usable:
             groups[d["edit"].get("group") or d["image_id"]].append((d, parent))
-        parents = list(dict.fromkeys(p["image_id"] for _, p in usable))
-        pimg = {p: load(next(pp for _, pp in usable if pp["image_id"] == p)["path"]) for p in parents}
+        parents = {p["image_id"]: p for _, p in usable}  # each original once
         cand_emb = scorer.embeddings([load(d["path"]) for d, _ in usable])
-        par_emb = dict(zip(parents, scorer.embeddings([pimg[p] for p in parents]), strict=True))
+        par_emb = dict(zip(parents, scorer.embeddings([load(p["path"]) for p in parents.values()]), strict=True))
         row = {d["image_id"]: i for i, (d, _) in enumerate(usable)}
         for group, members in groups.items():
             members.sort(key=lambda m: (m[0]["edit"].get("candidate") or 0, m[0]["image_id"]))

@@ -197,7 +197,8 @@ class IngestStage(Stage):
             first = json.loads(self._folder_listing(b.root).read_text())
             old = L.Listing(first, [(r.start, r.stop) for r in scenes.iter_shards(len(first), ctx.shard_size)])
         new, growth = L.update(old, keys, ctx.shard_size, ctx.removed_items)
-        if old is None or new.to_json() != old.to_json():
+        # written only when something changed (it grows with the source: no whole-listing comparison)
+        if not path.exists() or growth.new_items or new.removed != old.removed:
             L.save(path, new)
         ctx.cached("source_listing", lambda: new)
         ctx.cached("source_growth", lambda: growth)

@@ -293,6 +293,7 @@ class _EditRun:
         self.written: set[str] = set()
         self.n_images = 0
         self._truths: dict[tuple[str, str], PILImage.Image] = {}
+        self._originals: dict[str, PILImage.Image] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     def _encoder(self) -> ThreadPoolExecutor:
@@ -416,8 +417,11 @@ class _EditRun:
                                        detail=p.edit.describe(self.graphs[image_id])))
 
     def _original(self, image_id: str) -> PILImage.Image:
-        with PILImage.open(io.BytesIO(self.ctx.build.images.read(self.images[image_id]["path"]))) as im:
-            return im.convert("RGB")
+        """The original image, decoded once per unit (an image has up to ``per_image`` edits)."""
+        if image_id not in self._originals:
+            with PILImage.open(io.BytesIO(self.ctx.build.images.read(self.images[image_id]["path"]))) as im:
+                self._originals[image_id] = im.convert("RGB")
+        return self._originals[image_id]
 
     def _region(self, image_id: str, object_id: str) -> np.ndarray | None:
         """The object's own pixels (synthetic scenes: its exact mask), else None."""
@@ -484,7 +488,6 @@ class _EditRun:
     def _write(self, image_id: str, p: E.PlannedEdit, candidates, mask, seeds, model: str, by_model: bool) -> None:
         b, img, graph = self.ctx.build, self.images[image_id], self.graphs[image_id]
         prompt, _ = p.edit.prompt(graph)
-        original = b.images.read(img["path"])
         _, mask_rel = b.images.put(_mask_png(mask), "png")
         group = stable_key("edit", image_id, p.edit.key, self.ctx.stage_hash)
         taxonomy = self.ctx.section("paths").taxonomy
@@ -495,7 +498,7 @@ class _EditRun:
         datas = list(self._encoder().map(_png, candidates)) if len(candidates) > 1 else [_png(candidates[0])]
         for c, (data, seed) in enumerate(zip(datas, seeds, strict=True)):
             mid, rel = b.images.put(data, "png")
-            if mid == img["image_id"] or data == original:
+            if mid == img["image_id"]:  # content-addressed: the same bytes as the original
                 self._refuse(p, "edit_invisible", image_id)
                 continue
             if mid not in self.written:
