@@ -47,6 +47,13 @@ MAX_OBJECTS = 64
 _EXTENSION = re.compile(r"^\.[a-z0-9][a-z0-9_+-]{0,15}$")
 
 
+# What writes the synthetic source's PNG bytes (stages/ingest/synthetic.py ``encode_png``). The bytes are
+# the content-addressed image ids, so it enters the hashes of synthetic builds (SyntheticSource.hash_data):
+# a build made with another encoder is another build (a resume is refused, --force replaces it), while
+# sources whose bytes are stored as read keep their hashes.
+PNG_ENCODER = "unfiltered rows, libdeflate 0.9.0 level 1"
+
+
 class SyntheticSource(_Strict):
     """Rendered scenes with exact scene graphs, deterministic by seed (offline)."""
 
@@ -62,6 +69,10 @@ class SyntheticSource(_Strict):
         if self.min_objects > self.max_objects:
             raise ValueError("min_objects must be <= max_objects")
         return self
+
+    def hash_data(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The section as hashed: its fields and the PNG encoder (:data:`PNG_ENCODER`; issue 18 changed it)."""
+        return {**data, "png_encoder": PNG_ENCODER}
 
 
 class GraphsSource(_Strict):

@@ -37,7 +37,7 @@ from refforge.stages.scene.graph import GObject, GRelation, SceneGraph
 from refforge.stages.scene.keys import stable_key
 from refforge.storage.images import image_relpath
 
-from .synthetic import encode_png, generate_scene, render
+from .synthetic import encode_png, generate_scene, render_array
 
 STAGE = "ingest"
 
@@ -153,7 +153,7 @@ def ingest_synthetic(indices: range, *, build_seed: int, width: int, height: int
             out.drops.append(Drop(stage=STAGE, key=f"synthetic:{i}", reason="synthetic_scene_not_placed",
                                   detail=_one_line(e)))
             continue
-        data = encode_png(render(scene.graph, scene.spec))
+        data = encode_png(render_array(scene.graph, scene.spec))
         image_id = hashlib.sha256(data).hexdigest()
         rec = Image(image_id=image_id, source="synthetic", path=image_relpath(image_id, "png"), width=width,
                     height=height, source_ref=f"synthetic:{i}", spec=json.dumps(scene.spec, sort_keys=True))

@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from PIL import Image as PILImage
 from PIL import ImageOps
 
-from refforge.stages.ingest.synthetic import encode_png, mirror, render
+from refforge.stages.ingest.synthetic import encode_png, mirror, render_array
 from refforge.stages.scene.geometry import PREDICATES, compute_relations
 from refforge.stages.scene.graph import GRelation, SceneGraph
 from refforge.stages.scene.lexicon import HORIZONTAL, MIRRORED
@@ -220,7 +220,7 @@ def mirrored_image(data: bytes, source: str, spec_json: str | None, graph: Scene
     """
     if source == "synthetic" and spec_json:
         g2, spec2 = mirror(graph, json.loads(spec_json))
-        return encode_png(render(g2, spec2)), "png", g2, json.dumps(spec2, sort_keys=True)
+        return encode_png(render_array(g2, spec2)), "png", g2, json.dumps(spec2, sort_keys=True)
     with PILImage.open(io.BytesIO(data)) as im:
         flipped = ImageOps.mirror(im.convert("RGB"))
     buf = io.BytesIO()
