@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.futures import as_completed
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from refforge import _env  # noqa: F401  (environment defaults before Prefect loads)
 from refforge._strict import ConfigError
@@ -35,15 +36,19 @@ from refforge.storage import BuildDir, new_run_id
 
 from .dask_runner import dask_task_runner, release, stage_annotations
 from .plan import plan, unit_keys
+from .pool import UnitPool
 from .provenance import model_ids, model_prompts, usage_sum, versions
-from .runner import UnitResult, run_global, run_unit, summarise
+from .runner import UnitResult, resumed, run_global, run_unit, summarise, tune_gc
 from .watchdog import start_temporary_server
 
 
-def _collect(ctx: BuildContext, stage: Stage, futures: list, total: int) -> list[UnitResult]:
-    results: list[UnitResult] = []
+def _collect(ctx: BuildContext, stage: Stage, futures: list, total: int, done: list[UnitResult]
+             ) -> list[UnitResult]:
+    results: list[UnitResult] = list(done)
     if ctx.progress:
         ctx.progress(stage.name, "start", {"total": total})
+        for r in done:
+            ctx.progress(stage.name, "unit", r.__dict__)
     for fut in as_completed(futures):
         res = fut.result()
         release(fut)  # a Dask worker lost later does not run this unit again
@@ -55,33 +60,82 @@ def _collect(ctx: BuildContext, stage: Stage, futures: list, total: int) -> list
     return results
 
 
+def resumed_units(ctx: BuildContext, stage: Stage, shards: list[dict[str, Any]]) -> dict[str, UnitResult]:
+    """The units of ``stage`` the ledger already holds (work key -> its result, ``resumed``), from one
+    listing of the stage's ledger folder: they are not submitted at all (a task that only found its
+    ledger entry cost ~7 ms of wall and ~6 ms of the Prefect server's CPU, benchmarks/RESULTS.md)."""
+    held = ctx.build.done_keys(stage.name)
+    out: dict[str, UnitResult] = {}
+    for s in shards:
+        key = s[stage.name]
+        if key in held and key not in out and (r := resumed(ctx.build, stage.name, key)) is not None:
+            out[key] = r
+    return out
+
+
 def run_stage(ctx: BuildContext, stage: Stage, shards: list[dict[str, Any]]) -> list[UnitResult]:
-    """Every unit of one stage (one task per shard; one task in all for a global step)."""
+    """Every unit of one stage not in the ledger yet (one task per shard; one task in all for a global
+    step); the units the ledger holds are read from it, not submitted. The task still checks the
+    ledger itself (a Dask future run twice)."""
+    done = resumed_units(ctx, stage, shards)
+    todo = [s for s in shards if s[stage.name] not in done]
     with stage_annotations(ctx.config, stage):  # the Dask runner: a GPU stage's units on GPU workers only
-        if isinstance(stage, GlobalStage):
-            units = [stage.inputs(s) for s in shards]
-            futures = [run_global.with_options(name=stage.name).submit(ctx, stage, units)]
-            total = len(units)
+        if not todo:
+            futures = []
+        elif isinstance(stage, GlobalStage):
+            # one task per block of shards (GlobalStage.block_shards; the whole build by default) that has
+            # a unit to do: its fit needs every unit's inputs of the block, done or not, and it commits
+            # only the missing ones
+            size = stage.block_shards(ctx.config.section_of(stage), ctx.config.build.shard_size) or len(shards)
+            futures, blocks_done = [], {}
+            for i in range(0, len(shards), size):
+                block = shards[i:i + size]
+                if all(s[stage.name] in done for s in block):
+                    blocks_done.update({s[stage.name]: done[s[stage.name]] for s in block})
+                    continue
+                name = f"{stage.name} {block[0]['start']}:{block[-1]['stop']}"
+                futures.append(run_global.with_options(name=stage.name, task_run_name=name)
+                               .submit(ctx, stage, [stage.inputs(s) for s in block]))
+            done = blocks_done
         else:
             task = run_unit.with_options(name=f"{stage.name}-shard")
             # one task run per stage and shard, named so Prefect's UI reads like the pipeline
             futures = [task.with_options(task_run_name=f"{stage.name} {s['start']}:{s['stop']}")
-                       .submit(ctx, stage, s[stage.name], stage.inputs(s)) for s in shards]
-            total = len(shards)
-    return _collect(ctx, stage, futures, total)
+                       .submit(ctx, stage, s[stage.name], stage.inputs(s)) for s in todo]
+    return _collect(ctx, stage, futures, len(shards), list(done.values()))
+
+
+def planned(ctx: BuildContext) -> list[dict[str, Any]]:
+    """The run's plan, made once per run: every running stage prepared (a folder source's listing),
+    the shards planned, the shards whose retracted items changed moved out (:func:`retract_changed_shards`)."""
+    if ctx.shards is None:
+        for stage in ctx.config.running():
+            stage.prepare(ctx.view(stage))
+        shards = plan(ctx.config, ctx.root, ctx)
+        retract_changed_shards(ctx)
+        ctx.shards = shards
+    return ctx.shards
+
+
+def nothing_to_do(ctx: BuildContext, shards: list[dict[str, Any]]) -> dict[str, list[UnitResult]] | None:
+    """Every running stage's units from the ledger when it holds all of them (a full resume: no flow
+    run, no Prefect server, no task), else None."""
+    results: dict[str, list[UnitResult]] = {}
+    for stage in ctx.config.running():
+        done = resumed_units(ctx, stage, shards)
+        if len(done) < len({s[stage.name] for s in shards}):
+            return None
+        results[stage.name] = [done[s[stage.name]] for s in shards]
+    return results
 
 
 @flow(name="refforge-build", log_prints=False, validate_parameters=False)
 def build_flow(root: str, config: dict, run_id: str) -> dict[str, list[UnitResult]]:
     # the context run_build made for this run, in this process; else (a flow run started elsewhere) a new one
     ctx = BuildContext.live(run_id) or BuildContext(root, parse_config(config), run_id)
-    stages = ctx.config.running()
-    for stage in stages:
-        stage.prepare(ctx.view(stage))
-    shards = plan(ctx.config, root, ctx)
-    retract_changed_shards(ctx)
+    shards = planned(ctx)
     results = {}
-    for stage in stages:
+    for stage in ctx.config.running():
         results[stage.name] = run_stage(ctx, stage, shards)
         if stage is ctx.config.registry[0]:
             check_source(ctx.config, results[stage.name])
@@ -133,27 +187,26 @@ def check_source(cfg: ConfigBase, units: list[UnitResult]) -> None:
                       + (f" (drops: {why})" if why else "") + (f"; check {where}" if where else ""))
 
 
-# The stages allocate many small short-lived objects (queries, candidates, trace sentences). With the
-# interpreter's default thresholds (700, 10, 10) full collections, which walk every long-lived object,
-# run often and take about 10% of the stage time (benchmarks/bench_stages.py, 1,000 graphs: 3.40 s with
-# the defaults, 3.03 s with these, 2.88 s with no collection at all). A much larger first threshold is
-# slower (3.84 s at 10,000): each young collection then walks a generation too big for the CPU caches.
-# The paths, negatives_text and cot units go further and pause the collector for their loops
-# (refforge.gcpause: they make no reference cycles); these thresholds hold for everything else.
-GC_THRESHOLDS = (1_000, 20, 1_000)
-
-
-def tune_gc() -> tuple[int, int, int]:
-    """Set :data:`GC_THRESHOLDS`; returns the previous thresholds (the process pool's initializer)."""
-    old = gc.get_threshold()
-    gc.set_threshold(*GC_THRESHOLDS)
-    return old
-
-
 def check_packages(cfg: ConfigBase) -> None:
     """Every optional package the config's stages need, checked before any unit runs."""
     for stage in cfg.running():
         stage.check_packages(cfg.section_of(stage))
+
+
+# The process runner pays on 2 cores once a build has enough units to keep both workers busy (its
+# workers take about 2 s to start; benchmarks/RESULTS.md, issue 18); below that the thread runner wins.
+AUTO_PROCESS_MIN_UNITS = 8
+
+
+def runner_kind(cfg: ConfigBase, shards: list[dict[str, Any]]) -> str:
+    """The runner a build runs with: ``[runner] kind``, or for ``"auto"`` the process runner when the
+    machine has at least two usable cores, ``workers >= 2`` and the plan at least
+    :data:`AUTO_PROCESS_MIN_UNITS` shards; else the thread runner."""
+    runner = cfg.runner
+    if runner.kind != "auto":
+        return runner.kind
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return "process" if cores >= 2 and runner.workers >= 2 and len(shards) >= AUTO_PROCESS_MIN_UNITS else "thread"
 
 
 def _task_runner(cfg: ConfigBase) -> contextlib.AbstractContextManager[Any]:
@@ -161,8 +214,8 @@ def _task_runner(cfg: ConfigBase) -> contextlib.AbstractContextManager[Any]:
     runner = cfg.runner
     if runner.kind == "dask":
         return dask_task_runner(cfg)
-    if runner.kind == "process":
-        return contextlib.nullcontext(ProcessPoolTaskRunner(max_workers=runner.workers, initializer=tune_gc))
+    # thread and process: Prefect's tasks run in threads of this process; the process runner's units are
+    # sent on from there to the build's worker pool (flows/pool.py)
     return contextlib.nullcontext(ThreadPoolTaskRunner(max_workers=runner.workers))
 
 
@@ -191,25 +244,35 @@ def check_endpoints(ctx: BuildContext) -> None:
 
 def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, progress: ProgressFn | None
          ) -> dict[str, Any]:
-    start_temporary_server()  # without PREFECT_API_URL: Prefect's temporary server, stopped even on SIGKILL
     run_id = new_run_id()
     started = dt.datetime.now(dt.UTC)
     ctx = BuildContext(build.root, config, run_id, progress=progress, build=build)
     results: dict[str, list[UnitResult]] = defaultdict(list)
     gc_before = tune_gc()
     try:
-        if config.runner.limits_endpoints:  # before the first request (the endpoint check's)
-            ensure_endpoint_limits(config)
-        check_endpoints(ctx)
-        results.update(build_flow.with_options(task_runner=task_runner,
-                                               flow_run_name=f"build {config.build.name} {run_id}")(
-            str(ctx.root), config.model_dump(mode="json"), run_id))
+        # planned before the flow (the flow reuses it): a build whose every unit is in the ledger ends
+        # here, without a Prefect server, a flow run or a task
+        idle = nothing_to_do(ctx, planned(ctx))
+        if idle is not None:
+            results.update(idle)
+        else:
+            start_temporary_server()  # without PREFECT_API_URL: Prefect's temporary server, stopped even on SIGKILL
+            if config.runner.limits_endpoints:  # before the first request (the endpoint check's)
+                ensure_endpoint_limits(config)
+            check_endpoints(ctx)
+            with contextlib.ExitStack() as stack:
+                if runner_kind(config, ctx.shards) == "process":
+                    ctx.pool = stack.enter_context(UnitPool(config.runner.workers))
+                results.update(build_flow.with_options(task_runner=task_runner,
+                                                       flow_run_name=f"build {config.build.name} {run_id}")(
+                    str(ctx.root), config.model_dump(mode="json"), run_id))
     except BaseException as exc:
         # a failed or interrupted run still leaves its run file: what it sent (and paid for) is recorded
         _write_failed_run(build, config, ctx, run_id, started, resumed, exc)
         raise
     finally:
         gc.set_threshold(*gc_before)
+        ctx.pool = None
         ctx.close()
     usage: dict[str, Any] = {}
     for units in results.values():
@@ -253,7 +316,7 @@ def _record_head(config: ConfigBase, ctx: BuildContext, run_id: str, started: dt
         "resumed": resumed,
         "config_hash": config.config_hash(),
         "config": config.data_dict(),
-        "runner": config.runner.model_dump(),
+        "runner": {**config.runner.model_dump(), "ran_as": runner_kind(config, ctx.shards or [])},
         "versions": versions(),
         "prompt_hashes": all_template_hashes(),
         "models": model_ids(ctx),
@@ -280,4 +343,5 @@ def _write_failed_run(build: BuildDir, config: ConfigBase, ctx: BuildContext, ru
         pass
 
 
-__all__ = ["EmptySource", "build_flow", "check_endpoints", "check_packages", "check_source", "plan", "run_build", "run_stage"]
+__all__ = ["EmptySource", "build_flow", "check_endpoints", "check_packages", "check_source", "nothing_to_do", "plan",
+           "planned", "resumed_units", "run_build", "run_stage"]

@@ -70,7 +70,8 @@ class _BuildSection(_Strict):
 
 
 class RunnerSection(_Strict):
-    kind: Literal["thread", "process", "dask"] = "thread"
+    kind: Literal["auto", "thread", "process", "dask"] = Field(default="auto", description=(
+        "auto: the process runner for builds of several shards on two or more cores, else threads"))
     workers: int = Field(default=2, ge=1, le=1024)
     address: str | None = Field(default=None, description="dask: tcp://host:port of an existing scheduler")
     gpu_workers: int | None = Field(default=None, ge=0, le=1024,

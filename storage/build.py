@@ -339,6 +339,15 @@ class BuildDir:
         p = self._ledger_path(stage, work_key)
         return json.loads(p.read_text()) if p.exists() else None
 
+    def done_keys(self, stage: str) -> set[str]:
+        """The work keys of ``stage`` the ledger holds, from one listing of its folder (a resumed build
+        skips them before submitting anything: about a microsecond a key against tens for :meth:`done`)."""
+        try:
+            with os.scandir(self.state_dir / stage) as it:
+                return {e.name[:-5] for e in it if e.name.endswith(".json")}
+        except FileNotFoundError:
+            return set()
+
     def mark_done(self, stage: str, work_key: str, record: dict[str, Any]) -> None:
         crash_point("ledger.before")
         atomic_write_bytes(self._ledger_path(stage, work_key), strict_json(record, sort_keys=True).encode())

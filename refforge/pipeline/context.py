@@ -57,6 +57,8 @@ class BuildContext:
         self._clients: dict[str, Any] = {}
         self._cache: dict[str, Any] = {}
         self._hashes: dict[str, str] = {}
+        self.shards: list[dict[str, Any]] | None = None  # the run's plan, once made (flows/build.py)
+        self.pool: Any = None  # the process runner's worker pool (flows/pool.py), in the build's process only
         if _register:
             with _LIVE_LOCK:
                 _LIVE[run_id] = self

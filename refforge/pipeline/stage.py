@@ -158,6 +158,11 @@ class GlobalStage(Stage):
         """One output per unit (by its ``key``)."""
         raise NotImplementedError
 
+    def block_shards(self, section: Any, shard_size: int) -> int | None:
+        """How many consecutive shards one run of the step takes (its fit sees only them; each block is
+        its own task, so memory and time per block stay bounded as a build grows); None: the whole build."""
+        return None
+
 
 def merge_counts(extras: list[dict[str, Any]], key: str) -> dict[str, int]:
     """The sum of the ``extra[key]`` counters of a stage's units (a summary helper)."""

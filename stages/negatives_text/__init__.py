@@ -23,6 +23,8 @@ import math
 from collections import Counter
 from typing import Any, ClassVar, Literal
 
+import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
 from refforge._strict import _Strict
@@ -30,7 +32,7 @@ from refforge.gcpause import gc_paused
 from refforge.llm.endpoint import require_endpoint
 from refforge.pipeline.inputs import graph_keys, query_of, read_graphs
 from refforge.pipeline.stage import GlobalStage, Stage, UnitOutput, merge_counts
-from refforge.schemas import Drop, Expression, Score
+from refforge.schemas import Drop, Expression
 from refforge.stages.ingest import Source, SyntheticSource
 from refforge.stages.paths import PathsConfig
 from refforge.stages.rewrite import RewriteConfig, rewrite_hash_part, rewrite_rows
@@ -41,6 +43,11 @@ from refforge.stages.scene.taxonomy import tasks_for
 from . import edits, refine
 from .llm_backend import negative_backend
 from .plausible import BuildVocabulary, PlausibilityJudge, VocabularyBackend
+
+# A refinement fit over n candidates costs more than n times one over one (its Newton-CG fits and rounds:
+# refine took 6.0x the time at 4,000 scenes as at 1,000, issue 18) and held every candidate at once;
+# blocks of 1,000 images keep both linear in the build's size (benchmarks/RESULTS.md, issue 18).
+REFINE_BLOCK = 1_000
 
 
 class NegativesTextConfig(_Strict):
@@ -53,6 +60,14 @@ class NegativesTextConfig(_Strict):
                                 description="refinement keeps at least this fraction of every (type, level)")
     refine_floor_min: int = Field(default=1, ge=1,
                                   description="and at least this many of it (never more than were generated)")
+    refine_block: int = Field(default=REFINE_BLOCK, ge=1, description=(
+        "images per refinement fit: the build's shards in consecutive blocks of about this many images, each "
+        "refined on its own (bounded memory and time per block; a build this size or smaller is one block)"))
+
+    def hash_data(self, data: dict[str, Any]) -> dict[str, Any]:
+        """What of this section enters hashes: ``refine_block`` only when set to another value than the
+        default, so the hashes of builds from before it stay as they were."""
+        return data if self.refine_block != REFINE_BLOCK else {k: v for k, v in data.items() if k != "refine_block"}
 
     def check_against(self, cfg: Any) -> None:
         if self.backend == "llm":
@@ -166,11 +181,15 @@ class NegativesTextStage(Stage):
 
 
 class RefineStage(GlobalStage):
-    """Blind-text refinement: one classifier fit over every candidate of the build, then the kept
-    candidates become expressions, committed per shard."""
+    """Blind-text refinement: one classifier fit over every candidate of a block of shards (``refine_block``
+    images; the whole build when it is no larger), then the kept candidates become expressions, committed
+    per shard."""
 
     name = "refine"
-    version = 2  # 2: floors per (type, level), no nan short-circuit, drop reason slug
+    # 2: floors per (type, level), no nan short-circuit, drop reason slug. Blocks (refine_block, issue 18) left
+    # it at 2: a build of up to refine_block images is refined exactly as before (same keys, same rows), and
+    # a larger build an earlier release made keeps its one-fit refinement when resumed (its units are done)
+    version = 2
     part_of = "negatives_text"
     config = NegativesTextConfig
     reads = ("negative_candidates", "expressions")
@@ -183,48 +202,61 @@ class RefineStage(GlobalStage):
     def hash_extra(self, data: dict[str, Any]) -> dict[str, Any]:
         return rewrite_hash_part(data)
 
+    def block_shards(self, section: NegativesTextConfig, shard_size: int) -> int:
+        return max(1, -(-section.refine_block // shard_size))
+
     def inputs(self, shard: dict[str, Any]) -> dict[str, Any]:
         return {"key": shard["refine"], "negatives_text": shard["negatives_text"], "paths": shard["paths"],
                 "ingest": shard["ingest"]}
 
     def run_all(self, ctx, section: NegativesTextConfig, units: list[dict[str, Any]]) -> dict[str, UnitOutput]:
+        # Arrow throughout: the candidates of a block stay columns (a kept one is a row of the filtered
+        # table), never a Python object per row; only the rejected ones become Drop rows
         b = ctx.build
-        cands = {s["key"]: b.reader.read("negative_candidates", [s["negatives_text"]]).to_pylist() for s in units}
+        cands = {s["key"]: b.reader.read("negative_candidates", [s["negatives_text"]]) for s in units}
         positives = b.reader.read("expressions", [s["paths"] for s in units], columns=["text", "image_id"])
-        flat = [(s["key"], r) for s in units for r in cands[s["key"]]]
-        outputs = {s["key"]: UnitOutput(items_in=len(cands[s["key"]])) for s in units}
-        strata = [f"{r['negative_type']}/{r['negative_level']}" for _, r in flat]
-        if not section.refine or not flat or not positives.num_rows:
-            for key, r in flat:
-                outputs[key].tables.setdefault("expressions", []).append(Expression(**r))
-            summary = _blind_summary(None, strata, set(range(len(flat))), section)
-            for out in outputs.values():
-                out.extra = summary
+        keys = [s["key"] for s in units]
+        outputs = {k: UnitOutput(items_in=cands[k].num_rows) for k in keys}
+        flat = pa.concat_tables([cands[k] for k in keys]).select(
+            ["sample_id", "text", "image_id", "negative_type", "negative_level"]).to_pydict()
+        n = len(flat["sample_id"])
+        strata = [f"{t}/{lv}" for t, lv in zip(flat["negative_type"], flat["negative_level"], strict=True)]
+        if not section.refine or not n or not positives.num_rows:
+            summary = {**_blind_summary(None, strata, set(range(n)), section), "block": keys[0]}
+            for k in keys:
+                outputs[k].tables["expressions"] = cands[k]
+                outputs[k].extra = summary
             return outputs
         res = refine.refine(positives.column("text").to_pylist(), positives.column("image_id").to_pylist(),
-                     [r["text"] for _, r in flat], [r["image_id"] for _, r in flat],
-                     [r["negative_type"] for _, r in flat], target_auroc=section.target_auroc,
-                     max_rounds=section.max_rounds, seed=ctx.seed,
-                     neg_levels=[r["negative_level"] for _, r in flat], floor=section.refine_floor,
-                     floor_min=section.refine_floor_min)
-        kept = set(res.kept)
+                     flat["text"], flat["image_id"], flat["negative_type"], target_auroc=section.target_auroc,
+                     max_rounds=section.max_rounds, seed=ctx.seed, neg_levels=flat["negative_level"],
+                     floor=section.refine_floor, floor_min=section.refine_floor_min)
+        kept = np.zeros(n, dtype=bool)
+        kept[np.asarray(res.kept, dtype=np.int64)] = True
         rejected = dict(res.rejected)
-        summary = _blind_summary(res, strata, kept, section)
-        for i, (key, r) in enumerate(flat):
-            out = outputs[key]
+        summary = {**_blind_summary(res, strata, set(res.kept), section), "block": keys[0]}
+        scores = np.asarray(res.scores, dtype=np.float64)
+        at = 0
+        for k in keys:
+            out, rows = outputs[k], cands[k].num_rows
             out.extra = summary
-            out.tables.setdefault("scores", []).append(Score(subject_id=r["sample_id"], filter="blind_text",
-                                                              value=float(res.scores[i]), passed=i in kept))
-            if i in kept:
-                out.tables.setdefault("expressions", []).append(Expression(**r))
-            else:
-                out.drops.append(Drop(stage="refine", key=r["sample_id"], reason="blind_text_separable",
-                                      detail=rejected.get(i)))
+            if not rows:
+                continue
+            mask = kept[at:at + rows]
+            ids = flat["sample_id"][at:at + rows]
+            out.tables["scores"] = pa.table({"subject_id": ids, "filter": ["blind_text"] * rows,
+                                             "value": scores[at:at + rows], "passed": mask})
+            if mask.any():
+                out.tables["expressions"] = cands[k].filter(pa.array(mask))
+            out.drops = [Drop(stage="refine", key=ids[j], reason="blind_text_separable", detail=rejected.get(at + j))
+                         for j in np.flatnonzero(~mask).tolist()]
+            at += rows
         return outputs
 
     def summary(self, extras: list[dict[str, Any]]) -> dict[str, Any]:
-        blind = next((e for e in extras if e), {})
-        out = {"blind_text": {k: v for k, v in blind.items() if k != "warnings"}}
+        blocks = list({e.get("block", ""): e for e in extras if e}.values())  # the units of a block share one
+        blind = _merge_blocks(blocks) if len(blocks) > 1 else (blocks[0] if blocks else {})
+        out = {"blind_text": {k: v for k, v in blind.items() if k not in ("warnings", "block")}}
         if blind.get("warnings"):
             out["warnings"] = list(blind["warnings"])
         return out
@@ -238,13 +270,43 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _blind_summary(res: refine.RefineResult | None, strata: list[str], kept: set[int],
-                   section: NegativesTextConfig) -> dict[str, Any]:
-    """The refine stage's line of the run file: AUROCs (None where undefined), counts per (type, level)
-    before and after, the floors that bound, and warnings: a negative type that ends empty (or never had
-    a candidate), a stratum held at its floor, an AUROC left above the target."""
-    before = Counter(strata)
-    after = Counter(s for i, s in enumerate(strata) if i in kept)
+def _merge_blocks(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The refine line of a build refined in several blocks: counts summed over blocks, AUROCs averaged
+    with each block's candidates as weights (``auroc_after_max``: the worst block), warnings about an
+    empty type or level recomputed on the summed counts, the others each said once."""
+    strata: dict[str, dict[str, int]] = {}
+    for b in blocks:
+        for st, c in b.get("strata", {}).items():
+            acc = strata.setdefault(st, {"candidates": 0, "kept": 0})
+            acc["candidates"] += c["candidates"]
+            acc["kept"] += c["kept"]
+    out: dict[str, Any] = {"blocks": len(blocks), "kept": sum(b.get("kept", 0) for b in blocks)}
+    fitted = [b for b in blocks if "auroc_before" in b]
+    if fitted:
+        def mean(k: str) -> float | None:
+            pairs = [(b[k], sum(c["candidates"] for c in b["strata"].values())) for b in fitted if b[k] is not None]
+            w = sum(n for _, n in pairs)
+            return round(sum(a * n for a, n in pairs) / w, 6) if w else None
+        afters = [b["auroc_after"] for b in fitted if b["auroc_after"] is not None]
+        out.update({"auroc_before": mean("auroc_before"), "auroc_after": mean("auroc_after"),
+                    "auroc_after_max": max(afters) if afters else None, "target_auroc": fitted[0]["target_auroc"],
+                    "rounds": max(b["rounds"] for b in fitted), "rejected": sum(b["rejected"] for b in fitted),
+                    "floored": sorted({f for b in fitted for f in b["floored"]})})
+    out["strata"] = dict(sorted(strata.items()))
+    before = Counter({st: c["candidates"] for st, c in strata.items()})
+    after = Counter({st: c["kept"] for st, c in strata.items() if c["kept"]})
+    warnings = _empty_warnings(before, after)
+    for b in blocks:  # floors and AUROCs, per block (empty-type warnings are the merged ones above)
+        for w in b.get("warnings", []):
+            if not w.startswith("no ") and w not in warnings:
+                warnings.append(w)
+    out["warnings"] = warnings
+    return out
+
+
+def _empty_warnings(before: Counter, after: Counter) -> list[str]:
+    """A warning per negative type that ends empty (or never had a candidate), and per level of a kept
+    type whose candidates were all rejected."""
     warnings: list[str] = []
     for t in edits.NEGATIVE_TYPES:
         n_before = sum(n for s, n in before.items() if s.startswith(t + "/"))
@@ -257,6 +319,17 @@ def _blind_summary(res: refine.RefineResult | None, strata: list[str], kept: set
                 s = f"{t}/{lv}"
                 if before.get(s, 0) and not after.get(s, 0):
                     warnings.append(f"no {t} text negatives at {lv}: all {before[s]} candidates were rejected")
+    return warnings
+
+
+def _blind_summary(res: refine.RefineResult | None, strata: list[str], kept: set[int],
+                   section: NegativesTextConfig) -> dict[str, Any]:
+    """The refine stage's line of the run file: AUROCs (None where undefined), counts per (type, level)
+    before and after, the floors that bound, and warnings: a negative type that ends empty (or never had
+    a candidate), a stratum held at its floor, an AUROC left above the target."""
+    before = Counter(strata)
+    after = Counter(s for i, s in enumerate(strata) if i in kept)
+    warnings = _empty_warnings(before, after)
     out: dict[str, Any] = {"strata": {s: {"candidates": before[s], "kept": after.get(s, 0)} for s in sorted(before)}}
     if res is None:
         out["kept"] = len(kept)
