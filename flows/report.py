@@ -11,6 +11,14 @@ with the edit box, the mask (a store path, thumbnailed by :meth:`Thumbs.mask_uri
 its ``scores`` rows and the candidate exports keep (:func:`refforge.stages.filters.gate` over the same
 rows: the best-of-N pass, or the first candidate when no best-of-N filter ran), and the negatives the edit
 made; the "Image edits" section counts them and shows each inpainter's fidelity from the run file.
+
+Size (issue 18): memory does not grow with the build and time is linear in it. Nothing reads a whole
+table into Python: the counts behind the charts, the summary and the review population come from one
+aggregate over ``expressions`` (:func:`_profile`, a few thousand groups at any size); the histograms
+stream their values in Arrow batches of :data:`BATCH_ROWS` (:func:`_hist_counts`); the gallery picks
+its examples with aggregates and then reads the rows, images and objects its cards show in one scan per
+table (:class:`Thumbs` ``prefetch``, :class:`Objects`) instead of one scan per card; and the tables are
+read through :class:`ShardCatalog`, whose views do not re-read every shard's footer per query.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import datetime as dt
 import io
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,8 @@ from typing import Any
 import duckdb
 import jinja2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from markupsafe import Markup
 
 from refforge.schemas import TABLES
@@ -52,6 +63,10 @@ SCORE_SENSE: dict[str, str] = {"outside_change": "≤", "seam": "≤", "dire": "
 """how a filter's value must compare to its threshold to pass (stages/filters/__init__.py)"""
 FIDELITY_COLUMNS: tuple[str, ...] = ("edits", "masked_error", "outside_change", "outside_changed_frac",
                                      "truth_masked_change")
+BATCH_ROWS = 65_536
+"""rows per Arrow record batch when a histogram streams a column: its memory, whatever the build's size"""
+WORDS = "len(regexp_split_to_array(trim(text), '\\s+'))"
+"""an expression's length in words (DuckDB), as the expression-length histogram counts it"""
 
 
 def _rows(cat: Catalog, query: str, params: list | None = None) -> list[dict[str, Any]]:
@@ -64,17 +79,141 @@ def _pairs(cat: Catalog, query: str, params: list | None = None) -> list[tuple[A
     return [(r[0], int(r[1])) for r in cat.con.execute(query, params or []).fetchall()]
 
 
-def _column(cat: Catalog, query: str) -> np.ndarray:
-    vals = [r[0] for r in cat.con.execute(query).fetchall() if r[0] is not None]
-    return np.asarray(vals, dtype=float)
+def _batches(cat: Catalog, query: str, params: list | None = None) -> Iterator[pa.RecordBatch]:
+    """The result of ``query`` as Arrow record batches of at most :data:`BATCH_ROWS` rows, streamed (DuckDB
+    produces the next batch when it is asked for it, so the whole result never sits in memory)."""
+    yield from cat.con.sql(query, params=params or None).to_arrow_reader(BATCH_ROWS)
+
+
+def _hist_counts(cat: Catalog, query: str, edges: np.ndarray, params: list | None = None) -> list[int]:
+    """Counts per bin of ``edges`` (:func:`refforge.stages.report.bin_counts`) of the one-column result of
+    ``query`` without its nulls, summed over streamed batches: numpy bins each value on its own, so the
+    sum equals the histogram of the whole column."""
+    total = np.zeros(len(edges) - 1, dtype=np.int64)
+    for batch in _batches(cat, query, params):
+        col = batch.column(0).drop_null()
+        if len(col):
+            total += R.bin_counts(col.to_numpy(zero_copy_only=False), edges)
+    return [int(c) for c in total]
+
+
+# ------------------------------------------------------------------------------------ expressions
+
+
+PROFILE_COLUMNS: tuple[str, ...] = ("polarity", "task", "difficulty", "negative_type", "negative_level",
+                                    "negative_source", "needs_review")
+
+
+def _profile(cat: Catalog) -> list[dict[str, Any]]:
+    """``expressions`` counted by every column a chart, a summary line, a gallery heading or a review
+    stratum groups by, and by length in words (``words``; ``n``: the rows of the group): one scan, a few
+    thousand groups at any build size. Every count of expressions in the page is a sum over these."""
+    return _rows(cat, f"SELECT {', '.join(PROFILE_COLUMNS)}, {WORDS} AS words, count(*) AS n FROM expressions "
+                      "GROUP BY ALL")
+
+
+def _tally(profile: Iterable[dict], label: Callable[[dict], Any],
+           where: Callable[[dict], bool] = lambda r: True) -> dict[Any, int]:
+    """``label -> rows`` over the profile groups that ``where`` keeps (a SQL ``GROUP BY label``)."""
+    out: dict[Any, int] = {}
+    for r in profile:
+        if where(r):
+            key = label(r)
+            out[key] = out.get(key, 0) + int(r["n"])
+    return out
+
+
+def _null_last(v: Any) -> tuple[bool, Any]:
+    """A sort key for one column as DuckDB orders it by default: ascending, NULLs last (strings by
+    code point, which is the byte order of UTF-8 that DuckDB's default collation uses)."""
+    return (v is None, "" if v is None else v)
+
+
+def _by_count(t: dict[Any, int]) -> list[tuple[Any, int]]:
+    """``ORDER BY count DESC, label``."""
+    return sorted(t.items(), key=lambda kv: (-kv[1], _null_last(kv[0])))
+
+
+def _by_label(t: dict[Any, int]) -> list[tuple[Any, int]]:
+    """``ORDER BY label``."""
+    return sorted(t.items(), key=lambda kv: _null_last(kv[0]))
+
+
+def _positive(r: dict) -> bool:
+    return r["polarity"] == "positive"
+
+
+def _negative(r: dict) -> bool:
+    return r["polarity"] == "negative"
+
+
+def _coalesce(v: Any, default: Any) -> Any:
+    return default if v is None else v
+
+
+def _concat(*parts: Any) -> str | None:
+    """SQL ``||``: NULL when any part is."""
+    return None if any(p is None for p in parts) else "".join(str(p) for p in parts)
+
+
+# --------------------------------------------------------------------------------------- catalog
+
+
+class ShardCatalog(Catalog):
+    """The build's catalog with each table's view over the shards it has now, read without DuckDB's
+    ``union_by_name`` where they share one schema, and row counts from the shards' footers.
+
+    ``union_by_name`` reads every shard's footer each time a query binds the view and holds a reader per
+    shard while it runs (about 60 KB each, measured with DuckDB 2.0): time and memory in the number of
+    shards, paid per query. Here the footers are read once, the shards grouped by schema, and the view is
+    ``read_parquet`` over each group's files joined ``UNION ALL BY NAME`` (the same columns as
+    ``union_by_name``; one group, in the glob's order, in any build written by one version). A shard whose
+    footer cannot be read leaves the table to the catalog's own view."""
+
+    def __init__(self, build_root: Path, threads: int | None = None):
+        self.rows: dict[str, int] = {}
+        """rows per table, from the footers (a table left to the catalog's view is counted by DuckDB)"""
+        super().__init__(build_root, threads)
+
+    def _view(self, table: str) -> None:
+        files = sorted(str(p) for p in (self.root / "tables" / table).glob("part-*.parquet"))
+        groups: dict[str, list[str]] = {}
+        rows = 0
+        try:
+            for f in files:
+                meta = pq.read_metadata(f)
+                rows += meta.num_rows
+                groups.setdefault(str(meta.schema.to_arrow_schema().remove_metadata()), []).append(f)
+        except (OSError, pa.ArrowException):
+            groups = {}
+        if not groups:  # no shards (an empty view of the table's schema), or one unreadable: as the catalog does
+            self.rows.pop(table, None)
+            super()._view(table)
+            return
+        self.rows[table] = rows
+        reads = []
+        for group in groups.values():
+            paths = ", ".join("'" + f.replace("'", "''") + "'" for f in group)
+            reads.append(f"SELECT * FROM read_parquet([{paths}])")
+        self.con.execute(f"CREATE OR REPLACE VIEW {table} AS {' UNION ALL BY NAME '.join(reads)}")
+
+    def count(self, table: str) -> int:
+        return self.rows[table] if table in self.rows else super().count(table)
 
 
 # ---------------------------------------------------------------------------------------- images
 
 
+def _in(column: str) -> str:
+    """``column IN`` a list bound as the query's next parameter: a semi join, so any number of keys costs
+    one scan of the table."""
+    return f"{column} IN (SELECT unnest(?::VARCHAR[]))"
+
+
 class Thumbs:
     """Thumbnails as data URIs, made once per image, size and report; masks (store paths, not images
-    rows) as small PNGs."""
+    rows) as small PNGs. The ``images`` rows they need are read for all the gallery's images at once
+    (:meth:`prefetch`); an image asked for without it costs a scan of its own."""
 
     def __init__(self, cat: Catalog, root: Path, longest: int = THUMB_LONGEST):
         self.cat, self.store, self.longest = cat, ImageStore(root), longest
@@ -82,11 +221,20 @@ class Thumbs:
         self._uri: dict[tuple[str, int], str | None] = {}
         self._masks: dict[tuple[str, int], tuple[str | None, tuple[int, int]]] = {}
 
+    def prefetch(self, image_ids: Iterable[str | None]) -> None:
+        """Read the ``images`` rows of ``image_ids`` (None and known ones skipped) in one scan."""
+        want = sorted({i for i in image_ids if i is not None and i not in self._info})
+        if not want:
+            return
+        self._info.update(dict.fromkeys(want))
+        for r in _rows(self.cat, "SELECT image_id, path, width, height, parent_image_id, edit FROM images "
+                                 f"WHERE {_in('image_id')}", [want]):
+            if self._info[r["image_id"]] is None:  # the first row of an image, as LIMIT 1 took it
+                self._info[r["image_id"]] = r
+
     def info(self, image_id: str) -> dict | None:
         if image_id not in self._info:
-            rows = _rows(self.cat, "SELECT image_id, path, width, height, parent_image_id, edit FROM images "
-                         "WHERE image_id = ? LIMIT 1", [image_id])
-            self._info[image_id] = rows[0] if rows else None
+            self.prefetch([image_id])
         return self._info[image_id]
 
     def uri(self, image_id: str, longest: int | None = None) -> str | None:
@@ -148,65 +296,97 @@ class Thumbs:
                       box=None if box is None else list(box), role="mask", attrs={"data-mask-path": path}, **kw)
 
 
+class Objects:
+    """The ``objects`` rows of the gallery's images (with each box's ``area``, computed by DuckDB as the
+    queries that order by it did), read for all of them at once (:meth:`prefetch`)."""
+
+    def __init__(self, cat: Catalog):
+        self.cat = cat
+        self._of: dict[str, list[dict]] = {}
+
+    def prefetch(self, image_ids: Iterable[str | None]) -> None:
+        want = sorted({i for i in image_ids if i is not None and i not in self._of})
+        if not want:
+            return
+        self._of.update((i, []) for i in want)
+        for r in _rows(self.cat, "SELECT image_id, object_id, name, attributes, box, "
+                                 "(box[3] - box[1]) * (box[4] - box[2]) AS area FROM objects "
+                                 f"WHERE {_in('image_id')} ORDER BY image_id, object_id", [want]):
+            self._of[r["image_id"]].append(r)
+
+    def of(self, image_id: str | None) -> list[dict]:
+        if image_id is None:
+            return []
+        if image_id not in self._of:
+            self.prefetch([image_id])
+        return self._of[image_id]
+
+    def get(self, image_id: str | None, object_id: str | None) -> dict | None:
+        return next((o for o in self.of(image_id) if o["object_id"] == object_id), None)
+
+
 # ---------------------------------------------------------------------------------------- sections
 
 
-def _summary(cat: Catalog) -> dict[str, Any]:
+def _summary(cat: Catalog, profile: list[dict]) -> dict[str, Any]:
     counts = {t: cat.count(t) for t in TABLES}
-    row = _rows(cat, """SELECT count(*) FILTER (polarity = 'positive') AS positives,
-                               count(*) FILTER (polarity = 'negative') AS negatives,
-                               count(*) FILTER (negative_source = 'image') AS image_negatives,
-                               count(*) FILTER (needs_review) AS needs_review FROM expressions""")[0]
     img = _rows(cat, "SELECT count(*) FILTER (parent_image_id IS NULL) AS originals, "
                      "count(*) FILTER (parent_image_id IS NOT NULL) AS derived FROM images")[0]
+    rows = lambda where: sum(_tally(profile, lambda r: None, where).values())  # noqa: E731
     key = [("images (originals)", img["originals"]), ("images (derived: edits)", img["derived"]),
-           ("positive expressions", row["positives"]), ("negative expressions", row["negatives"]),
-           ("negatives on edited images", row["image_negatives"]), ("negatives marked needs_review", row["needs_review"]),
+           ("positive expressions", rows(_positive)), ("negative expressions", rows(_negative)),
+           ("negatives on edited images", rows(lambda r: r["negative_source"] == "image")),
+           ("negatives marked needs_review", rows(lambda r: r["needs_review"] is True)),
            ("reasoning traces", counts["cot_traces"])]
     return {"key": key, "tables": list(counts.items())}
 
 
-def _distributions(cat: Catalog) -> list[str]:
-    q = {
-        "task": ("expressions by task", "SELECT coalesce(task, '(none)'), count(*) FROM expressions "
-                 "GROUP BY ALL ORDER BY 2 DESC, 1"),
-        "level": ("positive expressions by level", "SELECT 'L' || difficulty, count(*) FROM expressions "
-                  "WHERE polarity = 'positive' GROUP BY ALL ORDER BY 1"),
-        "polarity": ("expressions by polarity", "SELECT polarity, count(*) FROM expressions GROUP BY ALL ORDER BY 2 DESC, 1"),
-        "negative_type": ("negatives by type", "SELECT negative_type, count(*) FROM expressions "
-                          "WHERE polarity = 'negative' GROUP BY ALL ORDER BY 2 DESC, 1"),
-        "negative_type_level": ("negatives by type and level", "SELECT negative_type || ' ' || "
-                                "coalesce(negative_level, '-') || ' (' || coalesce(negative_source, '-') || ')', "
-                                "count(*) FROM expressions WHERE polarity = 'negative' GROUP BY ALL ORDER BY 2 DESC, 1"),
-        "category": (f"positive targets by category (top {TOP_CATEGORIES})",
-                     "SELECT o.name, count(*) FROM expressions e JOIN objects o ON o.image_id = e.image_id AND "
-                     "o.object_id = e.target_object_id WHERE e.polarity = 'positive' GROUP BY ALL "
-                     f"ORDER BY 2 DESC, 1 LIMIT {TOP_CATEGORIES}"),
-    }
-    out = []
-    for i, (chart, (title, sql)) in enumerate(q.items()):
-        out.append(R.bar_chart(_pairs(cat, sql), chart=chart, title=title, color=R.PALETTE[i % len(R.PALETTE)]))
-    n_cat = cat.con.execute("SELECT count(DISTINCT o.name) FROM expressions e JOIN objects o ON o.image_id = "
-                            "e.image_id AND o.object_id = e.target_object_id WHERE e.polarity = 'positive'"
-                            ).fetchall()[0][0]
+def _categories(cat: Catalog) -> list[tuple[Any, int]]:
+    """Positive targets per object category, most frequent first. The one join of two large tables in the
+    report: DuckDB's hash table holds the smaller side (objects' image ids, object ids and names), the part
+    of the report's memory that still grows with the build (about 45 MB at 16,000 scenes)."""
+    return _by_count(dict(_pairs(cat, "SELECT o.name, count(*) FROM expressions e JOIN objects o ON o.image_id = "
+                                      "e.image_id AND o.object_id = e.target_object_id WHERE e.polarity = 'positive' "
+                                      "GROUP BY ALL")))
+
+
+def _distributions(cat: Catalog, profile: list[dict]) -> list[str]:
+    categories = _categories(cat)
+    charts = [
+        ("task", "expressions by task",
+         _by_count(_tally(profile, lambda r: "(none)" if r["task"] is None else r["task"]))),
+        ("level", "positive expressions by level", _by_label(_tally(profile, lambda r: _concat("L", r["difficulty"]),
+                                                                    _positive))),
+        ("polarity", "expressions by polarity", _by_count(_tally(profile, lambda r: r["polarity"]))),
+        ("negative_type", "negatives by type", _by_count(_tally(profile, lambda r: r["negative_type"], _negative))),
+        ("negative_type_level", "negatives by type and level", _by_count(_tally(
+            profile, lambda r: _concat(r["negative_type"], " ", _coalesce(r["negative_level"], "-"), " (",
+                                       _coalesce(r["negative_source"], "-"), ")"), _negative))),
+        ("category", f"positive targets by category (top {TOP_CATEGORIES})", categories[:TOP_CATEGORIES]),
+    ]
+    out = [R.bar_chart(items, chart=chart, title=title, color=R.PALETTE[i % len(R.PALETTE)])
+           for i, (chart, title, items) in enumerate(charts)]
+    n_cat = sum(1 for name, _ in categories if name is not None)
     if n_cat > TOP_CATEGORIES:
         out[-1] += f'<p class="note">{n_cat - TOP_CATEGORIES} more categories not shown.</p>'
     return out
 
 
-def _histograms(cat: Catalog) -> list[str]:
-    area = _column(cat, "SELECT (e.gt_box[3] - e.gt_box[1]) * (e.gt_box[4] - e.gt_box[2]) / (i.width * i.height) "
-                        "FROM expressions e JOIN images i USING (image_id) WHERE e.polarity = 'positive' "
-                        "AND e.gt_box IS NOT NULL")
-    edges = R.even_edges(area, bins=20)
-    out = [R.histogram(edges.tolist(), [R.Series("positives", R.bin_counts(area, edges))], chart="box_area",
+def _histograms(cat: Catalog, profile: list[dict]) -> list[str]:
+    area = ("SELECT (e.gt_box[3] - e.gt_box[1]) * (e.gt_box[4] - e.gt_box[2]) / (i.width * i.height) AS v "
+            "FROM expressions e JOIN images i USING (image_id) WHERE e.polarity = 'positive' AND e.gt_box IS NOT NULL")
+    top = cat.con.execute(f"SELECT max(v) FROM ({area})").fetchall()[0][0]
+    edges = R.even_edges(np.asarray([] if top is None else [top], dtype=float), bins=20)
+    out = [R.histogram(edges.tolist(), [R.Series("positives", _hist_counts(cat, area, edges))], chart="box_area",
                        title="box size of positive targets", xlabel="box area / image area")]
-    words = "len(regexp_split_to_array(trim(text), '\\s+'))"
-    pos = _column(cat, f"SELECT {words} FROM expressions WHERE polarity = 'positive'")
-    neg = _column(cat, f"SELECT {words} FROM expressions WHERE polarity = 'negative'")
-    edges = R.integer_edges(np.concatenate([pos, neg]))
-    out.append(R.histogram(edges.tolist(), [R.Series("positive", R.bin_counts(pos, edges), R.PALETTE[0]),
-                                            R.Series("negative", R.bin_counts(neg, edges), R.PALETTE[1])],
+    pos = _by_label(_tally(profile, lambda r: r["words"], lambda r: _positive(r) and r["words"] is not None))
+    neg = _by_label(_tally(profile, lambda r: r["words"], lambda r: _negative(r) and r["words"] is not None))
+    words = lambda pairs: np.asarray([w for w, _ in pairs], dtype=float)  # noqa: E731
+    weights = lambda pairs: np.asarray([n for _, n in pairs], dtype=np.int64)  # noqa: E731
+    edges = R.integer_edges(np.concatenate([words(pos), words(neg)]))
+    out.append(R.histogram(edges.tolist(),
+                           [R.Series("positive", R.bin_counts(words(pos), edges, weights(pos)), R.PALETTE[0]),
+                            R.Series("negative", R.bin_counts(words(neg), edges, weights(neg)), R.PALETTE[1])],
                            chart="expression_words", title="expression length", xlabel="words",
                            integer_bins=True))
     return out
@@ -214,19 +394,30 @@ def _histograms(cat: Catalog) -> list[str]:
 
 def _scores(cat: Catalog) -> dict[str, Any]:
     stats = _rows(cat, "SELECT filter, count(*) AS n, count(*) FILTER (passed) AS passed, min(value) AS lo, "
-                       "max(value) AS hi, avg(value) AS mean, list({'value': value, 'passed': passed}) AS pts "
-                       "FROM scores GROUP BY ALL ORDER BY filter")
-    charts = []
+                       "max(value) AS hi, avg(value) AS mean FROM scores GROUP BY ALL ORDER BY filter")
+    edges, counts = [], []
     for s in stats:
-        vals = np.asarray([p["value"] for p in s["pts"]], dtype=float)
-        ok = np.asarray([bool(p["passed"]) for p in s["pts"]])
-        lo, hi = float(vals.min()), float(vals.max())
+        lo, hi = (0.0, 1.0) if s["lo"] is None else (float(s["lo"]), float(s["hi"]))
         if hi <= lo:
             hi = lo + 1.0
-        edges = np.linspace(lo, hi, 21)
-        series = [R.Series("passed", R.bin_counts(vals[ok], edges), R.PALETTE[2]),
-                  R.Series("failed", R.bin_counts(vals[~ok], edges), R.PALETTE[3])]
-        charts.append(Markup(R.histogram(edges.tolist(), series, chart=f"scores:{s['filter']}",
+        edges.append(np.linspace(lo, hi, 21))
+        counts.append({True: np.zeros(20, dtype=np.int64), False: np.zeros(20, dtype=np.int64)})
+    if stats:  # one streamed pass over the values of every filter; a row's filter as its place in `stats`
+        query = ("SELECT list_position(?, filter) - 1 AS f, value, coalesce(passed, false) AS ok FROM scores "
+                 "WHERE value IS NOT NULL")
+        for batch in _batches(cat, query, [[s["filter"] for s in stats]]):
+            f = batch.column(0).fill_null(-1).to_numpy()
+            vals = batch.column(1).to_numpy()
+            ok = batch.column(2).to_numpy(zero_copy_only=False)
+            for i in np.unique(f[f >= 0]):
+                mine = f == i
+                for passed in (True, False):
+                    counts[i][passed] += R.bin_counts(vals[mine & (ok == passed)], edges[i])
+    charts = []
+    for s, e, c in zip(stats, edges, counts, strict=True):
+        series = [R.Series("passed", [int(v) for v in c[True]], R.PALETTE[2]),
+                  R.Series("failed", [int(v) for v in c[False]], R.PALETTE[3])]
+        charts.append(Markup(R.histogram(e.tolist(), series, chart=f"scores:{s['filter']}",
                                          title=f"filter {s['filter']}", xlabel="value")))
     table = R.html_table(["filter", "rows", "passed", "pass rate", "min", "max", "mean"],
                          [(s["filter"], int(s["n"]), int(s["passed"]), f"{100 * s['passed'] / s['n']:.1f}%",
@@ -274,14 +465,15 @@ def _review_strategies(cat: Catalog) -> dict[str, list[str]] | None:
     return {sid: [s for s in strategies if s is not None] for sid, strategies in rows}
 
 
-def _reviews(cat: Catalog) -> dict[str, Any] | None:
+def _reviews(cat: Catalog, profile: list[dict]) -> dict[str, Any] | None:
+    """Agreement and audit rates. The reviews and the reviewed samples' expressions are read as rows (people
+    make them: thousands, not millions); the audit's population per stratum is counted from the profile."""
     rows = _rows(cat, "SELECT sample_id, annotator, decision, fixed_box, fixed_text, time FROM reviews")
     if not rows:
         return None
     exprs = _rows(cat, "SELECT sample_id, text, task, difficulty, polarity, negative_type, negative_level, gt_box "
                        "FROM expressions WHERE sample_id IN (SELECT DISTINCT sample_id FROM reviews)")
-    population = _rows(cat, "SELECT sample_id, task, difficulty, polarity, negative_type, negative_level "
-                            "FROM expressions")
+    population = RS.stratum_population((r, r["n"]) for r in profile)
     ag = R.review_agreement(rows)
     pairs = R.html_table(["annotator A", "annotator B", "shared samples", "percent agreement", "Cohen's kappa"],
                          [(p["a"], p["b"], p["n"], _pct(p["agreement"]), R.fmt_float(p["kappa"])) for p in ag.pairs],
@@ -289,7 +481,7 @@ def _reviews(cat: Catalog) -> dict[str, Any] | None:
     chart = R.bar_chart(sorted(ag.decisions.items()), chart="review_decision", title="decisions (latest per "
                         "annotator and sample)", color=R.PALETTE[4])
     stats = RS.agreement(rows, exprs)
-    audit = RS.audit_error_rates(rows, population, _review_strategies(cat))
+    audit = RS.audit_error_rates(rows, exprs, _review_strategies(cat), population=population)
     return {"ag": ag, "pairs": Markup(pairs), "chart": Markup(chart),
             "unanimous": _pct(ag.unanimous), "kappa": [R.fmt_float(p["kappa"]) for p in ag.pairs],
             "strata": Markup(R.agreement_table(stats)), "n_disagreements": len(stats.disagreements),
@@ -315,51 +507,97 @@ def _drops(cat: Catalog) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- gallery
 
 
-def _gallery(cat: Catalog, thumbs: Thumbs, n: int) -> list[dict[str, Any]]:
+GALLERY_POSITIVES = """
+    WITH f AS (SELECT difficulty, image_id, min(sample_id) AS sample_id FROM expressions
+               WHERE polarity = 'positive' AND gt_box IS NOT NULL AND difficulty IS NOT NULL GROUP BY ALL)
+    SELECT difficulty, sample_id FROM f
+    QUALIFY row_number() OVER (PARTITION BY difficulty ORDER BY sample_id) <= ?"""
+"""The positives of the gallery: per level, the first ``?`` images by their first sample id, each shown by
+that sample (one aggregate: a row per image and level, not per expression)."""
+
+GALLERY_NEGATIVES = """
+    WITH f AS (SELECT negative_type, negative_level, image_id, min(sample_id) AS sample_id FROM expressions
+               WHERE polarity = 'negative' AND negative_type IS NOT NULL GROUP BY ALL),
+         d AS (SELECT *, row_number() OVER (PARTITION BY negative_type, negative_level ORDER BY sample_id) AS rk
+               FROM f)
+    SELECT negative_type, negative_level, rk, sample_id FROM d
+    QUALIFY row_number() OVER (PARTITION BY negative_type ORDER BY rk, negative_level) <= ?"""
+"""The negatives of the gallery: per type, one image per level in turn (each by its first sample id of that
+level), the first ``?`` of them."""
+
+EDIT_NEGATIVE_COLUMNS: tuple[str, ...] = ("sample_id", "image_id", "text", "negative_type", "negative_level",
+                                          "positive_id", "needs_review", "path")
+
+
+def _gallery(cat: Catalog, thumbs: Thumbs, n: int, profile: list[dict]) -> list[dict[str, Any]]:
+    """Positives per level, negatives per type and the edits. The examples are chosen by aggregates; then
+    the expressions, images, objects and scores the cards show are read in a scan or two per table for all
+    cards together, whatever their number and the size of the build."""
+    levels = [k for k, _ in _by_label(_tally(profile, lambda r: r["difficulty"], _positive))]
+    types = [k for k, _ in _by_label(_tally(profile, lambda r: r["negative_type"], _negative))]
+    positives = _rows(cat, GALLERY_POSITIVES, [n])
+    negatives = sorted(_rows(cat, GALLERY_NEGATIVES, [n]), key=lambda r: (r["rk"], _null_last(r["negative_level"])))
+    edits = _edit_rows(cat, n)
+    edit_images = [r["image_id"] for r in edits]
+
+    # the shown expressions, and every negative on an edited image, in one scan; their positives in another
+    chosen = sorted({r["sample_id"] for r in positives} | {r["sample_id"] for r in negatives})
+    rows = _rows(cat, f"SELECT * FROM expressions WHERE {_in('sample_id')} OR (polarity = 'negative' AND "
+                      f"{_in('image_id')})", [chosen, edit_images])
+    expr: dict[str, dict] = {}
+    for r in rows:
+        expr.setdefault(r["sample_id"], r)
+    on_edits = set(edit_images)
+    edit_negatives = sorted(({k: r[k] for k in EDIT_NEGATIVE_COLUMNS} for r in rows
+                             if r["polarity"] == "negative" and r["image_id"] in on_edits),
+                            key=lambda x: (_null_last(x["negative_level"]), _null_last(x["positive_id"]), x["sample_id"]))
+    wanted = sorted({expr[r["sample_id"]]["positive_id"] for r in negatives} - {None} - set(expr))
+    for r in _rows(cat, f"SELECT * FROM expressions WHERE {_in('sample_id')}", [wanted]) if wanted else []:
+        expr.setdefault(r["sample_id"], r)
+
+    images = on_edits | {r["parent_image_id"] for r in edits} | {expr[r["sample_id"]]["image_id"] for r in positives}
+    for r in negatives:
+        e = expr[r["sample_id"]]
+        images |= {e["image_id"], (expr.get(e["positive_id"]) or {}).get("image_id")}
+    thumbs.prefetch(images)
+    objects = Objects(cat)
+    objects.prefetch(images)
+
     sections = []
-    levels = [r[0] for r in cat.con.execute("SELECT DISTINCT difficulty FROM expressions WHERE polarity = 'positive' "
-                                            "ORDER BY 1").fetchall()]
     for level in levels:
-        rows = _rows(cat, """
-            WITH c AS (SELECT e.*, o.name AS target_name,
-                              row_number() OVER (PARTITION BY e.image_id ORDER BY e.sample_id) AS per_image
-                       FROM expressions e LEFT JOIN objects o
-                         ON o.image_id = e.image_id AND o.object_id = e.target_object_id
-                       WHERE e.polarity = 'positive' AND e.difficulty = ? AND e.gt_box IS NOT NULL)
-            SELECT * FROM c WHERE per_image = 1 ORDER BY sample_id LIMIT ?""", [level, n])
         cards = []
-        for r in rows:
-            shot = thumbs.shot(r["image_id"], r["gt_box"], box_kind="gt_box", label=r["target_name"] or "target",
-                               sample_id=r["sample_id"])
+        for sel in sorted((r for r in positives if r["difficulty"] == level), key=lambda r: r["sample_id"]):
+            r = expr[sel["sample_id"]]
+            target = objects.get(r["image_id"], r["target_object_id"])
+            shot = thumbs.shot(r["image_id"], r["gt_box"], box_kind="gt_box",
+                               label=(target or {}).get("name") or "target", sample_id=r["sample_id"])
             cards.append(R.card([shot], [("task", r["task"]), ("template", r["template_name"] or "-"),
                                          ("sample", r["sample_id"])],
                                 kind=f"positive L{level}", sample_id=r["sample_id"], headline=r["text"]))
         sections.append({"title": f"Positives, level L{level}", "note": "solid box: the expression's gt_box.",
                          "cards": Markup("".join(cards))})
-    types = [r[0] for r in cat.con.execute("SELECT DISTINCT negative_type FROM expressions WHERE polarity = "
-                                           "'negative' ORDER BY 1").fetchall()]
     for ntype in types:
-        rows = _rows(cat, """
-            WITH c AS (SELECT n.sample_id, n.image_id, n.text, n.negative_type, n.negative_level, n.negative_source,
-                              n.path, n.needs_review, p.sample_id AS pid, p.text AS ptext, p.image_id AS pimage,
-                              p.gt_box AS pbox, p.target_object_id AS ptarget,
-                              row_number() OVER (PARTITION BY n.negative_level, n.image_id ORDER BY n.sample_id)
-                                AS per_image
-                       FROM expressions n LEFT JOIN expressions p ON p.sample_id = n.positive_id
-                       WHERE n.polarity = 'negative' AND n.negative_type = ?),
-                 d AS (SELECT *, row_number() OVER (PARTITION BY negative_level ORDER BY sample_id) AS rk
-                       FROM c WHERE per_image = 1)
-            SELECT * FROM d ORDER BY rk, negative_level LIMIT ?""", [ntype, n])
-        cards = [_negative_card(cat, thumbs, r) for r in rows]
+        cards = [_negative_card(objects, thumbs, _negative_row(expr, sel["sample_id"]))
+                 for sel in negatives if sel["negative_type"] == ntype]
         sections.append({"title": f"Negatives: {ntype}",
                          "note": "the negative expression refers to nothing in its image; dashed box: the target "
                                  "of the positive it was made from (context).",
                          "cards": Markup("".join(cards))})
-    sections += _edit_sections(cat, thumbs, n)
+    sections += _edit_sections(cat, objects, thumbs, edits, edit_negatives)
     return sections
 
 
-def _negative_card(cat: Catalog, thumbs: Thumbs, r: dict) -> str:
+def _negative_row(expr: dict[str, dict], sample_id: str) -> dict[str, Any]:
+    """A gallery negative with the positive it was made from (``p*`` fields; None when it is not found)."""
+    n = expr[sample_id]
+    p = (expr.get(n["positive_id"]) if n["positive_id"] is not None else None) or {}
+    return {**{k: n[k] for k in ("sample_id", "image_id", "text", "negative_type", "negative_level",
+                                 "negative_source", "path", "needs_review")},
+            "pid": p.get("sample_id"), "ptext": p.get("text"), "pimage": p.get("image_id"), "pbox": p.get("gt_box"),
+            "ptarget": p.get("target_object_id")}
+
+
+def _negative_card(objects: Objects, thumbs: Thumbs, r: dict) -> str:
     lines = [("type", f"{r['negative_type']} {r['negative_level'] or ''} ({r['negative_source'] or '-'})"),
              ("positive", r["ptext"] or "(positive not found)")]
     try:
@@ -375,11 +613,8 @@ def _negative_card(cat: Catalog, thumbs: Thumbs, r: dict) -> str:
     if r["pimage"] and r["pimage"] != r["image_id"]:
         shots.append(thumbs.shot(r["pimage"], r["pbox"], box_kind="positive gt_box", label="positive's target",
                                  sample_id=r["pid"], caption="original image: the positive's target"))
-        box = None
-        if r["ptarget"]:
-            found = _rows(cat, "SELECT box FROM objects WHERE image_id = ? AND object_id = ?",
-                          [r["image_id"], r["ptarget"]])
-            box = found[0]["box"] if found else None
+        found = objects.get(r["image_id"], r["ptarget"]) if r["ptarget"] else None
+        box = found["box"] if found else None
         shots.append(thumbs.shot(r["image_id"], box, box_kind="objects.box", label="same object", dashed=True,
                                  sample_id=r["sample_id"], caption="edited image: the negative refers to nothing"))
     else:
@@ -389,20 +624,17 @@ def _negative_card(cat: Catalog, thumbs: Thumbs, r: dict) -> str:
                   headline=r["text"])
 
 
-def _flip_card(cat: Catalog, thumbs: Thumbs, r: dict) -> str:
+def _flip_card(objects: Objects, thumbs: Thumbs, r: dict) -> str:
     """A flip (or any edit without a mask): the original and the derived image side by side."""
     edit = r["edit"] or {}
     pbox = dbox = edit.get("box")
     label, kind = "edit box", "edit.box"
-    if pbox is None:
-        found = _rows(cat, """SELECT o.object_id, o.name, o.box AS pbox, d.box AS dbox FROM objects o
-                              JOIN objects d ON d.image_id = ? AND d.object_id = o.object_id
-                              WHERE o.image_id = ?
-                              ORDER BY (o.box[3] - o.box[1]) * (o.box[4] - o.box[2]) DESC, o.object_id LIMIT 1""",
-                      [r["image_id"], r["parent_image_id"]])
-        if found:
-            pbox, dbox = found[0]["pbox"], found[0]["dbox"]
-            label, kind = f"{found[0]['name']} ({found[0]['object_id']})", "objects.box"
+    if pbox is None:  # the largest object of the original that the derived image has too (same object id)
+        both = [o for o in objects.of(r["parent_image_id"]) if objects.get(r["image_id"], o["object_id"])]
+        if both:
+            o = min(both, key=lambda o: (-o["area"], o["object_id"]))
+            pbox, dbox = o["box"], objects.get(r["image_id"], o["object_id"])["box"]
+            label, kind = f"{o['name']} ({o['object_id']})", "objects.box"
     shots = [thumbs.shot(r["parent_image_id"], pbox, box_kind=kind, label=label, caption="original", role="original"),
              thumbs.shot(r["image_id"], dbox, box_kind=kind, label=label, caption=f"edit: {edit.get('type')}",
                          role="flipped" if edit.get("type") == "flip" else "edited")]
@@ -430,32 +662,31 @@ def _edit_rows(cat: Catalog, n: int) -> list[dict[str, Any]]:
         ORDER BY etype, rk, cand, image_id""", [n])
 
 
-def _edit_sections(cat: Catalog, thumbs: Thumbs, n: int) -> list[dict[str, Any]]:
-    rows = _edit_rows(cat, n)
+def _edit_sections(cat: Catalog, objects: Objects, thumbs: Thumbs, rows: list[dict],
+                   negatives: list[dict]) -> list[dict[str, Any]]:
+    """The edit cards of :func:`_edit_rows`' ``rows``; ``negatives``: the negatives on those images
+    (:data:`EDIT_NEGATIVE_COLUMNS`, ordered by level, positive and sample)."""
     if not rows:
         return []
     by_type: dict[str, dict[str, list[dict]]] = {}
     for r in rows:
         by_type.setdefault(r["etype"], {}).setdefault(r["grp"], []).append(r)
     ids = [r["image_id"] for r in rows]
-    negatives = _rows(cat, "SELECT sample_id, image_id, text, negative_type, negative_level, positive_id, "
-                           "needs_review, path FROM expressions WHERE polarity = 'negative' AND "
-                           "list_contains(?, image_id) ORDER BY negative_level, positive_id, sample_id", [ids])
     subjects = ids + [x["sample_id"] for x in negatives]
-    scores = _rows(cat, "SELECT * FROM scores WHERE list_contains(?, subject_id) ORDER BY filter, subject_id",
+    scores = _rows(cat, f"SELECT * FROM scores WHERE {_in('subject_id')} ORDER BY filter, subject_id",
                    [subjects])  # SELECT *: builds from before the image filters have no threshold / detail
     order = [t for t in ("flip", *OBJECT_EDITS) if t in by_type] + sorted(set(by_type) - {"flip", *OBJECT_EDITS})
     sections = []
     for etype in order:
         groups = by_type[etype]
         if etype == "flip" or not any((g[0]["edit"] or {}).get("mask") for g in groups.values()):
-            cards = [_flip_card(cat, thumbs, r) for g in groups.values() for r in g]
+            cards = [_flip_card(objects, thumbs, r) for g in groups.values() for r in g]
             sections.append({"title": f"Edited images: {etype}", "id": f"gallery-edit-{etype}",
                              "note": "left: the original; right: the derived image. The box is the edit's box, or "
                                      "else the largest object present in both (same object id).",
                              "cards": Markup("".join(cards))})
             continue
-        cards = [_edit_card(cat, thumbs, members, negatives, scores) for members in groups.values()]
+        cards = [_edit_card(objects, thumbs, members, negatives, scores) for members in groups.values()]
         sections.append({"title": f"Edited images: {etype}", "id": f"gallery-edit-{etype}",
                          "note": "one card per edit: the original (solid box: the edited object), the mask (white: "
                                  "the area allowed to change) and every candidate the inpainter made, each with "
@@ -487,7 +718,8 @@ def _score_line(sc: dict, label: str = "") -> R.ScoreLine:
                        passed=bool(sc["passed"]), sense=SCORE_SENSE.get(sc["filter"], "vs"), label=label, note=note)
 
 
-def _edit_card(cat: Catalog, thumbs: Thumbs, members: list[dict], negatives: list[dict], scores: list[dict]) -> str:
+def _edit_card(objects: Objects, thumbs: Thumbs, members: list[dict], negatives: list[dict],
+               scores: list[dict]) -> str:
     """One edit (its ``group``): the original with the edit box, the mask, every candidate (up to
     :data:`CANDIDATES_SHOWN`) with its scores and the best-of-N / export mark, the edit's words and the
     negatives it made."""
@@ -498,9 +730,8 @@ def _edit_card(cat: Catalog, thumbs: Thumbs, members: list[dict], negatives: lis
     by_subject: dict[str, list[dict]] = {}
     for sc in scores:
         by_subject.setdefault(sc["subject_id"], []).append(sc)
-    obj = _rows(cat, "SELECT name, attributes FROM objects WHERE image_id = ? AND object_id = ? LIMIT 1",
-                [parent, edit.get("object_id")]) if edit.get("object_id") else []
-    name = obj[0]["name"] if obj else (edit.get("object_id") or "object")
+    obj = objects.get(parent, edit.get("object_id")) if edit.get("object_id") else None
+    name = obj["name"] if obj else (edit.get("object_id") or "object")
 
     # which candidate exports keep: the verdict of stages/filters gate() over these rows
     image_scores = [sc for i in ids for sc in by_subject.get(i, [])]
@@ -588,12 +819,14 @@ def _edit_card(cat: Catalog, thumbs: Thumbs, members: list[dict], negatives: lis
                          "data-best-of-n": ",".join(best_of_n) or "none", "data-negatives": str(len(negs))})
 
 
-def _image_edits(cat: Catalog, runs: list[dict]) -> dict[str, Any]:
+def _image_edits(cat: Catalog, runs: list[dict], profile: list[dict]) -> dict[str, Any]:
     """The "Image edits" section: negatives per edit kind and level (the expressions table), edited images
     per kind, refusals by reason and each inpainter's fidelity (the latest run file that records the
     edits)."""
-    counts = _rows(cat, "SELECT negative_type, coalesce(negative_level, '-') AS level, count(*) AS n FROM expressions "
-                        "WHERE polarity = 'negative' AND negative_source = 'image' GROUP BY ALL ORDER BY 1, 2")
+    tally = _tally(profile, lambda r: (r["negative_type"], _coalesce(r["negative_level"], "-")),
+                   lambda r: _negative(r) and r["negative_source"] == "image")
+    counts = [{"negative_type": t, "level": level, "n": k}
+              for (t, level), k in sorted(tally.items(), key=lambda kv: (_null_last(kv[0][0]), kv[0][1]))]
     images = _rows(cat, "SELECT coalesce(to_json(edit) ->> 'type', '(unknown)') AS kind, count(DISTINCT image_id) AS n, "
                         "count(DISTINCT coalesce(to_json(edit) ->> 'group', image_id)) AS edits FROM images "
                         "WHERE parent_image_id IS NOT NULL GROUP BY ALL ORDER BY 1")
@@ -645,11 +878,12 @@ def _template() -> jinja2.Template:
 def render_report(build_dir: Path, examples: int = 4) -> str:
     """The report of ``build_dir`` as one HTML string."""
     root = Path(build_dir)
-    with Catalog(root) as cat:
+    with ShardCatalog(root) as cat:
         runs = _run_files(root)
         thumbs = Thumbs(cat, root)
         latest = runs[-1] if runs else {}
-        summary = _summary(cat)
+        profile = _profile(cat)
+        summary = _summary(cat, profile)
         ctx = {
             "build": latest.get("build") or root.name,
             "root": str(root.resolve()),
@@ -658,15 +892,15 @@ def render_report(build_dir: Path, examples: int = 4) -> str:
             "config_hash": latest.get("config_hash"),
             "summary_key": Markup(R.html_table(["", "rows"], summary["key"], cls="data key", numeric=[False, True])),
             "summary_tables": Markup(R.html_table(["table", "rows"], summary["tables"], numeric=[False, True])),
-            "distributions": [Markup(s) for s in _distributions(cat)],
-            "histograms": [Markup(s) for s in _histograms(cat)],
+            "distributions": [Markup(s) for s in _distributions(cat, profile)],
+            "histograms": [Markup(s) for s in _histograms(cat, profile)],
             "scores": _scores(cat),
             "blind": _blind(runs),
             "levels": R.level_mix(runs),
-            "reviews": _reviews(cat),
+            "reviews": _reviews(cat, profile),
             "drops": _drops(cat),
-            "edits": _image_edits(cat, runs),
-            "gallery": _gallery(cat, thumbs, max(0, int(examples))),
+            "edits": _image_edits(cat, runs, profile),
+            "gallery": _gallery(cat, thumbs, max(0, int(examples)), profile),
             "examples": examples,
         }
     return _template().render(**ctx)

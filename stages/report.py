@@ -244,9 +244,16 @@ def integer_edges(values: np.ndarray, max_bins: int = 40) -> np.ndarray:
     return np.arange(lo, hi + width + 1, width, dtype=float)
 
 
-def bin_counts(values: np.ndarray, edges: np.ndarray) -> list[int]:
-    """Counts per bin; the last bin includes its upper edge (numpy's convention)."""
-    counts, _ = np.histogram(np.asarray(values, dtype=float), bins=edges)
+def bin_counts(values: np.ndarray, edges: np.ndarray, weights: np.ndarray | None = None) -> list[int]:
+    """Counts per bin; the last bin includes its upper edge (numpy's convention). ``weights``: how many
+    rows each value stands for (integers), so that counted values (``GROUP BY value``) bin as the rows would.
+
+    >>> edges = np.array([1.0, 2.0, 3.0])
+    >>> bin_counts(np.array([1, 2, 2, 3]), edges), bin_counts(np.array([1, 2, 3]), edges, np.array([1, 2, 1]))
+    ([1, 3], [1, 3])
+    """
+    counts, _ = np.histogram(np.asarray(values, dtype=float), bins=edges,
+                             weights=None if weights is None else np.asarray(weights, dtype=np.int64))
     return [int(c) for c in counts]
 
 

@@ -72,6 +72,7 @@ __all__ = [
     "percent_agreement",
     "review_agreement",
     "strata_of",
+    "stratum_population",
     "wilson_interval",
 ]
 
@@ -266,6 +267,24 @@ def strata_of(expr: Any | None) -> list[tuple[str, str]]:
     if pol == "negative":
         out.append(("negative", f"{_get(expr, 'negative_type') or '(none)'} {_get(expr, 'negative_level') or '-'}"))
     return out
+
+
+def stratum_population(groups: Iterable[tuple[Any, int]]) -> Counter:
+    """Samples per stratum ``(dimension, value)`` from expressions counted by the columns
+    :func:`strata_of` reads: ``(expression, n)`` pairs, e.g. the rows of ``GROUP BY task, difficulty,
+    polarity, negative_type, negative_level`` with their counts, so that a caller never holds one row per
+    expression.
+
+    >>> pop = stratum_population([({"task": "relation", "difficulty": 1, "polarity": "positive"}, 3),
+    ...                           ({"task": "relation", "difficulty": 2, "polarity": "positive"}, 2)])
+    >>> pop[("all", "all")], pop[("task", "relation")], pop[("difficulty", "L2")]
+    (5, 5, 2)
+    """
+    pop: Counter = Counter()
+    for expr, n in groups:
+        for k in strata_of(expr):
+            pop[k] += int(n)
+    return pop
 
 
 def annotator_box(review: Mapping[str, Any], expr: Any | None) -> tuple[float, ...] | None:
@@ -553,8 +572,8 @@ def _strategies(value: Any) -> set[str]:
 
 
 def audit_error_rates(rows: Any, expressions: Any = None, strategy: Mapping[str, Any] | None = None, *,
-                      audit: str = AUDIT, z: float = Z95,
-                      dimensions: Sequence[str] = AUDIT_DIMENSIONS) -> AuditReport:
+                      audit: str = AUDIT, z: float = Z95, dimensions: Sequence[str] = AUDIT_DIMENSIONS,
+                      population: Mapping[tuple[str, str], int] | None = None) -> AuditReport:
     """Estimated error rate per stratum from an audit sample, with Wilson score intervals.
 
     ``strategy``: ``sample_id -> strategy`` (a string, or several when the sample was pushed more than
@@ -563,6 +582,10 @@ def audit_error_rates(rows: Any, expressions: Any = None, strategy: Mapping[str,
     biased). A sample's decision is the export's (latest, cautious on ties); an error is ``reject`` or
     ``fix``. Strata: every stratum of ``expressions`` (so unaudited ones show as unknown) and of the
     audited samples, in ``dimensions`` order.
+
+    ``population``: samples per stratum (:func:`stratum_population`) of the whole build, when
+    ``expressions`` holds only the reviewed samples (a large build's report); by default it is counted
+    from ``expressions``.
 
     >>> import datetime as dt
     >>> t = dt.datetime(2025, 1, 1)
@@ -586,10 +609,7 @@ def audit_error_rates(rows: Any, expressions: Any = None, strategy: Mapping[str,
         note = (f"Samples reviewed under the {audit!r} strategy (a random sample): {len(chosen)}"
                 if chosen else f"No sample was reviewed under the {audit!r} strategy: every rate is unknown")
     rep = AuditReport(basis=basis, note=note, audited=len(chosen))
-    pop: Counter = Counter()
-    for e in exprs.values():
-        for k in strata_of(e):
-            pop[k] += 1
+    pop = Counter(population) if population is not None else stratum_population((e, 1) for e in exprs.values())
     tally: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for sid in chosen:
         dec = latest[sid]["decision"]
