@@ -30,11 +30,13 @@ import pickle
 import re
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from refforge import __version__
@@ -51,6 +53,7 @@ from refforge.stages.export_formats import (
     canonical_record,
     refcoco,
 )
+from refforge.stages.filters import BEST_OF_N_FILTERS, VERIFYING_FILTERS
 from refforge.stages.filters import gate as filter_gate
 from refforge.stages.scene.templates import load_template
 from refforge.stages.splits import (
@@ -58,13 +61,14 @@ from refforge.stages.splits import (
     DEFAULT_RATIOS,
     LeakageError,
     apply_review_fixes,
-    assign_splits,
+    assign_split_codes,
     check_leakage,
     latest_reviews,
+    near_duplicate_pairs,
     phash,
     phash_clusters,
-    restrict_test_to_accepted,
 )
+from refforge.stages.splits import _root as _root_of
 from refforge.storage.atomic import atomic_write_bytes, fsync_dir
 from refforge.storage.build import BuildDir, new_run_id
 from refforge.storage.catalog import Catalog
@@ -145,22 +149,52 @@ def _datasets_module():
 # Reading the build
 # ---------------------------------------------------------------------------------------------------
 
-def _read_build(build_dir: Path) -> dict[str, Any]:
-    with Catalog(build_dir) as cat:
-        expressions = cat.sql("SELECT * FROM expressions ORDER BY sample_id").to_pylist()
-        # SELECT *: a build from before images.source_ids has no such column
-        images = cat.sql("SELECT * EXCLUDE (edit, spec) FROM images").to_pylist()
-        # one selected trace per sample; several selected ones (k > 1 and ties) -> the first by model, trace
-        cot = cat.sql("""SELECT sample_id, first(trace ORDER BY model, trace) AS trace FROM cot_traces
-                         WHERE selected GROUP BY sample_id""").to_pylist()
-        reviews = cat.sql("SELECT * FROM reviews").to_pylist()
-        objects = cat.sql("SELECT image_id, object_id, name FROM objects").to_pylist()
-        scores = cat.sql("SELECT * FROM scores").to_pylist()
-        edits = {r["image_id"]: r["edit"] for r in
-                 cat.sql("SELECT image_id, edit FROM images WHERE edit IS NOT NULL").to_pylist()}
-    for e in expressions:
-        if isinstance(e.get("tasks"), list):
-            e["tasks"] = dict(e["tasks"])
+_COMPACT = """
+WITH failed AS (SELECT subject_id, min("filter") AS bad FROM scores WHERE NOT passed GROUP BY subject_id),
+     verified AS (SELECT DISTINCT subject_id FROM scores WHERE passed AND "filter" IN ({verifying}))
+SELECT e.sample_id, e.image_id, e.positive_id, e.task, e.difficulty, e.polarity, e.negative_type, e.needs_review,
+       CASE WHEN fs.bad IS NULL THEN fi.bad WHEN fi.bad IS NULL THEN fs.bad ELSE least(fs.bad, fi.bad) END
+           AS failed_filter,
+       coalesce(e.needs_review, false) AND e.sample_id IN (SELECT subject_id FROM verified) AS verified
+FROM expressions e LEFT JOIN failed fs ON fs.subject_id = e.sample_id LEFT JOIN failed fi ON fi.subject_id = e.image_id
+ORDER BY e.sample_id
+"""
+"""One narrow row per expression, in sample_id order: the columns that splits, reviews and the filters'
+gate need (:func:`refforge.stages.filters.gate`: the first failed filter of the sample or its image, and
+whether a verifying filter passed it), so that an export holds no Python object per sample."""
+
+_FULL = "SELECT * FROM expressions ORDER BY sample_id"
+"""Every expression, in the order of :data:`_COMPACT`; read in record batches."""
+
+_COT = "SELECT sample_id, trace FROM cot_traces WHERE selected ORDER BY sample_id, model, trace"
+"""The selected traces in sample_id order; a sample's first one is its trace (k > 1 and ties: the first by
+model, trace). Two plain sorts, which DuckDB spills to disk, rather than an ordered aggregate, which it
+holds in memory."""
+
+
+def _first_traces(reader: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, str]]:
+    """``(sample_id, trace)``: the first row of each sample_id of a stream sorted by it."""
+    last = None
+    for batch in reader:
+        for sid, trace in zip(batch.column("sample_id").to_pylist(), batch.column("trace").to_pylist(),
+                              strict=True):
+            if sid != last:
+                last = sid
+                yield sid, trace
+
+
+_BATCH = 4096  # rows per record batch of the write pass
+_ROW_GROUP = 65_536  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group
+_DUCKDB_MEMORY = "256MB"  # DuckDB's own limit: the ORDER BY of the write pass spills beyond it
+
+
+def _read_images(cat: Catalog) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``image_id -> images row`` with ``source_image_id`` / ``source_file_name`` (a derived image's are
+    its original's), and ``image_id -> edit`` of the derived images. One Python object per image."""
+    # SELECT *: a build from before images.source_ids has no such column
+    images = cat.sql("SELECT * EXCLUDE (edit, spec) FROM images").to_pylist()
+    edits = {r["image_id"]: r["edit"] for r in
+             cat.sql("SELECT image_id, edit FROM images WHERE edit IS NOT NULL").to_pylist()}
     by_id = {i["image_id"]: i for i in images}
     for i in images:  # the source's own id and file: a derived image's are its original's
         root, seen = i, set()
@@ -169,9 +203,40 @@ def _read_build(build_dir: Path) -> dict[str, Any]:
             root = by_id[root["parent_image_id"]]
         i["source_image_id"] = (root.get("source_ids") or [None])[0]
         i["source_file_name"] = root.get("source_ref")
-    return {"expressions": expressions, "images": by_id,
-            "cot": {c["sample_id"]: c["trace"] for c in cot}, "reviews": reviews, "scores": scores, "edits": edits,
-            "objects": {(o["image_id"], o["object_id"]): o["name"] for o in objects}}
+    return by_id, edits
+
+
+def _full_rows(cat: Catalog, sample_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """The expressions rows of ``sample_ids`` (tasks as a dict), in sample_id order."""
+    ids = pa.table({"sample_id": pa.array(sorted(set(sample_ids)), pa.string())})
+    cat.con.register("_wanted", ids)
+    try:
+        rows = cat.sql("SELECT e.* FROM expressions e JOIN _wanted w USING (sample_id) ORDER BY e.sample_id").to_pylist()
+    finally:
+        cat.con.unregister("_wanted")
+    for e in rows:
+        if isinstance(e.get("tasks"), list):
+            e["tasks"] = dict(e["tasks"])
+    return rows
+
+
+def _first_seen_counts(reasons: pa.Array) -> Counter:
+    """Counter of the non-null values of ``reasons``, its keys in order of first appearance (as a loop
+    adding one by one would make them: export.json keeps that order)."""
+    enc = reasons.dictionary_encode()
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    valid = pc.is_valid(enc.indices).to_numpy(zero_copy_only=False)
+    counts = np.bincount(idx[valid].astype(np.int64), minlength=len(enc.dictionary))
+    return Counter({k: int(c) for k, c in zip(enc.dictionary.to_pylist(), counts.tolist(), strict=True) if c})
+
+
+def _replace(col: pa.Array, at: np.ndarray, values: list[Any]) -> pa.Array:
+    """``col`` with the rows ``at`` (sorted positions) set to ``values``."""
+    if not len(at):
+        return col
+    mask = np.zeros(len(col), dtype=bool)
+    mask[at] = True
+    return pc.replace_with_mask(col, pa.array(mask), pa.array(values, type=col.type))
 
 
 def _hashes(build: BuildDir, images: Mapping[str, Mapping[str, Any]], used: Iterable[str]) -> dict[str, int]:
@@ -261,10 +326,11 @@ def left_out_by_format(manifests: Mapping[str, Any]) -> dict[str, dict[str, int]
 
 
 def _write_formats(tmp: Path, formats: Sequence[str], by_split: Mapping[str, list[dict]], *, dialect: str,
-                   all_exprs: Sequence[Mapping[str, Any]], objects: Mapping[tuple[str, str], str]
-                   ) -> dict[str, Any]:
-    """Write every format under ``tmp``; returns the benchmark formats' manifests (counts, what each
-    left out and why), which go into export.json."""
+                   all_exprs: Sequence[Mapping[str, Any]], objects: Mapping[tuple[str, str], str],
+                   streamed: Iterable[str] = ()) -> dict[str, Any]:
+    """Write every format under ``tmp`` but those in ``streamed`` (written by :class:`_CanonicalWriter`
+    already); returns the benchmark formats' manifests (counts, what each left out and why), which go
+    into export.json."""
     manifests: dict[str, Any] = {}
     records = [r for s in by_split for r in by_split[s]]
     by_id = {r["sample_id"]: r for r in records}
@@ -276,6 +342,8 @@ def _write_formats(tmp: Path, formats: Sequence[str], by_split: Mapping[str, lis
     for fmt in formats:
         d = tmp / fmt
         d.mkdir(parents=True, exist_ok=True)
+        if fmt in streamed:
+            continue
         if fmt == "parquet":
             for s, rows in by_split.items():
                 table = pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA)
@@ -349,21 +417,168 @@ def _render_card(context: Mapping[str, Any]) -> str:
     return load_template("export/card.md.j2").render(**context).rstrip() + "\n"
 
 
-def _stats(by_split: Mapping[str, list[dict]]) -> dict[str, Any]:
-    def table(key: Callable[[dict], Any]) -> list[dict[str, Any]]:
-        per = {s: Counter(key(r) for r in rows) for s, rows in by_split.items()}
-        keys = sorted({k for c in per.values() for k in c}, key=lambda k: (k is None, str(k)))
-        return [{"key": "-" if k is None else k, "counts": [per[s][k] for s in by_split],
-                 "total": sum(per[s][k] for s in by_split)} for k in keys]
+_STAT_KEYS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "by_polarity": lambda r: r["polarity"],
+    "by_level": lambda r: f"L{r['level']}",
+    "by_task": lambda r: r["task"],
+    "by_groundingme": lambda r: r["tasks"].get("groundingme"),
+    "by_negative_type": lambda r: r["negative_type"] if r["polarity"] == "negative" else None,
+    "by_negative_level": lambda r: r["negative_level"] if r["polarity"] == "negative" else None,
+}
 
-    return {
-        "by_polarity": table(lambda r: r["polarity"]),
-        "by_level": table(lambda r: f"L{r['level']}"),
-        "by_task": table(lambda r: r["task"]),
-        "by_groundingme": table(lambda r: r["tasks"].get("groundingme")),
-        "by_negative_type": table(lambda r: r["negative_type"] if r["polarity"] == "negative" else None),
-        "by_negative_level": table(lambda r: r["negative_level"] if r["polarity"] == "negative" else None),
-    }
+
+class _SplitStats:
+    """The card's tables and export.json's counts, added up one canonical record at a time."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.per: dict[str, dict[str, Counter]] = {s: {k: Counter() for k in _STAT_KEYS} for s in names}
+
+    def add(self, split: str, rec: Mapping[str, Any]) -> None:
+        per = self.per.get(split)
+        if per is None:
+            per = self.per[split] = {k: Counter() for k in _STAT_KEYS}
+        for name, key in _STAT_KEYS.items():
+            per[name][key(rec)] += 1
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {s: {"samples": sum(c["by_polarity"].values()), "positives": c["by_polarity"]["positive"],
+                    "negatives": c["by_polarity"]["negative"]} for s, c in self.per.items()}
+
+    def tables(self) -> dict[str, Any]:
+        def table(name: str) -> list[dict[str, Any]]:
+            per = {s: c[name] for s, c in self.per.items()}
+            keys = sorted({k for c in per.values() for k in c}, key=lambda k: (k is None, str(k)))
+            return [{"key": "-" if k is None else k, "counts": [per[s][k] for s in per],
+                     "total": sum(per[s][k] for s in per)} for k in keys]
+
+        return {name: table(name) for name in _STAT_KEYS}
+
+
+def _stats(by_split: Mapping[str, list[dict]]) -> dict[str, Any]:
+    acc = _SplitStats(by_split)
+    for s, rows in by_split.items():
+        for r in rows:
+            acc.add(s, r)
+    return acc.tables()
+
+
+class _CanonicalWriter:
+    """``parquet/<split>.parquet`` and ``jsonl/<split>.jsonl`` written as records arrive, in bounded memory.
+
+    JSONL lines go straight to the file; Parquet rows are turned into Arrow every :data:`_BATCH` rows and
+    written as a row group every :data:`_ROW_GROUP` rows, so a split of up to that many rows is the
+    same file (one row group) as ``pq.write_table`` of the whole split makes. Files are fsynced on close;
+    they live in the export's temporary folder, which only appears at ``out`` once complete."""
+
+    def __init__(self, tmp: Path, formats: Sequence[str], names: Iterable[str]) -> None:
+        self.tmp, self.parquet, self.jsonl = tmp, "parquet" in formats, "jsonl" in formats
+        self.files: dict[str, Any] = {}
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.rows: dict[str, list[dict]] = {}
+        self.tables: dict[str, list[pa.Table]] = {}
+        self.pending: dict[str, int] = {}
+        self.written: set[str] = set()
+        for fmt in ("parquet", "jsonl"):
+            if fmt in formats:
+                (tmp / fmt).mkdir(parents=True, exist_ok=True)
+        for s in names:
+            self._open(s)
+
+    def _open(self, split: str) -> None:
+        if self.jsonl:
+            self.files[split] = open(self.tmp / "jsonl" / f"{split}.jsonl", "wb")  # noqa: SIM115 - closed in close()
+        if self.parquet:
+            self.writers[split] = pq.ParquetWriter(self.tmp / "parquet" / f"{split}.parquet", CANONICAL_SCHEMA,
+                                                   compression="zstd")
+            self.rows[split], self.tables[split], self.pending[split] = [], [], 0
+
+    def add(self, split: str, rec: dict[str, Any]) -> None:
+        if split not in self.files and split not in self.writers:
+            self._open(split)
+        if self.jsonl:
+            self.files[split].write(_json_bytes(rec) + b"\n")
+        if self.parquet:
+            rows = self.rows[split]
+            rows.append(rec)
+            if len(rows) >= _BATCH:
+                self._to_arrow(split)
+
+    def _to_arrow(self, split: str) -> None:
+        rows = self.rows[split]
+        if rows:
+            self.tables[split].append(pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA))
+            self.pending[split] += len(rows)
+            rows.clear()
+        if self.pending[split] >= _ROW_GROUP:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        tables = self.tables[split] or [CANONICAL_SCHEMA.empty_table()]
+        table = pa.concat_tables(tables).combine_chunks()
+        self.writers[split].write_table(table, row_group_size=_ROW_GROUP)
+        self.tables[split], self.pending[split] = [], 0
+        self.written.add(split)
+
+    def close(self) -> None:
+        for split, writer in self.writers.items():
+            self._to_arrow(split)
+            if self.tables[split] or split not in self.written:  # an empty split: one empty row group
+                self._flush(split)
+            writer.close()
+        for fh in self.files.values():
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - the folder is removed anyway
+                pass
+        for fh in self.files.values():
+            fh.close()
+
+
+def _leaks(code: np.ndarray, names: Sequence[str], sample_ids: pa.Array, image_ids: pa.Array,
+           images: Mapping[str, Mapping[str, Any]], phash_threshold: int | None,
+           hashes: Mapping[str, int]) -> list:
+    """:func:`~refforge.stages.splits.check_leakage` of the assignment ``code`` (-1: in no split).
+
+    First over columns: an image, an image family or (with ``phash_threshold``) a near-duplicate pair of
+    images in two splits is what check_leakage reports; only when one is found does check_leakage
+    itself run (on dicts, for its exact report)."""
+    at = np.flatnonzero(code >= 0)
+    if not len(at):
+        return []
+    enc = image_ids.take(pa.array(at)).dictionary_encode()
+    imgs = enc.dictionary.to_pylist()
+    img_code = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    k = len(names) + 1
+    pairs = np.unique(img_code * k + code[at])
+    img_of_pair, split_of_pair = np.divmod(pairs, k)
+    suspect = len(np.unique(img_of_pair)) != len(img_of_pair)
+    parents = {i: r["parent_image_id"] for i, r in images.items() if r.get("parent_image_id") is not None}
+    if not suspect:
+        root_of = {}
+        fam = np.array([root_of.setdefault(_root_of(imgs[i], parents), len(root_of)) for i in img_of_pair.tolist()],
+                       dtype=np.int64)
+        fam_pairs = np.unique(fam * k + split_of_pair)
+        suspect = len(np.unique(fam_pairs // k)) != len(fam_pairs)
+        if not suspect and phash_threshold is not None:
+            split_of_img = dict(zip([imgs[i] for i in img_of_pair.tolist()], split_of_pair.tolist(), strict=True))
+            family = {imgs[i]: f for i, f in zip(img_of_pair.tolist(), fam.tolist(), strict=True)}
+            hv = {i: hashes[i] for i in split_of_img if i in hashes}
+            suspect = len(hv) != len(split_of_img) or any(
+                family[a] != family[b] and split_of_img[a] != split_of_img[b]
+                for a, b, _ in near_duplicate_pairs(hv, int(phash_threshold)))
+    if not suspect:
+        return []
+    splits = {sid: names[c] for sid, c in zip(sample_ids.take(pa.array(at)).to_pylist(), code[at].tolist(), strict=True)}
+    samples = [{"sample_id": sid, "image_id": img}
+               for sid, img in zip(splits, image_ids.take(pa.array(at)).to_pylist(), strict=True)]
+    return check_leakage(splits, list(images.values()), samples=samples, phash_threshold=phash_threshold,
+                         hashes=hashes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -535,82 +750,195 @@ def export_build(
     if "hf" in formats or "groundingme" in formats:
         _datasets_module()
 
-    data = _read_build(build.root)
-    exprs, images = data["expressions"], data["images"]
-    if not exprs:
+    work = out.with_name(f".{out.name}.work-{os.getpid()}-{os.urandom(4).hex()}")  # DuckDB's spill folder
+    try:
+        with Catalog(build.root) as cat:
+            cat.con.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
+            cat.con.execute(f"SET temp_directory = '{str(work).replace(chr(39), chr(39) * 2)}'")
+            return _export(cat, build, out, formats, seed=seed, ratios=ratios, test_size=test_size,
+                           dialect=dialect, reviewed_test=reviewed_test, include_needs_review=include_needs_review,
+                           include_failed_filters=include_failed_filters, phash_threshold=phash_threshold,
+                           group_near_duplicates=group_near_duplicates, assignment=assignment, force=force,
+                           record_splits=record_splits, work=work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, seed: int,
+            ratios: Mapping[str, float] | None, test_size: int | None, dialect: str, reviewed_test: bool,
+            include_needs_review: bool, include_failed_filters: bool, phash_threshold: int | None,
+            group_near_duplicates: bool, assignment: Mapping[str, str] | None, force: bool,
+            record_splits: bool, work: Path) -> dict[str, Any]:
+    """:func:`export_build` once the options are checked: columns per sample, Python objects per image.
+
+    The narrow table (:data:`_COMPACT`) decides which samples go where; only reviewed fixes and the
+    samples whose ``needs_review`` a filter may clear become dicts. The write pass then streams every
+    expression (:data:`_FULL`, in the same order) in record batches, turning each kept one into its
+    canonical record, straight into the Parquet and JSONL writers; the other formats still take whole
+    splits (``by_split``) and are only collected when asked for."""
+    images, edits = _read_images(cat)
+    verifying = ", ".join("'" + f.replace("'", "''") + "'" for f in sorted(VERIFYING_FILTERS))
+    compact = cat.sql(_COMPACT.format(verifying=verifying))
+    n = compact.num_rows
+    if not n:
         raise ExportError(f"{build.root} has no expressions to export (did the build run the paths stage?)")
-    missing = sorted({e["image_id"] for e in exprs} - set(images))
+    sids = compact["sample_id"].combine_chunks()
+    used_ids = pc.unique(compact["image_id"]).to_pylist()
+    missing = sorted(set(used_ids) - set(images))
     if missing:
         raise ExportError(f"expressions use {len(missing)} image(s) missing from the images table: {missing[:5]}")
 
     # reviews: fixes applied, rejects and (optionally) unreviewed test samples left out
-    reviews = data["reviews"]
+    reviews = cat.sql("SELECT * FROM reviews").to_pylist()
     if reviewed_test and not reviews:
         raise ExportError("--reviewed-test asks for a human-reviewed test split, but the build has no reviews")
     latest = latest_reviews(reviews)
-    samples = apply_review_fixes(exprs, reviews) if reviews else [dict(e) for e in exprs]
-    filtered: Counter = Counter()
-    if not include_failed_filters:
-        samples, filtered = filter_gate(samples, data["scores"], data["edits"])
     fixed = {sid for sid, r in latest.items() if r["decision"] == "fix"}
+    fixed_rows: dict[str, dict[str, Any]] = {}
+    cols = {c: compact[c].combine_chunks() for c in ("image_id", "positive_id", "task", "difficulty", "polarity",
+                                                      "negative_type", "needs_review")}
+    if fixed:
+        rows = _full_rows(cat, fixed)
+        positives = {r["positive_id"] for r in rows if r.get("positive_id")}
+        rows += [r for r in _full_rows(cat, positives - fixed)]
+        fixed_rows = {d["sample_id"]: d for d in apply_review_fixes(rows, reviews) if d["sample_id"] in fixed}
+        at = pc.index_in(pa.array(sorted(fixed_rows), pa.string()), value_set=sids).to_numpy(zero_copy_only=False)
+        order = sorted(fixed_rows)
+        for c in ("positive_id", "task", "polarity", "negative_type", "needs_review"):
+            cols[c] = _replace(cols[c], at.astype(np.int64), [fixed_rows[sid].get(c) for sid in order])
 
-    hashes = _hashes(build, images, (e["image_id"] for e in samples)) if phash_threshold is not None else {}
+    # the filters' gate (refforge.stages.filters.gate), over columns: failed filters and edit candidates here,
+    # needs_review cleared by a verifying filter on the few samples it concerns
+    keep = np.ones(n, dtype=bool)
+    filtered: Counter = Counter()
+    needs_review_cleared: set[str] = set()
+    if not include_failed_filters:
+        best_scored = set(cat.sql(f"""SELECT DISTINCT subject_id FROM scores WHERE "filter" IN
+            ({", ".join("'" + f + "'" for f in sorted(BEST_OF_N_FILTERS))})""")["subject_id"].to_pylist())
+        first: dict[str, int] = {}
+        groups_scored: set[str] = set()
+        for image_id, e in edits.items():
+            g = e.get("group")
+            if g is None:
+                continue
+            first[g] = min(first.get(g, 1 << 30), e.get("candidate") or 0)
+            if image_id in best_scored:
+                groups_scored.add(g)
+        other_candidates = [i for i, e in edits.items() if e.get("group") is not None
+                            and e["group"] not in groups_scored and (e.get("candidate") or 0) != first[e["group"]]]
+        failed = compact["failed_filter"].combine_chunks()
+        reason = pc.if_else(pc.is_valid(failed), pc.binary_join_element_wise("failed filter ", failed, ""),
+                            pc.if_else(pc.is_in(cols["image_id"], value_set=pa.array(other_candidates, pa.string())),
+                                       pa.scalar("another candidate of its edit (no best-of-N filter ran)"),
+                                       pa.scalar(None, pa.string())))
+        filtered = _first_seen_counts(reason)
+        keep = pc.is_null(reason).to_numpy(zero_copy_only=False)
+        maybe = np.flatnonzero(keep & compact["verified"].to_numpy(zero_copy_only=False))
+        check = [fixed_rows[sid] if sid in fixed_rows else None for sid in sids.take(pa.array(maybe)).to_pylist()]
+        unfixed = [sids[int(i)].as_py() for i, d in zip(maybe.tolist(), check, strict=True) if d is None]
+        full = {r["sample_id"]: r for r in _full_rows(cat, unfixed)} if unfixed else {}
+        subset = [d if d is not None else full[sids[int(i)].as_py()] for i, d in zip(maybe.tolist(), check, strict=True)]
+        # every one of them passed a verifying filter and failed none: only the needs_review rule acts
+        verifying_passed = [{"subject_id": d["sample_id"], "filter": min(VERIFYING_FILTERS), "passed": True}
+                            for d in subset]
+        gated, _ = filter_gate(subset, verifying_passed, {})
+        for before, after in zip(subset, gated, strict=True):
+            if before.get("needs_review") and not after.get("needs_review"):
+                needs_review_cleared.add(after["sample_id"])
+        if needs_review_cleared:
+            order = sorted(needs_review_cleared)
+            at = pc.index_in(pa.array(order, pa.string()), value_set=sids).to_numpy(zero_copy_only=False)
+            cols["needs_review"] = _replace(cols["needs_review"], at.astype(np.int64), [False] * len(order))
+    kept_at = np.flatnonzero(keep)
+    kept = {c: v.take(pa.array(kept_at)) for c, v in cols.items()}
+    kept_sids = sids.take(pa.array(kept_at))
+
+    kept_images = pc.unique(kept["image_id"]).to_pylist()
+    hashes = _hashes(build, images, kept_images) if phash_threshold is not None else {}
     clusters: dict[str, str] = {}
     if group_near_duplicates and phash_threshold is not None:
         clusters = phash_clusters(hashes, int(phash_threshold))
     merged_images = sum(1 for k, v in clusters.items() if k != v)
 
+    # code[i]: the split (an index into names) of kept sample i, -1 for none
     if assignment is not None:
-        unknown = sorted(set(assignment) - {s["sample_id"] for s in samples})
+        unknown = sorted(set(assignment) - set(pc.filter(pa.array(list(assignment), pa.string()),
+                                                         pc.is_in(pa.array(list(assignment), pa.string()),
+                                                                  value_set=kept_sids)).to_pylist()))
         if unknown:
             raise ExportError(f"the assignment names {len(unknown)} sample(s) not in the build: {unknown[:5]}")
-        splits = dict(assignment)
-        names = [s for s in SPLIT_ORDER if s in set(splits.values())]
-        names += sorted(set(splits.values()) - set(names))
+        values = set(assignment.values())
+        names = [s for s in SPLIT_ORDER if s in values]
+        names += sorted(values - set(names))
+        pos = {nm: k for k, nm in enumerate(names)}
+        at = pc.index_in(kept_sids, value_set=pa.array(list(assignment), pa.string())).to_numpy(zero_copy_only=False)
+        given = np.array([pos[v] for v in assignment.values()], dtype=np.int64)
+        code = np.full(len(kept_sids), -1, dtype=np.int64)
+        ok = ~np.isnan(at)
+        code[ok] = given[at[ok].astype(np.int64)]
+        split_order = pc.index_in(pa.array(list(assignment), pa.string()), value_set=kept_sids)
+        walk = split_order.to_numpy(zero_copy_only=False).astype(np.int64)  # the mapping's order (drop reasons)
     else:
         split_ratios = dict(ratios) if ratios is not None else dict(DEFAULT_RATIOS)
+        parents = {i: r["parent_image_id"] for i, r in images.items() if r.get("parent_image_id") is not None}
         try:
-            splits = assign_splits(
-                samples, images=list(images.values()), ratios=split_ratios, test_size=test_size, seed=seed,
-                group_of=(lambda s: ("phash", clusters[s["image_id"]])) if clusters else None)
+            names_all, code = assign_split_codes(
+                kept_sids, kept["image_id"], kept["positive_id"],
+                [kept["task"], kept["difficulty"], kept["polarity"], kept["negative_type"]],
+                parents=parents, group_of_image=clusters or None, ratios=split_ratios, test_size=test_size,
+                seed=seed)
         except ValueError as e:
             raise ExportError(str(e)) from e
         names = list(split_ratios)
         if test_size is not None:
             names = [k for k in split_ratios if k != "test"] or ["train"]
             names.append("test")
-    before = dict(splits)
-    splits = restrict_test_to_accepted(splits, reviews, restricted=("test",) if reviewed_test else ())
-    dropped: Counter = Counter(filtered)
-    for sid, sp in before.items():
-        if sid not in splits:
-            dropped["rejected by a reviewer" if latest.get(sid, {}).get("decision") == "reject"
-                    else f"not reviewed ({sp} is restricted to reviewed samples)"] += 1
-    by_sid = {s["sample_id"]: s for s in samples}
-    if not include_needs_review:
-        for sid in [sid for sid, sp in splits.items() if sp == "test" and by_sid[sid].get("needs_review")]:
-            del splits[sid]
-            dropped["needs_review (left out of test; --include-needs-review keeps them)"] += 1
+        remap = np.array([names.index(nm) for nm in names_all], dtype=np.int64)
+        code = remap[code]
+        walk = np.arange(len(kept_sids))
 
-    leaks = check_leakage(splits, list(images.values()), samples=samples,
-                          phash_threshold=phash_threshold, hashes=hashes)
+    dropped: Counter = Counter(filtered)
+    test = names.index("test") if "test" in names else -2
+    if latest:  # restrict_test_to_accepted: rejects leave, a restricted test keeps only reviewed samples
+        state = np.zeros(len(kept_sids), dtype=np.int64)  # 0 unreviewed, 1 accepted or fixed, 2 rejected
+        rev_ids = sorted(latest)
+        rev_state = np.array([2 if latest[r]["decision"] == "reject" else 1 for r in rev_ids], dtype=np.int64)
+        at = pc.index_in(kept_sids, value_set=pa.array(rev_ids, pa.string()))
+        found = pc.is_valid(at).to_numpy(zero_copy_only=False)
+        state[found] = rev_state[at.to_numpy(zero_copy_only=False)[found].astype(np.int64)]
+        for i in walk.tolist():
+            c = code[i]
+            if c < 0:
+                continue
+            if state[i] == 2:
+                dropped["rejected by a reviewer"] += 1
+                code[i] = -1
+            elif reviewed_test and c == test and state[i] == 0:
+                dropped[f"not reviewed ({names[c]} is restricted to reviewed samples)"] += 1
+                code[i] = -1
+    if not include_needs_review:
+        nr = pc.fill_null(kept["needs_review"], False).to_numpy(zero_copy_only=False)
+        out_of_test = (code == test) & nr
+        if out_of_test.any():
+            dropped["needs_review (left out of test; --include-needs-review keeps them)"] += int(out_of_test.sum())
+            code[out_of_test] = -1
+
+    leaks = _leaks(code, names, kept_sids, kept["image_id"], images, phash_threshold, hashes)
     if leaks:
         raise LeakageError(leaks)
 
-    # canonical records, per split in sample_id order
-    by_split: dict[str, list[dict]] = {n: [] for n in names}
-    for s in samples:
-        sp = splits.get(s["sample_id"])
-        if sp is None:
-            continue
-        cot = None if s["sample_id"] in fixed else data["cot"].get(s["sample_id"])
-        by_split.setdefault(sp, []).append(canonical_record(s, images[s["image_id"]], split=sp, cot=cot))
-
+    in_split = code >= 0
+    # sample_id order (Python's: UTF-8 byte order), for the export id and the splits table
+    by_id = pc.sort_indices(kept_sids).to_numpy()
+    by_id = by_id[in_split[by_id]]
     config_hash = build.config_hash(Config)
-    digest = hashlib.sha256(_json_bytes([config_hash, sorted(splits.items())])).hexdigest()
-    export_id = f"export-{digest[:16]}"
-    counts = {s: {"samples": len(rows), "positives": sum(r["polarity"] == "positive" for r in rows),
-                  "negatives": sum(r["polarity"] == "negative" for r in rows)} for s, rows in by_split.items()}
+    digest = hashlib.sha256(b"[" + _json_bytes(config_hash) + b", [")  # == _json_bytes([config_hash, pairs])
+    name_json = [_json_bytes(nm) for nm in names]
+    for k, (sid, c) in enumerate(zip(kept_sids.take(pa.array(by_id)).to_pylist(), code[by_id].tolist(),
+                                     strict=True)):
+        digest.update((b", [" if k else b"[") + _json_bytes(sid) + b", " + name_json[c] + b"]")
+    digest.update(b"]]")
+    export_id = f"export-{digest.hexdigest()[:16]}"
     cfg_name = build.config(Config).build.name
     meta: dict[str, Any] = {
         "kind": EXPORT_KIND,
@@ -622,7 +950,7 @@ def export_build(
         **({"test_size": int(test_size)} if test_size is not None and assignment is None
            else {"ratios": dict(ratios) if ratios is not None else dict(DEFAULT_RATIOS)}),
         "formats": formats,
-        "counts": counts,
+        "counts": {},
         "leakage": {"checked": True, "phash_threshold": phash_threshold, "leaks": []},
         "options": {"dialect": dialect, "reviewed_test": reviewed_test,
                     "include_needs_review": include_needs_review, "include_failed_filters": include_failed_filters,
@@ -634,21 +962,84 @@ def export_build(
         "refforge_version": __version__,
     }
 
+    # the write pass: every expression in sample_id order; kept ones become canonical records
+    full_code = np.full(n, -1, dtype=np.int64)
+    full_code[kept_at] = code
+    gate_kept = np.zeros(n, dtype=bool)
+    gate_kept[kept_at] = True
+    others = [f for f in formats if f not in ("parquet", "jsonl")]
+    by_split: dict[str, list[dict]] = {nm: [] for nm in names}
+    all_exprs: list[dict] = []
+    stats = _SplitStats(names)
+    used: set[str] = set()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     tmp.mkdir()
+    writer = None
     try:
-        used = {r["image"] for rows in by_split.values() for r in rows}
+        writer = _CanonicalWriter(tmp, formats, names)
+        # the traces, sorted, go to a file first: two sorts streaming at once do not fit DuckDB's limit
+        work.mkdir(parents=True, exist_ok=True)
+        cat.con.execute("SET threads = 1")  # one sort buffer, not one per thread: it spills sooner
+        cot_file = str(work / "cot.parquet").replace("'", "''")
+        cat.con.execute(f"COPY ({_COT}) TO '{cot_file}' (FORMAT parquet)")
+        cot_reader = pq.ParquetFile(work / "cot.parquet")
+        traces = _first_traces(cot_reader.iter_batches(_BATCH, columns=["sample_id", "trace"]))
+        reader = cat.con.sql(_FULL).to_arrow_reader(_BATCH)
+        cot_sid, cot_trace = next(traces, (None, None))
+        start = 0
+        for batch in reader:
+            if not pc.all(pc.equal(batch.column("sample_id"), sids.slice(start, batch.num_rows))).as_py():
+                raise RuntimeError("the expressions changed while they were exported")  # pragma: no cover
+            codes, gk = full_code[start:start + batch.num_rows], gate_kept[start:start + batch.num_rows]
+            start += batch.num_rows
+            if not gk.any():
+                continue
+            rows = batch.filter(pa.array(gk)).to_pylist()
+            for s, c in zip(rows, codes[gk].tolist(), strict=True):
+                sid = s["sample_id"]
+                while cot_sid is not None and cot_sid < sid:  # both sorted by sample_id (byte order)
+                    cot_sid, cot_trace = next(traces, (None, None))
+                trace = cot_trace if cot_sid == sid else None
+                if sid in fixed_rows:
+                    s = dict(fixed_rows[sid])
+                elif isinstance(s.get("tasks"), list):
+                    s["tasks"] = dict(s["tasks"])
+                if sid in needs_review_cleared:
+                    s["needs_review"] = False
+                if others:
+                    all_exprs.append(s)
+                if c < 0:
+                    continue
+                sp = names[c]
+                rec = canonical_record(s, images[s["image_id"]], split=sp, cot=None if sid in fixed else trace)
+                writer.add(sp, rec)
+                stats.add(sp, rec)
+                used.add(rec["image"])
+                if others:
+                    by_split[sp].append(rec)
+        if start != n:
+            raise RuntimeError("the expressions changed while they were exported")  # pragma: no cover
+        cot_reader.close()
+        writer.close()
+        writer = None
+        meta["counts"] = stats.counts()
         link_mode = _copy_images(build, tmp, used)
-        meta["format_manifests"] = _write_formats(tmp, formats, by_split, dialect=dialect, all_exprs=samples,
-                                                  objects=data["objects"])
+        objects: dict[tuple[str, str], str] = {}
+        if "finecops" in formats or "coco" in formats:
+            objects = {(o["image_id"], o["object_id"]): o["name"]
+                       for o in cat.sql("SELECT image_id, object_id, name FROM objects").to_pylist()}
+        meta["format_manifests"] = _write_formats(tmp, formats, by_split, dialect=dialect, all_exprs=all_exprs,
+                                                  objects=objects, streamed=("parquet", "jsonl"))
         meta["left_out_by_format"] = left_out_by_format(meta["format_manifests"])
-        card = {"meta": meta, "splits": list(by_split), "stats": _stats(by_split), "link_mode": link_mode,
+        card = {"meta": meta, "splits": list(meta["counts"]), "stats": stats.tables(), "link_mode": link_mode,
                 "formats": [(f, FORMAT_HELP[f]) for f in formats], "n_images": len(used)}
         atomic_write_bytes(tmp / "README.md", _render_card(card).encode("utf-8"))
         _write_json(tmp / "export.json", meta, indent=2)
         _place(tmp, out, force, build.root)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -657,8 +1048,10 @@ def export_build(
         # after the export is in place: a build we may not write to (read-only mount) still exports
         try:
             if not build.reader.has_work("splits", export_id):
-                rows = [{"sample_id": sid, "split": sp, "export_id": export_id} for sid, sp in sorted(splits.items())]
-                build.writer(new_run_id()).write("splits", rows, work_key=export_id, stage="export")
+                table = pa.table({"sample_id": kept_sids.take(pa.array(by_id)),
+                                  "split": pa.array([names[c] for c in code[by_id].tolist()], pa.string()),
+                                  "export_id": pa.array([export_id] * len(by_id), pa.string())})
+                build.writer(new_run_id()).write("splits", table, work_key=export_id, stage="export")
             recorded = True
         except OSError:
             recorded = False

@@ -44,6 +44,7 @@ __all__ = [
     "LeakageError",
     "apply_review_fixes",
     "assert_no_leakage",
+    "assign_split_codes",
     "assign_splits",
     "check_leakage",
     "hamming",
@@ -295,11 +296,9 @@ def assign_splits(
     groups = sample_groups(samples, images=images, group_of=group_of)
     n = len(samples)
     targets = _targets(n, ratios, test_size)
-    names = list(targets)
     if n == 0:
         return {}
-
-    # groups in a seeded order; columns: size, then the marginal values, then the joint keys
+    # groups in a seeded order
     gids = sorted(set(groups.values()), key=lambda g: stable_key("split-order", seed, g))
     gindex = {g: i for i, g in enumerate(gids)}
     fields = tuple(stratify)
@@ -307,14 +306,29 @@ def assign_splits(
     stratum = np.fromiter((strata.setdefault(tuple(map(s.get, fields)) if type(s) is dict
                                              else tuple(_get(s, f) for f in fields), len(strata))
                            for s in samples), dtype=np.int64, count=n)
+    sample_group = np.fromiter((gindex[g] for g in groups.values()), dtype=np.int64, count=n)  # sample order
+    assign = _place_groups(sample_group, len(gids), stratum, list(strata), fields, targets)
+    names = list(targets)
+    split_of = [names[k] for k in assign]
+    return {sid: split_of[g] for sid, g in zip(groups, sample_group.tolist(), strict=True)}
+
+
+def _place_groups(sample_group: np.ndarray, n_groups: int, stratum: np.ndarray, strata: Sequence[tuple],
+                  fields: tuple[str, ...], targets: Mapping[str, float]) -> np.ndarray:
+    """The split index (in ``targets`` order) of each group: the placement of :func:`assign_splits`.
+
+    ``sample_group``: each sample's group, numbered in the seeded order; ``stratum``: each sample's
+    joint key, numbered as ``strata`` lists them (first appearance in sample order)."""
+    n = len(sample_group)
+    names = list(targets)
+    # columns: size, then the marginal values, then the joint keys
     cols = sorted({(f, v) for key in strata for f, v in zip(fields, key, strict=True)}
                   | ({("joint", key) for key in strata} if fields else set()), key=repr)
     cindex = {c: j + 1 for j, c in enumerate(cols)}
     n_cols = len(cols) + 1
-    sample_group = np.fromiter((gindex[g] for g in groups.values()), dtype=np.int64, count=n)  # sample order
     pairs, counts = np.unique(sample_group * len(strata) + stratum, return_counts=True)
     pair_group, pair_stratum = np.divmod(pairs, len(strata))
-    vec = np.zeros((len(gids), n_cols))
+    vec = np.zeros((n_groups, n_cols))
     np.add.at(vec, (pair_group, 0), counts)  # column 0: the size
     for i, f in enumerate(fields):
         col_of = np.array([cindex[(f, key[i])] for key in strata], dtype=np.int64)
@@ -333,9 +347,138 @@ def assign_splits(
     weight[open_] = mult[None, :] / scale[open_] ** 2
 
     assign = _greedy_place(vec, target, weight, split_n)
-    assign = _local_search(vec, assign, target, weight, open_)
-    split_of = [names[k] for k in assign]
-    return {sid: split_of[g] for sid, g in zip(groups, sample_group.tolist(), strict=True)}
+    return _local_search(vec, assign, target, weight, open_)
+
+
+def assign_split_codes(
+    sample_ids: Any,
+    image_ids: Any,
+    positive_ids: Any,
+    strata_columns: Sequence[Any],
+    *,
+    parents: Mapping[str, str] | None = None,
+    group_of_image: Mapping[str, Any] | None = None,
+    ratios: Mapping[str, float] | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+    stratify: Sequence[str] = DEFAULT_STRATIFY,
+) -> tuple[list[str], np.ndarray]:
+    """:func:`assign_splits` over columns: ``(split names, split index of each sample)``.
+
+    The same assignment as ``assign_splits(samples, images=parents, group_of=lambda s:
+    group_of_image.get(s["image_id"]), stratify=fields)`` for samples given in the same order, without a
+    Python object per sample: ``sample_ids``, ``image_ids``, ``positive_ids`` and each column of
+    ``strata_columns`` (the values of the fields named by ``stratify``, in order) are pyarrow arrays (or sequences) of one
+    length; ``parents`` maps ``image_id -> parent_image_id``; ``group_of_image`` ties images together
+    (e.g. near-duplicate clusters). Memory is a few numpy integers per sample plus Python objects
+    per image, per distinct stratum and per group, so an export of a million samples stays small.
+
+    Every sample sits on its image's root (the image, or the original it was derived from), so the
+    union-find runs over image roots, missing positives and ``group_of_image`` keys, joined by the
+    distinct (root, root) pairs that positives and keys add; a group's id is still its smallest
+    ``sample_id`` (it orders the groups by ``stable_key``).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def arr(x: Any) -> pa.Array:
+        x = x if isinstance(x, pa.Array | pa.ChunkedArray) else pa.array(list(x))
+        return x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x
+
+    sids, imgs, pids = arr(sample_ids), arr(image_ids), arr(positive_ids)
+    n = len(sids)
+    targets = _targets(n, ratios, test_size)
+    names = list(targets)
+    if n == 0:
+        return names, np.zeros(0, dtype=np.int64)
+    if sids.null_count:
+        raise ValueError("a sample has no sample_id")
+    if len(pc.unique(sids)) != n:
+        counts = pc.value_counts(sids)
+        dup = sorted(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
+        raise ValueError(f"duplicate sample_id(s): {dup[:10]}")
+    parents = dict(parents or {})
+
+    # nodes: image roots, then missing positives and group keys, then samples without an image
+    nodes: dict[Any, int] = {}
+
+    def node(key: Any) -> int:
+        return nodes.setdefault(key, len(nodes))
+
+    enc = imgs.dictionary_encode()
+    img_values = enc.dictionary.to_pylist()
+    root_node = np.array([node(("i", _root(i, parents))) for i in img_values], dtype=np.int64)
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    base = np.empty(n, dtype=np.int64)
+    has_img = pc.is_valid(enc.indices).to_numpy(zero_copy_only=False)
+    base[has_img] = root_node[codes[has_img].astype(np.int64)]
+    for i in np.flatnonzero(~has_img).tolist():
+        base[i] = node(("s", i))
+    edges: list[np.ndarray] = []
+    # a negative and its positive: the positive's root if it is a sample here, else the positive's own node
+    pos_idx = pc.index_in(pids, value_set=sids)
+    found = pc.is_valid(pos_idx).to_numpy(zero_copy_only=False)
+    if found.any():
+        j = pos_idx.to_numpy(zero_copy_only=False)[found].astype(np.int64)
+        edges.append(np.stack([base[found], base[j]], 1))
+    missing = pc.and_(pc.is_valid(pids), pc.is_null(pos_idx)).to_numpy(zero_copy_only=False)
+    if missing.any():
+        miss = pids.filter(pa.array(missing)).dictionary_encode()
+        miss_node = np.array([node(("s", p)) for p in miss.dictionary.to_pylist()], dtype=np.int64)
+        edges.append(np.stack([base[missing], miss_node[miss.indices.to_numpy(zero_copy_only=False)]], 1))
+    if group_of_image:
+        key_node = np.array([-1 if group_of_image.get(i) is None else node(("g", group_of_image[i]))
+                             for i in img_values], dtype=np.int64)
+        tied = has_img.copy()
+        tied[has_img] = key_node[codes[has_img].astype(np.int64)] >= 0
+        if tied.any():
+            edges.append(np.stack([base[tied], key_node[codes[tied].astype(np.int64)]], 1))
+    uf = _UnionFind(range(len(nodes)))
+    if edges:
+        pairs = np.unique(np.concatenate(edges), axis=0)
+        for a, b in pairs.tolist():
+            if a != b:
+                uf.union(a, b)
+    comp_of_node = np.array([uf.find(i) for i in range(len(nodes))], dtype=np.int64)
+    comp = comp_of_node[base]
+    # a group's id: its smallest sample_id (Python's order: UTF-8 byte order is code point order)
+    by_id = pc.sort_indices(sids).to_numpy()
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_id] = np.arange(n)
+    first = np.full(len(nodes), n, dtype=np.int64)
+    np.minimum.at(first, comp, rank)
+    used = np.flatnonzero(first < n)
+    gid = sids.take(pa.array(by_id[first[used]])).to_pylist()
+    order = sorted(range(len(used)), key=lambda k: stable_key("split-order", seed, gid[k]))
+    gindex = np.full(len(nodes), -1, dtype=np.int64)
+    gindex[used[np.array(order, dtype=np.int64)]] = np.arange(len(used))
+    sample_group = gindex[comp]
+
+    # joint strata numbered by first appearance in sample order
+    fields = tuple(stratify)
+    if len(fields) != len(strata_columns):
+        raise ValueError(f"{len(strata_columns)} strata columns for the fields {fields}")
+    key = np.zeros(n, dtype=np.int64)
+    dicts = []
+    for col in strata_columns:
+        e = arr(col).dictionary_encode(null_encoding="encode")
+        values = e.dictionary.to_pylist()
+        dicts.append(values)
+        key = key * (len(values) + 1) + e.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    uniq, first_at, inverse = np.unique(key, return_index=True, return_inverse=True)
+    appear = np.argsort(first_at, kind="stable")
+    number = np.empty(len(uniq), dtype=np.int64)
+    number[appear] = np.arange(len(uniq))
+    stratum = number[inverse.reshape(-1)]
+    strata = []
+    for u in uniq[appear].tolist():
+        parts = []
+        for values in reversed(dicts):
+            u, c = divmod(u, len(values) + 1)
+            parts.append(values[c])
+        strata.append(tuple(reversed(parts)))
+    assign = _place_groups(sample_group, len(used), stratum, strata, fields, targets)
+    return names, assign[sample_group]
 
 
 def _greedy_place(vec: np.ndarray, target: np.ndarray, weight: np.ndarray, split_n: np.ndarray) -> np.ndarray:

@@ -1,0 +1,70 @@
+"""The streaming export (issue 18) writes what the export before it wrote, byte for byte.
+
+tests/golden/export_prev_demo.json holds the digests of every file that the release before issue 18
+wrote when exporting tests/golden/prev_demo_build with every format, in four cases (plain; another seed,
+dialect and ratios; reviews with fixes, a negative turned positive, rejects and a reviewed test split;
+test_size without the near-duplicate check): see tests/flows/export_golden_cases.py."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+from refforge.flows import export as export_flow
+from refforge.stages.export_records import read_canonical
+from refforge.stages.splits import assign_split_codes, assign_splits
+from tests.flows.export_golden_cases import CASES, GOLDEN, make_build, run_case
+
+EXPECTED = json.loads((GOLDEN / "export_prev_demo.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_format_is_byte_identical_to_the_previous_export(name, tmp_path):
+    got = run_case(export_flow.export_build, name, tmp_path)
+    want = EXPECTED[name]
+    assert len(want) > 50
+    assert sorted(got) == sorted(want)
+    assert [k for k in want if got[k] != want[k]] == []
+
+
+def test_small_row_groups_hold_the_same_records(tmp_path, monkeypatch):
+    """A split larger than a row group is written as several row groups, with the records in order."""
+    build = make_build(tmp_path / "b", reviews=False)
+    whole = tmp_path / "whole"
+    export_flow.export_build(build, whole, ["parquet", "jsonl"], record_splits=False)
+    monkeypatch.setattr(export_flow, "_BATCH", 16)
+    monkeypatch.setattr(export_flow, "_ROW_GROUP", 64)
+    small = tmp_path / "small"
+    export_flow.export_build(build, small, ["parquet", "jsonl"], record_splits=False)
+    meta = pq.ParquetFile(small / "parquet" / "train.parquet").metadata
+    assert meta.num_row_groups == -(-meta.num_rows // 64) > 1
+    assert read_canonical(small) == read_canonical(whole)
+    assert (small / "jsonl" / "train.jsonl").read_bytes() == (whole / "jsonl" / "train.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_columnar_assignment_equals_assign_splits(trial):
+    rng = random.Random(trial)
+    n_img = rng.randint(3, 200)
+    images = [{"image_id": f"im{i:04d}",
+               "parent_image_id": f"im{rng.randrange(i):04d}" if i and rng.random() < 0.2 else None}
+              for i in range(n_img)]
+    samples = sorted(({"sample_id": f"s{k:05d}", "image_id": rng.choice(images)["image_id"],
+                       "positive_id": rng.choice([None, None, f"s{rng.randrange(2000):05d}", f"gone{rng.randrange(4)}"]),
+                       "task": rng.choice(["a", "b", "c"]), "difficulty": rng.choice([1, 2, 3]),
+                       "polarity": rng.choice(["positive", "negative"]), "negative_type": rng.choice([None, "x", "y"])}
+                      for k in range(rng.randint(1, 2000))), key=lambda s: s["sample_id"])
+    clusters = {i["image_id"]: f"c{rng.randrange(n_img // 2 + 1)}" for i in images} if trial % 2 else None
+    kw = {"seed": trial, "ratios": {"train": 0.7, "val": 0.2, "test": 0.1} if trial % 3 else None,
+          "test_size": 30 if trial == 4 else None}
+    want = assign_splits(samples, images=images, **kw,
+                         group_of=(lambda s: ("phash", clusters[s["image_id"]])) if clusters else None)
+    names, codes = assign_split_codes(
+        [s["sample_id"] for s in samples], [s["image_id"] for s in samples], [s["positive_id"] for s in samples],
+        [[s[f] for s in samples] for f in ("task", "difficulty", "polarity", "negative_type")],
+        parents={i["image_id"]: i["parent_image_id"] for i in images if i["parent_image_id"]},
+        group_of_image=clusters, **kw)
+    assert {s["sample_id"]: names[c] for s, c in zip(samples, codes.tolist(), strict=True)} == want
