@@ -193,8 +193,9 @@ def check_packages(cfg: ConfigBase) -> None:
         stage.check_packages(cfg.section_of(stage))
 
 
-# The process runner pays on 2 cores once a build has enough units to keep both workers busy (its
-# workers take about 2 s to start; benchmarks/RESULTS.md, issue 18); below that the thread runner wins.
+# The process runner pays on 2 cores once a build has enough units to keep both workers busy: its pool
+# starts in about 1.5 s (the forkserver's imports), so at 3 shards it is even with threads (120 scenes:
+# 0.97x) and at 25 it is 1.37x faster (1,000 scenes; 1.50x at 4,000: benchmarks/RESULTS.md, issue 18).
 AUTO_PROCESS_MIN_UNITS = 8
 
 
@@ -211,12 +212,22 @@ def runner_kind(cfg: ConfigBase, shards: list[dict[str, Any]]) -> str:
 
 def _task_runner(cfg: ConfigBase) -> contextlib.AbstractContextManager[Any]:
     """The build's task runner, for a ``with`` block (the Dask runner's cluster lives as long as it)."""
-    runner = cfg.runner
-    if runner.kind == "dask":
+    if cfg.runner.kind == "dask":
         return dask_task_runner(cfg)
-    # thread and process: Prefect's tasks run in threads of this process; the process runner's units are
-    # sent on from there to the build's worker pool (flows/pool.py)
-    return contextlib.nullcontext(ThreadPoolTaskRunner(max_workers=runner.workers))
+    return contextlib.nullcontext(None)  # thread and process: made once the plan says which (_thread_runner)
+
+
+# Prefect task threads per pool worker (the process runner): a unit waits in the pool's queue while the one
+# before it runs, so a worker starts its next unit at once instead of after Prefect has finished the last
+# task run and begun the next (4,000 scenes: 115.4 s against 117.6 s with one thread per worker).
+THREADS_PER_WORKER = 2
+
+
+def _thread_runner(cfg: ConfigBase, kind: str) -> ThreadPoolTaskRunner:
+    """Prefect's thread pool for the thread and process runners: the process runner's tasks run in these
+    threads too and send their units on to the build's worker pool (flows/pool.py)."""
+    workers = cfg.runner.workers
+    return ThreadPoolTaskRunner(max_workers=workers * THREADS_PER_WORKER if kind == "process" else workers)
 
 
 def run_build(config: ConfigBase, out: Path, *, force: bool = False, progress: ProgressFn | None = None
@@ -256,13 +267,15 @@ def _run(config: ConfigBase, build: BuildDir, resumed: bool, task_runner: Any, p
         if idle is not None:
             results.update(idle)
         else:
-            start_temporary_server()  # without PREFECT_API_URL: Prefect's temporary server, stopped even on SIGKILL
-            if config.runner.limits_endpoints:  # before the first request (the endpoint check's)
-                ensure_endpoint_limits(config)
-            check_endpoints(ctx)
             with contextlib.ExitStack() as stack:
-                if runner_kind(config, ctx.shards) == "process":
+                kind = runner_kind(config, ctx.shards)
+                if kind == "process":  # its workers start while the rest does
                     ctx.pool = stack.enter_context(UnitPool(config.runner.workers))
+                task_runner = task_runner or _thread_runner(config, kind)
+                start_temporary_server()  # without PREFECT_API_URL: Prefect's temporary server, stopped even on SIGKILL
+                if config.runner.limits_endpoints:  # before the first request (the endpoint check's)
+                    ensure_endpoint_limits(config)
+                check_endpoints(ctx)
                 results.update(build_flow.with_options(task_runner=task_runner,
                                                        flow_run_name=f"build {config.build.name} {run_id}")(
                     str(ctx.root), config.model_dump(mode="json"), run_id))

@@ -46,8 +46,10 @@ from .plausible import BuildVocabulary, PlausibilityJudge, VocabularyBackend
 
 # A refinement fit over n candidates costs more than n times one over one (its Newton-CG fits and rounds:
 # refine took 6.0x the time at 4,000 scenes as at 1,000, issue 18) and held every candidate at once;
-# blocks of 1,000 images keep both linear in the build's size (benchmarks/RESULTS.md, issue 18).
-REFINE_BLOCK = 1_000
+# blocks keep both linear in the build's size. 500 images (about 35,000 candidates and 11,000 positives
+# in the demo's config, ~150 MB while it fits) make two blocks from 1,000 images on, so a build's peak
+# (two blocks at once on two workers) is the same at 1,000 scenes as at 16,000 (benchmarks/RESULTS.md).
+REFINE_BLOCK = 500
 
 
 class NegativesTextConfig(_Strict):
