@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from refforge import _env  # noqa: F401  (environment defaults before Prefect loads)
 from refforge._strict import ConfigError
-from refforge.config import ConfigBase, parse_config
+from refforge.config import AUTO_PROCESS_MIN_UNITS, ConfigBase, parse_config
 from refforge.optional import require
 from refforge.pipeline.context import BuildContext, ProgressFn
 from refforge.pipeline.limits import ensure_endpoint_limits
@@ -193,21 +192,9 @@ def check_packages(cfg: ConfigBase) -> None:
         stage.check_packages(cfg.section_of(stage))
 
 
-# The process runner pays on 2 cores once a build has enough units to keep both workers busy: its pool
-# starts in about 1.5 s (the forkserver's imports), so at 3 shards it is even with threads (120 scenes:
-# 0.97x) and at 25 it is 1.37x faster (1,000 scenes; 1.50x at 4,000: benchmarks/RESULTS.md, issue 18).
-AUTO_PROCESS_MIN_UNITS = 8
-
-
 def runner_kind(cfg: ConfigBase, shards: list[dict[str, Any]]) -> str:
-    """The runner a build runs with: ``[runner] kind``, or for ``"auto"`` the process runner when the
-    machine has at least two usable cores, ``workers >= 2`` and the plan at least
-    :data:`AUTO_PROCESS_MIN_UNITS` shards; else the thread runner."""
-    runner = cfg.runner
-    if runner.kind != "auto":
-        return runner.kind
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return "process" if cores >= 2 and runner.workers >= 2 and len(shards) >= AUTO_PROCESS_MIN_UNITS else "thread"
+    """The runner this build runs with (:meth:`refforge.config.RunnerSection.resolved` for its plan)."""
+    return cfg.runner.resolved(len(shards))
 
 
 def _task_runner(cfg: ConfigBase) -> contextlib.AbstractContextManager[Any]:
@@ -356,5 +343,5 @@ def _write_failed_run(build: BuildDir, config: ConfigBase, ctx: BuildContext, ru
         pass
 
 
-__all__ = ["EmptySource", "build_flow", "check_endpoints", "check_packages", "check_source", "nothing_to_do", "plan",
+__all__ = ["AUTO_PROCESS_MIN_UNITS", "EmptySource", "build_flow", "check_endpoints", "check_packages", "check_source", "nothing_to_do", "plan",
            "planned", "resumed_units", "run_build", "run_stage"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -69,6 +70,13 @@ class _BuildSection(_Strict):
         return self
 
 
+# The process runner pays on 2 cores once a build has enough units to keep both workers busy: its pool
+# starts in about 1.5 s (the forkserver's imports), so at 3 shards it is even with threads (120 scenes:
+# 0.97x), at 6 shards 1.18x faster (the demo's 240 scenes), 1.37x at 25 (1,000 scenes) and 1.50x at 100
+# (4,000 scenes; benchmarks/RESULTS.md, issue 18).
+AUTO_PROCESS_MIN_UNITS = 6
+
+
 class RunnerSection(_Strict):
     kind: Literal["auto", "thread", "process", "dask"] = Field(default="auto", description=(
         "auto: the process runner for builds of several shards on two or more cores, else threads"))
@@ -90,6 +98,15 @@ class RunnerSection(_Strict):
     @property
     def limits_endpoints(self) -> bool:
         return self.kind == "dask" if self.endpoint_limits is None else self.endpoint_limits
+
+    def resolved(self, shards: int) -> str:
+        """The runner a build of ``shards`` shards runs with: ``kind``, or for ``"auto"`` the process
+        runner when the machine has at least two usable cores, ``workers >= 2`` and the plan at least
+        :data:`AUTO_PROCESS_MIN_UNITS` shards; else the thread runner."""
+        if self.kind != "auto":
+            return self.kind
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return "process" if cores >= 2 and self.workers >= 2 and shards >= AUTO_PROCESS_MIN_UNITS else "thread"
 
 
 class ConfigBase(_Strict):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,12 +12,45 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from refforge.config import ConfigError, load_config
+from refforge.config import AUTO_PROCESS_MIN_UNITS, ConfigError, load_config
 from refforge.llm import EndpointError, LLMRequestError
 from refforge.optional import MissingPackage
 from refforge.storage import BuildConflict, Catalog
 
 from ._ui import INTERRUPTED, console, fail, print_warning
+
+
+def start_pool_server(cfg: Any) -> bool:
+    """Start the process runner's forkserver now, when the build will run processes: it imports refforge
+    on the other core while this process imports Prefect and plans, so the first unit starts about a
+    second sooner (flows/pool.py forks the workers from it). Judged from the config alone: a synthetic
+    source has ``images / shard_size`` shards; another source's count is known only after its listing, so
+    ``"auto"`` takes it for a build of many shards (a pool that is not used after all costs the server's
+    imports on the other core, and it ends with this process)."""
+    src = cfg.source
+    shards = (-(-src.images // cfg.build.shard_size) if getattr(src, "kind", "") == "synthetic"
+              else AUTO_PROCESS_MIN_UNITS)
+    if cfg.runner.resolved(shards) != "process" or "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["refforge.flows.pool"])
+    forkserver.ensure_running()
+    return True
+
+
+def _totals(root: Path) -> None:
+    """The line of what a build holds: images, expressions by polarity and level, traces."""
+    with Catalog(root) as cat:
+        row = cat.sql("""SELECT count(*) FILTER (polarity = 'positive') AS positives,
+                                count(*) FILTER (polarity = 'negative') AS negatives,
+                                count(*) FILTER (negative_source = 'image') AS image_negatives,
+                                count(*) FILTER (difficulty = 1 AND polarity = 'positive') AS l1,
+                                count(*) FILTER (difficulty = 2 AND polarity = 'positive') AS l2,
+                                count(*) FILTER (difficulty = 3 AND polarity = 'positive') AS l3 FROM expressions""").to_pylist()[0]
+        n_images = cat.count("images")
+        n_traces = cat.count("cot_traces")
+    console.print(f"[bold]{root}[/]: {n_images} images, {row['positives']} positive expressions "
+                  f"(L1 {row['l1']}, L2 {row['l2']}, L3 {row['l3']}), {row['negatives']} negatives "
+                  f"({row['image_negatives']} on edited images), {n_traces} reasoning traces", highlight=False)
 
 
 def build(
@@ -31,6 +66,7 @@ def build(
     out = out or Path("builds") / cfg.build.name
     for line in cfg.unused_sections():
         print_warning(line)
+    start_pool_server(cfg)
     # heavy: the build flow imports Prefect (about a second); loaded only when a build runs
     from refforge.flows.build import run_build
 
@@ -83,18 +119,14 @@ def _print_summary(record: dict) -> None:
         t.add_row(stage, str(s["units"]), str(s["units_resumed"]), str(s["in"]), written, str(s["dropped"]),
                   f"{s.get('wall_seconds', s['seconds']):.1f}", f"{s.get('cpu_seconds', 0.0):.1f}")
     console.print(t)
-    with Catalog(Path(record["root"])) as cat:
-        row = cat.sql("""SELECT count(*) FILTER (polarity = 'positive') AS positives,
-                                count(*) FILTER (polarity = 'negative') AS negatives,
-                                count(*) FILTER (negative_source = 'image') AS image_negatives,
-                                count(*) FILTER (difficulty = 1 AND polarity = 'positive') AS l1,
-                                count(*) FILTER (difficulty = 2 AND polarity = 'positive') AS l2,
-                                count(*) FILTER (difficulty = 3 AND polarity = 'positive') AS l3 FROM expressions""").to_pylist()[0]
-        n_images = cat.count("images")
-        n_traces = cat.count("cot_traces")
-    console.print(f"[bold]{record['root']}[/]: {n_images} images, {row['positives']} positive expressions "
-                  f"(L1 {row['l1']}, L2 {row['l2']}, L3 {row['l3']}), {row['negatives']} negatives "
-                  f"({row['image_negatives']} on edited images), {n_traces} reasoning traces", highlight=False)
+    if all(s["units_resumed"] == s["units"] for s in record["stages"].values()):
+        # a full resume wrote nothing: its contents are the last run's, and counting them scans every
+        # expression shard (a second at 16,000 scenes), which a build with nothing to do should not pay
+        units = sum(s["units"] for s in record["stages"].values())
+        console.print(f"[bold]{record['root']}[/]: nothing to do, all {units} units were done "
+                      f"(`refforge stats {record['root']}` counts what it holds)", highlight=False)
+    else:
+        _totals(Path(record["root"]))
     mix = record["stages"].get("paths", {}).get("levels") or {}
     if mix.get("asked_pct"):  # [paths] levels: achieved versus asked (warnings below, with the stages' own)
         asked, got = mix["asked_pct"], mix["achieved_pct"]

@@ -178,3 +178,31 @@ def test_the_pool_is_not_started_for_a_full_resume(tmp_path, prefect_api, monkey
     assert started == [] and all(s["units_resumed"] == s["units"] for s in rec["stages"].values())
     shutil_free = Path(out / "state" / "cot")
     assert shutil_free.exists()
+
+
+def test_the_cli_says_a_full_resume_had_nothing_to_do(tmp_path, prefect_api):
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(tomli_w.dumps(small_config(images=6, shard_size=3)))
+    env = {**reference_env(prefect_api), "COLUMNS": "200"}
+    first = cli_build(config_file, tmp_path / "b", env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "6 images" not in first.stdout and " images, " in first.stdout  # the totals line (originals + flips)
+    again = cli_build(config_file, tmp_path / "b", env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    n_units = sum(s["units"] for s in json.loads(sorted((tmp_path / "b" / "runs").glob("*.json"))[-1].read_text())
+                  ["stages"].values())
+    assert f"nothing to do, all {n_units} units were done" in " ".join(again.stdout.split())
+    assert " images, " not in again.stdout
+
+
+def test_the_pool_server_starts_before_prefect_loads_only_for_a_process_build():
+    from refforge.commands.build import start_pool_server
+
+    small = parse_config({**small_config(images=6, shard_size=3), "runner": {"kind": "auto", "workers": 2}})
+    threads = parse_config({**small_config(images=60, shard_size=3), "runner": {"kind": "thread", "workers": 2}})
+    assert not start_pool_server(small) and not start_pool_server(threads)
+    if len(os.sched_getaffinity(0)) >= 2:
+        big = parse_config({**small_config(images=60, shard_size=3), "runner": {"kind": "auto", "workers": 2}})
+        assert start_pool_server(big)
+    assert start_pool_server(parse_config({**small_config(images=6, shard_size=3),
+                                           "runner": {"kind": "process", "workers": 2}}))
