@@ -37,11 +37,9 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,24 +58,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from bench_release import _install, _origin  # noqa: E402
+from bench_scale import free_port, machine  # noqa: E402
 
 from refforge.prefect_server import start_server, stop_server  # noqa: E402  (imports no Prefect)
 
 ISSUE18_STAGES = '["ingest", "paths", "negatives_text", "negatives_image", "cot"]'
-
-
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = psutil.virtual_memory().total / 2**30
-    return (f"{platform.node()}: {len(os.sched_getaffinity(0))} cores ({cpu}), {mem:.0f} GiB, "
-            f"Python {platform.python_version()}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(src: Path, dest: Path, scenes: int, runner: str, preset: str | None) -> Path:

@@ -53,7 +53,7 @@ from refforge.stages.export_formats import (
     canonical_record,
     refcoco,
 )
-from refforge.stages.filters import BEST_OF_N_FILTERS, VERIFYING_FILTERS
+from refforge.stages.filters import BEST_OF_N_FILTERS, VERIFYING_FILTERS, edit_groups
 from refforge.stages.filters import gate as filter_gate
 from refforge.stages.scene.templates import load_template
 from refforge.stages.splits import (
@@ -815,15 +815,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     if not include_failed_filters:
         best_scored = set(cat.sql(f"""SELECT DISTINCT subject_id FROM scores WHERE "filter" IN
             ({", ".join("'" + f + "'" for f in sorted(BEST_OF_N_FILTERS))})""")["subject_id"].to_pylist())
-        first: dict[str, int] = {}
-        groups_scored: set[str] = set()
-        for image_id, e in edits.items():
-            g = e.get("group")
-            if g is None:
-                continue
-            first[g] = min(first.get(g, 1 << 30), e.get("candidate") or 0)
-            if image_id in best_scored:
-                groups_scored.add(g)
+        first, groups_scored = edit_groups(edits, best_scored)
         other_candidates = [i for i, e in edits.items() if e.get("group") is not None
                             and e["group"] not in groups_scored and (e.get("candidate") or 0) != first[e["group"]]]
         failed = compact["failed_filter"].combine_chunks()

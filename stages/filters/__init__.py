@@ -267,6 +267,21 @@ STAGE = FiltersStage()
 # What an export keeps (flows/export.py): pure over rows, no models
 # ---------------------------------------------------------------------------------------------------
 
+def edit_groups(edits: dict[str, dict[str, Any]], best_scored: set[str]) -> tuple[dict[str, int], set[str]]:
+    """Per edit (its ``group``, shared by its N candidates): the lowest ``candidate`` number, and the groups
+    of which a best-of-N filter scored a candidate image (``best_scored``: image ids)."""
+    first: dict[str, int] = {}
+    groups_scored: set[str] = set()
+    for image_id, e in edits.items():
+        g = e.get("group")
+        if g is None:
+            continue
+        first[g] = min(first.get(g, 1 << 30), e.get("candidate") or 0)
+        if image_id in best_scored:
+            groups_scored.add(g)
+    return first, groups_scored
+
+
 def gate(samples: list[dict[str, Any]], scores: list[dict[str, Any]], edits: dict[str, dict[str, Any]]
          ) -> tuple[list[dict[str, Any]], Counter]:
     """The samples an export keeps by the filters' verdicts, and why the others were left out.
@@ -286,15 +301,7 @@ def gate(samples: list[dict[str, Any]], scores: list[dict[str, Any]], edits: dic
             verified.add(s["subject_id"])
         if s["filter"] in BEST_OF_N_FILTERS:
             best_scored.add(s["subject_id"])
-    first: dict[str, int] = {}
-    groups_scored: set[str] = set()
-    for image_id, e in edits.items():
-        g = e.get("group")
-        if g is None:
-            continue
-        first[g] = min(first.get(g, 1 << 30), e.get("candidate") or 0)
-        if image_id in best_scored:
-            groups_scored.add(g)
+    first, groups_scored = edit_groups(edits, best_scored)
     kept: list[dict[str, Any]] = []
     dropped: Counter = Counter()
     for s in samples:
@@ -319,4 +326,4 @@ def _review_reason(sample: dict[str, Any]) -> str | None:
         return json.loads(sample.get("path") or "{}").get("review_reason")
     except ValueError:
         return None
-__all__ = ["BEST_OF_N_FILTERS", "FILTERS", "STAGE", "VERIFYING_FILTERS", "FiltersConfig", "FiltersStage", "gate"]
+__all__ = ["BEST_OF_N_FILTERS", "FILTERS", "STAGE", "VERIFYING_FILTERS", "FiltersConfig", "FiltersStage", "edit_groups", "gate"]
