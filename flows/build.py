@@ -5,9 +5,11 @@
 (:func:`refforge.flows.registry.diagram` draws it with what each stage reads and writes.) Every unit
 of work is one shard of images; its work key is a hash of the stage, the stage's config and the
 unit's inputs (:mod:`refforge.flows.plan`), so a re-run finds its own work: a unit with a ledger entry
-is skipped, and a unit killed half-way rewrites only the tables whose shard for that key is missing
-(:mod:`refforge.flows.runner`). A global step (the blind-text refinement) runs as one task over the
-whole build, right after the stage it belongs to, and commits per shard like the rest.
+is never submitted (a build with nothing left to do ends before Prefect is involved), and a unit killed
+half-way rewrites only the tables whose shard for that key is missing (:mod:`refforge.flows.runner`). A
+global step (the blind-text refinement) runs as one task per block of shards (the whole build unless the
+step declares blocks), right after the stage it belongs to, and commits per shard like the rest. The
+process runner's units run in a pool of worker processes (:mod:`refforge.flows.pool`).
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ def resumed_units(ctx: BuildContext, stage: Stage, shards: list[dict[str, Any]])
 
 
 def run_stage(ctx: BuildContext, stage: Stage, shards: list[dict[str, Any]]) -> list[UnitResult]:
-    """Every unit of one stage not in the ledger yet (one task per shard; one task in all for a global
-    step); the units the ledger holds are read from it, not submitted. The task still checks the
-    ledger itself (a Dask future run twice)."""
+    """Every unit of one stage not in the ledger yet (one task per shard; for a global step, one task per
+    block of shards); the units the ledger holds are read from it, not submitted. The task still checks
+    the ledger itself (a Dask future run twice)."""
     done = resumed_units(ctx, stage, shards)
     todo = [s for s in shards if s[stage.name] not in done]
     with stage_annotations(ctx.config, stage):  # the Dask runner: a GPU stage's units on GPU workers only
