@@ -54,18 +54,6 @@ def _watch(build_pid: int) -> None:
     os._exit(1)
 
 
-def _warm() -> int:
-    return os.getpid()
-
-
-def _unit(ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) -> UnitResult:
-    return unit_here(ctx, stage, key, inputs)
-
-
-def _global(ctx: BuildContext, stage: GlobalStage, units: list[dict[str, Any]]) -> list[UnitResult]:
-    return global_here(ctx, stage, units)
-
-
 def _context() -> mp.context.BaseContext:
     """``forkserver`` with this module preloaded: the server imports refforge, pyarrow, numpy and the
     stages once and forks each worker from there (fast, and no copy of this process's threads, which a
@@ -81,18 +69,17 @@ class UnitPool:
     """``workers`` processes for one build's units (a ``with`` block, or :meth:`close`)."""
 
     def __init__(self, workers: int):
-        self.workers = workers
         self._pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_init,
                                             initargs=(os.getpid(),))
         # start the pool now, in parallel with the flow's own start (the forkserver's imports); the
         # executor forks the other workers as units arrive while the first is busy
-        self._warm = [self._pool.submit(_warm) for _ in range(workers)]
+        self._pool.submit(os.getpid)
 
     def unit(self, ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) -> UnitResult:
-        return self._pool.submit(_unit, ctx, stage, key, inputs).result()
+        return self._pool.submit(unit_here, ctx, stage, key, inputs).result()
 
     def global_step(self, ctx: BuildContext, stage: GlobalStage, units: list[dict[str, Any]]) -> list[UnitResult]:
-        return self._pool.submit(_global, ctx, stage, units).result()
+        return self._pool.submit(global_here, ctx, stage, units).result()
 
     def close(self, cancel: bool = False) -> None:
         self._pool.shutdown(wait=True, cancel_futures=cancel)
