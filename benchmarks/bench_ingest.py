@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +36,10 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from refforge.config import load_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scale import machine  # noqa: E402  (the machine line every benchmark prints)
+
+from refforge.config import load_config  # noqa: E402
 from refforge.stages.ingest import synthetic as S
 from refforge.stages.ingest.scenes import synthetic_seed
 from refforge.stages.ingest.synthetic import (
@@ -214,17 +216,8 @@ def run_pass(make_scene: Callable, n: int, new_render: Callable) -> dict:
 
 
 def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{platform.node()}: nproc {os.cpu_count()}, {model}; Python {platform.python_version()}, "
-            f"numpy {np.__version__}, Pillow {PIL.__version__}, zlib {zlib.ZLIB_RUNTIME_VERSION}; "
+    return (f"{machine()}; numpy {np.__version__}, Pillow {PIL.__version__}, zlib {zlib.ZLIB_RUNTIME_VERSION}; "
             f"load average {load}")
 
 
