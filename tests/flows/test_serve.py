@@ -210,7 +210,11 @@ def test_a_triggered_review_cycle_pushes_a_batch(served, label_studio):
 
 def test_sigterm_stops_serving_cleanly(served):
     served.proc.send_signal(signal.SIGTERM)
-    rc = served.proc.wait(60)
+    try:
+        rc = served.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("refforge serve still running 60 s after SIGTERM: "
+                             + served.log.read_text()[-3000:]) from None
     assert rc == 0, served.log.read_text()[-3000:]
     lines = served.log.read_text().strip().splitlines()
     assert lines[-1].startswith("stopped serving " + BUILD), lines[-5:]
