@@ -6,7 +6,7 @@ of an earlier flows/export.py) the same exports run through that module too, in 
 two sides share the machine's state. The ratio compares seconds per exported sample of the larger build
 with the smaller one's (1.00: linear).
 
-    python benchmarks/bench_export.py [--builds B1 B2] [--formats default|all|both] [--old PATH]
+    python benchmarks/bench_export.py [--builds B1 B2 ...] [--formats default|all|both] [--old PATH]
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def measure(module: str, build: str, formats: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--builds", nargs=2, default=["/tmp/h18/exp_b1k", "/tmp/h18/exp_b4k"])
+    ap.add_argument("--builds", nargs="+", default=["/tmp/h18/exp_b1k", "/tmp/h18/exp_b4k"],
+                    help="builds, smallest first (the ratio is against the first)")
     ap.add_argument("--formats", choices=["default", "all", "both"], default="both")
     ap.add_argument("--old", default=None, help="an earlier flows/export.py to run beside the current one")
     args = ap.parse_args()

@@ -31,6 +31,7 @@ import re
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ import pyarrow.parquet as pq
 
 from refforge import __version__
 from refforge.config import Config
+from refforge.gcpause import release_memory
 from refforge.optional import require
 from refforge.stages.benchmarks import finecops as bm_finecops
 from refforge.stages.benchmarks import groundingme as bm_groundingme
@@ -183,8 +185,56 @@ def _first_traces(reader: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, str]]
                 yield sid, trace
 
 
+def _batches_by_row_group(pf: pq.ParquetFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """``pf``'s record batches, one reader per row group: pyarrow 26's reader over a whole file keeps
+    memory for every row group it has read until it is done (~150 MB at a million traces); per row group
+    it stays at one group's."""
+    for i in range(pf.num_row_groups):
+        yield from pf.iter_batches(_BATCH, row_groups=[i], columns=columns)
+
+
+def _sorted_expressions(cat: Catalog, sids: pa.Array, work: Path) -> Iterator[pa.RecordBatch]:
+    """Every expression row in sample_id order (``sids``: all of them, sorted), in batches of :data:`_BATCH`.
+
+    Up to :data:`_SORT_ROWS` rows DuckDB sorts them. Beyond, DuckDB's merge of its spilled runs pins a
+    block per run, so its memory grew with the build (and 128 MB was too little at a million rows):
+    here one unordered scan splits the rows by sample_id range into parts of about ``_SORT_ROWS`` rows
+    (their bounds from ``sids``), written to ``work``; each part is then read back alone and emitted in
+    sorted order. Memory: one part, whatever the build's size. The order is the same: byte order of the
+    ids, which are unique (the caller checks each batch against ``sids``)."""
+    n = len(sids)
+    parts = -(-n // _SORT_ROWS)
+    if parts <= 1:
+        yield from cat.con.sql(_FULL).to_arrow_reader(_BATCH)
+        return
+    bounds = np.array(sids.take(pa.array([(k * n) // parts for k in range(1, parts)])).to_pylist(), dtype=object)
+    folder = work / "expressions"
+    folder.mkdir(parents=True, exist_ok=True)
+    scan = cat.con.sql("SELECT * FROM expressions").to_arrow_reader(_SORT_ROWS // 4)
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for batch in scan:
+            part = np.searchsorted(bounds, batch.column("sample_id").to_numpy(zero_copy_only=False), side="right")
+            for k in np.unique(part).tolist():
+                if k not in writers:
+                    writers[k] = pq.ParquetWriter(folder / f"{k}.parquet", scan.schema, compression="lz4")
+                writers[k].write_batch(batch.filter(pa.array(part == k)))
+    finally:
+        for w in writers.values():
+            w.close()
+    for k in sorted(writers):
+        table = pq.read_table(folder / f"{k}.parquet")
+        order = pc.sort_indices(table.column("sample_id"))
+        for i in range(0, len(order), _BATCH):
+            yield from table.take(order.slice(i, _BATCH)).to_batches()
+        del table, order
+        (folder / f"{k}.parquet").unlink()
+
+
+_SORT_ROWS = 65_536  # expression rows DuckDB sorts at once in the write pass (~70 MB as Arrow)
 _BATCH = 4096  # rows per record batch of the write pass
-_ROW_GROUP = 65_536  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group
+_ROW_GROUP = 32_768  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group.
+# What a split holds in memory before it is written: ~1.1 KB of Arrow per canonical record, ~36 MB per split
 _DUCKDB_MEMORY = "256MB"  # DuckDB's own limit: the ORDER BY of the write pass spills beyond it
 
 
@@ -240,13 +290,18 @@ def _replace(col: pa.Array, at: np.ndarray, values: list[Any]) -> pa.Array:
 
 
 def _hashes(build: BuildDir, images: Mapping[str, Mapping[str, Any]], used: Iterable[str]) -> dict[str, int]:
-    out = {}
-    for img in sorted(set(used)):
-        rec = images.get(img)
-        if rec is None:
+    """``image_id -> pHash`` of the images ``used``, decoded on every core (PNG decoding and PIL's resize
+    release the GIL; the hashes do not depend on the order)."""
+    ids = sorted(set(used))
+    for img in ids:
+        if img not in images:
             raise ExportError(f"samples use image {img} which is not in the build's images table")
-        out[img] = phash(build.root / rec["path"])
-    return out
+    workers = min(len(ids), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return {img: phash(build.root / images[img]["path"]) for img in ids}
+    with ThreadPoolExecutor(workers, thread_name_prefix="phash") as pool:
+        return dict(zip(ids, pool.map(lambda img: phash(build.root / images[img]["path"]), ids, chunksize=16),
+                        strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -514,8 +569,8 @@ class _CanonicalWriter:
 
     def _flush(self, split: str) -> None:
         tables = self.tables[split] or [CANONICAL_SCHEMA.empty_table()]
-        table = pa.concat_tables(tables).combine_chunks()
-        self.writers[split].write_table(table, row_group_size=_ROW_GROUP)
+        # one row group from the chunks as they are: no combined copy of the group
+        self.writers[split].write_table(pa.concat_tables(tables), row_group_size=_ROW_GROUP)
         self.tables[split], self.pending[split] = [], 0
         self.written.add(split)
 
@@ -754,6 +809,10 @@ def export_build(
     try:
         with Catalog(build.root) as cat:
             cat.con.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
+            cat.con.execute("SET threads = 1")  # one sort buffer, not one per thread: it spills sooner
+            # and what a query frees goes back to the system (by default up to 128 MB stays cached)
+            cat.con.execute("SET allocator_flush_threshold = '8MB'")
+            cat.con.execute("SET allocator_bulk_deallocation_flush_threshold = '8MB'")
             cat.con.execute(f"SET temp_directory = '{str(work).replace(chr(39), chr(39) * 2)}'")
             return _export(cat, build, out, formats, seed=seed, ratios=ratios, test_size=test_size,
                            dialect=dialect, reviewed_test=reviewed_test, include_needs_review=include_needs_review,
@@ -782,8 +841,14 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     n = compact.num_rows
     if not n:
         raise ExportError(f"{build.root} has no expressions to export (did the build run the paths stage?)")
+    # the columns, each in one piece, and the query's table let go: a few copies of n rows are the
+    # export's largest holding (a million samples: ~150 MB per copy of the string columns)
     sids = compact["sample_id"].combine_chunks()
-    used_ids = pc.unique(compact["image_id"]).to_pylist()
+    cols = {c: compact[c].combine_chunks() for c in ("image_id", "positive_id", "task", "difficulty", "polarity",
+                                                      "negative_type", "needs_review")}
+    failed_col, verified_col = compact["failed_filter"].combine_chunks(), compact["verified"].combine_chunks()
+    del compact
+    used_ids = pc.unique(cols["image_id"]).to_pylist()
     missing = sorted(set(used_ids) - set(images))
     if missing:
         raise ExportError(f"expressions use {len(missing)} image(s) missing from the images table: {missing[:5]}")
@@ -795,8 +860,6 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     latest = latest_reviews(reviews)
     fixed = {sid for sid, r in latest.items() if r["decision"] == "fix"}
     fixed_rows: dict[str, dict[str, Any]] = {}
-    cols = {c: compact[c].combine_chunks() for c in ("image_id", "positive_id", "task", "difficulty", "polarity",
-                                                      "negative_type", "needs_review")}
     if fixed:
         rows = _full_rows(cat, fixed)
         positives = {r["positive_id"] for r in rows if r.get("positive_id")}
@@ -818,14 +881,14 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         first, groups_scored = edit_groups(edits, best_scored)
         other_candidates = [i for i, e in edits.items() if e.get("group") is not None
                             and e["group"] not in groups_scored and (e.get("candidate") or 0) != first[e["group"]]]
-        failed = compact["failed_filter"].combine_chunks()
-        reason = pc.if_else(pc.is_valid(failed), pc.binary_join_element_wise("failed filter ", failed, ""),
+        reason = pc.if_else(pc.is_valid(failed_col), pc.binary_join_element_wise("failed filter ", failed_col, ""),
                             pc.if_else(pc.is_in(cols["image_id"], value_set=pa.array(other_candidates, pa.string())),
                                        pa.scalar("another candidate of its edit (no best-of-N filter ran)"),
                                        pa.scalar(None, pa.string())))
         filtered = _first_seen_counts(reason)
         keep = pc.is_null(reason).to_numpy(zero_copy_only=False)
-        maybe = np.flatnonzero(keep & compact["verified"].to_numpy(zero_copy_only=False))
+        del reason
+        maybe = np.flatnonzero(keep & verified_col.to_numpy(zero_copy_only=False))
         check = [fixed_rows[sid] if sid in fixed_rows else None for sid in sids.take(pa.array(maybe)).to_pylist()]
         unfixed = [sids[int(i)].as_py() for i, d in zip(maybe.tolist(), check, strict=True) if d is None]
         full = {r["sample_id"]: r for r in _full_rows(cat, unfixed)} if unfixed else {}
@@ -842,8 +905,13 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
             at = pc.index_in(pa.array(order, pa.string()), value_set=sids).to_numpy(zero_copy_only=False)
             cols["needs_review"] = _replace(cols["needs_review"], at.astype(np.int64), [False] * len(order))
     kept_at = np.flatnonzero(keep)
-    kept = {c: v.take(pa.array(kept_at)) for c, v in cols.items()}
-    kept_sids = sids.take(pa.array(kept_at))
+    if len(kept_at) == n:  # nothing left out by the gate: no copy
+        kept, kept_sids = cols, sids
+    else:
+        kept = {c: v.take(pa.array(kept_at)) for c, v in cols.items()}
+        kept_sids = sids.take(pa.array(kept_at))
+    del cols, failed_col, verified_col
+    release_memory()
 
     kept_images = pc.unique(kept["image_id"]).to_pylist()
     hashes = _hashes(build, images, kept_images) if phash_threshold is not None else {}
@@ -918,6 +986,8 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     leaks = _leaks(code, names, kept_sids, kept["image_id"], images, phash_threshold, hashes)
     if leaks:
         raise LeakageError(leaks)
+    del kept  # the write pass reads the rows again; only the ids and split codes go on
+    release_memory()  # what the assignment freed, before the write pass needs its own
 
     in_split = code >= 0
     # sample_id order (Python's: UTF-8 byte order), for the export id and the splits table
@@ -972,12 +1042,11 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         writer = _CanonicalWriter(tmp, formats, names)
         # the traces, sorted, go to a file first: two sorts streaming at once do not fit DuckDB's limit
         work.mkdir(parents=True, exist_ok=True)
-        cat.con.execute("SET threads = 1")  # one sort buffer, not one per thread: it spills sooner
         cot_file = str(work / "cot.parquet").replace("'", "''")
-        cat.con.execute(f"COPY ({_COT}) TO '{cot_file}' (FORMAT parquet)")
+        cat.con.execute(f"COPY ({_COT}) TO '{cot_file}' (FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP})")
         cot_reader = pq.ParquetFile(work / "cot.parquet")
-        traces = _first_traces(cot_reader.iter_batches(_BATCH, columns=["sample_id", "trace"]))
-        reader = cat.con.sql(_FULL).to_arrow_reader(_BATCH)
+        traces = _first_traces(_batches_by_row_group(cot_reader, ["sample_id", "trace"]))
+        reader = _sorted_expressions(cat, sids, work)
         cot_sid, cot_trace = next(traces, (None, None))
         start = 0
         for batch in reader:
@@ -1012,6 +1081,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
                     by_split[sp].append(rec)
         if start != n:
             raise RuntimeError("the expressions changed while they were exported")  # pragma: no cover
+        traces.close()
         cot_reader.close()
         writer.close()
         writer = None

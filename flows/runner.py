@@ -11,8 +11,6 @@ The runner knows no stage by name: it reads each stage's declarations.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import re
 import time
@@ -23,6 +21,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from refforge.gcpause import release_memory
 from refforge.pipeline.context import BuildContext, run_scoped
 from refforge.pipeline.stage import GlobalStage, Stage, UnitOutput
 from refforge.schemas import KEYS, Drop, duplicate_keys, reason_slug
@@ -165,15 +164,6 @@ def global_here(ctx: BuildContext, stage: GlobalStage, units: list[dict[str, Any
     del outputs
     release_memory()
     return results
-
-
-def release_memory() -> None:
-    """Give the heap's free memory back to the system (glibc ``malloc_trim``): a global step's fit frees
-    hundreds of MB in many small blocks that the allocator would otherwise keep for the rest of the build
-    (a no-op where there is no glibc)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # The stages allocate many small short-lived objects (queries, candidates, trace sentences). With the

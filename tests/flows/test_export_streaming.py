@@ -45,6 +45,32 @@ def test_small_row_groups_hold_the_same_records(tmp_path, monkeypatch):
     assert (small / "jsonl" / "train.jsonl").read_bytes() == (whole / "jsonl" / "train.jsonl").read_bytes()
 
 
+def test_a_write_pass_sorted_in_parts_writes_the_same_export(tmp_path, monkeypatch):
+    """Beyond _SORT_ROWS expressions the write pass splits the rows by sample_id range into parts sorted one
+    at a time (bounded memory): every file and count as from DuckDB's single sort."""
+    build = make_build(tmp_path / "b", reviews=False)
+    whole = tmp_path / "whole"
+    export_flow.export_build(build, whole, ["parquet", "jsonl", "coco"], record_splits=False)
+    parts = []
+    real = export_flow._sorted_expressions
+
+    def spy(cat, sids, work):
+        parts.append(len(sids))
+        yield from real(cat, sids, work)
+        parts.append(sorted(p.name for p in (work / "expressions").iterdir()))
+
+    monkeypatch.setattr(export_flow, "_SORT_ROWS", 100)
+    monkeypatch.setattr(export_flow, "_sorted_expressions", spy)
+    split = tmp_path / "split"
+    export_flow.export_build(build, split, ["parquet", "jsonl", "coco"], record_splits=False)
+    assert parts[0] > 300 and parts[1] == []  # several parts, each removed once emitted
+    for f in sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file()):
+        if f.name not in ("export.json", "README.md"):
+            assert (split / f).read_bytes() == (whole / f).read_bytes(), f
+    assert json.loads((split / "export.json").read_text())["counts"] == json.loads(
+        (whole / "export.json").read_text())["counts"]
+
+
 @pytest.mark.parametrize("trial", range(6))
 def test_columnar_assignment_equals_assign_splits(trial):
     rng = random.Random(trial)

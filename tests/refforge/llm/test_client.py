@@ -817,8 +817,9 @@ def test_api_key_never_leaks(srv, make, tmp_path, caplog, monkeypatch):
     srv.handler = handler
     srv.api_key = key
     cache_dir = tmp_path / "cache"
+    # a dropped connection is an outage, waited out for max_outage_s (300 s by default): 1 s here
     client = make(srv, cache=ResponseCache(cache_dir / "llm.sqlite"), max_retries=1, timeout_s=0.3,
-                  max_rate_limit_wait_s=0.3)
+                  max_rate_limit_wait_s=0.3, max_outage_s=1.0)
     errors: list[LLMError] = []
     for content in ("echo", "limit", "down", "stall", "drop", "garbled", "refuse", "empty", "prose", "partial",
                     "cut", "fine"):
