@@ -810,9 +810,6 @@ def export_build(
         with Catalog(build.root) as cat:
             cat.con.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
             cat.con.execute("SET threads = 1")  # one sort buffer, not one per thread: it spills sooner
-            # and what a query frees goes back to the system (by default up to 128 MB stays cached)
-            cat.con.execute("SET allocator_flush_threshold = '8MB'")
-            cat.con.execute("SET allocator_bulk_deallocation_flush_threshold = '8MB'")
             cat.con.execute(f"SET temp_directory = '{str(work).replace(chr(39), chr(39) * 2)}'")
             return _export(cat, build, out, formats, seed=seed, ratios=ratios, test_size=test_size,
                            dialect=dialect, reviewed_test=reviewed_test, include_needs_review=include_needs_review,
