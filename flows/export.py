@@ -296,10 +296,7 @@ def _hashes(build: BuildDir, images: Mapping[str, Mapping[str, Any]], used: Iter
     for img in ids:
         if img not in images:
             raise ExportError(f"samples use image {img} which is not in the build's images table")
-    workers = min(len(ids), os.cpu_count() or 1, 8)
-    if workers <= 1:
-        return {img: phash(build.root / images[img]["path"]) for img in ids}
-    with ThreadPoolExecutor(workers, thread_name_prefix="phash") as pool:
+    with ThreadPoolExecutor(max(1, min(len(ids), os.cpu_count() or 1, 8)), thread_name_prefix="phash") as pool:
         return dict(zip(ids, pool.map(lambda img: phash(build.root / images[img]["path"]), ids, chunksize=16),
                         strict=True))
 
