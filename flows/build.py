@@ -39,25 +39,27 @@ from .dask_runner import dask_task_runner, release, stage_annotations
 from .plan import plan, unit_keys
 from .pool import UnitPool
 from .provenance import model_ids, model_prompts, usage_sum, versions
-from .runner import UnitResult, resumed, run_global, run_unit, summarise, tune_gc
+from .runner import UnitResult, resumed, run_global, run_unit, run_units, summarise, tune_gc
 from .watchdog import start_temporary_server
 
 
-def _collect(ctx: BuildContext, stage: Stage, futures: list, total: int, done: list[UnitResult]
-             ) -> list[UnitResult]:
+def _collect(ctx: BuildContext, stage: Stage, futures: list, total: int, done: list[UnitResult], *,
+             reported: bool = False) -> list[UnitResult]:
+    """Every future's results (a unit's, or a list: a global step's, a batch of units'), the stage's
+    progress reported as they come (``reported``: the tasks reported their units themselves)."""
     results: list[UnitResult] = list(done)
     if ctx.progress:
-        ctx.progress(stage.name, "start", {"total": total})
+        ctx.report(stage.name, "start", {"total": total})
         for r in done:
-            ctx.progress(stage.name, "unit", r.__dict__)
+            ctx.report(stage.name, "unit", r.__dict__)
     for fut in as_completed(futures):
         res = fut.result()
         release(fut)  # a Dask worker lost later does not run this unit again
         batch = res if isinstance(res, list) else [res]
         results.extend(batch)
-        if ctx.progress:
+        if ctx.progress and not reported:
             for r in batch:
-                ctx.progress(stage.name, "unit", r.__dict__)
+                ctx.report(stage.name, "unit", r.__dict__)
     return results
 
 
@@ -98,6 +100,15 @@ def run_stage(ctx: BuildContext, stage: Stage, shards: list[dict[str, Any]]) -> 
                 futures.append(run_global.with_options(name=stage.name, task_run_name=name)
                                .submit(ctx, stage, [stage.inputs(s) for s in block]))
             done = blocks_done
+        elif ctx.pool is not None:
+            # the process runner: a task run per batch of shards (RunnerSection.task_shards), each shard
+            # its own unit in the pool; the task reports each unit's progress as it is committed
+            k = ctx.config.runner.task_shards(len(todo), _task_threads(ctx.config, "process"))
+            task = run_units.with_options(name=f"{stage.name}-shards")
+            futures = [task.with_options(task_run_name=f"{stage.name} {b[0]['start']}:{b[-1]['stop']}")
+                       .submit(ctx, stage, [(s[stage.name], stage.inputs(s)) for s in b])
+                       for b in (todo[i:i + k] for i in range(0, len(todo), k))]
+            return _collect(ctx, stage, futures, len(shards), list(done.values()), reported=True)
         else:
             task = run_unit.with_options(name=f"{stage.name}-shard")
             # one task run per stage and shard, named so Prefect's UI reads like the pipeline
@@ -206,17 +217,21 @@ def _task_runner(cfg: ConfigBase) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext(None)  # thread and process: made once the plan says which (_thread_runner)
 
 
-# Prefect task threads per pool worker (the process runner): a unit waits in the pool's queue while the one
-# before it runs, so a worker starts its next unit at once instead of after Prefect has finished the last
-# task run and begun the next (4,000 scenes: 115.4 s against 117.6 s with one thread per worker).
+# Prefect task threads per pool worker (the process runner): units wait in the pool's queue while the one
+# before them runs, so a worker starts its next unit at once instead of after Prefect has finished the
+# last task run and begun the next (4,000 scenes, a task per shard: 115.4 s against 117.6 s with one
+# thread per worker). Each task run carries RunnerSection.task_shards shards.
 THREADS_PER_WORKER = 2
+
+
+def _task_threads(cfg: ConfigBase, kind: str) -> int:
+    return cfg.runner.workers * THREADS_PER_WORKER if kind == "process" else cfg.runner.workers
 
 
 def _thread_runner(cfg: ConfigBase, kind: str) -> ThreadPoolTaskRunner:
     """Prefect's thread pool for the thread and process runners: the process runner's tasks run in these
     threads too and send their units on to the build's worker pool (flows/pool.py)."""
-    workers = cfg.runner.workers
-    return ThreadPoolTaskRunner(max_workers=workers * THREADS_PER_WORKER if kind == "process" else workers)
+    return ThreadPoolTaskRunner(max_workers=_task_threads(cfg, kind))
 
 
 def run_build(config: ConfigBase, out: Path, *, force: bool = False, progress: ProgressFn | None = None

@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from refforge._daemon import process_alive
@@ -77,6 +78,25 @@ class UnitPool:
 
     def unit(self, ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) -> UnitResult:
         return self._pool.submit(unit_here, ctx, stage, key, inputs).result()
+
+    def units(self, ctx: BuildContext, stage: Stage, units: list[tuple[str, dict[str, Any]]],
+              committed: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:
+        """Several units at once (the workers take them in turn), their results in ``units``' order;
+        ``committed`` is called with each as it ends. The first failure is raised after every other
+        unit of the batch has ended or been cancelled."""
+        futures = [self._pool.submit(unit_here, ctx, stage, key, inputs) for key, inputs in units]
+        error: BaseException | None = None
+        for fut in cf.as_completed(futures):
+            try:
+                res = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - raised below, once the batch has ended
+                error = error or exc
+                continue
+            if committed is not None:
+                committed(res)
+        if error is not None:
+            raise error
+        return [f.result() for f in futures]
 
     def global_step(self, ctx: BuildContext, stage: GlobalStage, units: list[dict[str, Any]]) -> list[UnitResult]:
         return self._pool.submit(global_here, ctx, stage, units).result()

@@ -136,6 +136,16 @@ def run_global(ctx: BuildContext, stage: GlobalStage, units: list[dict[str, Any]
     return global_here(ctx, stage, units)
 
 
+@task(cache_policy=NO_CACHE, persist_result=False)
+def run_units(ctx: BuildContext, stage: Stage, units: list[tuple[str, dict[str, Any]]]) -> list[UnitResult]:
+    """Several units of a stage (work key, inputs), each its own job in the process runner's pool, each
+    reported to the build's progress as it is committed. A unit that fails fails the task once the
+    batch's other units have ended (what they committed stays: a resume redoes only the failed)."""
+    def committed(r: UnitResult) -> None:
+        ctx.report(stage.name, "unit", r.__dict__)
+    return ctx.pool.units(ctx, stage, units, committed)
+
+
 def unit_here(ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) -> UnitResult:
     """One unit of a stage: skipped when the ledger has it, else run and committed."""
     b = ctx.build
@@ -206,4 +216,4 @@ def summarise(stage: Stage, units: list[UnitResult]) -> dict[str, Any]:
 
 
 __all__ = ["GC_THRESHOLDS", "DuplicateKeyError", "UnitResult", "check_keys", "global_here", "resumed", "run_global",
-           "run_unit", "summarise", "tune_gc", "unit_here"]
+           "run_unit", "run_units", "summarise", "tune_gc", "unit_here"]

@@ -76,6 +76,13 @@ class _BuildSection(_Strict):
 # (4,000 scenes; benchmarks/RESULTS.md, issue 18).
 AUTO_PROCESS_MIN_UNITS = 6
 
+# The process runner's Prefect task runs carry several shards each (every shard is still its own unit,
+# ledger entry and pool job): a task run costs the build's process ~7 ms and the Prefect server ~23 ms
+# of CPU, and on a machine whose cores the workers keep busy that CPU is taken from the units (4,000
+# scenes, 600 task runs: the server alone used 13-15 CPU s). See benchmarks/RESULTS.md, issue 18.
+TASKS_PER_THREAD = 4
+MAX_SHARDS_PER_TASK = 16
+
 
 class RunnerSection(_Strict):
     kind: Literal["auto", "thread", "process", "dask"] = Field(default="auto", description=(
@@ -86,6 +93,9 @@ class RunnerSection(_Strict):
                                     description="dask, local cluster: workers started with the GPU=1 resource")
     endpoint_limits: bool | None = Field(default=None, description=(
         "hold a Prefect global concurrency limit per model endpoint around each request (default: on for dask)"))
+    shards_per_task: int | None = Field(default=None, ge=1, le=1024, description=(
+        "process runner: shards per Prefect task run (each shard still its own unit in the pool); "
+        "default: about four task runs per task thread and stage, at most 16 shards each"))
 
     @model_validator(mode="after")
     def _dask_only(self):
@@ -98,6 +108,14 @@ class RunnerSection(_Strict):
     @property
     def limits_endpoints(self) -> bool:
         return self.kind == "dask" if self.endpoint_limits is None else self.endpoint_limits
+
+    def task_shards(self, todo: int, task_threads: int) -> int:
+        """Shards per Prefect task run for ``todo`` shards of a stage on the process runner:
+        ``shards_per_task``, or about :data:`TASKS_PER_THREAD` task runs per task thread, at most
+        :data:`MAX_SHARDS_PER_TASK` shards each (never fewer than one)."""
+        if self.shards_per_task is not None:
+            return self.shards_per_task
+        return max(1, min(MAX_SHARDS_PER_TASK, -(-todo // (task_threads * TASKS_PER_THREAD))))
 
     def resolved(self, shards: int) -> str:
         """The runner a build of ``shards`` shards runs with: ``kind``, or for ``"auto"`` the process

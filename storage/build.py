@@ -350,6 +350,7 @@ class BuildDir:
 
     def mark_done(self, stage: str, work_key: str, record: dict[str, Any]) -> None:
         crash_point("ledger.before")
+        crash_point(f"ledger.before.{stage}")
         atomic_write_bytes(self._ledger_path(stage, work_key), strict_json(record, sort_keys=True).encode())
 
     def ledger(self, stage: str) -> list[dict[str, Any]]:

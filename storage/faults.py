@@ -2,7 +2,7 @@
 
 ``REFFORGE_CRASH_AT="<point>:<n>"`` makes the process SIGKILL itself the n-th time it reaches the
 named point (points: ``shard.tmp_written``, ``shard.committed``, ``image.tmp_written``,
-``ledger.before``). ``REFFORGE_FAIL_AT="<point>:<n>:<ERRNO>"`` raises ``OSError(errno.<ERRNO>)`` there
+``ledger.before``, and ``ledger.before.<stage>`` for one stage's units only). ``REFFORGE_FAIL_AT="<point>:<n>:<ERRNO>"`` raises ``OSError(errno.<ERRNO>)`` there
 instead, from the n-th time on (``shard.tmp_written:3:ENOSPC``: the disk is full from the third shard
 on). Unset, each costs one dict lookup per call.
 """

@@ -54,6 +54,7 @@ class BuildContext:
         self.progress = progress
         self.build = build if build is not None else BuildDir(self.root)  # the run's own, when it has one
         self._lock = threading.Lock()
+        self._progress_lock = threading.Lock()
         self._clients: dict[str, Any] = {}
         self._cache: dict[str, Any] = {}
         self._hashes: dict[str, str] = {}
@@ -71,6 +72,13 @@ class BuildContext:
 
     def __reduce__(self):
         return (_attach, (type(self.config), self.config.model_dump(mode="json"), str(self.root), self.run_id))
+
+    def report(self, stage: str, event: str, info: dict[str, Any]) -> None:
+        """``progress(stage, event, info)`` when there is a progress callback, one call at a time: units
+        report from several threads (the process runner's tasks, model answers)."""
+        if self.progress is not None:
+            with self._progress_lock:
+                self.progress(stage, event, info)
 
     # -- shared per process ---------------------------------------------------------------------
     def cached(self, key: str, load: Callable[[], Any]) -> Any:
@@ -94,8 +102,7 @@ class BuildContext:
                 if self.config.runner.limits_endpoints:  # one bound for the clients of every process
                     client.request_slot = request_slot_for(ep)
                 if self.progress is not None:  # requests done / total and tokens, per stage, as answers arrive
-                    progress = self.progress
-                    client.on_progress = lambda stage, info: progress(stage, "requests", info)
+                    client.on_progress = lambda stage, info: self.report(stage, "requests", info)
                 self._clients[which] = client
             return self._clients[which]
 

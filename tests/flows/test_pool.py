@@ -206,3 +206,69 @@ def test_the_pool_server_starts_before_prefect_loads_only_for_a_process_build():
         assert start_pool_server(big)
     assert start_pool_server(parse_config({**small_config(images=6, shard_size=3),
                                            "runner": {"kind": "process", "workers": 2}}))
+
+
+def test_process_tasks_carry_several_shards_each_and_report_every_unit(tmp_path, prefect_api):
+    """``[runner] shards_per_task``: one Prefect task run per batch of shards (named by the batch's range),
+    every shard still its own unit (ledger entry, pool job) and its own progress event, the tables equal
+    to the thread runner's."""
+    cfg = small_config(images=14, shard_size=2)  # 7 shards: batches of 3, 3 and 1
+    run_build(parse_config(cfg), tmp_path / "threads")
+    events: list[tuple[str, str]] = []
+    rec = run_build(parse_config({**cfg, "runner": {"kind": "process", "workers": 2, "shards_per_task": 3}}),
+                    tmp_path / "pool", progress=lambda stage, event, info: events.append((stage, event)))
+    assert rec["runner"]["ran_as"] == "process"
+    assert snapshot(tmp_path / "pool") == snapshot(tmp_path / "threads")
+    b = BuildDir(tmp_path / "pool")
+    for name, s in rec["stages"].items():
+        assert s["units"] == len(b.done_keys(name)) == 7, name
+        assert events.count((name, "unit")) == 7 and events.count((name, "start")) == 1, name
+    tasks = _task_runs(prefect_api, rec["run_id"])
+    by_stage: dict[str, list[str]] = {}
+    for t in tasks:
+        stage, span = t.name.split(" ")
+        by_stage.setdefault(stage, []).append(span)
+    for name in ("ingest", "paths", "cot"):
+        spans = sorted(by_stage[name], key=lambda s: int(s.split(":")[0]))
+        assert spans == ["0:6", "6:12", "12:14"], (name, spans)
+    assert all(t.state.is_completed() for t in tasks)
+
+
+def test_a_failing_unit_fails_its_batch_keeps_what_was_committed_and_resumes(tmp_path, prefect_api):
+    cfg = {**small_config(images=24, shard_size=2), "runner": {"kind": "process", "workers": 2, "shards_per_task": 4}}
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(tomli_w.dumps(cfg))
+    out = tmp_path / "build"
+    env = reference_env(prefect_api)
+    # each worker's third paths unit and every one after it fail (counted per process): ingest's 12 units
+    # are done, some of paths' (at most two a worker)
+    failed = cli_build(config_file, out, {**env, "REFFORGE_FAIL_AT": "ledger.before.paths:3:EIO"})
+    assert failed.returncode != 0
+    assert "Input/output error" in failed.stderr, failed.stderr[-3000:]
+    b = BuildDir(out)
+    assert len(b.done_keys("ingest")) == 12
+    assert 0 < len(b.done_keys("paths")) <= 4
+    kept = len(b.done_keys("paths"))
+
+    res = cli_build(config_file, out, env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads(sorted((out / "runs").glob("*.json"))[-1].read_text())
+    assert record["outcome"] == "completed"
+    assert record["stages"]["paths"]["units_resumed"] == kept
+    for table in ("images", "objects", "relations", "expressions", "negative_candidates", "cot_traces"):
+        assert duplicate_keys(out, table) == [], table
+    run_build(parse_config({**cfg, "runner": {"kind": "thread", "workers": 2}}), tmp_path / "clean")
+    assert snapshot(out) == snapshot(tmp_path / "clean")
+
+
+def test_shards_per_task_defaults_to_a_few_task_runs_per_thread():
+    from refforge.config import MAX_SHARDS_PER_TASK, TASKS_PER_THREAD, RunnerSection
+
+    auto = RunnerSection(kind="process", workers=2)
+    assert auto.task_shards(6, 4) == 1  # the demo's plan: a task per shard, as before
+    assert auto.task_shards(4 * TASKS_PER_THREAD, 4) == 1
+    assert auto.task_shards(100, 4) == -(-100 // (4 * TASKS_PER_THREAD))
+    assert auto.task_shards(100_000, 4) == MAX_SHARDS_PER_TASK
+    assert RunnerSection(kind="process", shards_per_task=5).task_shards(100_000, 4) == 5
+    with pytest.raises(ValueError, match="shards_per_task"):
+        parse_config({**small_config(), "runner": {"kind": "process", "shards_per_task": 0}})
