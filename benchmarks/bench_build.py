@@ -79,8 +79,30 @@ def write_config(src: Path, dest: Path, scenes: int, runner: str, preset: str | 
     return dest
 
 
+MEMORY_EVERY = 5  # memory sampled every 5th tick (1 s; a stage's peak lasts seconds), CPU every tick (0.2 s)
+
+
+def _pss_rss(q: psutil.Process) -> tuple[int, int]:
+    """PSS and RSS in bytes from ``/proc/<pid>/smaps_rollup`` (the kernel's sums): psutil's
+    ``memory_full_info`` parses every mapping of ``smaps`` in Python, which cost the measured build a
+    noticeable share of the two cores it was busy on (the process runner's above all)."""
+    try:
+        fields = {}
+        with open(f"/proc/{q.pid}/smaps_rollup") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Rss"):
+                    fields[key] = int(rest.split()[0]) * 1024
+        return fields["Pss"], fields["Rss"]
+    except (OSError, KeyError, ValueError):
+        mem = q.memory_full_info()  # pss: forked workers share their parent's pages
+        return mem.pss, mem.rss
+
+
 def measure(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """Run ``cmd``; wall, CPU and peak memory (PSS) of its process tree, peak RSS of the command."""
+    """Run ``cmd``; wall, CPU and peak memory (PSS) of its process tree, peak RSS of the command, and
+    the CPU seconds this sampler took meanwhile (``sampler_cpu``)."""
+    own0 = time.process_time()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     proc = psutil.Process(p.pid)
@@ -88,24 +110,26 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
     cpu: dict[int, float] = {}  # pid -> its last sampled CPU seconds (the pool's workers are forked by a
     out = b""  # forkserver, so the build never reaps them: their CPU is sampled, not taken from wait4)
     os.set_blocking(p.stdout.fileno(), False)
+    tick = 0
     while True:
         pid, status, _ = os.wait4(p.pid, os.WNOHANG)
         if pid:
             break
+        memory = tick % MEMORY_EVERY == 0  # memory less often than CPU: it costs the kernel a page-table walk
+        tick += 1
         try:
             procs = [proc, *proc.children(recursive=True)]
             total = 0
             for q in procs:
                 try:
-                    with q.oneshot():
-                        mem = q.memory_full_info()  # pss: forked workers share their parent's pages
-                        t = q.cpu_times()
+                    pss, rss = _pss_rss(q) if memory else (0, 0)
+                    t = q.cpu_times()
                 except psutil.Error:
                     continue
                 cpu[q.pid] = t.user + t.system
-                total += mem.pss
+                total += pss
                 if q.pid == p.pid:
-                    peak_main = max(peak_main, mem.rss)
+                    peak_main = max(peak_main, rss)
             peak = max(peak, total)
         except psutil.Error:
             pass
@@ -117,7 +141,8 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
     if p.returncode != 0:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{out.decode(errors='replace')[-3000:]}")
     return {"wall": round(wall, 2), "cpu": round(sum(cpu.values()), 2),
-            "peak_rss_mib": round(peak / 2**20), "peak_rss_main_mib": round(peak_main / 2**20)}
+            "peak_rss_mib": round(peak / 2**20), "peak_rss_main_mib": round(peak_main / 2**20),
+            "sampler_cpu": round(time.process_time() - own0, 2)}
 
 
 def run_record(build: Path) -> dict[str, Any]:
@@ -275,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
 def line(r: dict[str, Any]) -> str:
     b = r["build"]
     s = (f"{r['side']:>14} {r['runner']:>7} ({r['ran_as']}) {r['scenes']:>6} scenes: build {b['wall']:7.1f} s wall, "
-         f"{b['cpu']:7.1f} s CPU, peak {b['peak_rss_mib']} MiB PSS (main RSS {b['peak_rss_main_mib']})")
+         f"{b['cpu']:7.1f} s CPU, peak {b['peak_rss_mib']} MiB PSS (main RSS {b['peak_rss_main_mib']}); "
+         f"sampler {b.get('sampler_cpu', 0):.1f} CPU s")
     s += f"; first unit after {r['first_unit_s']:.1f} s"
     for what in ("export", "report", "resume"):
         if what in r:
