@@ -56,13 +56,13 @@ def _watch(build_pid: int) -> None:
 
 
 def _context() -> mp.context.BaseContext:
-    """``forkserver`` with this module preloaded: the server imports refforge, pyarrow, numpy and the
-    stages once and forks each worker from there (fast, and no copy of this process's threads, which a
+    """``forkserver`` with :mod:`refforge.flows.pool_preload` preloaded: the server imports refforge,
+    pyarrow, numpy and the stages once, loads the lexicons, and forks each worker from there (fast, and no copy of this process's threads, which a
     plain fork would take along mid-state); ``spawn`` where there is no forkserver."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload(["refforge.flows.pool_preload"])  # as refforge/commands/build.py
     return ctx
 
 

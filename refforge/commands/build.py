@@ -32,7 +32,7 @@ def start_pool_server(cfg: Any) -> bool:
               else AUTO_PROCESS_MIN_UNITS)
     if cfg.runner.resolved(shards) != "process" or "forkserver" not in multiprocessing.get_all_start_methods():
         return False
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["refforge.flows.pool"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["refforge.flows.pool_preload"])  # as flows/pool.py
     forkserver.ensure_running()
     return True
 
