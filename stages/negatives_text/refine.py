@@ -173,6 +173,7 @@ class _Design:
         if len(tok) >= _UNK:
             raise ValueError("more than 16 million distinct words")
         words_arr = np.asarray(flat, dtype=np.int64)
+        del uniq, flat  # the words as Python objects: gone before the arrays below (a refine block's peak)
         # sequences with boundary markers, concatenated row after row
         seq_len = lengths + 2
         ends = np.cumsum(seq_len)
@@ -187,7 +188,9 @@ class _Design:
         pair_ok = np.ones(max(seq.size - 1, 0), dtype=bool)
         pair_ok[(ends - 1)[:-1]] = False  # no pair across two texts
         left, right = seq[:-1][pair_ok], seq[1:][pair_ok]
+        del seq, inner, pair_ok
         keys = np.r_[words_arr, ((left + 1) << _SHIFT) | right]
+        del left, right, words_arr
         rows = np.r_[np.repeat(np.arange(n), lengths), np.repeat(np.arange(n), seq_len - 1)]
         if not fitting:  # unknown words and unseen n-grams have no feature
             known = np.searchsorted(self.vocab.keys, keys)
@@ -198,9 +201,12 @@ class _Design:
         else:
             ukeys, fid = np.unique(keys, return_inverse=True)
             n_feat = ukeys.size
-        cell = np.sort(rows * max(n_feat, 1) + fid)  # one entry per (row, feature), sorted by row
+        cell = rows * max(n_feat, 1) + fid
+        del rows, fid, keys
+        cell.sort()  # one entry per (row, feature), sorted by row
         cell = cell[np.r_[True, cell[1:] != cell[:-1]]] if cell.size else cell
         rows, fid = cell // max(n_feat, 1), cell % max(n_feat, 1)
+        del cell
         if fitting:
             df = np.bincount(fid, weights=np.bincount(self.uid, minlength=n)[rows], minlength=n_feat)
             keep = df >= min_df
@@ -405,16 +411,22 @@ def group_folds(groups: Sequence[Hashable], folds: int = 5, seed: int = 0) -> np
     """A fold number per sample such that every group lies in one fold; folds are balanced by
     sample count (largest groups first onto the lightest fold, ties broken by a seeded shuffle).
     Uses ``min(folds, number of groups)`` folds."""
-    keys = np.asarray([str(g) for g in groups])
-    if keys.size == 0:
+    keys = [str(g) for g in groups]
+    if not keys:
         return np.zeros(0, dtype=np.int64)
-    uniq, inv, sizes = np.unique(keys, return_inverse=True, return_counts=True)
-    k = max(1, min(folds, uniq.size))
+    # groups numbered in sorted order, as np.unique would (code point order), without a fixed-width
+    # unicode array of every key and its sorted copies (tens of MB for a refine block of long image ids)
+    uniq = sorted(set(keys))
+    number = {g: i for i, g in enumerate(uniq)}
+    inv = np.fromiter((number[g] for g in keys), dtype=np.int64, count=len(keys))
+    del keys, number
+    sizes = np.bincount(inv, minlength=len(uniq))
+    k = max(1, min(folds, len(uniq)))
     rng = np.random.default_rng(seed)
-    tiebreak = rng.permutation(uniq.size)
+    tiebreak = rng.permutation(len(uniq))
     order = np.lexsort((tiebreak, -sizes))
     heap = [(0, f) for f in range(k)]
-    fold_of_group = np.empty(uniq.size, dtype=np.int64)
+    fold_of_group = np.empty(len(uniq), dtype=np.int64)
     for gi in order:
         load, f = heapq.heappop(heap)
         fold_of_group[gi] = f
