@@ -57,8 +57,9 @@ def _watch(build_pid: int) -> None:
 
 def _context() -> mp.context.BaseContext:
     """``forkserver`` with :mod:`refforge.flows.pool_preload` preloaded: the server imports refforge,
-    pyarrow, numpy and the stages once, loads the lexicons, and forks each worker from there (fast, and no copy of this process's threads, which a
-    plain fork would take along mid-state); ``spawn`` where there is no forkserver."""
+    pyarrow, numpy and the stages once, loads the lexicons, and forks each worker from there (fast, and
+    no copy of this process's threads, which a plain fork would take along mid-state); ``spawn`` where
+    there is no forkserver."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -75,9 +76,6 @@ class UnitPool:
         # start the pool now, in parallel with the flow's own start (the forkserver's imports); the
         # executor forks the other workers as units arrive while the first is busy
         self._pool.submit(os.getpid)
-
-    def unit(self, ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) -> UnitResult:
-        return self._pool.submit(unit_here, ctx, stage, key, inputs).result()
 
     def units(self, ctx: BuildContext, stage: Stage, units: list[tuple[str, dict[str, Any]]],
               committed: Callable[[UnitResult], None] | None = None) -> list[UnitResult]:

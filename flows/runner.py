@@ -122,9 +122,8 @@ def resumed(b: BuildDir, stage: str, key: str) -> UnitResult | None:
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def run_unit(ctx: BuildContext, stage: Stage, key: str, inputs: dict[str, Any]) -> UnitResult:
-    """One unit of a stage, in this process or (the process runner) in a worker of the build's pool."""
-    if ctx.pool is not None:
-        return ctx.pool.unit(ctx, stage, key, inputs)
+    """One unit of a stage, in this process (the thread and Dask runners; the process runner sends
+    batches of units to its pool: :func:`run_units`)."""
     return unit_here(ctx, stage, key, inputs)
 
 
