@@ -156,24 +156,30 @@ class _Design:
     def __init__(self, texts: Sequence[str], vocab: _Vocab | None = None, min_df: int = 1):
         fitting = vocab is None
         self.vocab = _Vocab() if vocab is None else vocab
-        uniq: dict[tuple[str, ...], int] = {}  # texts with the same words share a row
         find = _TOKEN.findall
-        self.uid = np.fromiter((uniq.setdefault(tuple(find(t.lower())), len(uniq)) for t in texts), dtype=np.int64,
-                               count=len(texts))
-        n = self.n_rows = len(uniq)
         tok = self.vocab.tokens
+
+        def words_of(text: str) -> tuple:
+            # fitting: the word ids (a word gets its id the first time a text shows it, as it did over the
+            # distinct texts in first-seen order), so no text's words stay alive as strings (a refine
+            # block's peak); else the words, mapped to ids below
+            if fitting:
+                return tuple([tok.setdefault(w, len(tok)) for w in find(text.lower())])
+            return tuple(find(text.lower()))
+
+        rows_of: dict[tuple, int] = {}  # texts with the same words share a row
+        self.uid = np.fromiter((rows_of.setdefault(words_of(t), len(rows_of)) for t in texts), dtype=np.int64,
+                               count=len(texts))
+        n = self.n_rows = len(rows_of)
         flat: list[int] = []
         lengths = np.zeros(n, dtype=np.int64)
-        for i, words in enumerate(uniq):
-            if fitting:
-                flat.extend(tok.setdefault(w, len(tok)) for w in words)
-            else:
-                flat.extend(tok.get(w, _UNK) for w in words)
+        for i, words in enumerate(rows_of):
+            flat.extend(words if fitting else (tok.get(w, _UNK) for w in words))
             lengths[i] = len(words)
         if len(tok) >= _UNK:
             raise ValueError("more than 16 million distinct words")
         words_arr = np.asarray(flat, dtype=np.int64)
-        del uniq, flat  # the words as Python objects: gone before the arrays below (a refine block's peak)
+        del rows_of, flat  # the words as Python objects: gone before the arrays below
         # sequences with boundary markers, concatenated row after row
         seq_len = lengths + 2
         ends = np.cumsum(seq_len)
