@@ -8,8 +8,8 @@ would otherwise visit every one of those objects and so copy the pages they live
 
 Arrow allocates from the system allocator in the workers: its default pool (mimalloc) kept what a
 unit had freed, ~130 MB per worker once refine's blocks had run, while glibc's heap gives it back
-(``release_memory`` after a global step). 4,000 scenes: peak PSS of the build 963 -> 790 MiB, wall
-time unchanged (benchmarks/RESULTS.md, issue 18).
+(``release_memory`` after a global step). Peak PSS of the build 963 -> 851 MiB at 4,000 scenes and
+1,040 -> 910 MiB at 16,000, 4,000-scene wall time within 2% (benchmarks/RESULTS.md, issue 18).
 """
 
 from __future__ import annotations
