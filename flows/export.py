@@ -42,8 +42,9 @@ import pyarrow.parquet as pq
 
 from refforge import __version__
 from refforge.config import Config
-from refforge.gcpause import release_memory
+from refforge.gcpause import fixed_mmap_threshold, release_memory
 from refforge.optional import require
+from refforge.schemas import schema_for
 from refforge.stages.benchmarks import finecops as bm_finecops
 from refforge.stages.benchmarks import groundingme as bm_groundingme
 from refforge.stages.benchmarks import refbench_pro as bm_refbench_pro
@@ -151,27 +152,70 @@ def _datasets_module():
 # Reading the build
 # ---------------------------------------------------------------------------------------------------
 
-_COMPACT = """
-WITH failed AS (SELECT subject_id, min("filter") AS bad FROM scores WHERE NOT passed GROUP BY subject_id),
-     verified AS (SELECT DISTINCT subject_id FROM scores WHERE passed AND "filter" IN ({verifying}))
-SELECT e.sample_id, e.image_id, e.positive_id, e.task, e.difficulty, e.polarity, e.negative_type, e.needs_review,
-       CASE WHEN fs.bad IS NULL THEN fi.bad WHEN fi.bad IS NULL THEN fs.bad ELSE least(fs.bad, fi.bad) END
-           AS failed_filter,
-       coalesce(e.needs_review, false) AND e.sample_id IN (SELECT subject_id FROM verified) AS verified
-FROM expressions e LEFT JOIN failed fs ON fs.subject_id = e.sample_id LEFT JOIN failed fi ON fi.subject_id = e.image_id
-ORDER BY e.sample_id
-"""
-"""One narrow row per expression, in sample_id order: the columns that splits, reviews and the filters'
-gate need (:func:`refforge.stages.filters.gate`: the first failed filter of the sample or its image, and
-whether a verifying filter passed it), so that an export holds no Python object per sample."""
+_COMPACT = ("sample_id", "image_id", "positive_id", "task", "difficulty", "polarity", "negative_type",
+            "needs_review")
+"""The expressions' columns that splits, reviews and the filters' gate decide on: one narrow row per sample."""
 
-_FULL = "SELECT * FROM expressions ORDER BY sample_id"
-"""Every expression, in the order of :data:`_COMPACT`; read in record batches."""
+_DICTIONARY = ("image_id", "task", "polarity", "negative_type")
+"""Of :data:`_COMPACT`, the columns read dictionary-encoded: few distinct values (a 16,000-scene build: 28,214
+images for a million samples, whose 64-character ids took 72 MB as strings and take 4 MB as indices)."""
 
-_COT = "SELECT sample_id, trace FROM cot_traces WHERE selected ORDER BY sample_id, model, trace"
-"""The selected traces in sample_id order; a sample's first one is its trace (k > 1 and ties: the first by
-model, trace). Two plain sorts, which DuckDB spills to disk, rather than an ordered aggregate, which it
-holds in memory."""
+_FAILED = """SELECT subject_id, min("filter") AS bad FROM scores WHERE NOT passed GROUP BY subject_id"""
+_VERIFIED = """SELECT DISTINCT subject_id FROM scores WHERE passed AND "filter" IN ({verifying})"""
+
+
+def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
+    """The :data:`_COMPACT` columns of every expression, sorted by sample_id, each in one piece, and the
+    filters' gate's two (:func:`refforge.stages.filters.gate`): ``failed_filter``, the first failed filter of
+    the sample or of its image, and ``verified``, whether a verifying filter passed a needs_review sample.
+
+    Read from the table's Parquet parts with pyarrow, not through DuckDB: its ORDER BY and joins over a
+    million rows held ~470 MB (a 16,000-scene build) where these columns take ~75 MB; the scores are
+    aggregated by DuckDB (a row per failed or verified subject). A part without a column (a build from
+    before it) reads it as nulls, as the catalog's view does."""
+    schema = schema_for("expressions")
+    types = {c: pa.dictionary(pa.int32(), schema.field(c).type) if c in _DICTIONARY else schema.field(c).type
+             for c in _COMPACT}
+    chunks: dict[str, list[pa.Array]] = {c: [] for c in _COMPACT}
+    for part in sorted((build.root / "tables" / "expressions").glob("part-*.parquet")):
+        present = set(pq.read_schema(part).names)
+        table = pq.read_table(part, columns=[c for c in _COMPACT if c in present],
+                              read_dictionary=[c for c in _DICTIONARY if c in present])
+        for c in _COMPACT:
+            col = table.column(c) if c in present else pa.chunked_array([pa.nulls(table.num_rows, types[c])])
+            chunks[c].extend(ch if ch.type == types[c] else ch.cast(types[c]) for ch in col.chunks)
+        del table
+    cols: dict[str, pa.Array] = {}
+    for c in _COMPACT:
+        joined = pa.chunked_array(chunks.pop(c), type=types[c])
+        cols[c] = (joined.unify_dictionaries() if c in _DICTIONARY else joined).combine_chunks()
+        del joined
+    order = pc.sort_indices(cols["sample_id"])
+    for c in _COMPACT:
+        cols[c] = cols[c].take(order)
+    del order
+    n = len(cols["sample_id"])
+    sids, images = cols["sample_id"], cols["image_id"]
+    failed = cat.sql(_FAILED)
+    if failed.num_rows:
+        subjects, bad = failed["subject_id"].combine_chunks(), failed["bad"].combine_chunks()
+        of_sample = bad.take(pc.index_in(sids, value_set=subjects))
+        of_image = bad.take(pc.index_in(images.dictionary, value_set=subjects)).take(images.indices)
+        cols["failed_filter"] = pc.min_element_wise(of_sample, of_image, skip_nulls=True)
+    else:
+        cols["failed_filter"] = pa.nulls(n, pa.string())
+    verifying = ", ".join("'" + f.replace("'", "''") + "'" for f in sorted(VERIFYING_FILTERS))
+    verified = cat.sql(_VERIFIED.format(verifying=verifying))["subject_id"].combine_chunks()
+    cols["verified"] = pc.and_(pc.fill_null(cols["needs_review"], False), pc.is_in(sids, value_set=verified))
+    return cols
+
+
+_EXPRESSIONS = "SELECT * FROM expressions"
+"""Every expression; read in record batches, in sample_id order (that of :func:`_compact_columns`)."""
+
+_COT = "SELECT sample_id, model, trace FROM cot_traces WHERE selected"
+"""The selected traces; sorted by sample_id, model, trace, a sample's first one is its trace (k > 1 and ties:
+the first by model, trace). Plain sorts, which spill, rather than an ordered aggregate, held in memory."""
 
 
 def _first_traces(reader: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, str]]:
@@ -185,32 +229,26 @@ def _first_traces(reader: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, str]]
                 yield sid, trace
 
 
-def _batches_by_row_group(pf: pq.ParquetFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """``pf``'s record batches, one reader per row group: pyarrow 26's reader over a whole file keeps
-    memory for every row group it has read until it is done (~150 MB at a million traces); per row group
-    it stays at one group's."""
-    for i in range(pf.num_row_groups):
-        yield from pf.iter_batches(_BATCH, row_groups=[i], columns=columns)
-
-
-def _sorted_expressions(cat: Catalog, sids: pa.Array, work: Path) -> Iterator[pa.RecordBatch]:
-    """Every expression row in sample_id order (``sids``: all of them, sorted), in batches of :data:`_BATCH`.
+def _sorted_rows(cat: Catalog, select: str, keys: Sequence[str], sids: pa.Array, rows: int, work: Path,
+                 name: str) -> Iterator[pa.RecordBatch]:
+    """The ``rows`` rows of the query ``select`` sorted by ``keys`` (the first: ``sample_id``), in batches of
+    :data:`_BATCH`; ``sids``: every sample_id of the build, sorted (the parts' bounds).
 
     Up to :data:`_SORT_ROWS` rows DuckDB sorts them. Beyond, DuckDB's merge of its spilled runs pins a
-    block per run, so its memory grew with the build (and 128 MB was too little at a million rows):
-    here one unordered scan splits the rows by sample_id range into parts of about ``_SORT_ROWS`` rows
-    (their bounds from ``sids``), written to ``work``; each part is then read back alone and emitted in
-    sorted order. Memory: one part, whatever the build's size. The order is the same: byte order of the
-    ids, which are unique (the caller checks each batch against ``sids``)."""
+    block per run, so its memory grew with the build (and 128 MB was too little at a million rows; the
+    traces' sort took 200 MB more at a million than at 70,000): here one unordered scan splits the rows
+    by sample_id range into parts of about ``_SORT_ROWS`` rows (their bounds from ``sids``), written to
+    ``work / name``; each part is then read back alone and emitted in sorted order. Memory: one part,
+    whatever the build's size. The order is DuckDB's: byte order of strings, nulls last."""
     n = len(sids)
-    parts = -(-n // _SORT_ROWS)
-    if parts <= 1:
-        yield from cat.con.sql(_FULL).to_arrow_reader(_BATCH)
+    parts = min(-(-rows // _SORT_ROWS), n)
+    if parts <= 1:  # held whole (no more than a part): a stream would end when the connection runs another query
+        yield from cat.sql(f"{select} ORDER BY {', '.join(keys)}").to_batches(_BATCH)
         return
     bounds = np.array(sids.take(pa.array([(k * n) // parts for k in range(1, parts)])).to_pylist(), dtype=object)
-    folder = work / "expressions"
+    folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
-    scan = cat.con.sql("SELECT * FROM expressions").to_arrow_reader(_SORT_ROWS // 4)
+    scan = cat.con.sql(select).to_arrow_reader(_SORT_ROWS // 4)
     writers: dict[int, pq.ParquetWriter] = {}
     try:
         for batch in scan:
@@ -224,17 +262,29 @@ def _sorted_expressions(cat: Catalog, sids: pa.Array, work: Path) -> Iterator[pa
             w.close()
     for k in sorted(writers):
         table = pq.read_table(folder / f"{k}.parquet")
-        order = pc.sort_indices(table.column("sample_id"))
+        order = pc.sort_indices(table, sort_keys=[(c, "ascending", "at_end") for c in keys])
         for i in range(0, len(order), _BATCH):
             yield from table.take(order.slice(i, _BATCH)).to_batches()
         del table, order
         (folder / f"{k}.parquet").unlink()
 
 
+def _sorted_expressions(cat: Catalog, sids: pa.Array, work: Path) -> Iterator[pa.RecordBatch]:
+    """Every expression row in sample_id order (``sids``: all of them, sorted), in batches of :data:`_BATCH`
+    (:func:`_sorted_rows`; the ids are unique: the caller checks each batch against ``sids``)."""
+    yield from _sorted_rows(cat, _EXPRESSIONS, ("sample_id",), sids, len(sids), work, "expressions")
+
+
+def _sorted_traces(cat: Catalog, sids: pa.Array, work: Path) -> Iterator[pa.RecordBatch]:
+    """The selected traces (:data:`_COT`) sorted by sample_id, model, trace (:func:`_sorted_rows`)."""
+    rows = cat.sql(f"SELECT count(*) AS n FROM ({_COT})")["n"][0].as_py()
+    yield from _sorted_rows(cat, _COT, ("sample_id", "model", "trace"), sids, rows, work, "cot_traces")
+
+
 _SORT_ROWS = 65_536  # expression rows DuckDB sorts at once in the write pass (~70 MB as Arrow)
 _BATCH = 4096  # rows per record batch of the write pass
-_ROW_GROUP = 32_768  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group.
-# What a split holds in memory before it is written: ~1.1 KB of Arrow per canonical record, ~36 MB per split
+_ROW_GROUP = 16_384  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group.
+# What a split holds in memory before it is written: ~1.1 KB of Arrow per canonical record, ~18 MB per split
 _DUCKDB_MEMORY = "256MB"  # DuckDB's own limit: the ORDER BY of the write pass spills beyond it
 
 
@@ -281,11 +331,14 @@ def _first_seen_counts(reasons: pa.Array) -> Counter:
 
 
 def _replace(col: pa.Array, at: np.ndarray, values: list[Any]) -> pa.Array:
-    """``col`` with the rows ``at`` (sorted positions) set to ``values``."""
+    """``col`` with the rows ``at`` (sorted positions) set to ``values`` (a dictionary column stays one)."""
     if not len(at):
         return col
     mask = np.zeros(len(col), dtype=bool)
     mask[at] = True
+    if pa.types.is_dictionary(col.type):
+        plain = col.dictionary_decode()
+        return pc.replace_with_mask(plain, pa.array(mask), pa.array(values, type=plain.type)).dictionary_encode()
     return pc.replace_with_mask(col, pa.array(mask), pa.array(values, type=col.type))
 
 
@@ -803,6 +856,12 @@ def export_build(
         _datasets_module()
 
     work = out.with_name(f".{out.name}.work-{os.getpid()}-{os.urandom(4).hex()}")  # DuckDB's spill folder
+    # Arrow from the system allocator while the export runs: its default (mimalloc) kept what the split
+    # assignment and the write pass had freed (peak RSS 953 -> 759 MiB at 16,000 scenes); glibc's heap
+    # gives it back (release_memory). An array remembers its pool, so switching back later is safe.
+    pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    fixed_mmap_threshold()
     try:
         with Catalog(build.root) as cat:
             cat.con.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
@@ -814,6 +873,7 @@ def export_build(
                            group_near_duplicates=group_near_duplicates, assignment=assignment, force=force,
                            record_splits=record_splits, work=work)
     finally:
+        pa.set_memory_pool(pool)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -824,24 +884,19 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
             record_splits: bool, work: Path) -> dict[str, Any]:
     """:func:`export_build` once the options are checked: columns per sample, Python objects per image.
 
-    The narrow table (:data:`_COMPACT`) decides which samples go where; only reviewed fixes and the
+    The narrow columns (:func:`_compact_columns`) decide which samples go where; only reviewed fixes and the
     samples whose ``needs_review`` a filter may clear become dicts. The write pass then streams every
-    expression (:data:`_FULL`, in the same order) in record batches, turning each kept one into its
+    expression (:data:`_EXPRESSIONS`, in the same order) in record batches, turning each kept one into its
     canonical record, straight into the Parquet and JSONL writers; the other formats still take whole
     splits (``by_split``) and are only collected when asked for."""
     images, edits = _read_images(cat)
-    verifying = ", ".join("'" + f.replace("'", "''") + "'" for f in sorted(VERIFYING_FILTERS))
-    compact = cat.sql(_COMPACT.format(verifying=verifying))
-    n = compact.num_rows
+    cols = _compact_columns(build, cat)
+    sids = cols.pop("sample_id")
+    n = len(sids)
     if not n:
         raise ExportError(f"{build.root} has no expressions to export (did the build run the paths stage?)")
-    # the columns, each in one piece, and the query's table let go: a few copies of n rows are the
-    # export's largest holding (a million samples: ~150 MB per copy of the string columns)
-    sids = compact["sample_id"].combine_chunks()
-    cols = {c: compact[c].combine_chunks() for c in ("image_id", "positive_id", "task", "difficulty", "polarity",
-                                                      "negative_type", "needs_review")}
-    failed_col, verified_col = compact["failed_filter"].combine_chunks(), compact["verified"].combine_chunks()
-    del compact
+    failed_col, verified_col = cols.pop("failed_filter"), cols.pop("verified")
+    release_memory()  # what reading the parts left in the heap
     used_ids = pc.unique(cols["image_id"]).to_pylist()
     missing = sorted(set(used_ids) - set(images))
     if missing:
@@ -904,7 +959,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     else:
         kept = {c: v.take(pa.array(kept_at)) for c, v in cols.items()}
         kept_sids = sids.take(pa.array(kept_at))
-    del cols, failed_col, verified_col
+    del cols, failed_col, verified_col, edits
     release_memory()
 
     kept_images = pc.unique(kept["image_id"]).to_pylist()
@@ -927,7 +982,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         pos = {nm: k for k, nm in enumerate(names)}
         at = pc.index_in(kept_sids, value_set=pa.array(list(assignment), pa.string())).to_numpy(zero_copy_only=False)
         given = np.array([pos[v] for v in assignment.values()], dtype=np.int64)
-        code = np.full(len(kept_sids), -1, dtype=np.int64)
+        code = np.full(len(kept_sids), -1, dtype=np.int16 if len(names) < 1 << 15 else np.int64)
         ok = ~np.isnan(at)
         code[ok] = given[at[ok].astype(np.int64)]
         split_order = pc.index_in(pa.array(list(assignment), pa.string()), value_set=kept_sids)
@@ -947,9 +1002,9 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         if test_size is not None:
             names = [k for k in split_ratios if k != "test"] or ["train"]
             names.append("test")
-        remap = np.array([names.index(nm) for nm in names_all], dtype=np.int64)
-        code = remap[code]
-        walk = np.arange(len(kept_sids))
+        remap = np.array([names.index(nm) for nm in names_all], dtype=np.int16)
+        code = remap[code]  # two bytes per sample (a million samples: what is held through the write pass)
+        walk = None  # sample order
 
     dropped: Counter = Counter(filtered)
     test = names.index("test") if "test" in names else -2
@@ -960,16 +1015,16 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         at = pc.index_in(kept_sids, value_set=pa.array(rev_ids, pa.string()))
         found = pc.is_valid(at).to_numpy(zero_copy_only=False)
         state[found] = rev_state[at.to_numpy(zero_copy_only=False)[found].astype(np.int64)]
-        for i in walk.tolist():
-            c = code[i]
-            if c < 0:
-                continue
-            if state[i] == 2:
-                dropped["rejected by a reviewer"] += 1
-                code[i] = -1
-            elif reviewed_test and c == test and state[i] == 0:
-                dropped[f"not reviewed ({names[c]} is restricted to reviewed samples)"] += 1
-                code[i] = -1
+        live = code >= 0
+        leave = {"rejected by a reviewer": live & (state == 2)}
+        if reviewed_test:
+            leave[f"not reviewed ({names[test]} is restricted to reviewed samples)"] = live & (state == 0) & (code == test)
+        # the reasons enter export.json's counts in the order a walk over the samples would meet them
+        met = {why: int(np.argmax(m if walk is None else m[walk])) for why, m in leave.items() if m.any()}
+        for why in sorted(met, key=met.__getitem__):
+            dropped[why] += int(leave[why].sum())
+            code[leave[why]] = -1
+        del live, leave, state
     if not include_needs_review:
         nr = pc.fill_null(kept["needs_review"], False).to_numpy(zero_copy_only=False)
         out_of_test = (code == test) & nr
@@ -986,13 +1041,17 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     in_split = code >= 0
     # sample_id order (Python's: UTF-8 byte order), for the export id and the splits table
     by_id = pc.sort_indices(kept_sids).to_numpy()
-    by_id = by_id[in_split[by_id]]
+    by_id = by_id[in_split[by_id]].astype(np.int32 if len(by_id) < 1 << 31 else np.int64)
+    del in_split
     config_hash = build.config_hash(Config)
     digest = hashlib.sha256(b"[" + _json_bytes(config_hash) + b", [")  # == _json_bytes([config_hash, pairs])
     name_json = [_json_bytes(nm) for nm in names]
-    for k, (sid, c) in enumerate(zip(kept_sids.take(pa.array(by_id)).to_pylist(), code[by_id].tolist(),
-                                     strict=True)):
-        digest.update((b", [" if k else b"[") + _json_bytes(sid) + b", " + name_json[c] + b"]")
+    sep = b"["
+    for at in range(0, len(by_id), _SORT_ROWS):  # a part at a time: no Python string per sample at once
+        part = by_id[at:at + _SORT_ROWS]
+        for sid, c in zip(kept_sids.take(pa.array(part)).to_pylist(), code[part].tolist(), strict=True):
+            digest.update(sep + _json_bytes(sid) + b", " + name_json[c] + b"]")
+            sep = b", ["
     digest.update(b"]]")
     export_id = f"export-{digest.hexdigest()[:16]}"
     cfg_name = build.config(Config).build.name
@@ -1019,7 +1078,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     }
 
     # the write pass: every expression in sample_id order; kept ones become canonical records
-    full_code = np.full(n, -1, dtype=np.int64)
+    full_code = np.full(n, -1, dtype=code.dtype)
     full_code[kept_at] = code
     gate_kept = np.zeros(n, dtype=bool)
     gate_kept[kept_at] = True
@@ -1034,12 +1093,8 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     writer = None
     try:
         writer = _CanonicalWriter(tmp, formats, names)
-        # the traces, sorted, go to a file first: two sorts streaming at once do not fit DuckDB's limit
         work.mkdir(parents=True, exist_ok=True)
-        cot_file = str(work / "cot.parquet").replace("'", "''")
-        cat.con.execute(f"COPY ({_COT}) TO '{cot_file}' (FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP})")
-        cot_reader = pq.ParquetFile(work / "cot.parquet")
-        traces = _first_traces(_batches_by_row_group(cot_reader, ["sample_id", "trace"]))
+        traces = _first_traces(_sorted_traces(cat, sids, work))
         reader = _sorted_expressions(cat, sids, work)
         cot_sid, cot_trace = next(traces, (None, None))
         start = 0
@@ -1076,7 +1131,6 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         if start != n:
             raise RuntimeError("the expressions changed while they were exported")  # pragma: no cover
         traces.close()
-        cot_reader.close()
         writer.close()
         writer = None
         meta["counts"] = stats.counts()
@@ -1105,8 +1159,8 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         try:
             if not build.reader.has_work("splits", export_id):
                 table = pa.table({"sample_id": kept_sids.take(pa.array(by_id)),
-                                  "split": pa.array([names[c] for c in code[by_id].tolist()], pa.string()),
-                                  "export_id": pa.array([export_id] * len(by_id), pa.string())})
+                                  "split": pa.array(names, pa.string()).take(pa.array(code[by_id])),
+                                  "export_id": pa.repeat(pa.scalar(export_id, pa.string()), len(by_id))})
                 build.writer(new_run_id()).write("splits", table, work_key=export_id, stage="export")
             recorded = True
         except OSError:

@@ -57,3 +57,18 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fixed_mmap_threshold(size: int = 128 * 1024) -> None:
+    """Serve every allocation of ``size`` bytes or more with its own mmap, returned on free (glibc).
+
+    By default glibc raises that threshold each time such a block is freed (up to 32 MB), so that an
+    export's many same-sized blocks (Arrow buffers, numpy arrays of a million samples, Parquet parts)
+    end up in the heap, whose fragments ``malloc_trim`` cannot always give back: peak RSS of a
+    16,000-scene export 977 -> 739 MiB (benchmarks/RESULTS.md, issue 18). Setting it turns the rise
+    off for the rest of the process. A no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(size))

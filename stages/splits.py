@@ -393,10 +393,18 @@ def assign_split_codes(
         return names, np.zeros(0, dtype=np.int64)
     if sids.null_count:
         raise ValueError("a sample has no sample_id")
-    if len(pc.unique(sids)) != n:
-        counts = pc.value_counts(sids)
-        dup = sorted(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
-        raise ValueError(f"duplicate sample_id(s): {dup[:10]}")
+    # sample_id order (Python's: UTF-8 byte order, as Arrow compares strings); an export's ids come sorted,
+    # and then no hash table or sort of a million strings is needed to find duplicates
+    if n == 1 or pc.all(pc.greater(sids.slice(1), sids.slice(0, n - 1))).as_py():
+        by_id = np.arange(n)
+    else:
+        by_id = pc.sort_indices(sids).to_numpy()
+        in_order = sids.take(pa.array(by_id))
+        same = pc.equal(in_order.slice(1), in_order.slice(0, n - 1))
+        if pc.any(same).as_py():
+            dup = sorted(set(in_order.slice(1).filter(same).to_pylist()))
+            raise ValueError(f"duplicate sample_id(s): {dup[:10]}")
+        del in_order, same
     parents = dict(parents or {})
 
     # nodes: image roots, then missing positives and group keys, then samples without an image
@@ -414,35 +422,48 @@ def assign_split_codes(
     base[has_img] = root_node[codes[has_img].astype(np.int64)]
     for i in np.flatnonzero(~has_img).tolist():
         base[i] = node(("s", i))
+    # edges between nodes, each kind deduplicated as it comes: one int64 per pair, (a << 32) | b, whose
+    # sorted order is the pairs' (a, b) order; a few bytes per sample at a time rather than pairs of them
     edges: list[np.ndarray] = []
+
+    def add_edges(a: np.ndarray, b: np.ndarray) -> None:
+        edges.append(np.unique((a << 32) | b))
+
     # a negative and its positive: the positive's root if it is a sample here, else the positive's own node
     pos_idx = pc.index_in(pids, value_set=sids)
     found = pc.is_valid(pos_idx).to_numpy(zero_copy_only=False)
     if found.any():
-        j = pos_idx.to_numpy(zero_copy_only=False)[found].astype(np.int64)
-        edges.append(np.stack([base[found], base[j]], 1))
+        j = pos_idx.filter(pa.array(found)).to_numpy(zero_copy_only=False).astype(np.int64)
+        add_edges(base[found], base[j])
+        del j
     missing = pc.and_(pc.is_valid(pids), pc.is_null(pos_idx)).to_numpy(zero_copy_only=False)
+    del pos_idx, found
     if missing.any():
         miss = pids.filter(pa.array(missing)).dictionary_encode()
         miss_node = np.array([node(("s", p)) for p in miss.dictionary.to_pylist()], dtype=np.int64)
-        edges.append(np.stack([base[missing], miss_node[miss.indices.to_numpy(zero_copy_only=False)]], 1))
+        add_edges(base[missing], miss_node[miss.indices.to_numpy(zero_copy_only=False)])
+        del miss
+    del missing
     if group_of_image:
         key_node = np.array([-1 if group_of_image.get(i) is None else node(("g", group_of_image[i]))
                              for i in img_values], dtype=np.int64)
         tied = has_img.copy()
         tied[has_img] = key_node[codes[has_img].astype(np.int64)] >= 0
         if tied.any():
-            edges.append(np.stack([base[tied], key_node[codes[tied].astype(np.int64)]], 1))
+            add_edges(base[tied], key_node[codes[tied].astype(np.int64)])
+        del tied
+    if len(nodes) >= 1 << 31:  # pragma: no cover - two billion images and samples
+        raise ValueError(f"{len(nodes)} images and samples: more than a split assignment can number")
     uf = _UnionFind(range(len(nodes)))
     if edges:
-        pairs = np.unique(np.concatenate(edges), axis=0)
-        for a, b in pairs.tolist():
+        pairs = np.unique(np.concatenate(edges))
+        del edges
+        for a, b in zip((pairs >> 32).tolist(), (pairs & 0xFFFFFFFF).tolist(), strict=True):
             if a != b:
                 uf.union(a, b)
     comp_of_node = np.array([uf.find(i) for i in range(len(nodes))], dtype=np.int64)
     comp = comp_of_node[base]
-    # a group's id: its smallest sample_id (Python's order: UTF-8 byte order is code point order)
-    by_id = pc.sort_indices(sids).to_numpy()
+    # a group's id: its smallest sample_id
     rank = np.empty(n, dtype=np.int64)
     rank[by_id] = np.arange(n)
     first = np.full(len(nodes), n, dtype=np.int64)
@@ -461,10 +482,18 @@ def assign_split_codes(
     key = np.zeros(n, dtype=np.int64)
     dicts = []
     for col in strata_columns:
-        e = arr(col).dictionary_encode(null_encoding="encode")
-        values = e.dictionary.to_pylist()
+        a = arr(col)
+        if pa.types.is_dictionary(a.type):  # a null is a value of its own, as null_encoding="encode" makes it
+            values = a.dictionary.to_pylist()
+            idx = pc.fill_null(a.indices, len(values)).to_numpy(zero_copy_only=False).astype(np.int64)
+            values.append(None)
+        else:
+            e = a.dictionary_encode(null_encoding="encode")
+            values = e.dictionary.to_pylist()
+            idx = e.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         dicts.append(values)
-        key = key * (len(values) + 1) + e.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        key = key * (len(values) + 1) + idx
+        del a, idx
     uniq, first_at, inverse = np.unique(key, return_index=True, return_inverse=True)
     appear = np.argsort(first_at, kind="stable")
     number = np.empty(len(uniq), dtype=np.int64)

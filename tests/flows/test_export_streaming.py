@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from refforge.flows import export as export_flow
+from refforge.schemas import CotTrace
 from refforge.stages.export_records import read_canonical
 from refforge.stages.splits import assign_split_codes, assign_splits
+from refforge.storage.build import BuildDir
+from refforge.storage.catalog import Catalog
 from tests.flows.export_golden_cases import CASES, GOLDEN, make_build, run_case
 
 EXPECTED = json.loads((GOLDEN / "export_prev_demo.json").read_text())
@@ -83,14 +88,50 @@ def test_columnar_assignment_equals_assign_splits(trial):
                        "task": rng.choice(["a", "b", "c"]), "difficulty": rng.choice([1, 2, 3]),
                        "polarity": rng.choice(["positive", "negative"]), "negative_type": rng.choice([None, "x", "y"])}
                       for k in range(rng.randint(1, 2000))), key=lambda s: s["sample_id"])
+    if trial % 3 == 1:  # ids not in order: the sorting path (an export's ids come sorted)
+        rng.shuffle(samples)
     clusters = {i["image_id"]: f"c{rng.randrange(n_img // 2 + 1)}" for i in images} if trial % 2 else None
     kw = {"seed": trial, "ratios": {"train": 0.7, "val": 0.2, "test": 0.1} if trial % 3 else None,
           "test_size": 30 if trial == 4 else None}
     want = assign_splits(samples, images=images, **kw,
                          group_of=(lambda s: ("phash", clusters[s["image_id"]])) if clusters else None)
+    image_ids = [s["image_id"] for s in samples]
+    strata = [[s[f] for s in samples] for f in ("task", "difficulty", "polarity", "negative_type")]
+    if trial % 2 == 0:  # dictionary-encoded columns, as the export reads them (nulls among the values)
+        image_ids = pa.array(image_ids).dictionary_encode()
+        strata = [pa.array(c).dictionary_encode() for c in strata]
     names, codes = assign_split_codes(
-        [s["sample_id"] for s in samples], [s["image_id"] for s in samples], [s["positive_id"] for s in samples],
-        [[s[f] for s in samples] for f in ("task", "difficulty", "polarity", "negative_type")],
+        [s["sample_id"] for s in samples], image_ids, [s["positive_id"] for s in samples], strata,
         parents={i["image_id"]: i["parent_image_id"] for i in images if i["parent_image_id"]},
         group_of_image=clusters, **kw)
     assert {s["sample_id"]: names[c] for s, c in zip(samples, codes.tolist(), strict=True)} == want
+
+
+@pytest.mark.parametrize("ids", [["a", "b", "b", "c"], ["c", "b", "a", "b", "c"], ["x", "x"]])
+def test_columnar_assignment_refuses_duplicate_ids(ids):
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    with pytest.raises(ValueError, match=re.escape(f"duplicate sample_id(s): {dup}")):
+        assign_split_codes(ids, ["im"] * len(ids), [None] * len(ids), [["t"] * len(ids)], stratify=("task",))
+
+
+def test_traces_sorted_in_parts_give_each_sample_its_first_trace(tmp_path, monkeypatch):
+    """Several selected traces per sample (k > 1 and ties): each record's trace is the first by model, then
+    trace, whether DuckDB sorts the traces whole or they are sorted in sample_id-range parts."""
+    build = make_build(tmp_path / "b", reviews=False)
+    with Catalog(build) as cat:
+        rows = cat.sql("SELECT * FROM cot_traces WHERE selected ORDER BY sample_id").to_pylist()
+    extra = [CotTrace(**{**r, "model": model, "trace": f"{text} {r['sample_id']}"})
+             for r in rows[::2] for model, text in (("a-model", "zz"), ("a-model", "aa"), ("zz-model", "00"))]
+    extra += [CotTrace(**{**r, "model": "a-model", "trace": "not selected", "selected": False}) for r in rows[1::2]]
+    BuildDir.open(build).writer("traces").write("cot_traces", extra, work_key="more-traces")
+    want = {r["sample_id"]: f"aa {r['sample_id']}" for r in rows[::2]} | {r["sample_id"]: r["trace"] for r in rows[1::2]}
+    whole = tmp_path / "whole"
+    export_flow.export_build(build, whole, ["parquet", "jsonl"], record_splits=False)
+    got = {r["sample_id"]: r["cot"] for r in read_canonical(whole)}
+    assert len(got) > 300 and {s: want[s] for s in got} == got
+    monkeypatch.setattr(export_flow, "_SORT_ROWS", 64)  # 1,160 selected traces: 19 parts
+    split = tmp_path / "split"
+    export_flow.export_build(build, split, ["parquet", "jsonl"], record_splits=False)
+    for f in sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file()):
+        if f.name not in ("export.json", "README.md"):
+            assert (split / f).read_bytes() == (whole / f).read_bytes(), f
