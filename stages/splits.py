@@ -429,15 +429,25 @@ def assign_split_codes(
     def add_edges(a: np.ndarray, b: np.ndarray) -> None:
         edges.append(np.unique((a << 32) | b))
 
-    # a negative and its positive: the positive's root if it is a sample here, else the positive's own node
-    pos_idx = pc.index_in(pids, value_set=sids)
-    found = pc.is_valid(pos_idx).to_numpy(zero_copy_only=False)
+    # a negative and its positive: the positive's root if it is a sample here, else the positive's own node.
+    # Looked up through the distinct positive ids (a third of the samples), whose hash table is a third of
+    # one over every sample_id
+    penc = pids.dictionary_encode()
+    n_pos = len(penc.dictionary)
+    hit = pc.index_in(sids, value_set=penc.dictionary)  # the positive each sample is, if any
+    is_pos = pc.is_valid(hit)
+    sample_of_pos = np.full(n_pos + 1, -1, dtype=np.int64)  # the last: no positive_id
+    sample_of_pos[hit.filter(is_pos).to_numpy(zero_copy_only=False).astype(np.int64)] = np.flatnonzero(
+        is_pos.to_numpy(zero_copy_only=False))
+    del hit, is_pos
+    pos_code = pc.fill_null(penc.indices, n_pos).to_numpy(zero_copy_only=False).astype(np.int64)
+    del penc
+    j = sample_of_pos[pos_code]
+    found = j >= 0
     if found.any():
-        j = pos_idx.filter(pa.array(found)).to_numpy(zero_copy_only=False).astype(np.int64)
-        add_edges(base[found], base[j])
-        del j
-    missing = pc.and_(pc.is_valid(pids), pc.is_null(pos_idx)).to_numpy(zero_copy_only=False)
-    del pos_idx, found
+        add_edges(base[found], base[j[found]])
+    missing = (pos_code < n_pos) & ~found
+    del j, found, pos_code, sample_of_pos
     if missing.any():
         miss = pids.filter(pa.array(missing)).dictionary_encode()
         miss_node = np.array([node(("s", p)) for p in miss.dictionary.to_pylist()], dtype=np.int64)
@@ -463,6 +473,7 @@ def assign_split_codes(
                 uf.union(a, b)
     comp_of_node = np.array([uf.find(i) for i in range(len(nodes))], dtype=np.int64)
     comp = comp_of_node[base]
+    del base, has_img, codes, enc, comp_of_node  # per-sample arrays let go as soon as they are used up
     # a group's id: its smallest sample_id
     rank = np.empty(n, dtype=np.int64)
     rank[by_id] = np.arange(n)
@@ -474,6 +485,7 @@ def assign_split_codes(
     gindex = np.full(len(nodes), -1, dtype=np.int64)
     gindex[used[np.array(order, dtype=np.int64)]] = np.arange(len(used))
     sample_group = gindex[comp]
+    del comp, rank, first, by_id, gindex
 
     # joint strata numbered by first appearance in sample order
     fields = tuple(stratify)
@@ -491,6 +503,7 @@ def assign_split_codes(
             e = a.dictionary_encode(null_encoding="encode")
             values = e.dictionary.to_pylist()
             idx = e.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            del e
         dicts.append(values)
         key = key * (len(values) + 1) + idx
         del a, idx
@@ -499,6 +512,7 @@ def assign_split_codes(
     number = np.empty(len(uniq), dtype=np.int64)
     number[appear] = np.arange(len(uniq))
     stratum = number[inverse.reshape(-1)]
+    del key, inverse, first_at
     strata = []
     for u in uniq[appear].tolist():
         parts = []
