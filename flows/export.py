@@ -177,6 +177,10 @@ def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
     types = {c: pa.dictionary(pa.int32(), schema.field(c).type) if c in _DICTIONARY else schema.field(c).type
              for c in _COMPACT}
     chunks: dict[str, list[pa.Array]] = {c: [] for c in _COMPACT}
+    blocks: dict[str, list[pa.Array]] = {c: [] for c in _COMPACT}
+    # a shard's part holds a few hundred rows: its small arrays are joined every _SORT_ROWS rows (into
+    # one block per column, dictionaries unified), so that no heap full of small fragments outlives them
+    pending = 0
     for part in sorted((build.root / "tables" / "expressions").glob("part-*.parquet")):
         present = set(pq.read_schema(part).names)
         table = pq.read_table(part, columns=[c for c in _COMPACT if c in present],
@@ -184,14 +188,18 @@ def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
         for c in _COMPACT:
             col = table.column(c) if c in present else pa.chunked_array([pa.nulls(table.num_rows, types[c])])
             chunks[c].extend(ch if ch.type == types[c] else ch.cast(types[c]) for ch in col.chunks)
-        del table
+        pending += table.num_rows
+        del table, col
+        if pending >= _SORT_ROWS:
+            for c, v in chunks.items():
+                blocks[c].append(pa.concat_arrays(v))
+                v.clear()
+            pending = 0
     cols: dict[str, pa.Array] = {}
     for c in _COMPACT:
-        joined = pa.chunked_array(chunks.pop(c), type=types[c])
-        cols[c] = (joined.unify_dictionaries() if c in _DICTIONARY else joined).combine_chunks()
-        del joined
+        cols[c] = pa.concat_arrays(blocks.pop(c) + chunks.pop(c)) if pending or blocks[c] else pa.array([], types[c])
     order = pc.sort_indices(cols["sample_id"])
-    for c in _COMPACT:
+    for c in _COMPACT:  # a column at a time: one copy in hand
         cols[c] = cols[c].take(order)
     del order
     n = len(cols["sample_id"])

@@ -12,11 +12,12 @@ import random
 import re
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from refforge.flows import export as export_flow
-from refforge.schemas import CotTrace
+from refforge.schemas import CotTrace, Score
 from refforge.stages.export_records import read_canonical
 from refforge.stages.splits import assign_split_codes, assign_splits
 from refforge.storage.build import BuildDir
@@ -135,3 +136,43 @@ def test_traces_sorted_in_parts_give_each_sample_its_first_trace(tmp_path, monke
     for f in sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file()):
         if f.name not in ("export.json", "README.md"):
             assert (split / f).read_bytes() == (whole / f).read_bytes(), f
+
+
+_OLD_COMPACT = """
+WITH failed AS (SELECT subject_id, min("filter") AS bad FROM scores WHERE NOT passed GROUP BY subject_id),
+     verified AS (SELECT DISTINCT subject_id FROM scores WHERE passed AND "filter" IN ('clip_margin'))
+SELECT e.sample_id, e.image_id, e.positive_id, e.task, e.difficulty, e.polarity, e.negative_type, e.needs_review,
+       CASE WHEN fs.bad IS NULL THEN fi.bad WHEN fi.bad IS NULL THEN fs.bad ELSE least(fs.bad, fi.bad) END
+           AS failed_filter,
+       coalesce(e.needs_review, false) AND e.sample_id IN (SELECT subject_id FROM verified) AS verified
+FROM expressions e LEFT JOIN failed fs ON fs.subject_id = e.sample_id LEFT JOIN failed fi ON fi.subject_id = e.image_id
+ORDER BY e.sample_id
+"""
+
+
+def test_compact_columns_equal_the_catalog_query(tmp_path):
+    """The export's narrow columns, read from the Parquet parts with pyarrow, are what the SQL over the
+    catalog's view (which it replaced) gives: a part from before two columns existed reads them as null,
+    and the filters' first failure (of the sample or of its image) and verifying passes are the same."""
+    build = make_build(tmp_path / "b", reviews=False)
+    parts = sorted((build / "tables" / "expressions").glob("part-*.parquet"))
+    old = pq.read_table(parts[0])
+    pq.write_table(old.drop_columns(["negative_type", "needs_review"]), parts[0])
+    other = pq.read_table(parts[1])  # some samples needing review, which a verifying filter may clear
+    flags = pa.array([i % 2 == 0 for i in range(other.num_rows)])
+    pq.write_table(other.set_column(other.schema.get_field_index("needs_review"), "needs_review", flags), parts[1])
+    with Catalog(build) as cat:
+        rows = cat.sql("SELECT sample_id, image_id, needs_review FROM expressions ORDER BY sample_id").to_pylist()
+    scores = [Score(subject_id=r["sample_id"], filter="blind_text", value=0.1, passed=False) for r in rows[::5]]
+    scores += [Score(subject_id=r["sample_id"], filter="a_filter", value=0.1, passed=False) for r in rows[::10]]
+    scores += [Score(subject_id=r["image_id"], filter="b_image_filter", value=0.1, passed=False) for r in rows[::7]]
+    scores += [Score(subject_id=r["sample_id"], filter="clip_margin", value=0.9, passed=True) for r in rows[1::3]]
+    BuildDir.open(build).writer("filters").write("scores", scores, work_key="more-scores")
+    with Catalog(build) as cat:
+        want = cat.sql(_OLD_COMPACT)
+        got = export_flow._compact_columns(BuildDir.open(build), cat)
+    assert want.num_rows == len(rows) > 300
+    assert want.column("negative_type").null_count > old.column("negative_type").null_count  # the old part's
+    assert want.column("failed_filter").null_count < len(rows) and pc.sum(want.column("verified")).as_py() > 0
+    for c in want.column_names:
+        assert got[c].to_pylist() == want.column(c).to_pylist(), c
