@@ -3,8 +3,9 @@
 Each export runs in its own subprocess (``python -c`` calling ``export_build``), whose process tree is
 sampled with psutil every 0.1 s for RSS; CPU is the child's user + system time. With ``--old PATH`` (a copy
 of an earlier flows/export.py) the same exports run through that module too, in the same session, so the
-two sides share the machine's state. The ratio compares seconds per exported sample of the larger build
-with the smaller one's (1.00: linear).
+two sides share the machine's state. The current side runs with the Arrow allocator that `refforge export`
+chooses (``ARROW_DEFAULT_MEMORY_POOL=system``, refforge/__init__.py). The ratio compares seconds per exported
+sample of the larger build with the smaller one's (1.00: linear).
 
     python benchmarks/bench_export.py [--builds B1 B2 ...] [--formats default|all|both] [--old PATH]
 """
@@ -44,8 +45,11 @@ def measure(module: str, build: str, formats: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
+        env = dict(os.environ)
+        if module == "-":  # the allocator `refforge export` chooses (refforge/__init__.py); the old side ran without
+            env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
         proc = subprocess.Popen([sys.executable, "-c", RUN, module, build, str(Path(tmp) / "out"), formats],
-                                stdout=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, text=True, env=env)
         peak = 0
         ps = psutil.Process(proc.pid)
         while proc.poll() is None:

@@ -1,4 +1,7 @@
 import gc
+import os
+import subprocess
+import sys
 import threading
 import weakref
 
@@ -71,3 +74,27 @@ def test_overlapping_pauses_in_threads_keep_the_collector_off_until_the_last_end
         t.join()
     assert states == [False, False]
     assert gc.isenabled()
+
+
+_BACKEND = "import sys; sys.argv = {argv!r}; import refforge, pyarrow; print(pyarrow.default_memory_pool().backend_name)"
+
+
+@pytest.mark.parametrize(("argv", "want"), [
+    (["/venv/bin/refforge", "export", "b", "--out", "o"], "system"),
+    (["/venv/bin/refforge", "--debug", "export", "b"], "system"),
+    (["/venv/bin/refforge", "build", "--out", "export"], None),  # a build keeps Arrow's default
+    (["/venv/bin/other", "export"], None),
+])
+def test_the_export_command_chooses_the_system_allocator_before_pyarrow_loads(argv, want):
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    default = subprocess.run([sys.executable, "-c", "import pyarrow; print(pyarrow.default_memory_pool().backend_name)"],
+                             env=env, capture_output=True, text=True, check=True).stdout.strip()
+    got = subprocess.run([sys.executable, "-c", _BACKEND.format(argv=argv)], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert got == (want or default)
+    if want is None:
+        assert default != "system"  # else the cases above could not tell the two apart
+    # an allocator the user chose wins
+    got = subprocess.run([sys.executable, "-c", _BACKEND.format(argv=argv)], capture_output=True, text=True,
+                         check=True, env={**env, "ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}).stdout.strip()
+    assert got == "jemalloc"
