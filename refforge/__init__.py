@@ -26,8 +26,9 @@ def _export_allocator() -> None:
     (benchmarks/RESULTS.md, issue 18). Arrow reads ``ARROW_DEFAULT_MEMORY_POOL`` once, when pyarrow loads,
     so the choice is made here, before anything imports it, and only for the export: a build's own process
     keeps the default (its pool workers switch themselves, flows/pool_preload.py). A value already set wins."""
-    args = [a for a in _sys.argv[1:] if not a.startswith("-")]
-    if _Path(_sys.argv[0]).name == "refforge" and args[:1] == ["export"]:
+    argv = getattr(_sys, "argv", None) or [""]  # an embedded interpreter may have none
+    args = [a for a in argv[1:] if not a.startswith("-")]
+    if _Path(argv[0]).name == "refforge" and args[:1] == ["export"]:
         _os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 
