@@ -181,7 +181,7 @@ def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
     # a shard's part holds a few hundred rows: its small arrays are joined every _SORT_ROWS rows (into
     # one block per column, dictionaries unified), so that no heap full of small fragments outlives them
     pending = 0
-    for part in sorted((build.root / "tables" / "expressions").glob("part-*.parquet")):
+    for part in build.reader.shards("expressions"):
         present = set(pq.read_schema(part).names)
         table = pq.read_table(part, columns=[c for c in _COMPACT if c in present],
                               read_dictionary=[c for c in _DICTIONARY if c in present])
@@ -197,7 +197,9 @@ def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
             pending = 0
     cols: dict[str, pa.Array] = {}
     for c in _COMPACT:
-        cols[c] = pa.concat_arrays(blocks.pop(c) + chunks.pop(c)) if pending or blocks[c] else pa.array([], types[c])
+        pieces = blocks.pop(c) + chunks.pop(c)
+        cols[c] = pa.concat_arrays(pieces) if pieces else pa.array([], types[c])
+    del pieces
     order = pc.sort_indices(cols["sample_id"])
     for c in _COMPACT:  # a column at a time: one copy in hand
         cols[c] = cols[c].take(order)
@@ -222,8 +224,9 @@ _EXPRESSIONS = "SELECT * FROM expressions"
 """Every expression; read in record batches, in sample_id order (that of :func:`_compact_columns`)."""
 
 _COT = "SELECT sample_id, model, trace FROM cot_traces WHERE selected"
-"""The selected traces; sorted by sample_id, model, trace, a sample's first one is its trace (k > 1 and ties:
-the first by model, trace). Plain sorts, which spill, rather than an ordered aggregate, held in memory."""
+"""The selected traces; sorted by sample_id, model, trace (:func:`_sorted_traces`), a sample's first one is its
+trace (k > 1 and ties: the first by model, trace): a sort in bounded parts rather than an ordered aggregate, which
+DuckDB holds in memory."""
 
 
 def _first_traces(reader: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, str]]:
@@ -292,7 +295,8 @@ def _sorted_traces(cat: Catalog, sids: pa.Array, work: Path) -> Iterator[pa.Reco
     yield from _sorted_rows(cat, _COT, ("sample_id", "model", "trace"), sids, rows, work, "cot_traces")
 
 
-_SORT_ROWS = 65_536  # expression rows DuckDB sorts at once in the write pass (~70 MB as Arrow)
+_SORT_ROWS = 65_536  # rows per sorted part of the write pass (~70 MB of expressions as Arrow), and per step where
+# the export goes over every sample in pieces (reading the narrow columns, the export id's digest)
 _BATCH = 4096  # rows per record batch of the write pass
 _ROW_GROUP = 16_384  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group.
 # What a split holds in memory before it is written: ~1.1 KB of Arrow per canonical record, ~18 MB per split

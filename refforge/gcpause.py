@@ -56,7 +56,7 @@ def release_memory() -> None:
     otherwise keep for the rest of the process (a no-op where there is no glibc)."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -71,4 +71,9 @@ def fixed_mmap_threshold(size: int = 128 * 1024) -> None:
     16,000-scene export 977 -> 739 MiB (benchmarks/RESULTS.md, issue 18). Setting it turns the rise
     off for the rest of the process. A no-op where there is no glibc."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(size))
+        _libc().mallopt(_M_MMAP_THRESHOLD, int(size))
+
+
+def _libc() -> ctypes.CDLL:
+    """glibc (OSError where there is none)."""
+    return ctypes.CDLL("libc.so.6")
