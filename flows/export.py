@@ -74,7 +74,7 @@ from refforge.stages.splits import (
 from refforge.stages.splits import _root as _root_of
 from refforge.storage.atomic import atomic_write_bytes, fsync_dir
 from refforge.storage.build import BuildDir, new_run_id
-from refforge.storage.catalog import Catalog
+from refforge.storage.catalog import Catalog, ShardCatalog
 
 __all__ = ["ExportError", "LeakageError", "export_build", "left_out_by_format", "parse_formats", "parse_ratios"]
 
@@ -164,6 +164,20 @@ _FAILED = """SELECT subject_id, min("filter") AS bad FROM scores WHERE NOT passe
 _VERIFIED = """SELECT DISTINCT subject_id FROM scores WHERE passed AND "filter" IN ({verifying})"""
 
 
+def _narrow(col: pa.Array) -> pa.Array:
+    """``col`` in fewer bytes, the same values: a dictionary of under 128 values with int8 indices, integers
+    as the smallest type that holds them (``difficulty``: 1 byte a sample, not 8)."""
+    if pa.types.is_dictionary(col.type) and len(col.dictionary) < 128 and col.type.index_type != pa.int8():
+        return col.cast(pa.dictionary(pa.int8(), col.type.value_type))
+    if pa.types.is_integer(col.type) and len(col) and col.null_count < len(col):
+        lo, hi = pc.min_max(col).values()
+        for t in (pa.int8(), pa.int16(), pa.int32()):
+            if t.bit_width < col.type.bit_width and np.iinfo(t.to_pandas_dtype()).min <= lo.as_py() \
+                    and hi.as_py() <= np.iinfo(t.to_pandas_dtype()).max:
+                return col.cast(t)
+    return col
+
+
 def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
     """The :data:`_COMPACT` columns of every expression, sorted by sample_id, each in one piece, and the
     filters' gate's two (:func:`refforge.stages.filters.gate`): ``failed_filter``, the first failed filter of
@@ -178,7 +192,7 @@ def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
              for c in _COMPACT}
     chunks: dict[str, list[pa.Array]] = {c: [] for c in _COMPACT}
     blocks: dict[str, list[pa.Array]] = {c: [] for c in _COMPACT}
-    # a shard's part holds a few hundred rows: its small arrays are joined every _SORT_ROWS rows (into
+    # a shard's part holds a few hundred rows: its small arrays are joined every _STEP_ROWS rows (into
     # one block per column, dictionaries unified), so that no heap full of small fragments outlives them
     pending = 0
     for part in build.reader.shards("expressions"):
@@ -190,7 +204,7 @@ def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
             chunks[c].extend(ch if ch.type == types[c] else ch.cast(types[c]) for ch in col.chunks)
         pending += table.num_rows
         del table, col
-        if pending >= _SORT_ROWS:
+        if pending >= _STEP_ROWS:
             for c, v in chunks.items():
                 blocks[c].append(pa.concat_arrays(v))
                 v.clear()
@@ -202,18 +216,23 @@ def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
     del pieces
     order = pc.sort_indices(cols["sample_id"])
     for c in _COMPACT:  # a column at a time: one copy in hand
-        cols[c] = cols[c].take(order)
+        cols[c] = _narrow(cols[c].take(order))
     del order
-    n = len(cols["sample_id"])
     sids, images = cols["sample_id"], cols["image_id"]
     failed = cat.sql(_FAILED)
-    if failed.num_rows:
-        subjects, bad = failed["subject_id"].combine_chunks(), failed["bad"].combine_chunks()
-        of_sample = bad.take(pc.index_in(sids, value_set=subjects))
-        of_image = bad.take(pc.index_in(images.dictionary, value_set=subjects)).take(images.indices)
-        cols["failed_filter"] = pc.min_element_wise(of_sample, of_image, skip_nulls=True)
-    else:
-        cols["failed_filter"] = pa.nulls(n, pa.string())
+    # the failed filter as an index into the sorted filter names (a few): the first by name is the smallest
+    # index, and a million samples take 4 MB rather than a string each
+    subjects = failed["subject_id"].combine_chunks()
+    names = pc.unique(failed["bad"])
+    names = names.take(pc.array_sort_indices(names))
+    bad = pc.index_in(failed["bad"], value_set=names).combine_chunks()
+    del failed
+    of_sample = bad.take(pc.index_in(sids, value_set=subjects))
+    of_image = bad.take(pc.index_in(images.dictionary, value_set=subjects)).take(images.indices)
+    del subjects, bad
+    first = pc.min_element_wise(of_sample, of_image, skip_nulls=True).cast(pa.int32())
+    cols["failed_filter"] = pa.DictionaryArray.from_arrays(first, names.cast(pa.string()))
+    del of_sample, of_image, first
     verifying = ", ".join("'" + f.replace("'", "''") + "'" for f in sorted(VERIFYING_FILTERS))
     verified = cat.sql(_VERIFIED.format(verifying=verifying))["subject_id"].combine_chunks()
     cols["verified"] = pc.and_(pc.fill_null(cols["needs_review"], False), pc.is_in(sids, value_set=verified))
@@ -240,36 +259,81 @@ def _first_traces(reader: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, str]]
                 yield sid, trace
 
 
-def _sorted_rows(cat: Catalog, select: str, keys: Sequence[str], sids: pa.Array, rows: int, work: Path,
-                 name: str) -> Iterator[pa.RecordBatch]:
-    """The ``rows`` rows of the query ``select`` sorted by ``keys`` (the first: ``sample_id``), in batches of
-    :data:`_BATCH`; ``sids``: every sample_id of the build, sorted (the parts' bounds).
+class _IdDigest:
+    """A digest of a sequence of strings (sample ids) that does not depend on how it is cut into arrays:
+    the lengths and the bytes, each hashed as one stream."""
 
-    Up to :data:`_SORT_ROWS` rows DuckDB sorts them. Beyond, DuckDB's merge of its spilled runs pins a
+    def __init__(self) -> None:
+        self._lengths = hashlib.sha256()
+        self._data = hashlib.sha256()
+
+    def update(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        for chunk in ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]:
+            if chunk.null_count:
+                raise ValueError("a sample has no sample_id")
+            if chunk.type != pa.large_string():
+                chunk = chunk.cast(pa.large_string())
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+            self._lengths.update(np.diff(offsets).tobytes())
+            if len(chunk):
+                self._data.update(memoryview(chunk.buffers()[2])[int(offsets[0]):int(offsets[-1])])
+
+    def digest(self) -> bytes:
+        return self._lengths.digest() + self._data.digest()
+
+
+def _part_bounds(sids: pa.Array, rows: int) -> list[str]:
+    """The sample_ids that cut ``rows`` rows keyed by ``sids`` (every sample_id, sorted) into parts of about
+    :data:`_PART_ROWS` rows (:func:`_sorted_rows`); none: the rows are few enough to be sorted whole."""
+    n = len(sids)
+    parts = min(-(-rows // _PART_ROWS), n)
+    if parts <= 1:
+        return []
+    return sids.take(pa.array([(k * n) // parts for k in range(1, parts)])).to_pylist()
+
+
+def _write_ipc(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+
+
+def _read_ipc(path: Path) -> pa.Table:
+    with pa.OSFile(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def _sorted_rows(cat: Catalog, select: str, keys: Sequence[str], bounds: Sequence[str], work: Path,
+                 name: str) -> Iterator[pa.RecordBatch]:
+    """The rows of the query ``select`` sorted by ``keys`` (the first: ``sample_id``), in batches of
+    :data:`_BATCH`; ``bounds``: the sample_ids that cut them into parts (:func:`_part_bounds`), none: few rows.
+
+    Up to :data:`_PART_ROWS` rows DuckDB sorts them. Beyond, DuckDB's merge of its spilled runs pins a
     block per run, so its memory grew with the build (and 128 MB was too little at a million rows; the
     traces' sort took 200 MB more at a million than at 70,000): here one unordered scan splits the rows
-    by sample_id range into parts of about ``_SORT_ROWS`` rows (their bounds from ``sids``), written to
+    by sample_id range into parts of about ``_PART_ROWS`` rows (at ``bounds``), written to
     ``work / name`` as Arrow IPC files; each part is then read back alone and emitted in sorted order.
     Memory: one part, whatever the build's size (IPC writers hold nothing between batches: Parquet
     writers, one per part, took ~80 MB more at a million rows). The order is DuckDB's: byte order of
     strings, nulls last."""
-    n = len(sids)
-    parts = min(-(-rows // _SORT_ROWS), n)
-    if parts <= 1:  # held whole (no more than a part): a stream would end when the connection runs another query
+    if not bounds:  # held whole (no more than a part): a stream would end when the connection runs another query
         yield from cat.sql(f"{select} ORDER BY {', '.join(keys)}").to_batches(_BATCH)
         return
-    bounds = np.array(sids.take(pa.array([(k * n) // parts for k in range(1, parts)])).to_pylist(), dtype=object)
+    bounds = np.array(bounds, dtype=object)
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
-    scan = cat.con.sql(select).to_arrow_reader(_SORT_ROWS // 4)
+    scan = cat.con.sql(select).to_arrow_reader(_PART_ROWS)
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
     try:
         for batch in scan:
             part = np.searchsorted(bounds, batch.column("sample_id").to_numpy(zero_copy_only=False), side="right")
-            for k in np.unique(part).tolist():
+            order = np.argsort(part, kind="stable")  # the batch grouped by part, each group in scan order
+            grouped = batch.take(pa.array(order))
+            ks, starts = np.unique(part[order], return_index=True)
+            for k, a, b in zip(ks.tolist(), starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
                 if k not in writers:
                     writers[k] = pa.ipc.new_file(str(folder / f"{k}.arrow"), scan.schema)
-                writers[k].write_batch(batch.filter(pa.array(part == k)))
+                writers[k].write_batch(grouped.slice(a, b - a))
+            del grouped
     finally:
         for w in writers.values():
             w.close()
@@ -283,42 +347,128 @@ def _sorted_rows(cat: Catalog, select: str, keys: Sequence[str], sids: pa.Array,
         (folder / f"{k}.arrow").unlink()
 
 
-def _sorted_expressions(cat: Catalog, sids: pa.Array, work: Path) -> Iterator[pa.RecordBatch]:
-    """Every expression row in sample_id order (``sids``: all of them, sorted), in batches of :data:`_BATCH`
-    (:func:`_sorted_rows`; the ids are unique: the caller checks each batch against ``sids``)."""
-    yield from _sorted_rows(cat, _EXPRESSIONS, ("sample_id",), sids, len(sids), work, "expressions")
+def _sorted_expressions(cat: Catalog, bounds: Sequence[str], work: Path) -> Iterator[pa.RecordBatch]:
+    """Every expression row in sample_id order, in batches of :data:`_BATCH` (:func:`_sorted_rows`; the ids
+    are unique: the caller checks that they are the ones it decided on)."""
+    yield from _sorted_rows(cat, _EXPRESSIONS, ("sample_id",), bounds, work, "expressions")
 
 
-def _sorted_traces(cat: Catalog, sids: pa.Array, work: Path) -> Iterator[pa.RecordBatch]:
+def _sorted_traces(cat: Catalog, bounds: Sequence[str], work: Path) -> Iterator[pa.RecordBatch]:
     """The selected traces (:data:`_COT`) sorted by sample_id, model, trace (:func:`_sorted_rows`)."""
-    rows = cat.sql(f"SELECT count(*) AS n FROM ({_COT})")["n"][0].as_py()
-    yield from _sorted_rows(cat, _COT, ("sample_id", "model", "trace"), sids, rows, work, "cot_traces")
+    yield from _sorted_rows(cat, _COT, ("sample_id", "model", "trace"), bounds, work, "cot_traces")
 
 
-_SORT_ROWS = 65_536  # rows per sorted part of the write pass (~70 MB of expressions as Arrow), and per step where
-# the export goes over every sample in pieces (reading the narrow columns, the export id's digest)
+_PART_ROWS = 16_384  # rows per sorted part of the write pass (~18 MB of expressions as Arrow, ~9 MB of traces):
+# a size of its own, not a share of the build (65,536 rows took 100 MB more at 16,000 scenes than at 1,000)
+_STEP_ROWS = 65_536  # rows per step where the export goes over every sample in pieces (reading the narrow
+# columns, the export id's digest)
 _BATCH = 4096  # rows per record batch of the write pass
 _ROW_GROUP = 16_384  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group.
 # What a split holds in memory before it is written: ~1.1 KB of Arrow per canonical record, ~18 MB per split
 _DUCKDB_MEMORY = "256MB"  # DuckDB's own limit: the ORDER BY of the write pass spills beyond it
 
 
-def _read_images(cat: Catalog) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """``image_id -> images row`` with ``source_image_id`` / ``source_file_name`` (a derived image's are
-    its original's), and ``image_id -> edit`` of the derived images. One Python object per image."""
-    # SELECT *: a build from before images.source_ids has no such column
-    images = cat.sql("SELECT * EXCLUDE (edit, spec) FROM images").to_pylist()
-    edits = {r["image_id"]: r["edit"] for r in
-             cat.sql("SELECT image_id, edit FROM images WHERE edit IS NOT NULL").to_pylist()}
-    by_id = {i["image_id"]: i for i in images}
-    for i in images:  # the source's own id and file: a derived image's are its original's
-        root, seen = i, set()
-        while root.get("parent_image_id") in by_id and root["image_id"] not in seen:
-            seen.add(root["image_id"])
-            root = by_id[root["parent_image_id"]]
-        i["source_image_id"] = (root.get("source_ids") or [None])[0]
-        i["source_file_name"] = root.get("source_ref")
-    return by_id, edits
+_IMAGE_COLUMNS = ("image_id", "parent_image_id", "path", "width", "height", "source_ref", "source_ids")
+"""The images table's columns the export reads (not ``spec``, ~half the table; ``edit`` only where set)."""
+
+
+class _Images:
+    """The build's images as Arrow columns (no Python object per image): ``image_id``, ``parent_image_id``,
+    ``path``, ``width``, ``height`` and ``source_image_id`` / ``source_file_name`` (the source's own id and
+    file; a derived image's are its original's). An image_id written twice: its last row, as a dict keyed by
+    image_id made of the rows in the parts' order would keep."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.ids = table.column("image_id").combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def missing(self, ids: pa.Array) -> list[str]:
+        """Of ``ids`` (distinct), those not in the table, sorted."""
+        absent = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=self.ids)))
+        return absent.take(pc.array_sort_indices(absent)).to_pylist()
+
+    def _at(self, ids: pa.Array) -> pa.Array:
+        at = pc.index_in(ids, value_set=self.ids)
+        if at.null_count:
+            raise ExportError(f"samples use image {ids[pc.index(pc.is_null(at), True).as_py()]} which is not in "
+                              "the build's images table")
+        return at
+
+    def paths(self, ids: pa.Array) -> list[str]:
+        """The ``path`` of each of ``ids`` (each in the table)."""
+        return self.table.column("path").take(self._at(ids)).to_pylist()
+
+    def rows(self, ids: Sequence[str] | pa.Array) -> list[dict[str, Any]]:
+        """The rows of ``ids`` (each in the table), in their order; one dict per distinct image, shared."""
+        if not len(ids):
+            return []
+        at = self._at(ids if isinstance(ids, pa.Array) else pa.array(ids, pa.string()))
+        uniq, inverse = np.unique(at.to_numpy(zero_copy_only=False), return_inverse=True)
+        dicts = self.table.take(pa.array(uniq)).to_pylist()
+        return [dicts[k] for k in inverse.tolist()]
+
+    def parents(self) -> dict[str, str]:
+        """``image_id -> parent_image_id`` of the derived images."""
+        derived = self.table.filter(pc.is_valid(self.table.column("parent_image_id")))
+        return dict(zip(derived.column("image_id").to_pylist(), derived.column("parent_image_id").to_pylist(),
+                        strict=True))
+
+
+def _read_images(build: BuildDir, with_edits: bool) -> tuple[_Images, dict[str, Any]]:
+    """The images table (:class:`_Images`) and, with ``with_edits``, ``image_id -> edit`` of the derived
+    images. Read from the Parquet parts with pyarrow (the catalog's view, as DuckDB builds it, took ~75 MB
+    more at 28,000 images and left its heap in fragments); a part without a column (a build from before it,
+    such as ``source_ids``) reads it as nulls."""
+    schema = schema_for("images")
+    pieces: list[pa.Table] = []
+    edit_pieces: list[pa.Table] = []
+    for part in build.reader.shards("images"):
+        present = set(pq.read_schema(part).names)
+        t = pq.read_table(part, columns=[c for c in _IMAGE_COLUMNS if c in present])
+        pieces.append(pa.table({c: t.column(c).cast(schema.field(c).type) if c in present
+                                else pa.nulls(t.num_rows, schema.field(c).type) for c in _IMAGE_COLUMNS}))
+        if with_edits and "edit" in present:
+            e = pq.read_table(part, columns=["image_id", "edit"])
+            edit_pieces.append(e.filter(pc.is_valid(e.column("edit"))))
+    table = (pa.concat_tables(pieces).combine_chunks() if pieces
+             else pa.table({c: pa.array([], schema.field(c).type) for c in _IMAGE_COLUMNS}))
+    del pieces
+    ids = table.column("image_id")
+    if pc.count_distinct(ids).as_py() != table.num_rows:  # an image written twice: its last row
+        last = {img: k for k, img in enumerate(ids.to_pylist())}
+        table = table.take(pa.array(sorted(last.values()), pa.int64()))
+    n = table.num_rows
+    # root[i]: the image whose source image_i derives from (its parent's parent's ..., as far as the table goes)
+    parent = pc.index_in(table.column("parent_image_id"), value_set=table.column("image_id"))
+    up = pc.fill_null(parent, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    root = np.arange(n, dtype=np.int64)
+    for _ in range(64):
+        nxt = up[root]
+        moved = nxt >= 0
+        if not moved.any():
+            break
+        root = np.where(moved, nxt, root)
+    else:  # deeper than 64 generations, or a cycle: walk those one by one, stopping where an image repeats
+        for i in np.flatnonzero(up[root] >= 0).tolist():
+            r, seen = i, set()
+            while up[r] >= 0 and r not in seen:
+                seen.add(r)
+                r = int(up[r])
+            root[i] = r
+    at = pa.array(root)
+    sources = table.column("source_ids").combine_chunks()
+    first = pc.list_element(pc.if_else(pc.greater(pc.fill_null(pc.list_value_length(sources), 0), 0), sources,
+                                       pa.scalar([None], sources.type)), 0)
+    table = table.drop_columns(["source_ids", "source_ref"]).append_column(
+        "source_image_id", first.take(at)).append_column(
+        "source_file_name", table.column("source_ref").take(at))
+    edits: dict[str, Any] = {}
+    for e in edit_pieces:  # an image written twice: its last edit, as before
+        edits.update(zip(e.column("image_id").to_pylist(), e.column("edit").to_pylist(), strict=True))
+    return _Images(table), edits
 
 
 def _full_rows(cat: Catalog, sample_ids: Iterable[str]) -> list[dict[str, Any]]:
@@ -335,14 +485,14 @@ def _full_rows(cat: Catalog, sample_ids: Iterable[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _first_seen_counts(reasons: pa.Array) -> Counter:
-    """Counter of the non-null values of ``reasons``, its keys in order of first appearance (as a loop
-    adding one by one would make them: export.json keeps that order)."""
-    enc = reasons.dictionary_encode()
-    idx = enc.indices.to_numpy(zero_copy_only=False)
-    valid = pc.is_valid(enc.indices).to_numpy(zero_copy_only=False)
-    counts = np.bincount(idx[valid].astype(np.int64), minlength=len(enc.dictionary))
-    return Counter({k: int(c) for k, c in zip(enc.dictionary.to_pylist(), counts.tolist(), strict=True) if c})
+def _first_seen_counts(codes: pa.Array, names: Sequence[str]) -> Counter:
+    """Counter of the non-null ``codes`` (indices into ``names``) by name, its keys in order of first
+    appearance (as a loop adding one by one would make them: export.json keeps that order)."""
+    valid = pc.is_valid(codes).to_numpy(zero_copy_only=False)
+    idx = pc.fill_null(codes, 0).to_numpy(zero_copy_only=False)
+    counts = np.bincount(idx[valid].astype(np.int64), minlength=len(names))
+    first = {k: int(np.argmax(valid & (idx == k))) for k in np.flatnonzero(counts).tolist()}
+    return Counter({names[k]: int(counts[k]) for k in sorted(first, key=first.__getitem__)})
 
 
 def _replace(col: pa.Array, at: np.ndarray, values: list[Any]) -> pa.Array:
@@ -357,16 +507,20 @@ def _replace(col: pa.Array, at: np.ndarray, values: list[Any]) -> pa.Array:
     return pc.replace_with_mask(col, pa.array(mask), pa.array(values, type=col.type))
 
 
-def _hashes(build: BuildDir, images: Mapping[str, Mapping[str, Any]], used: Iterable[str]) -> dict[str, int]:
-    """``image_id -> pHash`` of the images ``used``, decoded on every core (PNG decoding and PIL's resize
-    release the GIL; the hashes do not depend on the order)."""
-    ids = sorted(set(used))
-    for img in ids:
-        if img not in images:
-            raise ExportError(f"samples use image {img} which is not in the build's images table")
-    with ThreadPoolExecutor(max(1, min(len(ids), os.cpu_count() or 1, 8)), thread_name_prefix="phash") as pool:
-        return dict(zip(ids, pool.map(lambda img: phash(build.root / images[img]["path"]), ids, chunksize=16),
-                        strict=True))
+def _hashes(build: BuildDir, images: _Images, used: pa.Array) -> dict[str, int]:
+    """``image_id -> pHash`` of the images ``used`` (distinct ids), decoded on every core (PNG decoding and
+    PIL's resize release the GIL; the hashes do not depend on the order). The images go to the threads in
+    runs of :data:`_HASH_RUN`: a future per image (28,000 at 16,000 scenes) left ~45 MB of the heap in
+    fragments."""
+    ids = used.take(pc.array_sort_indices(used))
+    paths = images.paths(ids)
+    runs = [paths[k:k + _HASH_RUN] for k in range(0, len(paths), _HASH_RUN)]
+    with ThreadPoolExecutor(max(1, min(len(runs), os.cpu_count() or 1, 8)), thread_name_prefix="phash") as pool:
+        values = [h for run in pool.map(lambda run: [phash(build.root / p) for p in run], runs) for h in run]
+    return dict(zip(ids.to_pylist(), values, strict=True))
+
+
+_HASH_RUN = 64  # images per task of the pHash threads
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -661,24 +815,33 @@ class _CanonicalWriter:
 
 
 def _leaks(code: np.ndarray, names: Sequence[str], sample_ids: pa.Array, image_ids: pa.Array,
-           images: Mapping[str, Mapping[str, Any]], phash_threshold: int | None,
-           hashes: Mapping[str, int]) -> list:
+           images: _Images, phash_threshold: int | None, hashes: Mapping[str, int]) -> list:
     """:func:`~refforge.stages.splits.check_leakage` of the assignment ``code`` (-1: in no split).
 
     First over columns: an image, an image family or (with ``phash_threshold``) a near-duplicate pair of
     images in two splits is what check_leakage reports; only when one is found does check_leakage
     itself run (on dicts, for its exact report)."""
-    at = np.flatnonzero(code >= 0)
-    if not len(at):
+    live = code >= 0
+    if not live.any():
         return []
-    enc = image_ids.take(pa.array(at)).dictionary_encode()
-    imgs = enc.dictionary.to_pylist()
-    img_code = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    enc = image_ids if pa.types.is_dictionary(image_ids.type) else image_ids.dictionary_encode()
+    img_code = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)
+    distinct = pc.unique(enc.dictionary)
+    if len(distinct) != len(enc.dictionary):  # one image under two codes: one code each
+        img_code = np.append(pc.index_in(enc.dictionary, value_set=distinct).to_numpy(zero_copy_only=False),
+                             -1)[img_code]
+    imgs = distinct.to_pylist()
     k = len(names) + 1
-    pairs = np.unique(img_code * k + code[at])
+    # the distinct (image, split) pairs, marked in a table of every pair rather than sorted per sample
+    live &= img_code >= 0  # a sample without an image shares it with no other
+    seen = np.zeros(len(imgs) * k, dtype=bool)
+    seen[img_code[live].astype(np.int64) * k + code[live]] = True
+    del img_code
+    pairs = np.flatnonzero(seen)
+    del seen
     img_of_pair, split_of_pair = np.divmod(pairs, k)
     suspect = len(np.unique(img_of_pair)) != len(img_of_pair)
-    parents = {i: r["parent_image_id"] for i, r in images.items() if r.get("parent_image_id") is not None}
+    parents = images.parents()
     if not suspect:
         root_of = {}
         fam = np.array([root_of.setdefault(_root_of(imgs[i], parents), len(root_of)) for i in img_of_pair.tolist()],
@@ -694,10 +857,11 @@ def _leaks(code: np.ndarray, names: Sequence[str], sample_ids: pa.Array, image_i
                 for a, b, _ in near_duplicate_pairs(hv, int(phash_threshold)))
     if not suspect:
         return []
+    at = np.flatnonzero(code >= 0)
     splits = {sid: names[c] for sid, c in zip(sample_ids.take(pa.array(at)).to_pylist(), code[at].tolist(), strict=True)}
     samples = [{"sample_id": sid, "image_id": img}
                for sid, img in zip(splits, image_ids.take(pa.array(at)).to_pylist(), strict=True)]
-    return check_leakage(splits, list(images.values()), samples=samples, phash_threshold=phash_threshold,
+    return check_leakage(splits, images.table.to_pylist(), samples=samples, phash_threshold=phash_threshold,
                          hashes=hashes)
 
 
@@ -878,7 +1042,11 @@ def export_build(
     pa.set_memory_pool(pa.system_memory_pool())
     fixed_mmap_threshold()
     try:
-        with Catalog(build.root) as cat:
+        # views over the tables the export reads (not one per table: DuckDB reads every footer it is given)
+        tables = ["expressions", "scores", "reviews", "cot_traces"]
+        if "finecops" in formats or "coco" in formats:
+            tables.append("objects")
+        with ShardCatalog(build.root, tables=tables) as cat:
             cat.con.execute(f"SET memory_limit = '{_DUCKDB_MEMORY}'")
             cat.con.execute("SET threads = 1")  # one sort buffer, not one per thread: it spills sooner
             cat.con.execute(f"SET temp_directory = '{str(work).replace(chr(39), chr(39) * 2)}'")
@@ -904,7 +1072,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     expression (:data:`_EXPRESSIONS`, in the same order) in record batches, turning each kept one into its
     canonical record, straight into the Parquet and JSONL writers; the other formats still take whole
     splits (``by_split``) and are only collected when asked for."""
-    images, edits = _read_images(cat)
+    images, edits = _read_images(build, with_edits=not include_failed_filters)
     cols = _compact_columns(build, cat)
     sids = cols.pop("sample_id")
     n = len(sids)
@@ -912,8 +1080,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         raise ExportError(f"{build.root} has no expressions to export (did the build run the paths stage?)")
     failed_col, verified_col = cols.pop("failed_filter"), cols.pop("verified")
     release_memory()  # what reading the parts left in the heap
-    used_ids = pc.unique(cols["image_id"]).to_pylist()
-    missing = sorted(set(used_ids) - set(images))
+    missing = images.missing(pc.unique(cols["image_id"]))
     if missing:
         raise ExportError(f"expressions use {len(missing)} image(s) missing from the images table: {missing[:5]}")
 
@@ -945,11 +1112,17 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         first, groups_scored = edit_groups(edits, best_scored)
         other_candidates = [i for i, e in edits.items() if e.get("group") is not None
                             and e["group"] not in groups_scored and (e.get("candidate") or 0) != first[e["group"]]]
-        reason = pc.if_else(pc.is_valid(failed_col), pc.binary_join_element_wise("failed filter ", failed_col, ""),
-                            pc.if_else(pc.is_in(cols["image_id"], value_set=pa.array(other_candidates, pa.string())),
-                                       pa.scalar("another candidate of its edit (no best-of-N filter ran)"),
-                                       pa.scalar(None, pa.string())))
-        filtered = _first_seen_counts(reason)
+        # each sample's reason to leave, as an index into `reasons` (no string per sample)
+        n_failed = len(failed_col.dictionary)
+        reasons = [f"failed filter {f}" for f in failed_col.dictionary.to_pylist()]
+        reasons.append("another candidate of its edit (no best-of-N filter ran)")
+        image_col = cols["image_id"]  # dictionary-encoded: looked up per image, not per sample
+        candidate = pc.is_in(image_col.dictionary, value_set=pa.array(other_candidates, pa.string())).take(
+            image_col.indices)
+        reason = pc.if_else(pc.is_valid(failed_col.indices), failed_col.indices,
+                            pc.if_else(candidate, pa.scalar(n_failed, pa.int32()), pa.scalar(None, pa.int32())))
+        del candidate
+        filtered = _first_seen_counts(reason, reasons)
         keep = pc.is_null(reason).to_numpy(zero_copy_only=False)
         del reason
         maybe = np.flatnonzero(keep & verified_col.to_numpy(zero_copy_only=False))
@@ -968,17 +1141,19 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
             order = sorted(needs_review_cleared)
             at = pc.index_in(pa.array(order, pa.string()), value_set=sids).to_numpy(zero_copy_only=False)
             cols["needs_review"] = _replace(cols["needs_review"], at.astype(np.int64), [False] * len(order))
-    kept_at = np.flatnonzero(keep)
-    if len(kept_at) == n:  # nothing left out by the gate: no copy
+    gate_kept = keep  # of every sample, those the gate keeps: the "kept" samples below, in the same order
+    del keep
+    if gate_kept.all():  # nothing left out by the gate: no copy
         kept, kept_sids = cols, sids
     else:
-        kept = {c: v.take(pa.array(kept_at)) for c, v in cols.items()}
-        kept_sids = sids.take(pa.array(kept_at))
+        kept_at = pa.array(np.flatnonzero(gate_kept))
+        kept = {c: v.take(kept_at) for c, v in cols.items()}
+        kept_sids = sids.take(kept_at)
+        del kept_at
     del cols, failed_col, verified_col, edits
     release_memory()
 
-    kept_images = pc.unique(kept["image_id"]).to_pylist()
-    hashes = _hashes(build, images, kept_images) if phash_threshold is not None else {}
+    hashes = _hashes(build, images, pc.unique(kept["image_id"])) if phash_threshold is not None else {}
     clusters: dict[str, str] = {}
     if group_near_duplicates and phash_threshold is not None:
         clusters = phash_clusters(hashes, int(phash_threshold))
@@ -1004,7 +1179,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         walk = split_order.to_numpy(zero_copy_only=False).astype(np.int64)  # the mapping's order (drop reasons)
     else:
         split_ratios = dict(ratios) if ratios is not None else dict(DEFAULT_RATIOS)
-        parents = {i: r["parent_image_id"] for i, r in images.items() if r.get("parent_image_id") is not None}
+        parents = images.parents()
         try:
             names_all, code = assign_split_codes(
                 kept_sids, kept["image_id"], kept["positive_id"],
@@ -1013,6 +1188,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
                 seed=seed)
         except ValueError as e:
             raise ExportError(str(e)) from e
+        del parents
         names = list(split_ratios)
         if test_size is not None:
             names = [k for k in split_ratios if k != "test"] or ["train"]
@@ -1050,20 +1226,18 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     leaks = _leaks(code, names, kept_sids, kept["image_id"], images, phash_threshold, hashes)
     if leaks:
         raise LeakageError(leaks)
-    del kept  # the write pass reads the rows again; only the ids and split codes go on
+    del kept, hashes, clusters  # the write pass reads the rows again; only the ids and split codes go on
     release_memory()  # what the assignment freed, before the write pass needs its own
 
-    in_split = code >= 0
-    # sample_id order (Python's: UTF-8 byte order), for the export id and the splits table
-    by_id = pc.sort_indices(kept_sids).to_numpy()
-    by_id = by_id[in_split[by_id]].astype(np.int32 if len(by_id) < 1 << 31 else np.int64)
-    del in_split
+    # the samples in a split, in sample_id order (Python's: UTF-8 byte order, as the narrow columns are
+    # sorted), for the export id and the splits table
+    by_id = np.flatnonzero(code >= 0).astype(np.int32 if len(code) < 1 << 31 else np.int64)
     config_hash = build.config_hash(Config)
     digest = hashlib.sha256(b"[" + _json_bytes(config_hash) + b", [")  # == _json_bytes([config_hash, pairs])
     name_json = [_json_bytes(nm) for nm in names]
     sep = b"["
-    for at in range(0, len(by_id), _SORT_ROWS):  # a part at a time: no Python string per sample at once
-        part = by_id[at:at + _SORT_ROWS]
+    for at in range(0, len(by_id), _STEP_ROWS):  # a part at a time: no Python string per sample at once
+        part = by_id[at:at + _STEP_ROWS]
         for sid, c in zip(kept_sids.take(pa.array(part)).to_pylist(), code[part].tolist(), strict=True):
             digest.update(sep + _json_bytes(sid) + b", " + name_json[c] + b"]")
             sep = b", ["
@@ -1092,11 +1266,23 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         "refforge_version": __version__,
     }
 
-    # the write pass: every expression in sample_id order; kept ones become canonical records
+    # the write pass: every expression in sample_id order; kept ones become canonical records. What it holds
+    # per sample: two bytes of split code and one of the gate's; the ids go to the work folder (the splits
+    # table), to a digest (the check that the rows read are those decided on) and to the parts' bounds
     full_code = np.full(n, -1, dtype=code.dtype)
-    full_code[kept_at] = code
-    gate_kept = np.zeros(n, dtype=bool)
-    gate_kept[kept_at] = True
+    full_code[gate_kept] = code
+    work.mkdir(parents=True, exist_ok=True)
+    splits_file = work / "splits.arrow"
+    if record_splits:
+        _write_ipc(splits_file, pa.table({"sample_id": kept_sids.take(pa.array(by_id)),
+                                          "split": pa.array(names, pa.string()).take(pa.array(code[by_id]))}))
+    ids_digest = _IdDigest()
+    for k in range(0, n, _STEP_ROWS):
+        ids_digest.update(sids.slice(k, _STEP_ROWS))
+    trace_rows = cat.sql(f"SELECT count(*) AS n FROM ({_COT})")["n"][0].as_py()
+    expression_bounds, trace_bounds = _part_bounds(sids, n), _part_bounds(sids, trace_rows)
+    del sids, kept_sids, by_id, code
+    release_memory()
     others = [f for f in formats if f not in ("parquet", "jsonl")]
     by_split: dict[str, list[dict]] = {nm: [] for nm in names}
     all_exprs: list[dict] = []
@@ -1108,19 +1294,19 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     writer = None
     try:
         writer = _CanonicalWriter(tmp, formats, names)
-        work.mkdir(parents=True, exist_ok=True)
-        traces = _first_traces(_sorted_traces(cat, sids, work))
-        reader = _sorted_expressions(cat, sids, work)
+        traces = _first_traces(_sorted_traces(cat, trace_bounds, work))
+        reader = _sorted_expressions(cat, expression_bounds, work)
         cot_sid, cot_trace = next(traces, (None, None))
         start = 0
+        ids_read = _IdDigest()
         for batch in reader:
-            if not pc.all(pc.equal(batch.column("sample_id"), sids.slice(start, batch.num_rows))).as_py():
-                raise RuntimeError("the expressions changed while they were exported")  # pragma: no cover
+            ids_read.update(batch.column("sample_id"))
             codes, gk = full_code[start:start + batch.num_rows], gate_kept[start:start + batch.num_rows]
             start += batch.num_rows
             if not gk.any():
                 continue
             rows = batch.filter(pa.array(gk)).to_pylist()
+            placed: list[tuple[dict[str, Any], str, str | None]] = []  # (row, split, trace) of the batch's records
             for s, c in zip(rows, codes[gk].tolist(), strict=True):
                 sid = s["sample_id"]
                 while cot_sid is not None and cot_sid < sid:  # both sorted by sample_id (byte order)
@@ -1134,16 +1320,18 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
                     s["needs_review"] = False
                 if others:
                     all_exprs.append(s)
-                if c < 0:
-                    continue
-                sp = names[c]
-                rec = canonical_record(s, images[s["image_id"]], split=sp, cot=None if sid in fixed else trace)
+                if c >= 0:
+                    placed.append((s, names[c], None if sid in fixed else trace))
+            # the images of the batch's records, looked up together (the table stays columns)
+            for (s, sp, trace), image in zip(placed, images.rows([s["image_id"] for s, _, _ in placed]), strict=True):
+                rec = canonical_record(s, image, split=sp, cot=trace)
                 writer.add(sp, rec)
                 stats.add(sp, rec)
                 used.add(rec["image"])
                 if others:
                     by_split[sp].append(rec)
-        if start != n:
+            del rows, placed
+        if start != n or ids_read.digest() != ids_digest.digest():
             raise RuntimeError("the expressions changed while they were exported")  # pragma: no cover
         traces.close()
         writer.close()
@@ -1173,9 +1361,8 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         # after the export is in place: a build we may not write to (read-only mount) still exports
         try:
             if not build.reader.has_work("splits", export_id):
-                table = pa.table({"sample_id": kept_sids.take(pa.array(by_id)),
-                                  "split": pa.array(names, pa.string()).take(pa.array(code[by_id])),
-                                  "export_id": pa.repeat(pa.scalar(export_id, pa.string()), len(by_id))})
+                table = _read_ipc(splits_file)
+                table = table.append_column("export_id", pa.repeat(pa.scalar(export_id, pa.string()), table.num_rows))
                 build.writer(new_run_id()).write("splits", table, work_key=export_id, stage="export")
             recorded = True
         except OSError:

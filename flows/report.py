@@ -37,7 +37,6 @@ import duckdb
 import jinja2
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from markupsafe import Markup
 
 from refforge.schemas import TABLES
@@ -46,6 +45,7 @@ from refforge.stages import review_stats as RS
 from refforge.stages.filters import BEST_OF_N_FILTERS, gate
 from refforge.storage import Catalog, ImageStore
 from refforge.storage.atomic import atomic_write_bytes
+from refforge.storage.catalog import ShardCatalog
 
 TEMPLATE = "report.html.j2"
 THUMB_LONGEST = 320
@@ -157,48 +157,6 @@ def _concat(*parts: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------------------- catalog
-
-
-class ShardCatalog(Catalog):
-    """The build's catalog with each table's view over the shards it has now, read without DuckDB's
-    ``union_by_name`` where they share one schema, and row counts from the shards' footers.
-
-    ``union_by_name`` reads every shard's footer each time a query binds the view and holds a reader per
-    shard while it runs (about 60 KB each, measured with DuckDB 2.0): time and memory in the number of
-    shards, paid per query. Here the footers are read once, the shards grouped by schema, and the view is
-    ``read_parquet`` over each group's files joined ``UNION ALL BY NAME`` (the same columns as
-    ``union_by_name``; one group, in the glob's order, in any build written by one version). A shard whose
-    footer cannot be read leaves the table to the catalog's own view."""
-
-    def __init__(self, build_root: Path, threads: int | None = None):
-        self.rows: dict[str, int] = {}
-        """rows per table, from the footers (a table left to the catalog's view is counted by DuckDB)"""
-        super().__init__(build_root, threads)
-
-    def _view(self, table: str) -> None:
-        files = sorted(str(p) for p in (self.root / "tables" / table).glob("part-*.parquet"))
-        groups: dict[str, list[str]] = {}
-        rows = 0
-        try:
-            for f in files:
-                meta = pq.read_metadata(f)
-                rows += meta.num_rows
-                groups.setdefault(str(meta.schema.to_arrow_schema().remove_metadata()), []).append(f)
-        except (OSError, pa.ArrowException):
-            groups = {}
-        if not groups:  # no shards (an empty view of the table's schema), or one unreadable: as the catalog does
-            self.rows.pop(table, None)
-            super()._view(table)
-            return
-        self.rows[table] = rows
-        reads = []
-        for group in groups.values():
-            paths = ", ".join("'" + f.replace("'", "''") + "'" for f in group)
-            reads.append(f"SELECT * FROM read_parquet([{paths}])")
-        self.con.execute(f"CREATE OR REPLACE VIEW {table} AS {' UNION ALL BY NAME '.join(reads)}")
-
-    def count(self, table: str) -> int:
-        return self.rows[table] if table in self.rows else super().count(table)
 
 
 # ---------------------------------------------------------------------------------------- images

@@ -160,8 +160,11 @@ def refcoco(records: Iterable[Mapping[str, Any]], categories: Mapping[str, int],
                          "area": box[2] * box[3], "iscrowd": 0,
                          "category_id": categories[category_of[r["sample_id"]]],
                          "refforge_object_id": r.get("target_object_id")}
+            # the image's one file_name object: the refs' pickle memoizes by identity, so its bytes stay
+            # the same however the records' strings were made
             refs[key] = {"ref_id": len(refs) + 1, "ann_id": anns[key]["id"], "image_id": img_ids[r["image_id"]],
-                         "category_id": anns[key]["category_id"], "split": r["split"], "file_name": r["image"],
+                         "category_id": anns[key]["category_id"], "split": r["split"],
+                         "file_name": images[img_ids[r["image_id"]] - 1]["file_name"],
                          "sentences": [], "sent_ids": []}
         elif refs[key]["split"] != r["split"]:
             raise ValueError(f"object {key} has expressions in splits {refs[key]['split']} and {r['split']}")

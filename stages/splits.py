@@ -326,7 +326,7 @@ def _place_groups(sample_group: np.ndarray, n_groups: int, stratum: np.ndarray, 
                   | ({("joint", key) for key in strata} if fields else set()), key=repr)
     cindex = {c: j + 1 for j, c in enumerate(cols)}
     n_cols = len(cols) + 1
-    pairs, counts = np.unique(sample_group * len(strata) + stratum, return_counts=True)
+    pairs, counts = np.unique(sample_group.astype(np.int64) * len(strata) + stratum, return_counts=True)
     pair_group, pair_stratum = np.divmod(pairs, len(strata))
     vec = np.zeros((n_groups, n_cols))
     np.add.at(vec, (pair_group, 0), counts)  # column 0: the size
@@ -413,11 +413,13 @@ def assign_split_codes(
     def node(key: Any) -> int:
         return nodes.setdefault(key, len(nodes))
 
+    # per-sample integers: int32 while every count fits (nodes: at most images + 3 per sample)
+    itype = np.int32 if n < 1 << 29 else np.int64
     enc = imgs.dictionary_encode()
     img_values = enc.dictionary.to_pylist()
-    root_node = np.array([node(("i", _root(i, parents))) for i in img_values], dtype=np.int64)
+    root_node = np.array([node(("i", _root(i, parents))) for i in img_values], dtype=itype)
     codes = enc.indices.to_numpy(zero_copy_only=False)
-    base = np.empty(n, dtype=np.int64)
+    base = np.empty(n, dtype=itype)
     has_img = pc.is_valid(enc.indices).to_numpy(zero_copy_only=False)
     base[has_img] = root_node[codes[has_img].astype(np.int64)]
     for i in np.flatnonzero(~has_img).tolist():
@@ -427,7 +429,7 @@ def assign_split_codes(
     edges: list[np.ndarray] = []
 
     def add_edges(a: np.ndarray, b: np.ndarray) -> None:
-        edges.append(np.unique((a << 32) | b))
+        edges.append(np.unique((a.astype(np.int64) << 32) | b.astype(np.int64)))
 
     # a negative and its positive: the positive's root if it is a sample here, else the positive's own node.
     # Looked up through the distinct positive ids (a third of the samples), whose hash table is a third of
@@ -436,11 +438,11 @@ def assign_split_codes(
     n_pos = len(penc.dictionary)
     hit = pc.index_in(sids, value_set=penc.dictionary)  # the positive each sample is, if any
     is_pos = pc.is_valid(hit)
-    sample_of_pos = np.full(n_pos + 1, -1, dtype=np.int64)  # the last: no positive_id
-    sample_of_pos[hit.filter(is_pos).to_numpy(zero_copy_only=False).astype(np.int64)] = np.flatnonzero(
+    sample_of_pos = np.full(n_pos + 1, -1, dtype=itype)  # the last: no positive_id
+    sample_of_pos[hit.filter(is_pos).to_numpy(zero_copy_only=False)] = np.flatnonzero(
         is_pos.to_numpy(zero_copy_only=False))
     del hit, is_pos
-    pos_code = pc.fill_null(penc.indices, n_pos).to_numpy(zero_copy_only=False).astype(np.int64)
+    pos_code = pc.fill_null(penc.indices, n_pos).to_numpy(zero_copy_only=False)
     del penc
     j = sample_of_pos[pos_code]
     found = j >= 0
@@ -450,13 +452,13 @@ def assign_split_codes(
     del j, found, pos_code, sample_of_pos
     if missing.any():
         miss = pids.filter(pa.array(missing)).dictionary_encode()
-        miss_node = np.array([node(("s", p)) for p in miss.dictionary.to_pylist()], dtype=np.int64)
+        miss_node = np.array([node(("s", p)) for p in miss.dictionary.to_pylist()], dtype=itype)
         add_edges(base[missing], miss_node[miss.indices.to_numpy(zero_copy_only=False)])
         del miss
     del missing
     if group_of_image:
         key_node = np.array([-1 if group_of_image.get(i) is None else node(("g", group_of_image[i]))
-                             for i in img_values], dtype=np.int64)
+                             for i in img_values], dtype=itype)
         tied = has_img.copy()
         tied[has_img] = key_node[codes[has_img].astype(np.int64)] >= 0
         if tied.any():
@@ -471,19 +473,19 @@ def assign_split_codes(
         for a, b in zip((pairs >> 32).tolist(), (pairs & 0xFFFFFFFF).tolist(), strict=True):
             if a != b:
                 uf.union(a, b)
-    comp_of_node = np.array([uf.find(i) for i in range(len(nodes))], dtype=np.int64)
+    comp_of_node = np.array([uf.find(i) for i in range(len(nodes))], dtype=itype)
     comp = comp_of_node[base]
     del base, has_img, codes, enc, comp_of_node  # per-sample arrays let go as soon as they are used up
     # a group's id: its smallest sample_id
-    rank = np.empty(n, dtype=np.int64)
-    rank[by_id] = np.arange(n)
-    first = np.full(len(nodes), n, dtype=np.int64)
+    rank = np.empty(n, dtype=itype)
+    rank[by_id] = np.arange(n, dtype=itype)
+    first = np.full(len(nodes), n, dtype=itype)
     np.minimum.at(first, comp, rank)
     used = np.flatnonzero(first < n)
     gid = sids.take(pa.array(by_id[first[used]])).to_pylist()
     order = sorted(range(len(used)), key=lambda k: stable_key("split-order", seed, gid[k]))
-    gindex = np.full(len(nodes), -1, dtype=np.int64)
-    gindex[used[np.array(order, dtype=np.int64)]] = np.arange(len(used))
+    gindex = np.full(len(nodes), -1, dtype=itype)
+    gindex[used[np.array(order, dtype=np.int64)]] = np.arange(len(used), dtype=itype)
     sample_group = gindex[comp]
     del comp, rank, first, by_id, gindex
 
@@ -492,6 +494,7 @@ def assign_split_codes(
     if len(fields) != len(strata_columns):
         raise ValueError(f"{len(strata_columns)} strata columns for the fields {fields}")
     key = np.zeros(n, dtype=np.int64)
+    span = 1  # the number of distinct keys the columns can make
     dicts = []
     for col in strata_columns:
         a = arr(col)
@@ -506,13 +509,26 @@ def assign_split_codes(
             del e
         dicts.append(values)
         key = key * (len(values) + 1) + idx
+        span *= len(values) + 1
         del a, idx
-    uniq, first_at, inverse = np.unique(key, return_index=True, return_inverse=True)
-    appear = np.argsort(first_at, kind="stable")
-    number = np.empty(len(uniq), dtype=np.int64)
-    number[appear] = np.arange(len(uniq))
-    stratum = number[inverse.reshape(-1)]
-    del key, inverse, first_at
+    if span <= 1 << 24:  # few possible keys (an export's strata): counted in a table, not sorted
+        first_seen = np.full(span, n, dtype=np.int64)
+        np.minimum.at(first_seen, key, np.arange(n, dtype=np.int64))
+        uniq = np.flatnonzero(first_seen < n)
+        first_at = first_seen[uniq]
+        del first_seen
+        appear = np.argsort(first_at, kind="stable")
+        number = np.full(span, -1, dtype=itype)
+        number[uniq[appear]] = np.arange(len(uniq), dtype=itype)
+        stratum = number[key]
+    else:
+        uniq, first_at, inverse = np.unique(key, return_index=True, return_inverse=True)
+        appear = np.argsort(first_at, kind="stable")
+        number = np.empty(len(uniq), dtype=itype)
+        number[appear] = np.arange(len(uniq), dtype=itype)
+        stratum = number[inverse.reshape(-1)]
+        del inverse
+    del key, first_at, number
     strata = []
     for u in uniq[appear].tolist():
         parts = []

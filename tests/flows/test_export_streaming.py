@@ -52,7 +52,7 @@ def test_small_row_groups_hold_the_same_records(tmp_path, monkeypatch):
 
 
 def test_a_write_pass_sorted_in_parts_writes_the_same_export(tmp_path, monkeypatch):
-    """Beyond _SORT_ROWS expressions the write pass splits the rows by sample_id range into parts sorted one
+    """Beyond _PART_ROWS expressions the write pass splits the rows by sample_id range into parts sorted one
     at a time (bounded memory): every file and count as from DuckDB's single sort."""
     build = make_build(tmp_path / "b", reviews=False)
     whole = tmp_path / "whole"
@@ -60,16 +60,16 @@ def test_a_write_pass_sorted_in_parts_writes_the_same_export(tmp_path, monkeypat
     parts = []
     real = export_flow._sorted_expressions
 
-    def spy(cat, sids, work):
-        parts.append(len(sids))
-        yield from real(cat, sids, work)
+    def spy(cat, bounds, work):
+        parts.append(len(bounds) + 1)
+        yield from real(cat, bounds, work)
         parts.append(sorted(p.name for p in (work / "expressions").iterdir()))
 
-    monkeypatch.setattr(export_flow, "_SORT_ROWS", 100)
+    monkeypatch.setattr(export_flow, "_PART_ROWS", 100)
     monkeypatch.setattr(export_flow, "_sorted_expressions", spy)
     split = tmp_path / "split"
     export_flow.export_build(build, split, ["parquet", "jsonl", "coco"], record_splits=False)
-    assert parts[0] > 300 and parts[1] == []  # several parts, each removed once emitted
+    assert parts[0] > 3 and parts[1] == []  # several parts, each removed once emitted
     for f in sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file()):
         if f.name not in ("export.json", "README.md"):
             assert (split / f).read_bytes() == (whole / f).read_bytes(), f
@@ -130,7 +130,7 @@ def test_traces_sorted_in_parts_give_each_sample_its_first_trace(tmp_path, monke
     export_flow.export_build(build, whole, ["parquet", "jsonl"], record_splits=False)
     got = {r["sample_id"]: r["cot"] for r in read_canonical(whole)}
     assert len(got) > 300 and {s: want[s] for s in got} == got
-    monkeypatch.setattr(export_flow, "_SORT_ROWS", 64)  # 1,160 selected traces: 19 parts
+    monkeypatch.setattr(export_flow, "_PART_ROWS", 64)  # 1,160 selected traces: 19 parts
     split = tmp_path / "split"
     export_flow.export_build(build, split, ["parquet", "jsonl"], record_splits=False)
     for f in sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file()):
