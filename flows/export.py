@@ -156,9 +156,10 @@ _COMPACT = ("sample_id", "image_id", "positive_id", "task", "difficulty", "polar
             "needs_review")
 """The expressions' columns that splits, reviews and the filters' gate decide on: one narrow row per sample."""
 
-_DICTIONARY = ("image_id", "task", "polarity", "negative_type")
-"""Of :data:`_COMPACT`, the columns read dictionary-encoded: few distinct values (a 16,000-scene build: 28,214
-images for a million samples, whose 64-character ids took 72 MB as strings and take 4 MB as indices)."""
+_DICTIONARY = ("image_id", "positive_id", "task", "polarity", "negative_type")
+"""Of :data:`_COMPACT`, the columns read dictionary-encoded: values that repeat (a 16,000-scene build: 28,214
+images for a million samples, whose 64-character ids took 72 MB as strings and take 4 MB as indices; the
+positives, each named by its negatives: 18 -> 12 MB, and the split assignment needs no hash table to encode them)."""
 
 _FAILED = """SELECT subject_id, min("filter") AS bad FROM scores WHERE NOT passed GROUP BY subject_id"""
 _VERIFIED = """SELECT DISTINCT subject_id FROM scores WHERE passed AND "filter" IN ({verifying})"""

@@ -434,8 +434,15 @@ def assign_split_codes(
     # a negative and its positive: the positive's root if it is a sample here, else the positive's own node.
     # Looked up through the distinct positive ids (a third of the samples), whose hash table is a third of
     # one over every sample_id
-    penc = pids.dictionary_encode()
+    penc = pids if pa.types.is_dictionary(pids.type) else pids.dictionary_encode()  # an export's come encoded
+    if penc.dictionary.null_count:
+        penc = penc.dictionary_decode().dictionary_encode()
     n_pos = len(penc.dictionary)
+    first_code, twice = None, False
+    if penc is pids:  # a given dictionary may name an id twice: its codes go to the first (count_distinct or
+        # unique took two to three times the memory of this lookup)
+        first_code = pc.index_in(penc.dictionary, value_set=penc.dictionary).to_numpy(zero_copy_only=False)
+        twice = bool((first_code != np.arange(n_pos)).any())
     hit = pc.index_in(sids, value_set=penc.dictionary)  # the positive each sample is, if any
     is_pos = pc.is_valid(hit)
     sample_of_pos = np.full(n_pos + 1, -1, dtype=itype)  # the last: no positive_id
@@ -443,6 +450,9 @@ def assign_split_codes(
         is_pos.to_numpy(zero_copy_only=False))
     del hit, is_pos
     pos_code = pc.fill_null(penc.indices, n_pos).to_numpy(zero_copy_only=False)
+    if twice:
+        pos_code = np.append(first_code, n_pos).astype(pos_code.dtype)[pos_code]
+    del first_code
     del penc
     j = sample_of_pos[pos_code]
     found = j >= 0
@@ -451,7 +461,8 @@ def assign_split_codes(
     missing = (pos_code < n_pos) & ~found
     del j, found, pos_code, sample_of_pos
     if missing.any():
-        miss = pids.filter(pa.array(missing)).dictionary_encode()
+        miss = pids.filter(pa.array(missing))
+        miss = (miss.dictionary_decode() if pa.types.is_dictionary(miss.type) else miss).dictionary_encode()
         miss_node = np.array([node(("s", p)) for p in miss.dictionary.to_pylist()], dtype=itype)
         add_edges(base[missing], miss_node[miss.indices.to_numpy(zero_copy_only=False)])
         del miss

@@ -98,14 +98,34 @@ def test_columnar_assignment_equals_assign_splits(trial):
                          group_of=(lambda s: ("phash", clusters[s["image_id"]])) if clusters else None)
     image_ids = [s["image_id"] for s in samples]
     strata = [[s[f] for s in samples] for f in ("task", "difficulty", "polarity", "negative_type")]
+    positive_ids = [s["positive_id"] for s in samples]
     if trial % 2 == 0:  # dictionary-encoded columns, as the export reads them (nulls among the values)
         image_ids = pa.array(image_ids).dictionary_encode()
         strata = [pa.array(c).dictionary_encode() for c in strata]
+        # the positives' dictionary also names ids no sample here refers to (samples the gate left out)
+        positive_ids = pa.array(positive_ids + ["gone9", samples[0]["sample_id"], "s99999"]).dictionary_encode()
+        positive_ids = positive_ids.slice(0, len(samples))
     names, codes = assign_split_codes(
-        [s["sample_id"] for s in samples], image_ids, [s["positive_id"] for s in samples], strata,
+        [s["sample_id"] for s in samples], image_ids, positive_ids, strata,
         parents={i["image_id"]: i["parent_image_id"] for i in images if i["parent_image_id"]},
         group_of_image=clusters, **kw)
     assert {s["sample_id"]: names[c] for s, c in zip(samples, codes.tolist(), strict=True)} == want
+
+
+def test_columnar_assignment_with_a_dictionary_naming_ids_twice():
+    """Positives given as a dictionary that names every id twice, the negatives' codes on the second copy:
+    each negative still joins its positive's group, as with the ids as strings."""
+    sids = [f"s{k:03d}" for k in range(80)]
+    images = [f"im{k:03d}" for k in range(80)]  # an image each: only the positives tie samples together
+    positives = [sids[k + 40] if 0 < k < 40 else None for k in range(80)]
+    codes = [None if p is None else sids.index(p) + len(sids) for p in positives]
+    given = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(sids + sids))
+    for seed in range(4):
+        kw = {"stratify": ("task",), "seed": seed, "ratios": {"train": 0.5, "test": 0.5}}
+        want = assign_split_codes(sids, images, positives, [["t"] * 80], **kw)
+        got = assign_split_codes(sids, images, given, [["t"] * 80], **kw)
+        assert got[0] == want[0] and got[1].tolist() == want[1].tolist()
+        assert all(got[1][k] == got[1][k + 40] for k in range(1, 40))
 
 
 @pytest.mark.parametrize("ids", [["a", "b", "b", "c"], ["c", "b", "a", "b", "c"], ["x", "x"]])
