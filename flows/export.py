@@ -240,13 +240,8 @@ def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
     return cols
 
 
-_EXPRESSIONS = "SELECT * FROM expressions"
-"""Every expression; read in record batches, in sample_id order (that of :func:`_compact_columns`)."""
-
 _COT = "SELECT sample_id, model, trace FROM cot_traces WHERE selected"
-"""The selected traces; sorted by sample_id, model, trace (:func:`_sorted_traces`), a sample's first one is its
-trace (k > 1 and ties: the first by model, trace): a sort in bounded parts rather than an ordered aggregate, which
-DuckDB holds in memory."""
+"""The selected traces (counted by DuckDB; read by :func:`_sorted_traces`)."""
 
 
 def _first_traces(reader: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, str]]:
@@ -303,60 +298,107 @@ def _read_ipc(path: Path) -> pa.Table:
         return pa.ipc.open_file(source).read_all()
 
 
-def _sorted_rows(cat: Catalog, select: str, keys: Sequence[str], bounds: Sequence[str], work: Path,
-                 name: str) -> Iterator[pa.RecordBatch]:
-    """The rows of the query ``select`` sorted by ``keys`` (the first: ``sample_id``), in batches of
-    :data:`_BATCH`; ``bounds``: the sample_ids that cut them into parts (:func:`_part_bounds`), none: few rows.
+def _part_batches(build: BuildDir, table: str, columns: Sequence[str] | None = None,
+                  selected: bool = False) -> Iterator[pa.RecordBatch]:
+    """Every row of ``table`` (its ``columns``, default all; with ``selected``: only where ``selected`` is true),
+    read part by part with pyarrow in batches of up to :data:`_PART_ROWS` rows, in the table's schema: a part
+    without a column (a build from before it) reads it as nulls, as the catalog's view does. DuckDB's scan of
+    the view kept some state per part it had read (23 MB more at 1,200 parts than at 75)."""
+    schema = schema_for(table)
+    names = list(columns) if columns is not None else schema.names
+    target = pa.schema([schema.field(c).with_nullable(True) for c in names])
+    for part in build.reader.shards(table):
+        present = set(pq.read_schema(part).names)
+        if selected and "selected" not in present:
+            continue  # NULL: not selected
+        read = [c for c in names if c in present] + (["selected"] if selected and "selected" not in names else [])
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=_PART_ROWS, columns=read):
+            if selected:
+                batch = batch.filter(batch.column("selected"))
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(c).cast(target.field(c).type) if c in present
+                 else pa.nulls(batch.num_rows, target.field(c).type) for c in names], schema=target)
 
-    Up to :data:`_PART_ROWS` rows DuckDB sorts them. Beyond, DuckDB's merge of its spilled runs pins a
-    block per run, so its memory grew with the build (and 128 MB was too little at a million rows; the
-    traces' sort took 200 MB more at a million than at 70,000): here one unordered scan splits the rows
-    by sample_id range into parts of about ``_PART_ROWS`` rows (at ``bounds``), written to
-    ``work / name`` as Arrow IPC files; each part is then read back alone and emitted in sorted order.
-    Memory: one part, whatever the build's size (IPC writers hold nothing between batches: Parquet
-    writers, one per part, took ~80 MB more at a million rows). The order is DuckDB's: byte order of
-    strings, nulls last."""
-    if not bounds:  # held whole (no more than a part): a stream would end when the connection runs another query
-        yield from cat.sql(f"{select} ORDER BY {', '.join(keys)}").to_batches(_BATCH)
+
+def _gathered(batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """``batches`` joined into batches of at least :data:`_PART_ROWS` rows (but the last): a part of the build
+    holds a few hundred rows, and split across every sorted part they made writes of a dozen rows, each its
+    own block to read back (18 MB more at 16,000 scenes than at 1,000)."""
+    held: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        if batch.num_rows:
+            held.append(batch)
+            rows += batch.num_rows
+        if rows >= _PART_ROWS:
+            yield pa.Table.from_batches(held, schema=schema).combine_chunks().to_batches()[0]
+            held, rows = [], 0
+    if rows:
+        yield pa.Table.from_batches(held, schema=schema).combine_chunks().to_batches()[0]
+
+
+def _sorted_rows(rows: Iterable[pa.RecordBatch], schema: pa.Schema, keys: Sequence[str], bounds: Sequence[str],
+                 work: Path, name: str) -> Iterator[pa.RecordBatch]:
+    """``rows`` (:func:`_part_batches`) sorted by ``keys`` (the first: ``sample_id``), in batches of
+    :data:`_BATCH`; ``bounds``: the sample_ids that cut them into parts (:func:`_part_bounds`), none: few rows,
+    sorted whole.
+
+    DuckDB's ORDER BY merged its spilled runs pinning a block per run, so its memory grew with the build (and
+    128 MB was too little at a million rows; the traces' sort took 200 MB more at a million than at 70,000):
+    here one pass splits the rows by sample_id range into parts of about :data:`_PART_ROWS` rows (at
+    ``bounds``), written to ``work / name`` as Arrow IPC files; each part is then read back alone and emitted
+    in sorted order. Memory: one part, whatever the build's size (IPC writers hold nothing between batches:
+    Parquet writers, one per part, took ~80 MB more at a million rows). The order is DuckDB's, as before:
+    byte order of strings, nulls last."""
+    sort_keys = [(c, "ascending", "at_end") for c in keys]
+    if not bounds:  # few enough to be held whole
+        table = pa.Table.from_batches(list(rows), schema=schema)
+        order = pc.sort_indices(table, sort_keys=sort_keys)
+        for i in range(0, len(order), _BATCH):
+            yield from table.take(order.slice(i, _BATCH)).to_batches()
         return
-    bounds = np.array(bounds, dtype=object)
+    edges = np.array(bounds, dtype=object)
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
-    scan = cat.con.sql(select).to_arrow_reader(_PART_ROWS)
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
     try:
-        for batch in scan:
-            part = np.searchsorted(bounds, batch.column("sample_id").to_numpy(zero_copy_only=False), side="right")
+        for batch in _gathered(rows, schema):
+            part = np.searchsorted(edges, batch.column("sample_id").to_numpy(zero_copy_only=False), side="right")
             order = np.argsort(part, kind="stable")  # the batch grouped by part, each group in scan order
             grouped = batch.take(pa.array(order))
             ks, starts = np.unique(part[order], return_index=True)
             for k, a, b in zip(ks.tolist(), starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
                 if k not in writers:
-                    writers[k] = pa.ipc.new_file(str(folder / f"{k}.arrow"), scan.schema)
+                    writers[k] = pa.ipc.new_file(str(folder / f"{k}.arrow"), schema)
                 writers[k].write_batch(grouped.slice(a, b - a))
             del grouped
     finally:
         for w in writers.values():
             w.close()
     for k in sorted(writers):
-        with pa.OSFile(str(folder / f"{k}.arrow")) as source:
-            table = pa.ipc.open_file(source).read_all()
-        order = pc.sort_indices(table, sort_keys=[(c, "ascending", "at_end") for c in keys])
+        table = _read_ipc(folder / f"{k}.arrow")
+        order = pc.sort_indices(table, sort_keys=sort_keys)
         for i in range(0, len(order), _BATCH):
             yield from table.take(order.slice(i, _BATCH)).to_batches()
         del table, order
         (folder / f"{k}.arrow").unlink()
 
 
-def _sorted_expressions(cat: Catalog, bounds: Sequence[str], work: Path) -> Iterator[pa.RecordBatch]:
+def _sorted_expressions(build: BuildDir, bounds: Sequence[str], work: Path) -> Iterator[pa.RecordBatch]:
     """Every expression row in sample_id order, in batches of :data:`_BATCH` (:func:`_sorted_rows`; the ids
     are unique: the caller checks that they are the ones it decided on)."""
-    yield from _sorted_rows(cat, _EXPRESSIONS, ("sample_id",), bounds, work, "expressions")
+    rows = _part_batches(build, "expressions")
+    schema = pa.schema([f.with_nullable(True) for f in schema_for("expressions")])
+    yield from _sorted_rows(rows, schema, ("sample_id",), bounds, work, "expressions")
 
 
-def _sorted_traces(cat: Catalog, bounds: Sequence[str], work: Path) -> Iterator[pa.RecordBatch]:
-    """The selected traces (:data:`_COT`) sorted by sample_id, model, trace (:func:`_sorted_rows`)."""
-    yield from _sorted_rows(cat, _COT, ("sample_id", "model", "trace"), bounds, work, "cot_traces")
+def _sorted_traces(build: BuildDir, bounds: Sequence[str], work: Path) -> Iterator[pa.RecordBatch]:
+    """The selected traces (``sample_id``, ``model``, ``trace``) sorted by sample_id, model, trace
+    (:func:`_sorted_rows`): a sample's first is its trace (k > 1 and ties: the first by model, trace)."""
+    columns = ("sample_id", "model", "trace")
+    rows = _part_batches(build, "cot_traces", columns, selected=True)
+    schema = pa.schema([schema_for("cot_traces").field(c).with_nullable(True) for c in columns])
+    yield from _sorted_rows(rows, schema, columns, bounds, work, "cot_traces")
 
 
 _PART_ROWS = 16_384  # rows per sorted part of the write pass (~18 MB of expressions as Arrow, ~9 MB of traces):
@@ -364,9 +406,10 @@ _PART_ROWS = 16_384  # rows per sorted part of the write pass (~18 MB of express
 _STEP_ROWS = 65_536  # rows per step where the export goes over every sample in pieces (reading the narrow
 # columns, the export id's digest)
 _BATCH = 4096  # rows per record batch of the write pass
-_ROW_GROUP = 16_384  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group.
-# What a split holds in memory before it is written: ~1.1 KB of Arrow per canonical record, ~18 MB per split
-_DUCKDB_MEMORY = "256MB"  # DuckDB's own limit: the ORDER BY of the write pass spills beyond it
+_ROW_GROUP = 8_192  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group.
+# What a split holds in memory before it is written: ~1.1 KB of Arrow per canonical record, ~9 MB per split (16,384
+# rows held 20 MB more at 16,000 scenes than at 1,000, where the smaller splits never filled a row group)
+_DUCKDB_MEMORY = "256MB"  # DuckDB's own limit (the scores' aggregates, the reviews, the fixed rows): it spills beyond
 
 
 _IMAGE_COLUMNS = ("image_id", "parent_image_id", "path", "width", "height", "source_ref", "source_ids")
@@ -1066,11 +1109,11 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
             include_needs_review: bool, include_failed_filters: bool, phash_threshold: int | None,
             group_near_duplicates: bool, assignment: Mapping[str, str] | None, force: bool,
             record_splits: bool, work: Path) -> dict[str, Any]:
-    """:func:`export_build` once the options are checked: columns per sample, Python objects per image.
+    """:func:`export_build` once the options are checked: columns per sample and per image.
 
     The narrow columns (:func:`_compact_columns`) decide which samples go where; only reviewed fixes and the
     samples whose ``needs_review`` a filter may clear become dicts. The write pass then streams every
-    expression (:data:`_EXPRESSIONS`, in the same order) in record batches, turning each kept one into its
+    expression (:func:`_sorted_expressions`, in the same order) in record batches, turning each kept one into its
     canonical record, straight into the Parquet and JSONL writers; the other formats still take whole
     splits (``by_split``) and are only collected when asked for."""
     images, edits = _read_images(build, with_edits=not include_failed_filters)
@@ -1295,8 +1338,8 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     writer = None
     try:
         writer = _CanonicalWriter(tmp, formats, names)
-        traces = _first_traces(_sorted_traces(cat, trace_bounds, work))
-        reader = _sorted_expressions(cat, expression_bounds, work)
+        traces = _first_traces(_sorted_traces(build, trace_bounds, work))
+        reader = _sorted_expressions(build, expression_bounds, work)
         cot_sid, cot_trace = next(traces, (None, None))
         start = 0
         ids_read = _IdDigest()
