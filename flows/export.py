@@ -161,8 +161,48 @@ _DICTIONARY = ("image_id", "positive_id", "task", "polarity", "negative_type")
 images for a million samples, whose 64-character ids took 72 MB as strings and take 4 MB as indices; the
 positives, each named by its negatives: 18 -> 12 MB, and the split assignment needs no hash table to encode them)."""
 
-_FAILED = """SELECT subject_id, min("filter") AS bad FROM scores WHERE NOT passed GROUP BY subject_id"""
-_VERIFIED = """SELECT DISTINCT subject_id FROM scores WHERE passed AND "filter" IN ({verifying})"""
+
+
+class _Scores:
+    """What the export needs of the ``scores`` table, read part by part with pyarrow in one pass (DuckDB's
+    aggregate kept ~50 MB in its allocator at a million scores, through the rest of the export):
+
+    * ``subjects`` / ``bad``: each subject with a failed filter and the first of them by name (as an index
+      into the sorted ``names``; ``min("filter") ... WHERE NOT passed GROUP BY subject_id``),
+    * ``verified``: the subjects a verifying filter passed,
+    * ``best_scored``: the subjects a best-of-N filter scored.
+    A NULL ``passed`` or ``filter`` counts as neither, as in SQL."""
+
+    def __init__(self, build: BuildDir) -> None:
+        verifying = pa.array(sorted(VERIFYING_FILTERS), pa.string())
+        best_of_n = pa.array(sorted(BEST_OF_N_FILTERS), pa.string())
+        failed: list[pa.RecordBatch] = []
+        verified: list[pa.Array] = []
+        best: list[pa.Array] = []
+        for batch in _part_batches(build, "scores", ("subject_id", "filter", "passed")):
+            passed, name = batch.column("passed"), batch.column("filter")
+            failed.append(batch.filter(pc.and_(pc.invert(passed), pc.is_valid(name))))
+            verified.append(batch.column("subject_id").filter(pc.and_(passed, pc.is_in(name, value_set=verifying))))
+            best.append(batch.column("subject_id").filter(pc.is_in(name, value_set=best_of_n)))
+        fail = pa.Table.from_batches(failed, schema=failed[0].schema) if failed else pa.table(
+            {"subject_id": pa.array([], pa.string()), "filter": pa.array([], pa.string())})
+        del failed
+        names = pc.unique(fail.column("filter"))
+        self.names = names.take(pc.array_sort_indices(names)).cast(pa.string())
+        # a subject's first failed filter: the rows sorted by subject, then filter; the first of each subject
+        code = pc.index_in(fail.column("filter"), value_set=self.names)
+        pairs = pa.table({"s": fail.column("subject_id"), "c": code})
+        del fail, code
+        pairs = pairs.take(pc.sort_indices(pairs, sort_keys=[("s", "ascending"), ("c", "ascending")]))
+        s = pairs.column("s").combine_chunks()
+        m = len(s)
+        first = pa.concat_arrays([pa.array([True] * min(m, 1), pa.bool_()),
+                                  pc.not_equal(s.slice(1), s.slice(0, max(m - 1, 0)))])
+        self.subjects = s.filter(first)
+        self.bad = pairs.column("c").combine_chunks().filter(first)
+        del pairs, s, first
+        self.verified = pa.concat_arrays(verified) if verified else pa.array([], pa.string())
+        self.best_scored = pc.unique(pa.concat_arrays(best)) if best else pa.array([], pa.string())
 
 
 def _narrow(col: pa.Array) -> pa.Array:
@@ -179,14 +219,14 @@ def _narrow(col: pa.Array) -> pa.Array:
     return col
 
 
-def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
+def _compact_columns(build: BuildDir, scores: _Scores) -> dict[str, pa.Array]:
     """The :data:`_COMPACT` columns of every expression, sorted by sample_id, each in one piece, and the
     filters' gate's two (:func:`refforge.stages.filters.gate`): ``failed_filter``, the first failed filter of
     the sample or of its image, and ``verified``, whether a verifying filter passed a needs_review sample.
 
     Read from the table's Parquet parts with pyarrow, not through DuckDB: its ORDER BY and joins over a
     million rows held ~470 MB (a 16,000-scene build) where these columns take ~75 MB; the scores are
-    aggregated by DuckDB (a row per failed or verified subject). A part without a column (a build from
+    read by :class:`_Scores`. A part without a column (a build from
     before it) reads it as nulls, as the catalog's view does."""
     schema = schema_for("expressions")
     types = {c: pa.dictionary(pa.int32(), schema.field(c).type) if c in _DICTIONARY else schema.field(c).type
@@ -220,28 +260,17 @@ def _compact_columns(build: BuildDir, cat: Catalog) -> dict[str, pa.Array]:
         cols[c] = _narrow(cols[c].take(order))
     del order
     sids, images = cols["sample_id"], cols["image_id"]
-    failed = cat.sql(_FAILED)
     # the failed filter as an index into the sorted filter names (a few): the first by name is the smallest
     # index, and a million samples take 4 MB rather than a string each
-    subjects = failed["subject_id"].combine_chunks()
-    names = pc.unique(failed["bad"])
-    names = names.take(pc.array_sort_indices(names))
-    bad = pc.index_in(failed["bad"], value_set=names).combine_chunks()
-    del failed
-    of_sample = bad.take(pc.index_in(sids, value_set=subjects))
-    of_image = bad.take(pc.index_in(images.dictionary, value_set=subjects)).take(images.indices)
-    del subjects, bad
+    of_sample = scores.bad.take(pc.index_in(sids, value_set=scores.subjects))
+    of_image = scores.bad.take(pc.index_in(images.dictionary, value_set=scores.subjects)).take(images.indices)
     first = pc.min_element_wise(of_sample, of_image, skip_nulls=True).cast(pa.int32())
-    cols["failed_filter"] = pa.DictionaryArray.from_arrays(first, names.cast(pa.string()))
+    cols["failed_filter"] = pa.DictionaryArray.from_arrays(first, scores.names)
     del of_sample, of_image, first
-    verifying = ", ".join("'" + f.replace("'", "''") + "'" for f in sorted(VERIFYING_FILTERS))
-    verified = cat.sql(_VERIFIED.format(verifying=verifying))["subject_id"].combine_chunks()
-    cols["verified"] = pc.and_(pc.fill_null(cols["needs_review"], False), pc.is_in(sids, value_set=verified))
+    cols["verified"] = pc.and_(pc.fill_null(cols["needs_review"], False), pc.is_in(sids, value_set=scores.verified))
     return cols
 
 
-_COT = "SELECT sample_id, model, trace FROM cot_traces WHERE selected"
-"""The selected traces (counted by DuckDB; read by :func:`_sorted_traces`)."""
 
 
 def _first_traces(reader: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, str]]:
@@ -1117,7 +1146,8 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     canonical record, straight into the Parquet and JSONL writers; the other formats still take whole
     splits (``by_split``) and are only collected when asked for."""
     images, edits = _read_images(build, with_edits=not include_failed_filters)
-    cols = _compact_columns(build, cat)
+    scores = _Scores(build)
+    cols = _compact_columns(build, scores)
     sids = cols.pop("sample_id")
     n = len(sids)
     if not n:
@@ -1151,8 +1181,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     filtered: Counter = Counter()
     needs_review_cleared: set[str] = set()
     if not include_failed_filters:
-        best_scored = set(cat.sql(f"""SELECT DISTINCT subject_id FROM scores WHERE "filter" IN
-            ({", ".join("'" + f + "'" for f in sorted(BEST_OF_N_FILTERS))})""")["subject_id"].to_pylist())
+        best_scored = set(scores.best_scored.to_pylist())
         first, groups_scored = edit_groups(edits, best_scored)
         other_candidates = [i for i, e in edits.items() if e.get("group") is not None
                             and e["group"] not in groups_scored and (e.get("candidate") or 0) != first[e["group"]]]
@@ -1194,7 +1223,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
         kept = {c: v.take(kept_at) for c, v in cols.items()}
         kept_sids = sids.take(kept_at)
         del kept_at
-    del cols, failed_col, verified_col, edits
+    del cols, failed_col, verified_col, edits, scores
     release_memory()
 
     hashes = _hashes(build, images, pc.unique(kept["image_id"])) if phash_threshold is not None else {}
@@ -1323,7 +1352,7 @@ def _export(cat: Catalog, build: BuildDir, out: Path, formats: list[str], *, see
     ids_digest = _IdDigest()
     for k in range(0, n, _STEP_ROWS):
         ids_digest.update(sids.slice(k, _STEP_ROWS))
-    trace_rows = cat.sql(f"SELECT count(*) AS n FROM ({_COT})")["n"][0].as_py()
+    trace_rows = sum(b.num_rows for b in _part_batches(build, "cot_traces", ("selected",), selected=True))
     expression_bounds, trace_bounds = _part_bounds(sids, n), _part_bounds(sids, trace_rows)
     del sids, kept_sids, by_id, code
     release_memory()

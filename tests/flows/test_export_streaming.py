@@ -187,10 +187,19 @@ def test_compact_columns_equal_the_catalog_query(tmp_path):
     scores += [Score(subject_id=r["sample_id"], filter="a_filter", value=0.1, passed=False) for r in rows[::10]]
     scores += [Score(subject_id=r["image_id"], filter="b_image_filter", value=0.1, passed=False) for r in rows[::7]]
     scores += [Score(subject_id=r["sample_id"], filter="clip_margin", value=0.9, passed=True) for r in rows[1::3]]
+    scores += [Score(subject_id=r["sample_id"], filter="dinov2", value=0.5, passed=True) for r in rows[2::9]]
     BuildDir.open(build).writer("filters").write("scores", scores, work_key="more-scores")
+    # rows no writer makes but a hand-edited part may hold: NULL passed, NULL filter (neither fail nor pass)
+    odd = pa.table({"subject_id": [rows[1]["sample_id"], rows[2]["sample_id"], rows[4]["sample_id"]],
+                    "filter": pa.array([None, "a_filter", "clip_margin"], pa.string()),
+                    "passed": pa.array([False, None, None], pa.bool_())})
+    pq.write_table(odd, build / "tables" / "scores" / "part-99999999T000000-zzzzzz-0-000000.parquet")
     with Catalog(build) as cat:
         want = cat.sql(_OLD_COMPACT)
-        got = export_flow._compact_columns(BuildDir.open(build), cat)
+        best = cat.sql("SELECT DISTINCT subject_id FROM scores WHERE \"filter\" IN ('dinov2')")
+        got = export_flow._compact_columns(BuildDir.open(build), export_flow._Scores(BuildDir.open(build)))
+    assert sorted(export_flow._Scores(BuildDir.open(build)).best_scored.to_pylist()) == sorted(
+        best["subject_id"].to_pylist()) != []
     assert want.num_rows == len(rows) > 300
     assert want.column("negative_type").null_count > old.column("negative_type").null_count  # the old part's
     assert want.column("failed_filter").null_count < len(rows) and pc.sum(want.column("verified")).as_py() > 0
@@ -212,7 +221,8 @@ def test_the_write_pass_reads_what_the_catalog_view_gives(tmp_path, monkeypatch,
     pq.write_table(t.set_column(t.schema.get_field_index("selected"), "selected", unset), traces[0])
     with Catalog(build) as cat:
         want = cat.sql("SELECT * FROM expressions ORDER BY sample_id").to_pylist()
-        want_traces = cat.sql(f"{export_flow._COT} ORDER BY sample_id, model, trace").to_pylist()
+        want_traces = cat.sql("SELECT sample_id, model, trace FROM cot_traces WHERE selected "
+                              "ORDER BY sample_id, model, trace").to_pylist()
     monkeypatch.setattr(export_flow, "_PART_ROWS", part_rows)
     b = BuildDir.open(build)
     sids = pa.array(sorted(r["sample_id"] for r in want))
