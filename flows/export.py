@@ -162,7 +162,6 @@ images for a million samples, whose 64-character ids took 72 MB as strings and t
 positives, each named by its negatives: 18 -> 12 MB, and the split assignment needs no hash table to encode them)."""
 
 
-
 class _Scores:
     """What the export needs of the ``scores`` table, read part by part with pyarrow in one pass (DuckDB's
     aggregate kept ~50 MB in its allocator at a million scores, through the rest of the export):
@@ -271,8 +270,6 @@ def _compact_columns(build: BuildDir, scores: _Scores) -> dict[str, pa.Array]:
     return cols
 
 
-
-
 def _first_traces(reader: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, str]]:
     """``(sample_id, trace)``: the first row of each sample_id of a stream sorted by it."""
     last = None
@@ -377,8 +374,8 @@ def _sorted_rows(rows: Iterable[pa.RecordBatch], schema: pa.Schema, keys: Sequen
     here one pass splits the rows by sample_id range into parts of about :data:`_PART_ROWS` rows (at
     ``bounds``), written to ``work / name`` as Arrow IPC files; each part is then read back alone and emitted
     in sorted order. Memory: one part, whatever the build's size (IPC writers hold nothing between batches:
-    Parquet writers, one per part, took ~80 MB more at a million rows). The order is DuckDB's, as before:
-    byte order of strings, nulls last."""
+    Parquet writers, one per part, took ~80 MB more at a million rows). The order is the one DuckDB's ORDER BY
+    gave before: byte order of strings, nulls last."""
     sort_keys = [(c, "ascending", "at_end") for c in keys]
     if not bounds:  # few enough to be held whole
         table = pa.Table.from_batches(list(rows), schema=schema)
@@ -438,7 +435,7 @@ _BATCH = 4096  # rows per record batch of the write pass
 _ROW_GROUP = 8_192  # rows per Parquet row group (a multiple of _BATCH); a smaller split is one row group.
 # What a split holds in memory before it is written: ~1.1 KB of Arrow per canonical record, ~9 MB per split (16,384
 # rows held 20 MB more at 16,000 scenes than at 1,000, where the smaller splits never filled a row group)
-_DUCKDB_MEMORY = "256MB"  # DuckDB's own limit (the scores' aggregates, the reviews, the fixed rows): it spills beyond
+_DUCKDB_MEMORY = "256MB"  # DuckDB's own limit (the reviews, the fixed samples' rows, objects): it spills beyond
 
 
 _IMAGE_COLUMNS = ("image_id", "parent_image_id", "path", "width", "height", "source_ref", "source_ids")
@@ -1115,8 +1112,9 @@ def export_build(
     pa.set_memory_pool(pa.system_memory_pool())
     fixed_mmap_threshold()
     try:
-        # views over the tables the export reads (not one per table: DuckDB reads every footer it is given)
-        tables = ["expressions", "scores", "reviews", "cot_traces"]
+        # DuckDB views over what the export still asks it (reviews, the rows of fixed samples, objects);
+        # the rest is read from the parts with pyarrow
+        tables = ["expressions", "reviews"]
         if "finecops" in formats or "coco" in formats:
             tables.append("objects")
         with ShardCatalog(build.root, tables=tables) as cat:
