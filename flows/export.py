@@ -227,32 +227,26 @@ def _compact_columns(build: BuildDir, scores: _Scores) -> dict[str, pa.Array]:
     million rows held ~470 MB (a 16,000-scene build) where these columns take ~75 MB; the scores are
     read by :class:`_Scores`. A part without a column (a build from
     before it) reads it as nulls, as the catalog's view does."""
-    schema = schema_for("expressions")
-    types = {c: pa.dictionary(pa.int32(), schema.field(c).type) if c in _DICTIONARY else schema.field(c).type
-             for c in _COMPACT}
     chunks: dict[str, list[pa.Array]] = {c: [] for c in _COMPACT}
     blocks: dict[str, list[pa.Array]] = {c: [] for c in _COMPACT}
     # a shard's part holds a few hundred rows: its small arrays are joined every _STEP_ROWS rows (into
     # one block per column, dictionaries unified), so that no heap full of small fragments outlives them
     pending = 0
-    for part in build.reader.shards("expressions"):
-        present = set(pq.read_schema(part).names)
-        table = pq.read_table(part, columns=[c for c in _COMPACT if c in present],
-                              read_dictionary=[c for c in _DICTIONARY if c in present])
+    for batch in _part_batches(build, "expressions", _COMPACT, dictionary=_DICTIONARY):
         for c in _COMPACT:
-            col = table.column(c) if c in present else pa.chunked_array([pa.nulls(table.num_rows, types[c])])
-            chunks[c].extend(ch if ch.type == types[c] else ch.cast(types[c]) for ch in col.chunks)
-        pending += table.num_rows
-        del table, col
+            chunks[c].append(batch.column(c))
+        pending += batch.num_rows
+        del batch
         if pending >= _STEP_ROWS:
             for c, v in chunks.items():
                 blocks[c].append(pa.concat_arrays(v))
                 v.clear()
             pending = 0
     cols: dict[str, pa.Array] = {}
+    types = _part_schema("expressions", _COMPACT, _DICTIONARY)
     for c in _COMPACT:
         pieces = blocks.pop(c) + chunks.pop(c)
-        cols[c] = pa.concat_arrays(pieces) if pieces else pa.array([], types[c])
+        cols[c] = pa.concat_arrays(pieces) if pieces else pa.array([], types.field(c).type)
     del pieces
     order = pc.sort_indices(cols["sample_id"])
     for c in _COMPACT:  # a column at a time: one copy in hand
@@ -324,21 +318,30 @@ def _read_ipc(path: Path) -> pa.Table:
         return pa.ipc.open_file(source).read_all()
 
 
-def _part_batches(build: BuildDir, table: str, columns: Sequence[str] | None = None,
-                  selected: bool = False) -> Iterator[pa.RecordBatch]:
-    """Every row of ``table`` (its ``columns``, default all; with ``selected``: only where ``selected`` is true),
-    read part by part with pyarrow in batches of up to :data:`_PART_ROWS` rows, in the table's schema: a part
-    without a column (a build from before it) reads it as nulls, as the catalog's view does. DuckDB's scan of
-    the view kept some state per part it had read (23 MB more at 1,200 parts than at 75)."""
+def _part_schema(table: str, columns: Sequence[str] | None = None, dictionary: Sequence[str] = ()) -> pa.Schema:
+    """The schema :func:`_part_batches` yields: ``columns`` of the table's (default all), nullable, those in
+    ``dictionary`` dictionary-encoded."""
     schema = schema_for(table)
-    names = list(columns) if columns is not None else schema.names
-    target = pa.schema([schema.field(c).with_nullable(True) for c in names])
+    fields = [schema.field(c).with_nullable(True) for c in (columns if columns is not None else schema.names)]
+    return pa.schema([f.with_type(pa.dictionary(pa.int32(), f.type)) if f.name in dictionary else f for f in fields])
+
+
+def _part_batches(build: BuildDir, table: str, columns: Sequence[str] | None = None, selected: bool = False,
+                  dictionary: Sequence[str] = ()) -> Iterator[pa.RecordBatch]:
+    """Every row of ``table`` (its ``columns``, default all; with ``selected``: only where ``selected`` is true),
+    read part by part with pyarrow in batches of up to :data:`_PART_ROWS` rows, in :func:`_part_schema` (the
+    ``dictionary`` columns read dictionary-encoded): a part without a column (a build from before it) reads it
+    as nulls, as the catalog's view does. DuckDB's scan of the view kept some state per part it had read (23 MB
+    more at 1,200 parts than at 75)."""
+    target = _part_schema(table, columns, dictionary)
+    names = target.names
     for part in build.reader.shards(table):
         present = set(pq.read_schema(part).names)
         if selected and "selected" not in present:
             continue  # NULL: not selected
         read = [c for c in names if c in present] + (["selected"] if selected and "selected" not in names else [])
-        for batch in pq.ParquetFile(part).iter_batches(batch_size=_PART_ROWS, columns=read):
+        reader = pq.ParquetFile(part, read_dictionary=[c for c in dictionary if c in present])
+        for batch in reader.iter_batches(batch_size=_PART_ROWS, columns=read):
             if selected:
                 batch = batch.filter(batch.column("selected"))
             yield pa.RecordBatch.from_arrays(
@@ -377,11 +380,14 @@ def _sorted_rows(rows: Iterable[pa.RecordBatch], schema: pa.Schema, keys: Sequen
     Parquet writers, one per part, took ~80 MB more at a million rows). The order is the one DuckDB's ORDER BY
     gave before: byte order of strings, nulls last."""
     sort_keys = [(c, "ascending", "at_end") for c in keys]
-    if not bounds:  # few enough to be held whole
-        table = pa.Table.from_batches(list(rows), schema=schema)
+
+    def emit(table: pa.Table) -> Iterator[pa.RecordBatch]:
         order = pc.sort_indices(table, sort_keys=sort_keys)
         for i in range(0, len(order), _BATCH):
             yield from table.take(order.slice(i, _BATCH)).to_batches()
+
+    if not bounds:  # few enough to be held whole
+        yield from emit(pa.Table.from_batches(list(rows), schema=schema))
         return
     edges = np.array(bounds, dtype=object)
     folder = work / name
@@ -401,30 +407,24 @@ def _sorted_rows(rows: Iterable[pa.RecordBatch], schema: pa.Schema, keys: Sequen
     finally:
         for w in writers.values():
             w.close()
-    for k in sorted(writers):
-        table = _read_ipc(folder / f"{k}.arrow")
-        order = pc.sort_indices(table, sort_keys=sort_keys)
-        for i in range(0, len(order), _BATCH):
-            yield from table.take(order.slice(i, _BATCH)).to_batches()
-        del table, order
+    for k in sorted(writers):  # a part at a time
+        yield from emit(_read_ipc(folder / f"{k}.arrow"))
         (folder / f"{k}.arrow").unlink()
 
 
 def _sorted_expressions(build: BuildDir, bounds: Sequence[str], work: Path) -> Iterator[pa.RecordBatch]:
     """Every expression row in sample_id order, in batches of :data:`_BATCH` (:func:`_sorted_rows`; the ids
     are unique: the caller checks that they are the ones it decided on)."""
-    rows = _part_batches(build, "expressions")
-    schema = pa.schema([f.with_nullable(True) for f in schema_for("expressions")])
-    yield from _sorted_rows(rows, schema, ("sample_id",), bounds, work, "expressions")
+    yield from _sorted_rows(_part_batches(build, "expressions"), _part_schema("expressions"), ("sample_id",), bounds,
+                            work, "expressions")
 
 
 def _sorted_traces(build: BuildDir, bounds: Sequence[str], work: Path) -> Iterator[pa.RecordBatch]:
     """The selected traces (``sample_id``, ``model``, ``trace``) sorted by sample_id, model, trace
     (:func:`_sorted_rows`): a sample's first is its trace (k > 1 and ties: the first by model, trace)."""
     columns = ("sample_id", "model", "trace")
-    rows = _part_batches(build, "cot_traces", columns, selected=True)
-    schema = pa.schema([schema_for("cot_traces").field(c).with_nullable(True) for c in columns])
-    yield from _sorted_rows(rows, schema, columns, bounds, work, "cot_traces")
+    yield from _sorted_rows(_part_batches(build, "cot_traces", columns, selected=True),
+                            _part_schema("cot_traces", columns), columns, bounds, work, "cot_traces")
 
 
 _PART_ROWS = 16_384  # rows per sorted part of the write pass (~18 MB of expressions as Arrow, ~9 MB of traces):
@@ -451,9 +451,6 @@ class _Images:
     def __init__(self, table: pa.Table) -> None:
         self.table = table
         self.ids = table.column("image_id").combine_chunks()
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def missing(self, ids: pa.Array) -> list[str]:
         """Of ``ids`` (distinct), those not in the table, sorted."""
@@ -492,19 +489,15 @@ def _read_images(build: BuildDir, with_edits: bool) -> tuple[_Images, dict[str, 
     images. Read from the Parquet parts with pyarrow (the catalog's view, as DuckDB builds it, took ~75 MB
     more at 28,000 images and left its heap in fragments); a part without a column (a build from before it,
     such as ``source_ids``) reads it as nulls."""
-    schema = schema_for("images")
-    pieces: list[pa.Table] = []
-    edit_pieces: list[pa.Table] = []
-    for part in build.reader.shards("images"):
-        present = set(pq.read_schema(part).names)
-        t = pq.read_table(part, columns=[c for c in _IMAGE_COLUMNS if c in present])
-        pieces.append(pa.table({c: t.column(c).cast(schema.field(c).type) if c in present
-                                else pa.nulls(t.num_rows, schema.field(c).type) for c in _IMAGE_COLUMNS}))
-        if with_edits and "edit" in present:
-            e = pq.read_table(part, columns=["image_id", "edit"])
-            edit_pieces.append(e.filter(pc.is_valid(e.column("edit"))))
-    table = (pa.concat_tables(pieces).combine_chunks() if pieces
-             else pa.table({c: pa.array([], schema.field(c).type) for c in _IMAGE_COLUMNS}))
+    pieces: list[pa.RecordBatch] = []
+    edits: dict[str, Any] = {}
+    for batch in _part_batches(build, "images", (*_IMAGE_COLUMNS, "edit") if with_edits else _IMAGE_COLUMNS):
+        if with_edits:  # an image written twice: its last edit, as before
+            derived = batch.filter(pc.is_valid(batch.column("edit")))
+            edits.update(zip(derived.column("image_id").to_pylist(), derived.column("edit").to_pylist(), strict=True))
+            batch = batch.drop_columns(["edit"])
+        pieces.append(batch)
+    table = pa.Table.from_batches(pieces, schema=_part_schema("images", _IMAGE_COLUMNS)).combine_chunks()
     del pieces
     ids = table.column("image_id")
     if pc.count_distinct(ids).as_py() != table.num_rows:  # an image written twice: its last row
@@ -535,9 +528,6 @@ def _read_images(build: BuildDir, with_edits: bool) -> tuple[_Images, dict[str, 
     table = table.drop_columns(["source_ids", "source_ref"]).append_column(
         "source_image_id", first.take(at)).append_column(
         "source_file_name", table.column("source_ref").take(at))
-    edits: dict[str, Any] = {}
-    for e in edit_pieces:  # an image written twice: its last edit, as before
-        edits.update(zip(e.column("image_id").to_pylist(), e.column("edit").to_pylist(), strict=True))
     return _Images(table), edits
 
 
